@@ -1,0 +1,72 @@
+//! Errors as Graph shows them: `{"error": {"code", "message", "innerError"}}` with a fitting status.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use cloudpc_control::Error;
+
+/// An error on its way out, with the status and code Graph would use.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::Invalid(_) => Self::new(StatusCode::BAD_REQUEST, "BadRequest", message),
+            Error::NotFound { .. } => Self::new(StatusCode::NOT_FOUND, "ResourceNotFound", message),
+            Error::Conflict(_) => Self::new(StatusCode::CONFLICT, "Conflict", message),
+            Error::Unauthenticated(_) => Self::new(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken", message),
+            Error::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "Authorization_RequestDenied", message),
+            Error::Internal(source) => {
+                // The cause is logged for the operator and never shown to the caller.
+                tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "internal error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "innerError": {
+                    "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "request-id": uuid::Uuid::new_v4().to_string(),
+                }
+            }
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub async fn not_found_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "BadRequest", format!("Resource not found for the segment '{}'.", uri.path()))
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        format!("{method} is not allowed on '{}'.", uri.path()),
+    )
+}

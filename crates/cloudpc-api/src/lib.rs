@@ -1,0 +1,48 @@
+//! The HTTP edge of cloudpc: Graph-shaped routes under `/v1.0`, authentication, OpenAPI.
+//!
+//! A request passes the auth middleware (bearer token → [`Actor`], readers may only read), then a
+//! thin handler that parses it, calls the app layer and shapes the answer the Graph way
+//! (`@odata.context`, `value`, `@odata.nextLink`). Errors become Graph error bodies here and only
+//! here.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod odata;
+pub mod openapi;
+pub mod routes;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::{middleware, Router};
+
+use cloudpc_control::{Actor, App};
+
+pub use error::ApiError;
+
+/// Largest request body accepted; Graph resources are small, image uploads get their own route.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The whole HTTP application. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+/// so audit events get the caller's address.
+pub fn router(app: App) -> Router {
+    let graph = routes::graph_routes()
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let own = routes::tokens::routes()
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    Router::new()
+        .nest("/v1.0", graph)
+        .nest("/cloudpc", own)
+        .route("/openapi.json", get(openapi::serve))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(error::not_found_route)
+        .with_state(app)
+}
+
+/// The caller, put into the request by the auth middleware.
+#[derive(Clone)]
+pub struct Caller(pub Actor);

@@ -1,0 +1,33 @@
+//! The store's one error type: what went wrong, in a sentence, with the cause kept as source.
+
+/// An error from the data-access layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} '{id}' does not exist")]
+    NotFound { kind: &'static str, id: String },
+    /// A rule the write would break, such as "in use" or a duplicate name; the sentence says which.
+    #[error("{0}")]
+    Conflict(String),
+    #[error(
+        "license '{sku_part_number}' has {seats} seats and this change would need {needed}; add seats or remove the license from someone first"
+    )]
+    SeatsExceeded { sku_part_number: String, seats: u32, needed: u32 },
+    #[error("the database could not complete the request")]
+    Database(#[source] sqlx::Error),
+    #[error("the database could not apply its migrations")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("a stored record could not be read")]
+    Corrupt(#[source] serde_json::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(e)
+    }
+}
+
+impl StoreError {
+    pub fn not_found(kind: &'static str, id: impl ToString) -> Self {
+        StoreError::NotFound { kind, id: id.to_string() }
+    }
+}

@@ -1,0 +1,130 @@
+//! The data-access layer: everything cloudpc remembers goes through the [`Store`] trait.
+//!
+//! The app layer holds an `Arc<dyn Store>` and never sees SQL, so a PostgreSQL backend can be added
+//! beside [`sqlite::SqliteStore`] without touching it. Rules that must hold against concurrent
+//! writers (seat counts, "in use" checks, unique names) are checked inside the write's own
+//! transaction, and every change is written together with its audit event, so a refused or failed
+//! write leaves nothing behind.
+
+pub mod error;
+pub mod sqlite;
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use cloudpc_types::audit::AuditEvent;
+use cloudpc_types::auth::ApiToken;
+use cloudpc_types::cloud_pc::CloudPc;
+use cloudpc_types::directory::{Group, User};
+use cloudpc_types::images::{DeviceImage, GalleryImage};
+use cloudpc_types::licensing::SubscribedSku;
+use cloudpc_types::policy::{ImageType, ProvisioningPolicy};
+
+pub use error::StoreError;
+pub use sqlite::SqliteStore;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A license a user holds, directly (`via_group` is `None`) or through a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LicenseGrant {
+    pub user_id: Uuid,
+    pub sku_id: Uuid,
+    pub via_group: Option<Uuid>,
+}
+
+/// One group targeted by one policy, in the stored order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAssignment {
+    pub policy_id: Uuid,
+    pub group_id: Uuid,
+    pub position: u32,
+    pub assigned_at: DateTime<Utc>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Directory.
+    async fn list_users(&self) -> Result<Vec<User>>;
+    async fn get_user(&self, id: Uuid) -> Result<User>;
+    async fn find_user_by_upn(&self, upn: &str) -> Result<User>;
+    async fn create_user(&self, user: &User, audit: &AuditEvent) -> Result<()>;
+    async fn update_user(&self, user: &User, audit: &AuditEvent) -> Result<()>;
+    async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+
+    async fn list_groups(&self) -> Result<Vec<Group>>;
+    async fn get_group(&self, id: Uuid) -> Result<Group>;
+    async fn create_group(&self, group: &Group, audit: &AuditEvent) -> Result<()>;
+    async fn update_group(&self, group: &Group, audit: &AuditEvent) -> Result<()>;
+    /// Refused while a provisioning policy targets the group.
+    async fn delete_group(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+    /// Refused when it would give a group license to more users than the SKU has seats.
+    async fn add_member(&self, group: Uuid, user: Uuid, audit: &AuditEvent) -> Result<()>;
+    async fn remove_member(&self, group: Uuid, user: Uuid, audit: &AuditEvent) -> Result<()>;
+    async fn list_members(&self, group: Uuid) -> Result<Vec<User>>;
+    async fn list_groups_of_user(&self, user: Uuid) -> Result<Vec<Group>>;
+
+    // Licensing.
+    async fn list_skus(&self) -> Result<Vec<SubscribedSku>>;
+    async fn get_sku(&self, id: Uuid) -> Result<SubscribedSku>;
+    async fn create_sku(&self, sku: &SubscribedSku, audit: &AuditEvent) -> Result<()>;
+    /// Refused when the new seat count is below the seats in use.
+    async fn update_sku(&self, sku: &SubscribedSku, audit: &AuditEvent) -> Result<()>;
+    /// Refused while anyone holds the SKU.
+    async fn delete_sku(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+    /// Users holding each SKU, directly or through groups (a user counts once).
+    async fn consumed_units(&self) -> Result<HashMap<Uuid, u32>>;
+    /// Adds and removes direct licenses in one transaction, refused past the seat count.
+    async fn change_user_licenses(&self, user: Uuid, add: &[Uuid], remove: &[Uuid], audit: &AuditEvent) -> Result<()>;
+    async fn change_group_licenses(&self, group: Uuid, add: &[Uuid], remove: &[Uuid], audit: &AuditEvent)
+        -> Result<()>;
+    async fn group_licenses(&self, group: Uuid) -> Result<Vec<Uuid>>;
+    /// Every license every user holds, direct and inherited.
+    async fn license_grants(&self) -> Result<Vec<LicenseGrant>>;
+
+    // Images.
+    async fn list_gallery_images(&self) -> Result<Vec<GalleryImage>>;
+    async fn get_gallery_image(&self, id: &str) -> Result<GalleryImage>;
+    async fn list_device_images(&self) -> Result<Vec<DeviceImage>>;
+    async fn get_device_image(&self, id: Uuid) -> Result<DeviceImage>;
+    async fn create_device_image(&self, image: &DeviceImage, audit: &AuditEvent) -> Result<()>;
+    async fn update_device_image(&self, image: &DeviceImage, audit: &AuditEvent) -> Result<()>;
+    /// Refused while a provisioning policy uses the image.
+    async fn delete_device_image(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+
+    // Provisioning policies.
+    async fn list_policies(&self) -> Result<Vec<ProvisioningPolicy>>;
+    async fn get_policy(&self, id: Uuid) -> Result<ProvisioningPolicy>;
+    /// Fails with `NotFound` if the image it names is gone by the time of the write.
+    async fn create_policy(&self, policy: &ProvisioningPolicy, audit: &AuditEvent) -> Result<()>;
+    async fn update_policy(&self, policy: &ProvisioningPolicy, audit: &AuditEvent) -> Result<()>;
+    /// Refused while the policy has assignments.
+    async fn delete_policy(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+    /// Replaces the policy's targets with `groups`, in order; groups that stay keep their
+    /// original assignment time.
+    async fn set_policy_assignments(&self, policy: Uuid, groups: &[Uuid], audit: &AuditEvent) -> Result<()>;
+    async fn list_assignments(&self) -> Result<Vec<StoredAssignment>>;
+
+    // Cloud PCs.
+    async fn list_cloud_pcs(&self) -> Result<Vec<CloudPc>>;
+    async fn get_cloud_pc(&self, id: Uuid) -> Result<CloudPc>;
+
+    // Audit.
+    async fn list_audit_events(&self) -> Result<Vec<AuditEvent>>;
+
+    // API tokens.
+    async fn create_token(&self, token: &ApiToken, secret_sha256: &str, audit: Option<&AuditEvent>) -> Result<()>;
+    async fn find_token(&self, secret_sha256: &str) -> Result<Option<ApiToken>>;
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>>;
+}
+
+/// Which table an image reference points into.
+pub fn image_table(t: ImageType) -> &'static str {
+    match t {
+        ImageType::Gallery => "gallery_images",
+        ImageType::Custom => "device_images",
+    }
+}

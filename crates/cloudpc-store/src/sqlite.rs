@@ -1,0 +1,782 @@
+//! The SQLite backend of [`Store`]: the embedded default for a single machine.
+//!
+//! Bodies are JSON text; keys, uniqueness and references are columns with constraints. Writes run in
+//! one transaction each (`BEGIN IMMEDIATE`, so concurrent writers queue instead of failing), with
+//! their audit event and any rule check inside it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool};
+use uuid::Uuid;
+
+use cloudpc_types::audit::AuditEvent;
+use cloudpc_types::auth::ApiToken;
+use cloudpc_types::cloud_pc::CloudPc;
+use cloudpc_types::directory::{Group, User};
+use cloudpc_types::images::{DeviceImage, GalleryImage};
+use cloudpc_types::licensing::SubscribedSku;
+use cloudpc_types::policy::ProvisioningPolicy;
+
+use crate::{image_table, LicenseGrant, Result, Store, StoreError, StoredAssignment};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+type Tx = sqlx::pool::PoolConnection<Sqlite>;
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        Ok(Self { pool })
+    }
+
+    /// Runs `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back on any error.
+    async fn write<T, F>(&self, audit: Option<&AuditEvent>, f: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> futures_lite::BoxFuture<'c, Result<T>>,
+    {
+        let mut conn: Tx = self.pool.acquire().await?;
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+        let result = async {
+            let value = f(&mut conn).await?;
+            if let Some(audit) = audit {
+                insert_audit(&mut conn, audit).await?;
+            }
+            Ok(value)
+        }
+        .await;
+        match result {
+            Ok(v) => {
+                sqlx::query("COMMIT").execute(&mut *conn).await?;
+                Ok(v)
+            }
+            Err(e) => {
+                // The connection goes back to the pool either way; a failed rollback closes it.
+                if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                    conn.detach();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn list_bodies<T: DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>> {
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| decode(r.get::<&str, _>("body"))).collect()
+    }
+
+    async fn get_body<T: DeserializeOwned>(&self, table: &str, kind: &'static str, id: &str) -> Result<T> {
+        let sql = format!("SELECT body FROM {table} WHERE id = ?1");
+        match sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await? {
+            Some(row) => decode(row.get::<&str, _>("body")),
+            None => Err(StoreError::not_found(kind, id)),
+        }
+    }
+}
+
+mod futures_lite {
+    pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+}
+
+fn decode<T: DeserializeOwned>(body: &str) -> Result<T> {
+    serde_json::from_str(body).map_err(StoreError::Corrupt)
+}
+
+fn encode<T: Serialize>(v: &T) -> String {
+    // Serializing our own plain data types cannot fail.
+    serde_json::to_string(v).expect("resource serializes to JSON")
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn now() -> String {
+    ts(Utc::now())
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid> {
+    Uuid::from_str(s).map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+async fn insert_audit(conn: &mut SqliteConnection, audit: &AuditEvent) -> Result<()> {
+    sqlx::query("INSERT INTO audit_events (id, at, body) VALUES (?1, ?2, ?3)")
+        .bind(audit.id.to_string())
+        .bind(ts(audit.activity_date_time))
+        .bind(encode(audit))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Turns a uniqueness violation into a sentence; anything else stays a database error.
+fn unique_violation(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message()),
+        _ => StoreError::Database(e),
+    }
+}
+
+async fn exists(conn: &mut SqliteConnection, table: &str, id: &str) -> Result<bool> {
+    let sql = format!("SELECT 1 FROM {table} WHERE id = ?1");
+    Ok(sqlx::query(&sql).bind(id).fetch_optional(conn).await?.is_some())
+}
+
+async fn require(conn: &mut SqliteConnection, table: &str, kind: &'static str, id: &str) -> Result<()> {
+    if exists(conn, table, id).await? {
+        Ok(())
+    } else {
+        Err(StoreError::not_found(kind, id))
+    }
+}
+
+async fn update_body(
+    conn: &mut SqliteConnection,
+    table: &str,
+    kind: &'static str,
+    id: &str,
+    body: String,
+) -> Result<()> {
+    let sql = format!("UPDATE {table} SET body = ?2 WHERE id = ?1");
+    let done = sqlx::query(&sql).bind(id).bind(body).execute(conn).await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::not_found(kind, id));
+    }
+    Ok(())
+}
+
+async fn delete_row(conn: &mut SqliteConnection, table: &str, kind: &'static str, id: &str) -> Result<()> {
+    let sql = format!("DELETE FROM {table} WHERE id = ?1");
+    let done = sqlx::query(&sql).bind(id).execute(conn).await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::not_found(kind, id));
+    }
+    Ok(())
+}
+
+const CONSUMED_SQL: &str = "SELECT sku_id, COUNT(DISTINCT user_id) AS n FROM (
+        SELECT user_id, sku_id FROM user_licenses
+        UNION ALL
+        SELECT m.user_id, g.sku_id FROM group_licenses g JOIN group_members m ON m.group_id = g.group_id
+    ) GROUP BY sku_id";
+
+/// Fails if any SKU now has more holders than seats. Run inside a write after it changed grants.
+async fn check_seats(conn: &mut SqliteConnection) -> Result<()> {
+    let sql = format!(
+        "SELECT s.part_number, s.seats, c.n FROM skus s JOIN ({CONSUMED_SQL}) c ON c.sku_id = s.id WHERE c.n > s.seats LIMIT 1"
+    );
+    if let Some(row) = sqlx::query(&sql).fetch_optional(conn).await? {
+        return Err(StoreError::SeatsExceeded {
+            sku_part_number: row.get("part_number"),
+            seats: row.get::<i64, _>("seats") as u32,
+            needed: row.get::<i64, _>("n") as u32,
+        });
+    }
+    Ok(())
+}
+
+async fn policy_names_using(conn: &mut SqliteConnection, where_sql: &str, id: &str) -> Result<Vec<String>> {
+    let sql = format!("SELECT body FROM provisioning_policies WHERE {where_sql}");
+    let rows = sqlx::query(&sql).bind(id).fetch_all(conn).await?;
+    rows.iter().map(|r| decode::<ProvisioningPolicy>(r.get::<&str, _>("body")).map(|p| p.display_name)).collect()
+}
+
+async fn assigned_policy_names(conn: &mut SqliteConnection, group: &str) -> Result<Vec<String>> {
+    policy_names_using(conn, "id IN (SELECT policy_id FROM policy_assignments WHERE group_id = ?1)", group).await
+}
+
+fn quoted(names: &[String]) -> String {
+    names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn list_users(&self) -> Result<Vec<User>> {
+        self.list_bodies("SELECT body FROM users ORDER BY created_at, id").await
+    }
+
+    async fn get_user(&self, id: Uuid) -> Result<User> {
+        self.get_body("users", "user", &id.to_string()).await
+    }
+
+    async fn find_user_by_upn(&self, upn: &str) -> Result<User> {
+        match sqlx::query("SELECT body FROM users WHERE upn = ?1").bind(upn).fetch_optional(&self.pool).await? {
+            Some(row) => decode(row.get::<&str, _>("body")),
+            None => Err(StoreError::not_found("user", upn)),
+        }
+    }
+
+    async fn create_user(&self, user: &User, audit: &AuditEvent) -> Result<()> {
+        let (id, upn, at, body) =
+            (user.id.to_string(), user.user_principal_name.clone(), ts(user.created_date_time), encode(user));
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO users (id, upn, created_at, body) VALUES (?1, ?2, ?3, ?4)")
+                    .bind(id)
+                    .bind(&upn)
+                    .bind(at)
+                    .bind(body)
+                    .execute(c)
+                    .await
+                    .map_err(|e| {
+                        unique_violation(e, || format!("a user with userPrincipalName '{upn}' already exists"))
+                    })?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_user(&self, user: &User, audit: &AuditEvent) -> Result<()> {
+        let (id, upn, body) = (user.id.to_string(), user.user_principal_name.clone(), encode(user));
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                let done = sqlx::query("UPDATE users SET upn = ?2, body = ?3 WHERE id = ?1")
+                    .bind(&id)
+                    .bind(&upn)
+                    .bind(body)
+                    .execute(c)
+                    .await
+                    .map_err(|e| {
+                        unique_violation(e, || format!("a user with userPrincipalName '{upn}' already exists"))
+                    })?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::not_found("user", id));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| Box::pin(async move { delete_row(c, "users", "user", &id).await })).await
+    }
+
+    async fn list_groups(&self) -> Result<Vec<Group>> {
+        self.list_bodies("SELECT body FROM groups ORDER BY created_at, id").await
+    }
+
+    async fn get_group(&self, id: Uuid) -> Result<Group> {
+        self.get_body("groups", "group", &id.to_string()).await
+    }
+
+    async fn create_group(&self, group: &Group, audit: &AuditEvent) -> Result<()> {
+        let (id, at, body) = (group.id.to_string(), ts(group.created_date_time), encode(group));
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO groups (id, created_at, body) VALUES (?1, ?2, ?3)")
+                    .bind(id)
+                    .bind(at)
+                    .bind(body)
+                    .execute(c)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_group(&self, group: &Group, audit: &AuditEvent) -> Result<()> {
+        let (id, body) = (group.id.to_string(), encode(group));
+        self.write(Some(audit), move |c| Box::pin(async move { update_body(c, "groups", "group", &id, body).await }))
+            .await
+    }
+
+    async fn delete_group(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "groups", "group", &id).await?;
+                let policies = assigned_policy_names(c, &id).await?;
+                if !policies.is_empty() {
+                    return Err(StoreError::Conflict(format!(
+                        "the group is assigned to provisioning policy {}; remove it from the policy's assignments first",
+                        quoted(&policies)
+                    )));
+                }
+                delete_row(c, "groups", "group", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn add_member(&self, group: Uuid, user: Uuid, audit: &AuditEvent) -> Result<()> {
+        let (group, user) = (group.to_string(), user.to_string());
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "groups", "group", &group).await?;
+                require(c, "users", "user", &user).await?;
+                sqlx::query("INSERT INTO group_members (group_id, user_id, added_at) VALUES (?1, ?2, ?3)")
+                    .bind(&group)
+                    .bind(&user)
+                    .bind(now())
+                    .execute(&mut *c)
+                    .await
+                    .map_err(|e| unique_violation(e, || format!("user '{user}' is already a member of the group")))?;
+                check_seats(c).await
+            })
+        })
+        .await
+    }
+
+    async fn remove_member(&self, group: Uuid, user: Uuid, audit: &AuditEvent) -> Result<()> {
+        let (group, user) = (group.to_string(), user.to_string());
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "groups", "group", &group).await?;
+                let done = sqlx::query("DELETE FROM group_members WHERE group_id = ?1 AND user_id = ?2")
+                    .bind(&group)
+                    .bind(&user)
+                    .execute(c)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::not_found("member", user));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_members(&self, group: Uuid) -> Result<Vec<User>> {
+        let group = group.to_string();
+        let mut conn = self.pool.acquire().await?;
+        require(&mut conn, "groups", "group", &group).await?;
+        let rows = sqlx::query(
+            "SELECT u.body FROM group_members m JOIN users u ON u.id = m.user_id WHERE m.group_id = ?1 ORDER BY m.added_at, u.id",
+        )
+        .bind(group)
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(|r| decode(r.get::<&str, _>("body"))).collect()
+    }
+
+    async fn list_groups_of_user(&self, user: Uuid) -> Result<Vec<Group>> {
+        let user = user.to_string();
+        let mut conn = self.pool.acquire().await?;
+        require(&mut conn, "users", "user", &user).await?;
+        let rows = sqlx::query(
+            "SELECT g.body FROM group_members m JOIN groups g ON g.id = m.group_id WHERE m.user_id = ?1 ORDER BY g.created_at, g.id",
+        )
+        .bind(user)
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(|r| decode(r.get::<&str, _>("body"))).collect()
+    }
+
+    async fn list_skus(&self) -> Result<Vec<SubscribedSku>> {
+        self.list_bodies("SELECT body FROM skus ORDER BY created_at, id").await
+    }
+
+    async fn get_sku(&self, id: Uuid) -> Result<SubscribedSku> {
+        self.get_body("skus", "subscribedSku", &id.to_string()).await
+    }
+
+    async fn create_sku(&self, sku: &SubscribedSku, audit: &AuditEvent) -> Result<()> {
+        let (id, part, seats, body) =
+            (sku.id.to_string(), sku.sku_part_number.clone(), sku.prepaid_units.enabled, encode(sku));
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO skus (id, part_number, seats, created_at, body) VALUES (?1, ?2, ?3, ?4, ?5)")
+                    .bind(id)
+                    .bind(&part)
+                    .bind(seats as i64)
+                    .bind(now())
+                    .bind(body)
+                    .execute(c)
+                    .await
+                    .map_err(|e| unique_violation(e, || format!("a SKU with skuPartNumber '{part}' already exists")))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_sku(&self, sku: &SubscribedSku, audit: &AuditEvent) -> Result<()> {
+        let (id, part, seats, body) =
+            (sku.id.to_string(), sku.sku_part_number.clone(), sku.prepaid_units.enabled, encode(sku));
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                let done = sqlx::query("UPDATE skus SET part_number = ?2, seats = ?3, body = ?4 WHERE id = ?1")
+                    .bind(&id)
+                    .bind(&part)
+                    .bind(seats as i64)
+                    .bind(body)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(|e| unique_violation(e, || format!("a SKU with skuPartNumber '{part}' already exists")))?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::not_found("subscribedSku", id));
+                }
+                check_seats(c).await
+            })
+        })
+        .await
+    }
+
+    async fn delete_sku(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "skus", "subscribedSku", &id).await?;
+                let held = sqlx::query(
+                    "SELECT (SELECT COUNT(*) FROM user_licenses WHERE sku_id = ?1) + (SELECT COUNT(*) FROM group_licenses WHERE sku_id = ?1) AS n",
+                )
+                .bind(&id)
+                .fetch_one(&mut *c)
+                .await?
+                .get::<i64, _>("n");
+                if held > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "the SKU is still assigned {held} time(s); remove it from every user and group first"
+                    )));
+                }
+                delete_row(c, "skus", "subscribedSku", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn consumed_units(&self) -> Result<HashMap<Uuid, u32>> {
+        let rows = sqlx::query(CONSUMED_SQL).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((parse_uuid(r.get("sku_id"))?, r.get::<i64, _>("n") as u32))).collect()
+    }
+
+    async fn change_user_licenses(&self, user: Uuid, add: &[Uuid], remove: &[Uuid], audit: &AuditEvent) -> Result<()> {
+        self.change_licenses("users", "user", "user_licenses", "user_id", user, add, remove, audit).await
+    }
+
+    async fn change_group_licenses(
+        &self,
+        group: Uuid,
+        add: &[Uuid],
+        remove: &[Uuid],
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        self.change_licenses("groups", "group", "group_licenses", "group_id", group, add, remove, audit).await
+    }
+
+    async fn group_licenses(&self, group: Uuid) -> Result<Vec<Uuid>> {
+        let rows = sqlx::query("SELECT sku_id FROM group_licenses WHERE group_id = ?1 ORDER BY assigned_at, sku_id")
+            .bind(group.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| parse_uuid(r.get("sku_id"))).collect()
+    }
+
+    async fn license_grants(&self) -> Result<Vec<LicenseGrant>> {
+        let rows = sqlx::query(
+            "SELECT user_id, sku_id, NULL AS group_id, assigned_at FROM user_licenses
+             UNION ALL
+             SELECT m.user_id, g.sku_id, g.group_id, g.assigned_at FROM group_licenses g JOIN group_members m ON m.group_id = g.group_id
+             ORDER BY assigned_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LicenseGrant {
+                    user_id: parse_uuid(r.get("user_id"))?,
+                    sku_id: parse_uuid(r.get("sku_id"))?,
+                    via_group: r.get::<Option<&str>, _>("group_id").map(parse_uuid).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_gallery_images(&self) -> Result<Vec<GalleryImage>> {
+        self.list_bodies("SELECT body FROM gallery_images ORDER BY id").await
+    }
+
+    async fn get_gallery_image(&self, id: &str) -> Result<GalleryImage> {
+        self.get_body("gallery_images", "galleryImage", id).await
+    }
+
+    async fn list_device_images(&self) -> Result<Vec<DeviceImage>> {
+        self.list_bodies("SELECT body FROM device_images ORDER BY created_at, id").await
+    }
+
+    async fn get_device_image(&self, id: Uuid) -> Result<DeviceImage> {
+        self.get_body("device_images", "deviceImage", &id.to_string()).await
+    }
+
+    async fn create_device_image(&self, image: &DeviceImage, audit: &AuditEvent) -> Result<()> {
+        let (id, body) = (image.id.to_string(), encode(image));
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO device_images (id, created_at, body) VALUES (?1, ?2, ?3)")
+                    .bind(id)
+                    .bind(now())
+                    .bind(body)
+                    .execute(c)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_device_image(&self, image: &DeviceImage, audit: &AuditEvent) -> Result<()> {
+        let (id, body) = (image.id.to_string(), encode(image));
+        self.write(Some(audit), move |c| {
+            Box::pin(async move { update_body(c, "device_images", "deviceImage", &id, body).await })
+        })
+        .await
+    }
+
+    async fn delete_device_image(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "device_images", "deviceImage", &id).await?;
+                let users = policy_names_using(c, "image_type = 'custom' AND image_id = ?1", &id).await?;
+                if !users.is_empty() {
+                    return Err(StoreError::Conflict(format!(
+                        "the image is used by provisioning policy {}; point the policy at another image first",
+                        quoted(&users)
+                    )));
+                }
+                delete_row(c, "device_images", "deviceImage", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn list_policies(&self) -> Result<Vec<ProvisioningPolicy>> {
+        self.list_bodies("SELECT body FROM provisioning_policies ORDER BY created_at, id").await
+    }
+
+    async fn get_policy(&self, id: Uuid) -> Result<ProvisioningPolicy> {
+        self.get_body("provisioning_policies", "provisioningPolicy", &id.to_string()).await
+    }
+
+    async fn create_policy(&self, policy: &ProvisioningPolicy, audit: &AuditEvent) -> Result<()> {
+        let p = policy.clone();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, image_table(p.image_type), "image", &p.image_id).await?;
+                sqlx::query(
+                    "INSERT INTO provisioning_policies (id, image_type, image_id, created_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .bind(p.id.to_string())
+                .bind(encode(&p.image_type).trim_matches('"').to_string())
+                .bind(&p.image_id)
+                .bind(ts(p.created_date_time))
+                .bind(encode(&p))
+                .execute(c)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_policy(&self, policy: &ProvisioningPolicy, audit: &AuditEvent) -> Result<()> {
+        let p = policy.clone();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, image_table(p.image_type), "image", &p.image_id).await?;
+                let done = sqlx::query(
+                    "UPDATE provisioning_policies SET image_type = ?2, image_id = ?3, body = ?4 WHERE id = ?1",
+                )
+                .bind(p.id.to_string())
+                .bind(encode(&p.image_type).trim_matches('"').to_string())
+                .bind(&p.image_id)
+                .bind(encode(&p))
+                .execute(c)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::not_found("provisioningPolicy", p.id));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn delete_policy(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "provisioning_policies", "provisioningPolicy", &id).await?;
+                let n = sqlx::query("SELECT COUNT(*) AS n FROM policy_assignments WHERE policy_id = ?1")
+                    .bind(&id)
+                    .fetch_one(&mut *c)
+                    .await?
+                    .get::<i64, _>("n");
+                if n > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "the policy is still assigned to {n} group(s); assign it to no groups before deleting it"
+                    )));
+                }
+                delete_row(c, "provisioning_policies", "provisioningPolicy", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn set_policy_assignments(&self, policy: Uuid, groups: &[Uuid], audit: &AuditEvent) -> Result<()> {
+        let policy = policy.to_string();
+        let groups: Vec<String> = groups.iter().map(Uuid::to_string).collect();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "provisioning_policies", "provisioningPolicy", &policy).await?;
+                let rows = sqlx::query("SELECT group_id, assigned_at FROM policy_assignments WHERE policy_id = ?1")
+                    .bind(&policy)
+                    .fetch_all(&mut *c)
+                    .await?;
+                let kept: HashMap<String, String> =
+                    rows.iter().map(|r| (r.get("group_id"), r.get("assigned_at"))).collect();
+                sqlx::query("DELETE FROM policy_assignments WHERE policy_id = ?1")
+                    .bind(&policy)
+                    .execute(&mut *c)
+                    .await?;
+                let at = now();
+                for (position, group) in groups.iter().enumerate() {
+                    require(c, "groups", "group", group).await?;
+                    let assigned_at = kept.get(group).cloned().unwrap_or_else(|| at.clone());
+                    sqlx::query(
+                        "INSERT INTO policy_assignments (policy_id, group_id, position, assigned_at) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .bind(&policy)
+                    .bind(group)
+                    .bind(position as i64)
+                    .bind(assigned_at)
+                    .execute(&mut *c)
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_assignments(&self) -> Result<Vec<StoredAssignment>> {
+        let rows = sqlx::query(
+            "SELECT policy_id, group_id, position, assigned_at FROM policy_assignments ORDER BY assigned_at, policy_id, position",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let at: &str = r.get("assigned_at");
+                Ok(StoredAssignment {
+                    policy_id: parse_uuid(r.get("policy_id"))?,
+                    group_id: parse_uuid(r.get("group_id"))?,
+                    position: r.get::<i64, _>("position") as u32,
+                    assigned_at: DateTime::parse_from_rfc3339(at)
+                        .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?
+                        .with_timezone(&Utc),
+                })
+            })
+            .collect()
+    }
+
+    async fn list_cloud_pcs(&self) -> Result<Vec<CloudPc>> {
+        self.list_bodies("SELECT body FROM cloud_pcs ORDER BY created_at, id").await
+    }
+
+    async fn get_cloud_pc(&self, id: Uuid) -> Result<CloudPc> {
+        self.get_body("cloud_pcs", "cloudPC", &id.to_string()).await
+    }
+
+    async fn list_audit_events(&self) -> Result<Vec<AuditEvent>> {
+        self.list_bodies("SELECT body FROM audit_events ORDER BY seq").await
+    }
+
+    async fn create_token(&self, token: &ApiToken, secret_sha256: &str, audit: Option<&AuditEvent>) -> Result<()> {
+        let (id, hash, at, body) =
+            (token.id.to_string(), secret_sha256.to_string(), ts(token.created_date_time), encode(token));
+        self.write(audit, move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO api_tokens (id, secret_sha256, created_at, body) VALUES (?1, ?2, ?3, ?4)")
+                    .bind(id)
+                    .bind(hash)
+                    .bind(at)
+                    .bind(body)
+                    .execute(c)
+                    .await
+                    .map_err(|e| unique_violation(e, || "a token with this secret already exists".into()))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn find_token(&self, secret_sha256: &str) -> Result<Option<ApiToken>> {
+        let row = sqlx::query("SELECT body FROM api_tokens WHERE secret_sha256 = ?1")
+            .bind(secret_sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| decode(r.get::<&str, _>("body"))).transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
+        self.list_bodies("SELECT body FROM api_tokens ORDER BY created_at, id").await
+    }
+}
+
+impl SqliteStore {
+    /// Shared body of user and group license changes; `table`/`column` name the grant table.
+    #[allow(clippy::too_many_arguments)]
+    async fn change_licenses(
+        &self,
+        owner_table: &'static str,
+        owner_kind: &'static str,
+        table: &'static str,
+        column: &'static str,
+        owner: Uuid,
+        add: &[Uuid],
+        remove: &[Uuid],
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let owner = owner.to_string();
+        let add: Vec<String> = add.iter().map(Uuid::to_string).collect();
+        let remove: Vec<String> = remove.iter().map(Uuid::to_string).collect();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, owner_table, owner_kind, &owner).await?;
+                for sku in &remove {
+                    require(c, "skus", "subscribedSku", sku).await?;
+                    let sql = format!("DELETE FROM {table} WHERE {column} = ?1 AND sku_id = ?2");
+                    let done = sqlx::query(&sql).bind(&owner).bind(sku).execute(&mut *c).await?;
+                    if done.rows_affected() == 0 {
+                        return Err(StoreError::Conflict(format!(
+                            "license '{sku}' cannot be removed because the {owner_kind} does not hold it directly"
+                        )));
+                    }
+                }
+                for sku in &add {
+                    require(c, "skus", "subscribedSku", sku).await?;
+                    let sql =
+                        format!("INSERT OR IGNORE INTO {table} ({column}, sku_id, assigned_at) VALUES (?1, ?2, ?3)");
+                    sqlx::query(&sql).bind(&owner).bind(sku).bind(now()).execute(&mut *c).await?;
+                }
+                check_seats(c).await
+            })
+        })
+        .await
+    }
+}

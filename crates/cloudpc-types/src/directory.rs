@@ -1,0 +1,143 @@
+//! The directory: users and groups, shaped like Graph's `user` and `group`.
+//!
+//! Groups hold users only (no nesting, as Windows 365 assignments ignore nested groups).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::validate::{self, ValidationError};
+use crate::ODataType;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    pub id: Uuid,
+    pub user_principal_name: String,
+    pub display_name: String,
+    pub mail: Option<String>,
+    pub mail_nickname: String,
+    pub account_enabled: bool,
+    pub created_date_time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserCreate {
+    #[serde(rename = "@odata.type", default)]
+    #[schema(ignore)]
+    pub odata_type: ODataType,
+    pub user_principal_name: String,
+    pub display_name: String,
+    #[serde(default)]
+    pub mail: Option<String>,
+    #[serde(default)]
+    pub mail_nickname: Option<String>,
+    #[serde(default)]
+    pub account_enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserUpdate {
+    #[serde(rename = "@odata.type", default)]
+    #[schema(ignore)]
+    pub odata_type: ODataType,
+    pub user_principal_name: Option<String>,
+    pub display_name: Option<String>,
+    pub mail: Option<String>,
+    pub mail_nickname: Option<String>,
+    pub account_enabled: Option<bool>,
+}
+
+impl User {
+    /// Checks the fields that have rules of their own.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate::user_principal_name(&self.user_principal_name)?;
+        validate::display_name("displayName", &self.display_name, 256)?;
+        if let Some(mail) = &self.mail {
+            validate::mail(mail)?;
+        }
+        validate::nickname("mailNickname", &self.mail_nickname, 64)
+    }
+
+    /// The part of the principal name before '@', used as the default nickname and username.
+    pub fn local_part(upn: &str) -> &str {
+        upn.split('@').next().unwrap_or(upn)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Group {
+    pub id: Uuid,
+    pub display_name: String,
+    pub description: Option<String>,
+    pub mail_nickname: Option<String>,
+    pub security_enabled: bool,
+    pub mail_enabled: bool,
+    pub created_date_time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupCreate {
+    #[serde(rename = "@odata.type", default)]
+    #[schema(ignore)]
+    pub odata_type: ODataType,
+    pub display_name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub mail_nickname: Option<String>,
+    #[serde(default)]
+    pub security_enabled: Option<bool>,
+    #[serde(default)]
+    pub mail_enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupUpdate {
+    #[serde(rename = "@odata.type", default)]
+    #[schema(ignore)]
+    pub odata_type: ODataType,
+    pub display_name: Option<String>,
+    pub description: Option<String>,
+    pub mail_nickname: Option<String>,
+}
+
+impl Group {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate::display_name("displayName", &self.display_name, 256)?;
+        if let Some(d) = &self.description {
+            validate::description("description", d, 1024)?;
+        }
+        if let Some(n) = &self.mail_nickname {
+            validate::nickname("mailNickname", n, 64)?;
+        }
+        Ok(())
+    }
+}
+
+/// Body of `POST /groups/{id}/members/$ref`: `{"@odata.id": ".../directoryObjects/{id}"}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRef {
+    #[serde(rename = "@odata.id")]
+    pub odata_id: String,
+}
+
+impl MemberRef {
+    /// The member's id: the last path segment of `@odata.id`, or the whole value if it is an id.
+    pub fn member_id(&self) -> Result<Uuid, ValidationError> {
+        let last = self.odata_id.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+        Uuid::parse_str(last).map_err(|_| {
+            ValidationError::new(
+                "@odata.id",
+                "must end with the member's id, like https://graph.microsoft.com/v1.0/directoryObjects/{id}",
+            )
+        })
+    }
+}

@@ -1,0 +1,361 @@
+//! The command line: every flag says what it does in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "cloudpc",
+    version,
+    about = "Self-hosted Cloud PCs: the control-plane server and its admin command line."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Base URL of the cloudpc server.
+    #[arg(long, global = true, env = "CLOUDPC_URL", default_value = "http://127.0.0.1:7365")]
+    pub url: String,
+    /// Bearer token (an administrator's or a reader's). Prefer the environment variable over the flag,
+    /// so the token does not show up in the process list.
+    #[arg(long, global = true, env = "CLOUDPC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output for people (table) or for scripts (json: the API's own JSON).
+    #[arg(long, short, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the control-plane server.
+    Server(ServerArgs),
+    /// Directory users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Directory groups and their members.
+    #[command(subcommand)]
+    Groups(GroupsCmd),
+    /// License SKUs (hardware size and seats).
+    #[command(subcommand)]
+    Skus(SkusCmd),
+    /// Gallery and custom images.
+    #[command(subcommand)]
+    Images(ImagesCmd),
+    /// Provisioning policies and their group assignments.
+    #[command(subcommand)]
+    Policies(PoliciesCmd),
+    /// Cloud PCs.
+    #[command(subcommand, name = "cloudpcs")]
+    CloudPcs(CloudPcsCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
+}
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// TOML file with settings (keys: listen, data_dir, max_image_size_gb, qemu_img, log).
+    /// Flags win over environment variables, which win over the file.
+    #[arg(long, env = "CLOUDPC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address and port to listen on [default: 127.0.0.1:7365]. Port 0 picks a free port.
+    #[arg(long, env = "CLOUDPC_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database and other state; created if missing [default: ./cloudpc-data].
+    #[arg(long, env = "CLOUDPC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Largest virtual disk size accepted for a custom image, in GiB [default: 256].
+    #[arg(long, env = "CLOUDPC_MAX_IMAGE_SIZE_GB")]
+    pub max_image_size_gb: Option<u64>,
+    /// The qemu-img program used to check imported images [default: qemu-img].
+    #[arg(long, env = "CLOUDPC_QEMU_IMG")]
+    pub qemu_img: Option<String>,
+    /// Log filter, for example info or cloudpc=debug [default: info].
+    #[arg(long, env = "CLOUDPC_LOG")]
+    pub log: Option<String>,
+    /// Administrator token to register at start (for automation). Without it, a token is created
+    /// on the first start and printed once.
+    #[arg(long = "admin-token", env = "CLOUDPC_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum UsersCmd {
+    /// List users.
+    List(ListArgs),
+    /// Show one user (by id or userPrincipalName).
+    Get { user: String },
+    /// Create a user.
+    Create {
+        #[arg(long)]
+        upn: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        mail: Option<String>,
+        /// Create the account disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Change a user.
+    Update {
+        user: String,
+        #[arg(long)]
+        upn: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        mail: Option<String>,
+        #[arg(long)]
+        enabled: Option<bool>,
+    },
+    /// Delete a user.
+    Delete { user: String },
+    /// Add or remove a user's direct licenses (SKU by id or part number).
+    AssignLicense {
+        user: String,
+        #[arg(long = "add")]
+        add: Vec<String>,
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+    },
+    /// The licenses a user holds, directly or through groups.
+    Licenses { user: String },
+    /// The groups a user is in.
+    Groups { user: String },
+}
+
+#[derive(Subcommand)]
+pub enum GroupsCmd {
+    List(ListArgs),
+    /// Show one group (by id or display name).
+    Get {
+        group: String,
+    },
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Update {
+        group: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Delete {
+        group: String,
+    },
+    /// List a group's members.
+    Members {
+        group: String,
+    },
+    /// Add a user (id or userPrincipalName) to a group.
+    AddMember {
+        group: String,
+        user: String,
+    },
+    /// Remove a user from a group.
+    RemoveMember {
+        group: String,
+        user: String,
+    },
+    /// Add or remove group-based licenses.
+    AssignLicense {
+        group: String,
+        #[arg(long = "add")]
+        add: Vec<String>,
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SkusCmd {
+    List(ListArgs),
+    /// Show one SKU (by id or part number).
+    Get {
+        sku: String,
+    },
+    Create {
+        /// Short name, like CPC_E_2C_8GB_128GB.
+        #[arg(long)]
+        part_number: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Number of seats (prepaidUnits.enabled).
+        #[arg(long)]
+        seats: u32,
+        #[arg(long)]
+        vcpu: u32,
+        #[arg(long)]
+        ram_gb: u32,
+        #[arg(long)]
+        storage_gb: u32,
+    },
+    Update {
+        sku: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        seats: Option<u32>,
+        #[arg(long)]
+        vcpu: Option<u32>,
+        #[arg(long)]
+        ram_gb: Option<u32>,
+        #[arg(long)]
+        storage_gb: Option<u32>,
+    },
+    Delete {
+        sku: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ImagesCmd {
+    /// List the built-in gallery images.
+    Gallery(ListArgs),
+    /// List custom images.
+    List(ListArgs),
+    Get {
+        image: String,
+    },
+    /// Register a qcow2 file on the server's host as a custom image.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Major.Minor.Patch
+        #[arg(long)]
+        version: String,
+        /// Absolute path of the qcow2 file on the server's host.
+        #[arg(long)]
+        file: String,
+        /// Wait until the image is checked, showing progress; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    Delete {
+        image: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PoliciesCmd {
+    List(ListArgs),
+    /// Show one policy (by id or display name), with its assignments.
+    Get {
+        policy: String,
+    },
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Image id (custom image id, or gallery id).
+        #[arg(long)]
+        image: String,
+        #[arg(long, value_enum, default_value_t = ImageKind::Custom)]
+        image_type: ImageKind,
+        /// Naming template, for example CPC-%USERNAME:4%-%RAND:5%.
+        #[arg(long)]
+        naming_template: Option<String>,
+        /// Make the user a local administrator.
+        #[arg(long)]
+        local_admin: bool,
+        /// Hosted-network region ("automatic" lets cloudpc choose).
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        locale: Option<String>,
+    },
+    Update {
+        policy: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long, value_enum)]
+        image_type: Option<ImageKind>,
+        #[arg(long)]
+        naming_template: Option<String>,
+        #[arg(long)]
+        local_admin: Option<bool>,
+        #[arg(long)]
+        locale: Option<String>,
+    },
+    Delete {
+        policy: String,
+    },
+    /// Set the policy's target groups, in order (replaces the previous list; none clears it).
+    Assign {
+        policy: String,
+        /// A group (id or display name); repeat in priority order.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ImageKind {
+    Gallery,
+    Custom,
+}
+
+#[derive(Subcommand)]
+pub enum CloudPcsCmd {
+    List(ListArgs),
+    Get { cloud_pc: String },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    List(ListArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TokensCmd {
+    List,
+    /// Create a token; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Administrator,
+    Reader,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// OData filter, for example "displayName eq 'Finance'".
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Return at most this many (otherwise every page is fetched).
+    #[arg(long)]
+    pub top: Option<usize>,
+}

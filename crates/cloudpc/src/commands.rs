@@ -1,0 +1,516 @@
+//! The admin subcommands: each turns flags into one or a few API calls and prints the answer.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+
+use crate::cli::*;
+use crate::client::{encode, Client, Failure};
+use crate::output::{self, Column};
+
+const VE: &str = "/v1.0/deviceManagement/virtualEndpoint";
+
+const USER_COLUMNS: &[Column] = &[
+    ("ID", "/id"),
+    ("USER PRINCIPAL NAME", "/userPrincipalName"),
+    ("DISPLAY NAME", "/displayName"),
+    ("ENABLED", "/accountEnabled"),
+];
+const GROUP_COLUMNS: &[Column] = &[("ID", "/id"), ("DISPLAY NAME", "/displayName"), ("DESCRIPTION", "/description")];
+const SKU_COLUMNS: &[Column] = &[
+    ("ID", "/id"),
+    ("PART NUMBER", "/skuPartNumber"),
+    ("VCPU", "/vCpuCount"),
+    ("RAM GB", "/ramInGB"),
+    ("DISK GB", "/storageInGB"),
+    ("SEATS", "/prepaidUnits/enabled"),
+    ("USED", "/consumedUnits"),
+];
+const IMAGE_COLUMNS: &[Column] = &[
+    ("ID", "/id"),
+    ("DISPLAY NAME", "/displayName"),
+    ("VERSION", "/version"),
+    ("STATUS", "/status"),
+    ("ERROR", "/errorCode"),
+    ("SIZE GB", "/sizeInGb"),
+];
+const GALLERY_COLUMNS: &[Column] =
+    &[("ID", "/id"), ("DISPLAY NAME", "/displayName"), ("STATUS", "/status"), ("SIZE GB", "/sizeInGB")];
+const POLICY_COLUMNS: &[Column] = &[
+    ("ID", "/id"),
+    ("DISPLAY NAME", "/displayName"),
+    ("IMAGE", "/imageDisplayName"),
+    ("TYPE", "/provisioningType"),
+    ("NAMING TEMPLATE", "/cloudPcNamingTemplate"),
+];
+const CLOUD_PC_COLUMNS: &[Column] = &[
+    ("ID", "/id"),
+    ("NAME", "/managedDeviceName"),
+    ("USER", "/userPrincipalName"),
+    ("POLICY", "/provisioningPolicyName"),
+    ("STATUS", "/status"),
+    ("DETAIL", "/statusDetail"),
+];
+const AUDIT_COLUMNS: &[Column] = &[
+    ("WHEN", "/activityDateTime"),
+    ("ACTIVITY", "/activity"),
+    ("BY", "/actor/userPrincipalName"),
+    ("RESOURCE", "/resources/0/displayName"),
+];
+const TOKEN_COLUMNS: &[Column] =
+    &[("ID", "/id"), ("DISPLAY NAME", "/displayName"), ("ROLE", "/role"), ("CREATED", "/createdDateTime")];
+const LICENSE_COLUMNS: &[Column] = &[
+    ("SKU", "/skuId"),
+    ("PART NUMBER", "/skuPartNumber"),
+    ("VIA GROUP", "/licenseAssignmentStates/0/assignedByGroup"),
+];
+const ASSIGNMENT_COLUMNS: &[Column] =
+    &[("ORDER", "/order"), ("GROUP", "/target/groupId"), ("ASSIGNED", "/assignedDateTime")];
+
+pub async fn run(global: Global, command: Command) -> ExitCode {
+    let client = Client::new(&global.url, global.token.clone());
+    match dispatch(&client, global.output, command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+type Out = Result<(), Failure>;
+
+fn list_path(base: &str, args: &ListArgs) -> String {
+    let mut path = base.to_string();
+    let mut sep = if base.contains('?') { '&' } else { '?' };
+    if let Some(f) = &args.filter {
+        path.push_str(&format!("{sep}$filter={}", encode(f)));
+        sep = '&';
+    }
+    if let Some(n) = args.top {
+        path.push_str(&format!("{sep}$top={}", n.min(999)));
+    }
+    path
+}
+
+async fn show_list(c: &Client, fmt: OutputFormat, base: &str, args: &ListArgs, cols: &[Column]) -> Out {
+    let items = c.list(&list_path(base, args), args.top).await?;
+    output::list(fmt, &items, cols);
+    Ok(())
+}
+
+fn is_id(s: &str) -> bool {
+    s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+/// Finds the one item whose `field` equals `name`, unless `name` already is an id.
+async fn resolve(c: &Client, set: &str, field: &str, kind: &str, name: &str) -> Result<String, Failure> {
+    if is_id(name) {
+        return Ok(name.to_string());
+    }
+    let filter = format!("{field} eq '{}'", name.replace('\'', "''"));
+    let found = c.list(&format!("{set}?$filter={}", encode(&filter)), None).await?;
+    match found.as_slice() {
+        [one] => Ok(one["id"].as_str().unwrap_or_default().to_string()),
+        [] => Err(Failure::not_found(format!("no {kind} named '{name}'"))),
+        _ => Err(Failure::refused(format!("several {kind}s are named '{name}'; use the id"))),
+    }
+}
+
+async fn group_id(c: &Client, g: &str) -> Result<String, Failure> {
+    resolve(c, "/v1.0/groups", "displayName", "group", g).await
+}
+
+async fn sku_id(c: &Client, s: &str) -> Result<String, Failure> {
+    resolve(c, "/v1.0/subscribedSkus", "skuPartNumber", "SKU", s).await
+}
+
+async fn policy_id(c: &Client, p: &str) -> Result<String, Failure> {
+    resolve(c, &format!("{VE}/provisioningPolicies"), "displayName", "provisioning policy", p).await
+}
+
+async fn user_id(c: &Client, u: &str) -> Result<String, Failure> {
+    let user = c.get(&format!("/v1.0/users/{}", encode(u))).await?;
+    Ok(user["id"].as_str().unwrap_or_default().to_string())
+}
+
+/// A JSON object from optional fields: `None` values are left out, so PATCH changes only those.
+fn object(fields: Vec<(&str, Option<Value>)>) -> Value {
+    let map: Map<String, Value> = fields.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect();
+    Value::Object(map)
+}
+
+fn nonempty_patch(body: &Value) -> Out {
+    if body.as_object().is_some_and(|m| m.is_empty()) {
+        return Err(Failure::usage("nothing to change: give at least one option"));
+    }
+    Ok(())
+}
+
+async fn license_body(c: &Client, add: &[String], remove: &[String]) -> Result<Value, Failure> {
+    if add.is_empty() && remove.is_empty() {
+        return Err(Failure::usage("give --add SKU and/or --remove SKU"));
+    }
+    let mut adds = Vec::new();
+    for s in add {
+        adds.push(json!({ "skuId": sku_id(c, s).await?, "disabledPlans": [] }));
+    }
+    let mut removes = Vec::new();
+    for s in remove {
+        removes.push(Value::String(sku_id(c, s).await?));
+    }
+    Ok(json!({ "addLicenses": adds, "removeLicenses": removes }))
+}
+
+async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
+    match command {
+        Command::Server(_) => unreachable!("handled in main"),
+        Command::Users(cmd) => users(c, fmt, cmd).await,
+        Command::Groups(cmd) => groups(c, fmt, cmd).await,
+        Command::Skus(cmd) => skus(c, fmt, cmd).await,
+        Command::Images(cmd) => images(c, fmt, cmd).await,
+        Command::Policies(cmd) => policies(c, fmt, cmd).await,
+        Command::CloudPcs(cmd) => match cmd {
+            CloudPcsCmd::List(a) => show_list(c, fmt, &format!("{VE}/cloudPCs"), &a, CLOUD_PC_COLUMNS).await,
+            CloudPcsCmd::Get { cloud_pc } => {
+                output::entity(fmt, &c.get(&format!("{VE}/cloudPCs/{}", encode(&cloud_pc))).await?);
+                Ok(())
+            }
+        },
+        Command::Audit(AuditCmd::List(a)) => show_list(c, fmt, &format!("{VE}/auditEvents"), &a, AUDIT_COLUMNS).await,
+        Command::Tokens(cmd) => match cmd {
+            TokensCmd::List => {
+                output::list(fmt, &c.list("/cloudpc/tokens", None).await?, TOKEN_COLUMNS);
+                Ok(())
+            }
+            TokensCmd::Create { name, role } => {
+                let role = match role {
+                    RoleArg::Administrator => "cloudPcAdministrator",
+                    RoleArg::Reader => "cloudPcReader",
+                };
+                let t = c
+                    .call(Method::POST, "/cloudpc/tokens", Some(&json!({ "displayName": name, "role": role })))
+                    .await?;
+                if fmt == OutputFormat::Json {
+                    output::entity(fmt, &t);
+                } else {
+                    println!(
+                        "Token '{}' ({role}) created. Its secret, shown only now:",
+                        t["displayName"].as_str().unwrap_or_default()
+                    );
+                    println!("{}", t["secret"].as_str().unwrap_or_default());
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+async fn users(c: &Client, fmt: OutputFormat, cmd: UsersCmd) -> Out {
+    match cmd {
+        UsersCmd::List(a) => show_list(c, fmt, "/v1.0/users", &a, USER_COLUMNS).await,
+        UsersCmd::Get { user } => {
+            output::entity(fmt, &c.get(&format!("/v1.0/users/{}", encode(&user))).await?);
+            Ok(())
+        }
+        UsersCmd::Create { upn, name, mail, disabled } => {
+            let body = object(vec![
+                ("userPrincipalName", Some(json!(upn))),
+                ("displayName", Some(json!(name))),
+                ("mail", mail.map(Value::from)),
+                ("accountEnabled", Some(json!(!disabled))),
+            ]);
+            output::entity(fmt, &c.call(Method::POST, "/v1.0/users", Some(&body)).await?);
+            Ok(())
+        }
+        UsersCmd::Update { user, upn, name, mail, enabled } => {
+            let body = object(vec![
+                ("userPrincipalName", upn.map(Value::from)),
+                ("displayName", name.map(Value::from)),
+                ("mail", mail.map(Value::from)),
+                ("accountEnabled", enabled.map(Value::from)),
+            ]);
+            nonempty_patch(&body)?;
+            let id = user_id(c, &user).await?;
+            c.call(Method::PATCH, &format!("/v1.0/users/{id}"), Some(&body)).await?;
+            output::entity(fmt, &c.get(&format!("/v1.0/users/{id}")).await?);
+            Ok(())
+        }
+        UsersCmd::Delete { user } => {
+            c.call(Method::DELETE, &format!("/v1.0/users/{}", encode(&user)), None).await?;
+            output::done(fmt, &format!("Deleted user {user}."));
+            Ok(())
+        }
+        UsersCmd::AssignLicense { user, add, remove } => {
+            let body = license_body(c, &add, &remove).await?;
+            c.call(Method::POST, &format!("/v1.0/users/{}/assignLicense", encode(&user)), Some(&body)).await?;
+            let details = c.list(&format!("/v1.0/users/{}/licenseDetails", encode(&user)), None).await?;
+            output::list(fmt, &details, LICENSE_COLUMNS);
+            Ok(())
+        }
+        UsersCmd::Licenses { user } => {
+            output::list(
+                fmt,
+                &c.list(&format!("/v1.0/users/{}/licenseDetails", encode(&user)), None).await?,
+                LICENSE_COLUMNS,
+            );
+            Ok(())
+        }
+        UsersCmd::Groups { user } => {
+            output::list(fmt, &c.list(&format!("/v1.0/users/{}/memberOf", encode(&user)), None).await?, GROUP_COLUMNS);
+            Ok(())
+        }
+    }
+}
+
+async fn groups(c: &Client, fmt: OutputFormat, cmd: GroupsCmd) -> Out {
+    match cmd {
+        GroupsCmd::List(a) => show_list(c, fmt, "/v1.0/groups", &a, GROUP_COLUMNS).await,
+        GroupsCmd::Get { group } => {
+            let id = group_id(c, &group).await?;
+            output::entity(fmt, &c.get(&format!("/v1.0/groups/{id}")).await?);
+            Ok(())
+        }
+        GroupsCmd::Create { name, description } => {
+            let body = object(vec![("displayName", Some(json!(name))), ("description", description.map(Value::from))]);
+            output::entity(fmt, &c.call(Method::POST, "/v1.0/groups", Some(&body)).await?);
+            Ok(())
+        }
+        GroupsCmd::Update { group, name, description } => {
+            let body =
+                object(vec![("displayName", name.map(Value::from)), ("description", description.map(Value::from))]);
+            nonempty_patch(&body)?;
+            let id = group_id(c, &group).await?;
+            c.call(Method::PATCH, &format!("/v1.0/groups/{id}"), Some(&body)).await?;
+            output::entity(fmt, &c.get(&format!("/v1.0/groups/{id}")).await?);
+            Ok(())
+        }
+        GroupsCmd::Delete { group } => {
+            let id = group_id(c, &group).await?;
+            c.call(Method::DELETE, &format!("/v1.0/groups/{id}"), None).await?;
+            output::done(fmt, &format!("Deleted group {group}."));
+            Ok(())
+        }
+        GroupsCmd::Members { group } => {
+            let id = group_id(c, &group).await?;
+            output::list(fmt, &c.list(&format!("/v1.0/groups/{id}/members"), None).await?, USER_COLUMNS);
+            Ok(())
+        }
+        GroupsCmd::AddMember { group, user } => {
+            let (gid, uid) = (group_id(c, &group).await?, user_id(c, &user).await?);
+            let body = json!({ "@odata.id": format!("https://graph.microsoft.com/v1.0/directoryObjects/{uid}") });
+            c.call(Method::POST, &format!("/v1.0/groups/{gid}/members/$ref"), Some(&body)).await?;
+            output::done(fmt, &format!("Added {user} to {group}."));
+            Ok(())
+        }
+        GroupsCmd::RemoveMember { group, user } => {
+            let (gid, uid) = (group_id(c, &group).await?, user_id(c, &user).await?);
+            c.call(Method::DELETE, &format!("/v1.0/groups/{gid}/members/{uid}/$ref"), None).await?;
+            output::done(fmt, &format!("Removed {user} from {group}."));
+            Ok(())
+        }
+        GroupsCmd::AssignLicense { group, add, remove } => {
+            let gid = group_id(c, &group).await?;
+            let body = license_body(c, &add, &remove).await?;
+            c.call(Method::POST, &format!("/v1.0/groups/{gid}/assignLicense"), Some(&body)).await?;
+            output::list(fmt, &c.list(&format!("/v1.0/groups/{gid}/assignedLicenses"), None).await?, SKU_COLUMNS);
+            Ok(())
+        }
+    }
+}
+
+async fn skus(c: &Client, fmt: OutputFormat, cmd: SkusCmd) -> Out {
+    match cmd {
+        SkusCmd::List(a) => show_list(c, fmt, "/v1.0/subscribedSkus", &a, SKU_COLUMNS).await,
+        SkusCmd::Get { sku } => {
+            let id = sku_id(c, &sku).await?;
+            output::entity(fmt, &c.get(&format!("/v1.0/subscribedSkus/{id}")).await?);
+            Ok(())
+        }
+        SkusCmd::Create { part_number, name, seats, vcpu, ram_gb, storage_gb } => {
+            let body = object(vec![
+                ("skuPartNumber", Some(json!(part_number))),
+                ("displayName", name.map(Value::from)),
+                ("prepaidUnits", Some(json!({ "enabled": seats }))),
+                ("vCpuCount", Some(json!(vcpu))),
+                ("ramInGB", Some(json!(ram_gb))),
+                ("storageInGB", Some(json!(storage_gb))),
+            ]);
+            output::entity(fmt, &c.call(Method::POST, "/v1.0/subscribedSkus", Some(&body)).await?);
+            Ok(())
+        }
+        SkusCmd::Update { sku, name, seats, vcpu, ram_gb, storage_gb } => {
+            let body = object(vec![
+                ("displayName", name.map(Value::from)),
+                ("prepaidUnits", seats.map(|s| json!({ "enabled": s }))),
+                ("vCpuCount", vcpu.map(Value::from)),
+                ("ramInGB", ram_gb.map(Value::from)),
+                ("storageInGB", storage_gb.map(Value::from)),
+            ]);
+            nonempty_patch(&body)?;
+            let id = sku_id(c, &sku).await?;
+            c.call(Method::PATCH, &format!("/v1.0/subscribedSkus/{id}"), Some(&body)).await?;
+            output::entity(fmt, &c.get(&format!("/v1.0/subscribedSkus/{id}")).await?);
+            Ok(())
+        }
+        SkusCmd::Delete { sku } => {
+            let id = sku_id(c, &sku).await?;
+            c.call(Method::DELETE, &format!("/v1.0/subscribedSkus/{id}"), None).await?;
+            output::done(fmt, &format!("Deleted SKU {sku}."));
+            Ok(())
+        }
+    }
+}
+
+async fn images(c: &Client, fmt: OutputFormat, cmd: ImagesCmd) -> Out {
+    match cmd {
+        ImagesCmd::Gallery(a) => show_list(c, fmt, &format!("{VE}/galleryImages"), &a, GALLERY_COLUMNS).await,
+        ImagesCmd::List(a) => show_list(c, fmt, &format!("{VE}/deviceImages"), &a, IMAGE_COLUMNS).await,
+        ImagesCmd::Get { image } => {
+            output::entity(fmt, &c.get(&format!("{VE}/deviceImages/{}", encode(&image))).await?);
+            Ok(())
+        }
+        ImagesCmd::Create { name, version, file, wait } => {
+            let body = json!({ "displayName": name, "version": version, "sourceImageResourceId": file });
+            let created = c.call(Method::POST, &format!("{VE}/deviceImages"), Some(&body)).await?;
+            if !wait {
+                output::entity(fmt, &created);
+                return Ok(());
+            }
+            let id = created["id"].as_str().unwrap_or_default().to_string();
+            let image = wait_for_image(c, fmt, &id).await?;
+            output::entity(fmt, &image);
+            if image["status"] == "failed" {
+                return Err(Failure::refused(format!(
+                    "image check failed ({}): {}",
+                    image["errorCode"].as_str().unwrap_or("unknown"),
+                    image["statusDetails"].as_str().unwrap_or("")
+                )));
+            }
+            Ok(())
+        }
+        ImagesCmd::Delete { image } => {
+            c.call(Method::DELETE, &format!("{VE}/deviceImages/{}", encode(&image)), None).await?;
+            output::done(fmt, &format!("Deleted image {image}."));
+            Ok(())
+        }
+    }
+}
+
+/// Polls a pending image, showing elapsed time on stderr so stdout stays clean for scripts.
+async fn wait_for_image(c: &Client, fmt: OutputFormat, id: &str) -> Result<Value, Failure> {
+    let start = Instant::now();
+    loop {
+        let image = c.get(&format!("{VE}/deviceImages/{id}")).await?;
+        if image["status"] != "pending" {
+            if fmt == OutputFormat::Table {
+                eprintln!(
+                    "\rchecking image: {} after {:.1}s",
+                    image["status"].as_str().unwrap_or("?"),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            return Ok(image);
+        }
+        if fmt == OutputFormat::Table {
+            eprint!("\rchecking image: pending ({:.0}s)", start.elapsed().as_secs_f64());
+            let _ = std::io::stderr().flush();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn image_type(k: ImageKind) -> &'static str {
+    match k {
+        ImageKind::Gallery => "gallery",
+        ImageKind::Custom => "custom",
+    }
+}
+
+async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
+    let set = format!("{VE}/provisioningPolicies");
+    match cmd {
+        PoliciesCmd::List(a) => show_list(c, fmt, &set, &a, POLICY_COLUMNS).await,
+        PoliciesCmd::Get { policy } => {
+            let id = policy_id(c, &policy).await?;
+            let p = c.get(&format!("{set}/{id}?$expand=assignments")).await?;
+            output::entity(fmt, &p);
+            Ok(())
+        }
+        PoliciesCmd::Create {
+            name,
+            description,
+            image,
+            image_type: kind,
+            naming_template,
+            local_admin,
+            region,
+            locale,
+        } => {
+            let body = object(vec![
+                ("displayName", Some(json!(name))),
+                ("description", description.map(Value::from)),
+                ("imageId", Some(json!(image))),
+                ("imageType", Some(json!(image_type(kind)))),
+                ("cloudPcNamingTemplate", naming_template.map(Value::from)),
+                ("localAdminEnabled", Some(json!(local_admin))),
+                (
+                    "domainJoinConfigurations",
+                    region.map(|r| json!([{ "domainJoinType": "azureADJoin", "regionName": r }])),
+                ),
+                ("windowsSetting", locale.map(|l| json!({ "locale": l }))),
+            ]);
+            output::entity(fmt, &c.call(Method::POST, &set, Some(&body)).await?);
+            Ok(())
+        }
+        PoliciesCmd::Update {
+            policy,
+            name,
+            description,
+            image,
+            image_type: kind,
+            naming_template,
+            local_admin,
+            locale,
+        } => {
+            let body = object(vec![
+                ("displayName", name.map(Value::from)),
+                ("description", description.map(Value::from)),
+                ("imageId", image.map(Value::from)),
+                ("imageType", kind.map(|k| json!(image_type(k)))),
+                ("cloudPcNamingTemplate", naming_template.map(Value::from)),
+                ("localAdminEnabled", local_admin.map(Value::from)),
+                ("windowsSetting", locale.map(|l| json!({ "locale": l }))),
+            ]);
+            nonempty_patch(&body)?;
+            let id = policy_id(c, &policy).await?;
+            c.call(Method::PATCH, &format!("{set}/{id}"), Some(&body)).await?;
+            output::entity(fmt, &c.get(&format!("{set}/{id}")).await?);
+            Ok(())
+        }
+        PoliciesCmd::Delete { policy } => {
+            let id = policy_id(c, &policy).await?;
+            c.call(Method::DELETE, &format!("{set}/{id}"), None).await?;
+            output::done(fmt, &format!("Deleted provisioning policy {policy}."));
+            Ok(())
+        }
+        PoliciesCmd::Assign { policy, groups } => {
+            let id = policy_id(c, &policy).await?;
+            let mut assignments = Vec::new();
+            for g in &groups {
+                let gid = group_id(c, g).await?;
+                assignments.push(json!({ "target": { "@odata.type": "#microsoft.graph.cloudPcManagementGroupAssignmentTarget", "groupId": gid } }));
+            }
+            c.call(Method::POST, &format!("{set}/{id}/assign"), Some(&json!({ "assignments": assignments }))).await?;
+            let mut list = c.list(&format!("{set}/{id}/assignments"), None).await?;
+            for (i, a) in list.iter_mut().enumerate() {
+                a["order"] = json!(i + 1);
+            }
+            output::list(fmt, &list, ASSIGNMENT_COLUMNS);
+            Ok(())
+        }
+    }
+}

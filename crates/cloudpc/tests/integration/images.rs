@@ -1,0 +1,109 @@
+//! Custom images: real qcow2 files checked in the background; hostile files refused.
+
+use std::io::Write;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn test_valid_qcow2_becomes_ready_with_its_size() {
+    let s = Server::start().await;
+    let file = qcow2(s.data_dir(), "base.qcow2", "3G");
+    let img = s.image("Base", &file).await;
+    assert_eq!(img["status"], "ready", "{img}");
+    assert_eq!(img["sizeInGb"], 3.0);
+    assert_eq!(img["errorCode"], serde_json::Value::Null);
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    assert_eq!(list["value"].as_array().unwrap().len(), 1);
+    let (status, gallery) = s.get(&format!("{VE}/galleryImages")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(gallery["value"].is_array());
+}
+
+async fn expect_failed(s: &Server, name: &str, file: &std::path::Path, code: &str, words: &str) {
+    let img = s.image(name, file).await;
+    assert_eq!(img["status"], "failed", "{name}: {img}");
+    assert_eq!(img["errorCode"], code, "{name}: {img}");
+    assert!(img["statusDetails"].as_str().unwrap().contains(words), "{name}: {img}");
+}
+
+#[tokio::test]
+async fn test_hostile_and_broken_images_fail_with_error_codes() {
+    let s = Server::start_with(&["--max-image-size-gb", "1"], Some(ADMIN_TOKEN)).await;
+    let dir = s.data_dir().to_path_buf();
+
+    let backing = dir.join("backing.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", backing.to_str().unwrap(), "64M"]);
+    expect_failed(&s, "backing", &backing, "sourceImageInvalid", "backing file").await;
+
+    let with_data = dir.join("datafile.qcow2");
+    let data_file = dir.join("datafile.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", data_file.display()),
+        with_data.to_str().unwrap(),
+        "64M",
+    ]);
+    expect_failed(&s, "data file", &with_data, "sourceImageInvalid", "external data file").await;
+
+    let random = dir.join("random.qcow2");
+    std::fs::File::create(&random).unwrap().write_all(&[0x5a; 4096]).unwrap();
+    expect_failed(&s, "random", &random, "sourceImageInvalid", "not a qcow2").await;
+
+    let good = qcow2(&dir, "full.qcow2", "64M");
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = dir.join("truncated.qcow2");
+    std::fs::write(&truncated, &bytes[..100]).unwrap();
+    expect_failed(&s, "truncated", &truncated, "sourceImageInvalid", "truncated").await;
+    let cut = dir.join("cut.qcow2");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    expect_failed(&s, "cut in half", &cut, "sourceImageInvalid", "qemu-img check failed").await;
+
+    let big = qcow2(&dir, "big.qcow2", "2G");
+    expect_failed(&s, "oversized", &big, "sourceImageSizeExceedsLimitation", "limit is 1 GiB").await;
+
+    expect_failed(&s, "missing", &dir.join("nope.qcow2"), "sourceImageNotFound", "no file").await;
+    expect_failed(&s, "directory", &dir, "sourceImageInvalid", "not a regular file").await;
+}
+
+#[tokio::test]
+async fn test_image_create_input_rules() {
+    let s = Server::start().await;
+    let before = s.snapshot().await;
+    for (body, field) in [
+        (json!({"displayName": "x", "version": "1.0", "sourceImageResourceId": "/tmp/x.qcow2"}), "version"),
+        (
+            json!({"displayName": "x", "version": "1.0.0", "sourceImageResourceId": "relative.qcow2"}),
+            "sourceImageResourceId",
+        ),
+        (json!({"displayName": "", "version": "1.0.0", "sourceImageResourceId": "/tmp/x.qcow2"}), "displayName"),
+        (json!({"displayName": "x", "version": "1.0.0"}), "sourceImageResourceId"),
+    ] {
+        let (status, v) = s.post(&format!("{VE}/deviceImages"), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(message(&v).contains(field), "{field}: {v}");
+    }
+    assert_eq!(s.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn test_image_in_use_by_policy_cannot_be_deleted() {
+    let s = Server::start().await;
+    let img = s.ready_image("Base").await;
+    let policy = s.policy("Finance", &img).await;
+    let id = img["id"].as_str().unwrap();
+    let (status, v) = s.delete(&format!("{VE}/deviceImages/{id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(message(&v).contains("Finance"), "{v}");
+    let other = s.ready_image("Other").await;
+    s.patch(&format!("{VE}/provisioningPolicies/{}", policy["id"].as_str().unwrap()), json!({"imageId": other["id"]}))
+        .await;
+    let (status, _) = s.delete(&format!("{VE}/deviceImages/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}

@@ -1,0 +1,14 @@
+//! The integration tests: one binary; every test starts the real `cloudpc` server on port 0 with
+//! its own data directory, and talks to it over HTTP (or through the real CLI).
+
+mod support;
+
+mod auth;
+mod bad_input;
+mod cli;
+mod directory;
+mod images;
+mod licensing;
+mod odata;
+mod policies;
+mod server;

@@ -1,0 +1,266 @@
+//! Test infrastructure: a real server process per test, and a small JSON client.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+pub const ADMIN_TOKEN: &str = "cpc_integration-test-administrator-token-0123456789";
+pub const VE: &str = "/v1.0/deviceManagement/virtualEndpoint";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cloudpc")
+}
+
+/// A running `cloudpc server` with its own data directory; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub data: tempfile::TempDir,
+    /// Lines the server printed to stdout before it was ready.
+    pub banner: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(&[], Some(ADMIN_TOKEN)).await
+    }
+
+    /// Starts the server with extra flags; `admin_token` goes in through the environment.
+    pub async fn start_with(extra: &[&str], admin_token: Option<&str>) -> Server {
+        let data = tempfile::tempdir().expect("temp dir");
+        Self::start_in(data, extra, admin_token).await
+    }
+
+    pub async fn start_in(data: tempfile::TempDir, extra: &[&str], admin_token: Option<&str>) -> Server {
+        let mut cmd = Command::new(bin());
+        cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(extra)
+            .env_remove("CLOUDPC_ADMIN_TOKEN")
+            .env_remove("CLOUDPC_CONFIG")
+            .env("CLOUDPC_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(t) = admin_token {
+            cmd.env("CLOUDPC_ADMIN_TOKEN", t);
+        }
+        let mut child = cmd.spawn().expect("start cloudpc server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("cloudpc listening on ") {
+                        break rest.trim().to_string();
+                    }
+                    banner.push(line);
+                }
+                Err(_) => panic!("server did not start; printed: {banner:?}"),
+            }
+        };
+        Server { child, url, data, banner, http: reqwest::Client::new() }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Stops the server and hands back its data directory, for restart tests.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.data, dir)
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        content_type: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.body(b.to_string());
+        }
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, v)
+    }
+
+    pub async fn call_as(&self, token: &str, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let body = body.map(|b| b.to_string());
+        let ct = body.as_ref().map(|_| "application/json");
+        self.raw(method, path, Some(token), body.as_deref(), ct).await
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(ADMIN_TOKEN, method, path, body).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    /// Posts and expects 201, returning the created resource.
+    pub async fn create(&self, path: &str, body: Value) -> Value {
+        let (s, v) = self.post(path, body).await;
+        assert_eq!(s, StatusCode::CREATED, "POST {path}: {v}");
+        v
+    }
+
+    pub async fn user(&self, upn: &str) -> Value {
+        self.create("/v1.0/users", json!({ "userPrincipalName": upn, "displayName": upn })).await
+    }
+
+    pub async fn group(&self, name: &str) -> Value {
+        self.create("/v1.0/groups", json!({ "displayName": name })).await
+    }
+
+    pub async fn sku(&self, part: &str, seats: u32) -> Value {
+        self.create(
+            "/v1.0/subscribedSkus",
+            json!({ "skuPartNumber": part, "prepaidUnits": { "enabled": seats }, "vCpuCount": 2, "ramInGB": 4, "storageInGB": 8 }),
+        )
+        .await
+    }
+
+    pub async fn add_member(&self, group: &Value, user: &Value) -> (StatusCode, Value) {
+        let body = json!({ "@odata.id": format!("https://graph.microsoft.com/v1.0/directoryObjects/{}", user["id"].as_str().unwrap()) });
+        self.post(&format!("/v1.0/groups/{}/members/$ref", group["id"].as_str().unwrap()), body).await
+    }
+
+    /// Registers a qcow2 file as a custom image and waits until its check is over.
+    pub async fn image(&self, name: &str, file: &Path) -> Value {
+        let created = self
+            .create(
+                &format!("{VE}/deviceImages"),
+                json!({ "displayName": name, "version": "1.0.0", "sourceImageResourceId": file }),
+            )
+            .await;
+        self.wait_image(created["id"].as_str().unwrap()).await
+    }
+
+    pub async fn wait_image(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, v) = self.get(&format!("{VE}/deviceImages/{id}")).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if v["status"] != "pending" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "image {id} stayed pending");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A ready custom image backed by a fresh small qcow2 file.
+    pub async fn ready_image(&self, name: &str) -> Value {
+        let file = qcow2(self.data_dir(), &format!("{name}.qcow2"), "64M");
+        let image = self.image(name, &file).await;
+        assert_eq!(image["status"], "ready", "{image}");
+        image
+    }
+
+    pub async fn policy(&self, name: &str, image: &Value) -> Value {
+        self.create(
+            &format!("{VE}/provisioningPolicies"),
+            json!({ "displayName": name, "imageId": image["id"], "imageType": "custom", "cloudPcNamingTemplate": "CPC-%RAND:5%" }),
+        )
+        .await
+    }
+
+    pub async fn audit_activities(&self) -> Vec<String> {
+        let (_, v) = self.get(&format!("{VE}/auditEvents?$top=999")).await;
+        v["value"].as_array().unwrap().iter().map(|e| e["activity"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Every table's row count, to prove a refused request changed nothing.
+    pub async fn snapshot(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for path in [
+            "/v1.0/users",
+            "/v1.0/groups",
+            "/v1.0/subscribedSkus",
+            &format!("{VE}/deviceImages"),
+            &format!("{VE}/provisioningPolicies"),
+            &format!("{VE}/auditEvents"),
+        ] {
+            let (s, v) = self.get(&format!("{path}?$top=999")).await;
+            assert_eq!(s, StatusCode::OK);
+            out.push(v["value"].as_array().unwrap().len());
+        }
+        out
+    }
+
+    /// Creates a reader token through the API.
+    pub async fn reader_token(&self) -> String {
+        let v = self.create("/cloudpc/tokens", json!({ "displayName": "auditor", "role": "cloudPcReader" })).await;
+        v["secret"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs qemu-img, panicking with its output on failure.
+pub fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is installed (scripts/setup installs qemu-utils)");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn qcow2(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), size]);
+    path
+}
+
+/// The error message of a Graph error body.
+pub fn message(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or_else(|| panic!("not a Graph error: {v}"))
+}

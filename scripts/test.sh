@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs cloudpc's whole test suite: formatting, lints, unit and integration tests.
+# Installs missing system packages first, so it works on a fresh Debian/Ubuntu machine and in CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_packages
+ensure_rust
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked --workspace
