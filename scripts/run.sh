@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Sets up cloudpc on this Debian/Ubuntu machine and runs the server.
 # Installs missing system packages and Rust, builds the release binary, then starts the server
-# on 127.0.0.1:7365 with its state in ./cloudpc-data. Extra arguments go to `cloudpc server`.
+# on 127.0.0.1:7365 with its state in /var/lib/cloudpc (a place QEMU's unprivileged user can reach).
+# Extra arguments go to `cloudpc server`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_packages
 ensure_rust
+setup_host
 echo "cloudpc: building (the first build takes a few minutes)"
 cargo build --release --locked --bin cloudpc
 cat <<'MSG'
@@ -15,4 +17,5 @@ cloudpc: starting. On the first start the administrator token is printed below, 
                      target/release/cloudpc users list
   API: http://127.0.0.1:7365/v1.0/   OpenAPI: http://127.0.0.1:7365/openapi.json
 MSG
-exec target/release/cloudpc server --listen "${CLOUDPC_LISTEN:-127.0.0.1:7365}" --data-dir "${CLOUDPC_DATA_DIR:-cloudpc-data}" "$@"
+exec target/release/cloudpc server --listen "${CLOUDPC_LISTEN:-127.0.0.1:7365}" \
+    --data-dir "${CLOUDPC_DATA_DIR:-/var/lib/cloudpc/data}" --gallery-dir "$CLOUDPC_GALLERY_DIR" "$@"

@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_packages
 ensure_rust
+setup_host
+export CLOUDPC_TEST_GALLERY="$CLOUDPC_GALLERY_DIR"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
+# Tests that boot VMs take turns inside the one integration binary; the rest run in parallel.
 cargo test --locked --workspace

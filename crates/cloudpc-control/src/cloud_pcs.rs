@@ -1,10 +1,63 @@
-//! Cloud PCs as the admin sees them. Provisioning fills this in (issue 3); for now it reads.
+//! Cloud PCs as the admin sees them, and the remote actions on them: reprovision, retry, restart,
+//! power off/on, rename, end grace period, and the one-time look at the initial password.
+//!
+//! Actions change the stored state and hand the work to the Cloud PC's workflow task, so an
+//! action survives a restart just as provisioning does.
 
-use cloudpc_types::audit::AuditEvent;
-use cloudpc_types::cloud_pc::CloudPc;
+use chrono::Utc;
 
+use cloudpc_types::audit::{AuditEvent, AuditOperationType};
+use cloudpc_types::cloud_pc::{
+    CloudPc, CloudPcStatus, InitialPassword, PowerState, ProvisioningStepRecord, RemoteActionResult,
+};
+use cloudpc_types::provisioning::{CloudPcRecord, Phase};
+use cloudpc_types::validate;
+
+use crate::audit::{property, Actor, Change};
 use crate::directory::parse_id;
-use crate::{App, Result};
+use crate::{App, Error, Result};
+
+fn pc_change(activity: &str, op: AuditOperationType, rec: &CloudPcRecord) -> Change<'static> {
+    Change {
+        component: "CloudPC",
+        activity: activity.to_string(),
+        operation: op,
+        resource_type: "cloudPC",
+        resource_id: rec.pc.id.to_string(),
+        resource_name: rec.pc.managed_device_name.clone().unwrap_or_else(|| rec.pc.display_name.clone()),
+    }
+}
+
+/// An audit event for a change cloudpc made by itself (provisioning, grace, clean-up).
+pub(crate) fn system_event(activity: &str, rec: &CloudPcRecord) -> AuditEvent {
+    let op = if activity.starts_with("Create") {
+        AuditOperationType::Create
+    } else if activity.starts_with("Delete") {
+        AuditOperationType::Delete
+    } else {
+        AuditOperationType::Other
+    };
+    pc_change(activity, op, rec)
+        .event_with(&Actor::system(), vec![property("status", None, Some(format!("{:?}", rec.pc.status)))])
+}
+
+fn action_result(name: &str, state: &str, detail: Option<String>) -> Option<RemoteActionResult> {
+    let now = Utc::now();
+    Some(RemoteActionResult {
+        action_name: name.into(),
+        action_state: state.into(),
+        start_date_time: now,
+        last_updated_date_time: now,
+        status_detail: detail,
+    })
+}
+
+fn refuse(rec: &CloudPcRecord, action: &str, allowed: &str) -> Error {
+    Error::Conflict(format!(
+        "{action} is not possible while the Cloud PC is {}; it needs a Cloud PC that is {allowed}",
+        serde_json::to_value(rec.pc.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    ))
+}
 
 impl App {
     pub async fn list_cloud_pcs(&self) -> Result<Vec<CloudPc>> {
@@ -13,6 +66,170 @@ impl App {
 
     pub async fn get_cloud_pc(&self, id: &str) -> Result<CloudPc> {
         Ok(self.store.get_cloud_pc(parse_id("cloudPC", id)?).await?)
+    }
+
+    async fn record(&self, id: &str) -> Result<CloudPcRecord> {
+        Ok(self.store.get_cloud_pc_record(parse_id("cloudPC", id)?).await?)
+    }
+
+    /// Every step of every attempt, with start, end, duration and error.
+    pub async fn provisioning_steps(&self, id: &str) -> Result<Vec<ProvisioningStepRecord>> {
+        let rec = self.record(id).await?;
+        Ok(self.store.list_steps(rec.pc.id).await?)
+    }
+
+    async fn save_action(
+        &self,
+        actor: &Actor,
+        rec: &mut CloudPcRecord,
+        action: &str,
+        detail: Option<String>,
+    ) -> Result<()> {
+        rec.pc.last_remote_action_result = action_result(action, "done", detail);
+        rec.pc.last_modified_date_time = Utc::now();
+        let audit = pc_change(&format!("{action} CloudPc"), AuditOperationType::Other, rec)
+            .event_with(actor, vec![property("remoteAction", None, Some(action.to_string()))]);
+        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
+        Ok(())
+    }
+
+    /// Deletes and recreates the Cloud PC from the policy that targets its user now.
+    pub async fn reprovision(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let mut rec = self.record(id).await?;
+        let ok = matches!(
+            rec.pc.status,
+            CloudPcStatus::Provisioned | CloudPcStatus::ProvisionedWithWarnings | CloudPcStatus::Failed
+        );
+        if !ok || rec.state.phase != Phase::Idle {
+            return Err(refuse(&rec, "reprovision", "provisioned or failed"));
+        }
+        let (world, _) = self.world().await?;
+        let policy = crate::reconciler::winning_policy(&world, rec.state.user_id).ok_or_else(|| {
+            Error::Conflict(
+                "no provisioning policy targets the Cloud PC's user any more, so it cannot be reprovisioned".into(),
+            )
+        })?;
+        rec.pc.provisioning_policy_id = Some(policy);
+        rec.pc.status = CloudPcStatus::Provisioning;
+        rec.pc.status_detail = Some("Reprovisioning: removing the old VM.".into());
+        rec.state.phase = Phase::UndoThenRestart;
+        rec.state.cleanup_at = None;
+        self.save_action(actor, &mut rec, "reprovision", None).await?;
+        self.drive(rec.pc.id);
+        Ok(rec.pc)
+    }
+
+    /// After a final failure: clean up what is left and provision again.
+    pub async fn retry(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let mut rec = self.record(id).await?;
+        if rec.pc.status != CloudPcStatus::Failed || rec.state.phase != Phase::Idle {
+            return Err(refuse(&rec, "retry", "failed"));
+        }
+        let policy = rec
+            .pc
+            .provisioning_policy_id
+            .ok_or_else(|| Error::Conflict("the Cloud PC has no policy to retry with".into()))?;
+        let (world, _) = self.world().await?;
+        if crate::reconciler::winning_policy(&world, rec.state.user_id) != Some(policy) {
+            return Err(Error::Conflict(
+                "the Cloud PC's policy no longer targets its user; it will be cleaned up".into(),
+            ));
+        }
+        rec.pc.status = CloudPcStatus::Provisioning;
+        rec.pc.status_detail = Some("Retrying provisioning.".into());
+        rec.state.phase = Phase::UndoThenRestart;
+        rec.state.cleanup_at = None;
+        self.save_action(actor, &mut rec, "retry", None).await?;
+        self.drive(rec.pc.id);
+        Ok(rec.pc)
+    }
+
+    fn running_vm(&self, rec: &CloudPcRecord, action: &str) -> Result<(String, String)> {
+        let ok = matches!(
+            rec.pc.status,
+            CloudPcStatus::Provisioned | CloudPcStatus::ProvisionedWithWarnings | CloudPcStatus::InGracePeriod
+        );
+        match (&rec.state.resources.host, &rec.state.resources.domain) {
+            (Some(h), Some(d)) if ok => Ok((h.clone(), d.clone())),
+            _ => Err(refuse(rec, action, "provisioned")),
+        }
+    }
+
+    pub async fn reboot(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let mut rec = self.record(id).await?;
+        let (host, domain) = self.running_vm(&rec, "restart")?;
+        let hv = self.host(&host)?;
+        if rec.pc.power_state == PowerState::PoweredOff {
+            hv.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        } else {
+            hv.reboot(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        }
+        rec.pc.power_state = PowerState::Running;
+        self.save_action(actor, &mut rec, "reboot", None).await?;
+        Ok(rec.pc)
+    }
+
+    pub async fn power_off(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let mut rec = self.record(id).await?;
+        let (host, domain) = self.running_vm(&rec, "power off")?;
+        self.host(&host)?.power_off(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        rec.pc.power_state = PowerState::PoweredOff;
+        self.save_action(actor, &mut rec, "powerOff", None).await?;
+        Ok(rec.pc)
+    }
+
+    pub async fn power_on(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let mut rec = self.record(id).await?;
+        let (host, domain) = self.running_vm(&rec, "power on")?;
+        self.host(&host)?.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        rec.pc.power_state = PowerState::Running;
+        self.save_action(actor, &mut rec, "powerOn", None).await?;
+        Ok(rec.pc)
+    }
+
+    /// Changes the display name only, as in Windows 365 (the device name stays).
+    pub async fn rename(&self, actor: &Actor, id: &str, display_name: &str) -> Result<CloudPc> {
+        validate::display_name("displayName", display_name, 64)?;
+        let mut rec = self.record(id).await?;
+        let old = rec.pc.display_name.clone();
+        rec.pc.display_name = display_name.to_string();
+        rec.pc.last_remote_action_result = action_result("rename", "done", None);
+        rec.pc.last_modified_date_time = Utc::now();
+        let audit = pc_change("rename CloudPc", AuditOperationType::Patch, &rec)
+            .event_with(actor, vec![property("displayName", Some(old), Some(display_name.to_string()))]);
+        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
+        Ok(rec.pc)
+    }
+
+    pub async fn end_grace_period(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let mut rec = self.record(id).await?;
+        if rec.pc.status != CloudPcStatus::InGracePeriod {
+            return Err(refuse(&rec, "endGracePeriod", "in its grace period"));
+        }
+        rec.pc.last_remote_action_result = action_result("endGracePeriod", "done", None);
+        let audit = pc_change("endGracePeriod CloudPc", AuditOperationType::Other, &rec)
+            .event_with(actor, vec![property("remoteAction", None, Some("endGracePeriod".into()))]);
+        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
+        self.deprovision(&mut rec).await?;
+        Ok(rec.pc)
+    }
+
+    /// The generated password of the user's account, shown once: cloudpc forgets it after.
+    pub async fn take_initial_password(&self, actor: &Actor, id: &str) -> Result<InitialPassword> {
+        let mut rec = self.record(id).await?;
+        let (Some(password), Some(user_name)) =
+            (rec.state.initial_password.take(), rec.state.resources.username.clone())
+        else {
+            return Err(Error::Conflict(
+                "there is no initial password to show: it was shown already, or the account is not made yet".into(),
+            ));
+        };
+        let audit = pc_change("getInitialPassword CloudPc", AuditOperationType::Other, &rec).event_with(
+            actor,
+            vec![property("initialPassword", Some("(hidden)".into()), Some("(shown once, then forgotten)".into()))],
+        );
+        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
+        Ok(InitialPassword { user_name, password })
     }
 
     pub async fn list_audit_events(&self) -> Result<Vec<AuditEvent>> {
@@ -25,6 +242,14 @@ impl App {
             .await?
             .into_iter()
             .find(|e| e.id == id)
-            .ok_or(crate::Error::NotFound { kind: "auditEvent", id: id.to_string() })
+            .ok_or(Error::NotFound { kind: "auditEvent", id: id.to_string() })
+    }
+
+    pub async fn list_devices(&self) -> Result<Vec<cloudpc_types::cloud_pc::Device>> {
+        Ok(self.store.list_devices().await?)
+    }
+
+    pub async fn list_managed_devices(&self) -> Result<Vec<cloudpc_types::cloud_pc::ManagedDevice>> {
+        Ok(self.store.list_managed_devices().await?)
     }
 }

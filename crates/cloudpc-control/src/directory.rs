@@ -99,13 +99,16 @@ impl App {
         user.validate()?;
         let audit = user_change("Update", AuditOperationType::Patch, &user).event(actor, Some(&before), Some(&user));
         self.store.update_user(&user, &audit).await?;
+        self.changed();
         Ok(user)
     }
 
     pub async fn delete_user(&self, actor: &Actor, id: &str) -> Result<()> {
         let user = self.get_user(id).await?;
         let audit = user_change("Delete", AuditOperationType::Delete, &user).event(actor, Some(&user), None);
-        Ok(self.store.delete_user(user.id, &audit).await?)
+        self.store.delete_user(user.id, &audit).await?;
+        self.changed();
+        Ok(())
     }
 
     pub async fn list_groups(&self) -> Result<Vec<Group>> {
@@ -165,7 +168,9 @@ impl App {
     pub async fn delete_group(&self, actor: &Actor, id: &str) -> Result<()> {
         let group = self.get_group(id).await?;
         let audit = group_change("Delete", AuditOperationType::Delete, &group).event(actor, Some(&group), None);
-        Ok(self.store.delete_group(group.id, &audit).await?)
+        self.store.delete_group(group.id, &audit).await?;
+        self.changed();
+        Ok(())
     }
 
     pub async fn list_members(&self, group: &str) -> Result<Vec<User>> {
@@ -182,7 +187,9 @@ impl App {
         let user = self.store.get_user(member).await.map_err(Error::from).map_err(reference("@odata.id"))?;
         let audit = group_change("Add member to", AuditOperationType::Patch, &group)
             .event_with(actor, vec![property("members", None, Some(user.user_principal_name.clone()))]);
-        Ok(self.store.add_member(group.id, user.id, &audit).await?)
+        self.store.add_member(group.id, user.id, &audit).await?;
+        self.changed();
+        Ok(())
     }
 
     pub async fn remove_member(&self, actor: &Actor, group: &str, member: &str) -> Result<()> {
@@ -190,7 +197,9 @@ impl App {
         let user = self.get_user(member).await?;
         let audit = group_change("Remove member from", AuditOperationType::Patch, &group)
             .event_with(actor, vec![property("members", Some(user.user_principal_name.clone()), None)]);
-        Ok(self.store.remove_member(group.id, user.id, &audit).await?)
+        self.store.remove_member(group.id, user.id, &audit).await?;
+        self.changed();
+        Ok(())
     }
 }
 

@@ -10,12 +10,22 @@ pub mod auth;
 pub mod cloud_pcs;
 pub mod directory;
 pub mod error;
+pub mod gallery;
 pub mod images;
 pub mod licensing;
 pub mod policies;
+pub mod provisioning;
+pub mod reconciler;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use cloudpc_hypervisor::Hypervisor;
 use cloudpc_store::Store;
 
 pub use audit::Actor;
@@ -30,24 +40,82 @@ pub struct AppConfig {
     pub max_image_size_gb: u64,
     /// The `qemu-img` program used to inspect imported images.
     pub qemu_img: String,
+    /// Grace period before a Cloud PC that lost its license or targeting is deprovisioned,
+    /// unless its policy says otherwise.
+    pub grace_period: Duration,
+    /// Delay between a final failure or a deprovision and the clean-up of what is left.
+    pub cleanup_delay: Duration,
+    /// How often the reconciler rescans everything even without a change event.
+    pub resync_interval: Duration,
+    /// Prefix of every libvirt domain cloudpc makes, so it can tell its own VMs apart.
+    pub domain_prefix: String,
+    /// Where Cloud PC disks (overlays) and console logs live.
+    pub storage_dir: PathBuf,
+    /// How many Cloud PCs may be provisioned at the same time.
+    pub max_parallel_provisioning: usize,
+    /// Testing only: make the named step fail this many times ("step" → count).
+    pub injected_faults: HashMap<String, u32>,
 }
 
 impl Default for AppConfig {
     fn default() -> Self {
-        Self { max_image_size_gb: 256, qemu_img: "qemu-img".into() }
+        Self {
+            max_image_size_gb: 256,
+            qemu_img: "qemu-img".into(),
+            grace_period: Duration::from_secs(7 * 24 * 3600),
+            cleanup_delay: Duration::from_secs(3 * 3600),
+            resync_interval: Duration::from_secs(10),
+            domain_prefix: "cloudpc-".into(),
+            storage_dir: PathBuf::from("cloudpc-data/disks"),
+            max_parallel_provisioning: 4,
+            injected_faults: HashMap::new(),
+        }
     }
 }
 
-/// The application: a store plus settings; cheap to clone into handlers and tasks.
+/// The application: store, hosts and settings; cheap to clone into handlers and tasks.
 #[derive(Clone)]
 pub struct App {
     store: Arc<dyn Store>,
     config: Arc<AppConfig>,
+    hosts: Arc<Vec<Arc<dyn Hypervisor>>>,
+    /// Wakes the reconciler when something that decides the desired Cloud PCs changed.
+    changed: Arc<Notify>,
+    /// Cloud PCs whose workflow task is running, so that no two run for one Cloud PC.
+    running: Arc<Mutex<HashSet<Uuid>>>,
+    /// Serializes capacity allocation across workflows.
+    allocation: Arc<tokio::sync::Mutex<()>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    faults: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl App {
-    pub fn new(store: Arc<dyn Store>, config: AppConfig) -> Self {
-        Self { store, config: Arc::new(config) }
+    pub fn new(store: Arc<dyn Store>, config: AppConfig, hosts: Vec<Arc<dyn Hypervisor>>) -> Self {
+        let faults = config.injected_faults.clone();
+        let slots = config.max_parallel_provisioning.max(1);
+        Self {
+            store,
+            config: Arc::new(config),
+            hosts: Arc::new(hosts),
+            changed: Arc::new(Notify::new()),
+            running: Arc::new(Mutex::new(HashSet::new())),
+            allocation: Arc::new(tokio::sync::Mutex::new(())),
+            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+            faults: Arc::new(Mutex::new(faults)),
+        }
+    }
+
+    /// Tells the reconciler that licenses, membership, users or assignments changed.
+    pub fn changed(&self) {
+        self.changed.notify_one();
+    }
+
+    pub fn config(&self) -> &AppConfig {
+        &self.config
+    }
+
+    pub fn hosts(&self) -> &[Arc<dyn Hypervisor>] {
+        &self.hosts
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -170,6 +170,7 @@ impl App {
         }
         .event_with(actor, vec![property("assignedLicenses", None, Some(names.join(" ")))]);
         self.store.change_user_licenses(user.id, &add, &remove, &audit).await?;
+        self.changed();
         Ok(user)
     }
 
@@ -186,6 +187,7 @@ impl App {
         }
         .event_with(actor, vec![property("assignedLicenses", None, Some(names.join(" ")))]);
         self.store.change_group_licenses(group.id, &add, &remove, &audit).await?;
+        self.changed();
         Ok(group)
     }
 

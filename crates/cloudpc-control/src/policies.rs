@@ -87,11 +87,26 @@ fn check_grace(hours: Option<u32>) -> Result<()> {
     }
 }
 
+fn check_time_zone(zone: Option<&str>) -> Result<()> {
+    let Some(z) = zone else { return Ok(()) };
+    let ok = !z.is_empty()
+        && z.len() <= 64
+        && !z.contains("..")
+        && !z.starts_with('/')
+        && z.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("timeZone", format!("must be an IANA time zone name such as Europe/Berlin, not '{z}'")))
+    }
+}
+
 fn check_all(p: &ProvisioningPolicy) -> Result<()> {
     policy::validate_fields(&p.display_name, &p.description, p.cloud_pc_naming_template.as_deref())?;
     check_join_configurations(&p.domain_join_configurations)?;
     check_locale(&p.windows_setting)?;
-    check_grace(p.grace_period_in_hours)
+    check_grace(p.grace_period_in_hours)?;
+    check_time_zone(p.time_zone.as_deref())
 }
 
 impl App {
@@ -191,6 +206,7 @@ impl App {
             windows_setting: input.windows_setting.unwrap_or_default(),
             managed_by: "windows365".into(),
             grace_period_in_hours: input.grace_period_in_hours,
+            time_zone: input.time_zone,
             created_date_time: now,
             last_modified_date_time: now,
             assignments: None,
@@ -249,6 +265,9 @@ impl App {
         if let Some(v) = input.grace_period_in_hours {
             p.grace_period_in_hours = Some(v);
         }
+        if let Some(v) = input.time_zone {
+            p.time_zone = (!v.is_empty()).then_some(v);
+        }
         check_all(&p)?;
         if image_changed {
             p.image_display_name = self.usable_image(p.image_type, &p.image_id).await?;
@@ -292,6 +311,7 @@ impl App {
         let audit = policy_change("Assign", AuditOperationType::Other, &p)
             .event_with(actor, vec![property("assignments", show(old), show(groups.clone()))]);
         self.store.set_policy_assignments(p.id, &groups, &audit).await?;
+        self.changed();
         self.policy_assignments(id).await
     }
 }

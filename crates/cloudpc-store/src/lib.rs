@@ -17,11 +17,12 @@ use uuid::Uuid;
 
 use cloudpc_types::audit::AuditEvent;
 use cloudpc_types::auth::ApiToken;
-use cloudpc_types::cloud_pc::CloudPc;
+use cloudpc_types::cloud_pc::{CloudPc, Device, ManagedDevice, ProvisioningStepRecord};
 use cloudpc_types::directory::{Group, User};
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
 use cloudpc_types::policy::{ImageType, ProvisioningPolicy};
+use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot};
 
 pub use error::StoreError;
 pub use sqlite::SqliteStore;
@@ -108,9 +109,40 @@ pub trait Store: Send + Sync + 'static {
     async fn set_policy_assignments(&self, policy: Uuid, groups: &[Uuid], audit: &AuditEvent) -> Result<()>;
     async fn list_assignments(&self) -> Result<Vec<StoredAssignment>>;
 
+    /// Adds or replaces a gallery image with the files it boots from.
+    async fn upsert_gallery_image(
+        &self,
+        image: &GalleryImage,
+        disk: &std::path::Path,
+        boot: Option<&KernelBoot>,
+    ) -> Result<()>;
+    /// The base disk and kernel of a gallery image.
+    async fn gallery_image_files(&self, id: &str) -> Result<(std::path::PathBuf, Option<KernelBoot>)>;
+
     // Cloud PCs.
     async fn list_cloud_pcs(&self) -> Result<Vec<CloudPc>>;
     async fn get_cloud_pc(&self, id: Uuid) -> Result<CloudPc>;
+    async fn list_cloud_pc_records(&self) -> Result<Vec<CloudPcRecord>>;
+    async fn get_cloud_pc_record(&self, id: Uuid) -> Result<CloudPcRecord>;
+    /// Refused (Conflict) when the user already has a Cloud PC for that license.
+    async fn insert_cloud_pc(&self, record: &CloudPcRecord, audit: Option<&AuditEvent>) -> Result<()>;
+    /// Writes the Cloud PC, and the step that moved it, in one transaction.
+    async fn save_cloud_pc(
+        &self,
+        record: &CloudPcRecord,
+        step: Option<&ProvisioningStepRecord>,
+        audit: Option<&AuditEvent>,
+    ) -> Result<()>;
+    async fn delete_cloud_pc(&self, id: Uuid, audit: Option<&AuditEvent>) -> Result<()>;
+    async fn list_steps(&self, cloud_pc: Uuid) -> Result<Vec<ProvisioningStepRecord>>;
+
+    // Device records made by provisioning.
+    async fn put_device(&self, device: &Device) -> Result<()>;
+    async fn delete_device(&self, id: Uuid) -> Result<()>;
+    async fn list_devices(&self) -> Result<Vec<Device>>;
+    async fn put_managed_device(&self, device: &ManagedDevice) -> Result<()>;
+    async fn delete_managed_device(&self, id: Uuid) -> Result<()>;
+    async fn list_managed_devices(&self) -> Result<Vec<ManagedDevice>>;
 
     // Audit.
     async fn list_audit_events(&self) -> Result<Vec<AuditEvent>>;

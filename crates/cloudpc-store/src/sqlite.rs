@@ -19,11 +19,12 @@ use uuid::Uuid;
 
 use cloudpc_types::audit::AuditEvent;
 use cloudpc_types::auth::ApiToken;
-use cloudpc_types::cloud_pc::CloudPc;
+use cloudpc_types::cloud_pc::{CloudPc, Device, ManagedDevice, ProvisioningStepRecord};
 use cloudpc_types::directory::{Group, User};
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
 use cloudpc_types::policy::ProvisioningPolicy;
+use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot, ProvisioningState};
 
 use crate::{image_table, LicenseGrant, Result, Store, StoreError, StoredAssignment};
 
@@ -702,6 +703,155 @@ impl Store for SqliteStore {
         self.get_body("cloud_pcs", "cloudPC", &id.to_string()).await
     }
 
+    async fn upsert_gallery_image(&self, image: &GalleryImage, disk: &Path, boot: Option<&KernelBoot>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO gallery_images (id, body, disk, boot) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET body = excluded.body, disk = excluded.disk, boot = excluded.boot",
+        )
+        .bind(&image.id)
+        .bind(encode(image))
+        .bind(disk.to_string_lossy().to_string())
+        .bind(boot.map(encode))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn gallery_image_files(&self, id: &str) -> Result<(std::path::PathBuf, Option<KernelBoot>)> {
+        let row = sqlx::query("SELECT disk, boot FROM gallery_images WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("galleryImage", id))?;
+        let boot = row.get::<Option<&str>, _>("boot").map(decode).transpose()?;
+        Ok((std::path::PathBuf::from(row.get::<&str, _>("disk")), boot))
+    }
+
+    async fn list_cloud_pc_records(&self) -> Result<Vec<CloudPcRecord>> {
+        let rows =
+            sqlx::query("SELECT body, state FROM cloud_pcs ORDER BY created_at, id").fetch_all(&self.pool).await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    async fn get_cloud_pc_record(&self, id: Uuid) -> Result<CloudPcRecord> {
+        let row = sqlx::query("SELECT body, state FROM cloud_pcs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("cloudPC", id))?;
+        record_from_row(&row)
+    }
+
+    async fn insert_cloud_pc(&self, record: &CloudPcRecord, audit: Option<&AuditEvent>) -> Result<()> {
+        let r = record.clone();
+        self.write(audit, move |c| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO cloud_pcs (id, user_id, sku_id, policy_id, created_at, body, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .bind(r.pc.id.to_string())
+                .bind(r.state.user_id.to_string())
+                .bind(r.state.sku_id.to_string())
+                .bind(r.pc.provisioning_policy_id.map(|p| p.to_string()))
+                .bind(now())
+                .bind(encode(&r.pc))
+                .bind(encode(&r.state))
+                .execute(c)
+                .await
+                .map_err(|e| unique_violation(e, || "the user already has a Cloud PC for this license".into()))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn save_cloud_pc(
+        &self,
+        record: &CloudPcRecord,
+        step: Option<&ProvisioningStepRecord>,
+        audit: Option<&AuditEvent>,
+    ) -> Result<()> {
+        let r = record.clone();
+        let step = step.cloned();
+        self.write(audit, move |c| {
+            Box::pin(async move {
+                let done = sqlx::query("UPDATE cloud_pcs SET policy_id = ?2, body = ?3, state = ?4 WHERE id = ?1")
+                    .bind(r.pc.id.to_string())
+                    .bind(r.pc.provisioning_policy_id.map(|p| p.to_string()))
+                    .bind(encode(&r.pc))
+                    .bind(encode(&r.state))
+                    .execute(&mut *c)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::not_found("cloudPC", r.pc.id));
+                }
+                if let Some(s) = step {
+                    sqlx::query(
+                        "INSERT INTO provisioning_steps (cloud_pc_id, generation, attempt, name, started_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT(cloud_pc_id, generation, attempt, name) DO UPDATE SET body = excluded.body",
+                    )
+                    .bind(s.cloud_pc_id.to_string())
+                    .bind(s.generation as i64)
+                    .bind(s.attempt as i64)
+                    .bind(&s.name)
+                    .bind(ts(s.start_date_time))
+                    .bind(encode(&s))
+                    .execute(&mut *c)
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn delete_cloud_pc(&self, id: Uuid, audit: Option<&AuditEvent>) -> Result<()> {
+        let id = id.to_string();
+        self.write(audit, move |c| {
+            Box::pin(async move {
+                sqlx::query("DELETE FROM provisioning_steps WHERE cloud_pc_id = ?1").bind(&id).execute(&mut *c).await?;
+                delete_row(c, "cloud_pcs", "cloudPC", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn list_steps(&self, cloud_pc: Uuid) -> Result<Vec<ProvisioningStepRecord>> {
+        let rows = sqlx::query(
+            "SELECT body FROM provisioning_steps WHERE cloud_pc_id = ?1 ORDER BY generation, attempt, started_at, name",
+        )
+        .bind(cloud_pc.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| decode(r.get::<&str, _>("body"))).collect()
+    }
+
+    async fn put_device(&self, device: &Device) -> Result<()> {
+        self.put_row("devices", device.id, device.cloud_pc_id, encode(device)).await
+    }
+
+    async fn delete_device(&self, id: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM devices WHERE id = ?1").bind(id.to_string()).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn list_devices(&self) -> Result<Vec<Device>> {
+        self.list_bodies("SELECT body FROM devices ORDER BY id").await
+    }
+
+    async fn put_managed_device(&self, device: &ManagedDevice) -> Result<()> {
+        self.put_row("managed_devices", device.id, device.cloud_pc_id, encode(device)).await
+    }
+
+    async fn delete_managed_device(&self, id: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM managed_devices WHERE id = ?1").bind(id.to_string()).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn list_managed_devices(&self) -> Result<Vec<ManagedDevice>> {
+        self.list_bodies("SELECT body FROM managed_devices ORDER BY id").await
+    }
+
     async fn list_audit_events(&self) -> Result<Vec<AuditEvent>> {
         self.list_bodies("SELECT body FROM audit_events ORDER BY seq").await
     }
@@ -738,7 +888,22 @@ impl Store for SqliteStore {
     }
 }
 
+fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<CloudPcRecord> {
+    let pc: CloudPc = decode(row.get::<&str, _>("body"))?;
+    let state: ProvisioningState = decode(row.get::<&str, _>("state"))?;
+    Ok(CloudPcRecord { pc, state })
+}
+
 impl SqliteStore {
+    /// Inserts or replaces a row of a device table (idempotent, for provisioning steps).
+    async fn put_row(&self, table: &str, id: Uuid, cloud_pc: Uuid, body: String) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO {table} (id, cloud_pc_id, body) VALUES (?1, ?2, ?3) ON CONFLICT(id) DO UPDATE SET body = excluded.body"
+        );
+        sqlx::query(&sql).bind(id.to_string()).bind(cloud_pc.to_string()).bind(body).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Shared body of user and group license changes; `table`/`column` name the grant table.
     #[allow(clippy::too_many_arguments)]
     async fn change_licenses(

@@ -50,4 +50,119 @@ pub struct CloudPc {
     pub grace_period_end_date_time: Option<DateTime<Utc>>,
     pub provisioned_date_time: Option<DateTime<Utc>>,
     pub last_modified_date_time: DateTime<Utc>,
+    /// `administrator` when the policy made the user a local administrator.
+    pub user_account_type: UserAccountType,
+    pub os_version: Option<String>,
+    /// The last remote action and how it ended.
+    pub last_remote_action_result: Option<RemoteActionResult>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum UserAccountType {
+    StandardUser,
+    Administrator,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteActionResult {
+    pub action_name: String,
+    /// Graph's `actionState`: none, pending, canceled, active, done, failed, notSupported.
+    pub action_state: String,
+    pub start_date_time: DateTime<Utc>,
+    pub last_updated_date_time: DateTime<Utc>,
+    pub status_detail: Option<String>,
+}
+
+/// The three stages of provisioning, as Windows 365 names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ProvisioningStage {
+    Core,
+    PostProvisioning,
+    Assignment,
+    /// Undoing what earlier steps did (between attempts, on reprovision, at clean-up).
+    Cleanup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StepStatus {
+    Running,
+    Succeeded,
+    Failed,
+    /// Needs something that is not there yet (capacity); retried later.
+    Waiting,
+}
+
+/// One provisioning step as it ran: a cloudpc extension exposed at `cloudPCs/{id}/provisioningSteps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisioningStepRecord {
+    pub cloud_pc_id: Uuid,
+    /// Increases with every reprovision.
+    pub generation: u32,
+    /// 1, 2 or 3 for core provisioning; retries by an admin continue the count.
+    pub attempt: u32,
+    pub sequence: u32,
+    pub name: String,
+    pub stage: ProvisioningStage,
+    pub status: StepStatus,
+    pub start_date_time: DateTime<Utc>,
+    pub end_date_time: Option<DateTime<Utc>>,
+    pub duration_in_milliseconds: Option<u64>,
+    pub error: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// The answer of `getInitialPassword`: shown once, then forgotten by cloudpc.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InitialPassword {
+    pub user_name: String,
+    pub password: String,
+}
+
+/// Body of `rename`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RenameRequest {
+    pub display_name: String,
+}
+
+/// A directory device object (Graph `device`), made when a Cloud PC joins the directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub id: Uuid,
+    pub device_id: Uuid,
+    pub display_name: String,
+    pub operating_system: String,
+    pub operating_system_version: Option<String>,
+    pub trust_type: String,
+    pub account_enabled: bool,
+    pub registration_date_time: DateTime<Utc>,
+    /// cloudpc extension: the Cloud PC this device is.
+    pub cloud_pc_id: Uuid,
+}
+
+/// A managed device (Graph `managedDevice`), made when a Cloud PC enrolls in management.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedDevice {
+    pub id: Uuid,
+    pub device_name: String,
+    pub azure_ad_device_id: Uuid,
+    pub operating_system: String,
+    pub os_version: Option<String>,
+    pub management_agent: String,
+    pub enrolled_date_time: DateTime<Utc>,
+    /// The primary user, set by the primary-user step.
+    pub user_id: Option<Uuid>,
+    pub user_principal_name: Option<String>,
+    pub total_storage_space_in_bytes: Option<u64>,
+    pub free_storage_space_in_bytes: Option<u64>,
+    /// cloudpc extension: the Cloud PC this device is.
+    pub cloud_pc_id: Uuid,
 }

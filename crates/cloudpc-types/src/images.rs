@@ -33,9 +33,6 @@ pub struct GalleryImage {
     pub end_date: NaiveDate,
     pub expiration_date: NaiveDate,
     pub status: GalleryImageStatus,
-    /// cloudpc extension: where the base disk lives on the host.
-    #[serde(skip)]
-    pub source_path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -12,6 +12,7 @@ pub mod directory;
 pub mod images;
 pub mod licensing;
 pub mod policy;
+pub mod provisioning;
 pub mod validate;
 
 pub use validate::ValidationError;

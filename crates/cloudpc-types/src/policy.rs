@@ -90,6 +90,9 @@ pub struct ProvisioningPolicy {
     pub windows_setting: WindowsSetting,
     pub managed_by: String,
     pub grace_period_in_hours: Option<u32>,
+    /// cloudpc extension: the Cloud PC's time zone (IANA name); the guest's default when absent.
+    #[serde(default)]
+    pub time_zone: Option<String>,
     pub created_date_time: DateTime<Utc>,
     pub last_modified_date_time: DateTime<Utc>,
     /// Present when asked for with `$expand=assignments`.
@@ -125,6 +128,8 @@ pub struct ProvisioningPolicyCreate {
     pub windows_setting: Option<WindowsSetting>,
     #[serde(default)]
     pub grace_period_in_hours: Option<u32>,
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 /// Body of `PATCH provisioningPolicies/{id}`: absent fields stay as they are.
@@ -146,6 +151,7 @@ pub struct ProvisioningPolicyUpdate {
     pub domain_join_configurations: Option<Vec<DomainJoinConfiguration>>,
     pub windows_setting: Option<WindowsSetting>,
     pub grace_period_in_hours: Option<u32>,
+    pub time_zone: Option<String>,
 }
 
 /// Graph's assignment target: a group, by id.

@@ -89,6 +89,33 @@ pub struct ServerArgs {
     /// Log filter, for example info or cloudpc=debug [default: info].
     #[arg(long, env = "CLOUDPC_LOG")]
     pub log: Option<String>,
+    /// Directory of gallery images (one sub-directory with a manifest.json per image)
+    /// [default: DATA_DIR/gallery].
+    #[arg(long, env = "CLOUDPC_GALLERY_DIR")]
+    pub gallery_dir: Option<PathBuf>,
+    /// libvirt URI of the local hypervisor host [default: qemu:///system]; hosts can also be
+    /// listed in the config file as [[hosts]] tables (name, uri, region, vcpus, memory_mib, disk_gib).
+    #[arg(long, env = "CLOUDPC_LIBVIRT_URI")]
+    pub libvirt_uri: Option<String>,
+    /// Region of the local host [default: local].
+    #[arg(long, env = "CLOUDPC_REGION")]
+    pub region: Option<String>,
+    /// Grace period in hours before a Cloud PC that lost its license or targeting is
+    /// deprovisioned (policies may set their own) [default: 168].
+    #[arg(long, env = "CLOUDPC_GRACE_PERIOD_HOURS")]
+    pub grace_period_hours: Option<f64>,
+    /// Seconds between a failure or deprovision and clean-up [default: 10800, three hours].
+    #[arg(long, env = "CLOUDPC_CLEANUP_DELAY_SECS")]
+    pub cleanup_delay_secs: Option<u64>,
+    /// Seconds between full reconciler passes [default: 10].
+    #[arg(long, env = "CLOUDPC_RESYNC_SECS")]
+    pub resync_secs: Option<u64>,
+    /// Prefix of the libvirt domains cloudpc creates [default: cloudpc-].
+    #[arg(long, env = "CLOUDPC_DOMAIN_PREFIX")]
+    pub domain_prefix: Option<String>,
+    /// Testing only: make a provisioning step fail N times, as STEP:N (repeatable).
+    #[arg(long = "inject-fault", hide = true)]
+    pub inject_fault: Vec<String>,
     /// Administrator token to register at start (for automation). Without it, a token is created
     /// on the first start and printed once.
     #[arg(long = "admin-token", env = "CLOUDPC_ADMIN_TOKEN", hide_env_values = true)]

@@ -1,15 +1,20 @@
 //! `cloudpc server`: settings (flag > environment > file > default), the database, the first
-//! administrator token, and the HTTP listener.
+//! administrator token, the hypervisor hosts, the gallery, the reconciler and the HTTP listener.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use cloudpc_control::auth::Bootstrap;
 use cloudpc_control::{App, AppConfig};
+use cloudpc_hypervisor::accel::{self, Accelerator, ProbeKernel};
+use cloudpc_hypervisor::libvirt::LibvirtHost;
+use cloudpc_hypervisor::{Capacity, HostConfig, Hypervisor};
 use cloudpc_store::SqliteStore;
 
 use crate::cli::ServerArgs;
@@ -23,13 +28,68 @@ struct FileSettings {
     max_image_size_gb: Option<u64>,
     qemu_img: Option<String>,
     log: Option<String>,
+    gallery_dir: Option<PathBuf>,
+    libvirt_uri: Option<String>,
+    region: Option<String>,
+    grace_period_hours: Option<f64>,
+    cleanup_delay_secs: Option<u64>,
+    resync_secs: Option<u64>,
+    domain_prefix: Option<String>,
+    hosts: Option<Vec<FileHost>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHost {
+    name: String,
+    uri: String,
+    region: String,
+    vcpus: u32,
+    memory_mib: u64,
+    disk_gib: u64,
 }
 
 struct Settings {
     listen: SocketAddr,
     data_dir: PathBuf,
+    gallery_dir: PathBuf,
     log: String,
+    hosts: Vec<HostConfig>,
     app: AppConfig,
+}
+
+fn parse_faults(list: &[String]) -> Result<HashMap<String, u32>, String> {
+    list.iter()
+        .map(|f| {
+            let (step, n) =
+                f.split_once(':').ok_or_else(|| format!("--inject-fault '{f}' must look like STEP:COUNT"))?;
+            let n: u32 = n.parse().map_err(|_| format!("--inject-fault '{f}': COUNT must be a number"))?;
+            Ok((step.to_string(), n))
+        })
+        .collect()
+}
+
+/// What this machine can give when no capacity is configured: 4 vCPUs per core, memory less
+/// 2 GiB for the host, and the free space where disks go.
+fn local_capacity(storage: &Path) -> Capacity {
+    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(4 << 20);
+    let disk_gib = std::process::Command::new("df")
+        .args(["-k", "--output=avail"])
+        .arg(storage)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()))
+        .map(|kib| kib >> 20)
+        .unwrap_or(100);
+    Capacity { vcpus: cores * 4, memory_mib: (mem_kib / 1024).saturating_sub(2048).max(1024), disk_gib }
 }
 
 fn settings(args: &ServerArgs) -> Result<Settings, String> {
@@ -43,14 +103,46 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
         None => FileSettings::default(),
     };
     let defaults = AppConfig::default();
+    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("cloudpc-data"));
+    let storage_dir = data_dir.join("disks");
+    let hosts = match file.hosts {
+        Some(list) => list
+            .into_iter()
+            .map(|h| HostConfig {
+                name: h.name,
+                uri: h.uri,
+                region: h.region,
+                capacity: Capacity { vcpus: h.vcpus, memory_mib: h.memory_mib, disk_gib: h.disk_gib },
+            })
+            .collect(),
+        None => vec![HostConfig {
+            name: "local".into(),
+            uri: args.libvirt_uri.clone().or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
+            region: args.region.clone().or(file.region).unwrap_or_else(|| "local".into()),
+            capacity: local_capacity(data_dir.parent().filter(|p| p.exists()).unwrap_or(Path::new("."))),
+        }],
+    };
+    let hours = args.grace_period_hours.or(file.grace_period_hours).unwrap_or(168.0);
+    if !(0.0..=8760.0).contains(&hours) {
+        return Err(format!("grace period must be between 0 and 8760 hours, not {hours}"));
+    }
     Ok(Settings {
         listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7365))),
-        data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("cloudpc-data")),
+        gallery_dir: args.gallery_dir.clone().or(file.gallery_dir).unwrap_or_else(|| data_dir.join("gallery")),
         log: args.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
+        hosts,
         app: AppConfig {
             max_image_size_gb: args.max_image_size_gb.or(file.max_image_size_gb).unwrap_or(defaults.max_image_size_gb),
             qemu_img: args.qemu_img.clone().or(file.qemu_img).unwrap_or(defaults.qemu_img),
+            grace_period: Duration::from_secs_f64(hours * 3600.0),
+            cleanup_delay: Duration::from_secs(args.cleanup_delay_secs.or(file.cleanup_delay_secs).unwrap_or(3 * 3600)),
+            resync_interval: Duration::from_secs(args.resync_secs.or(file.resync_secs).unwrap_or(10).max(1)),
+            domain_prefix: args.domain_prefix.clone().or(file.domain_prefix).unwrap_or(defaults.domain_prefix),
+            storage_dir,
+            max_parallel_provisioning: defaults.max_parallel_provisioning,
+            injected_faults: parse_faults(&args.inject_fault)?,
         },
+        data_dir,
     })
 }
 
@@ -69,6 +161,41 @@ async fn open_store(dir: &Path) -> Result<SqliteStore, String> {
     })
 }
 
+/// Finds a kernel and initramfs in the gallery to probe KVM with.
+fn probe_kernel(gallery: &Path) -> Option<(PathBuf, PathBuf)> {
+    let mut dirs: Vec<_> = std::fs::read_dir(gallery).ok()?.flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    dirs.into_iter().find_map(|d| {
+        let (k, i) = (d.join("vmlinuz"), d.join("initrd.img"));
+        (k.exists() && i.exists()).then_some((k, i))
+    })
+}
+
+/// The accelerator, probed once per boot of the machine (the answer is kept in /run).
+async fn accelerator(gallery: &Path) -> Accelerator {
+    let cache = Path::new("/run/cloudpc/accelerator");
+    if let Ok(text) = std::fs::read_to_string(cache) {
+        match text.trim() {
+            "kvm" => return Accelerator::Kvm,
+            "tcg" => return Accelerator::Tcg,
+            _ => {}
+        }
+    }
+    let kernel = probe_kernel(gallery);
+    let (accel, why) = accel::probe(
+        "qemu-system-x86_64",
+        kernel.as_ref().map(|(k, i)| ProbeKernel { kernel: k, initrd: i }),
+        Duration::from_secs(8),
+    )
+    .await;
+    tracing::info!(accelerator = ?accel, "{why}");
+    if kernel.is_some() {
+        let _ = std::fs::create_dir_all("/run/cloudpc");
+        let _ = std::fs::write(cache, if accel == Accelerator::Kvm { "kvm" } else { "tcg" });
+    }
+    accel
+}
+
 pub async fn run(args: ServerArgs) -> ExitCode {
     match serve(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,7 +210,21 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     let s = settings(&args)?;
     init_logging(&s.log);
     let store = open_store(&s.data_dir).await?;
-    let app = App::new(Arc::new(store), s.app);
+    std::fs::create_dir_all(&s.app.storage_dir)
+        .map_err(|e| format!("cannot create {}: {e}", s.app.storage_dir.display()))?;
+    let accel = accelerator(&s.gallery_dir).await;
+    let mut hosts: Vec<Arc<dyn Hypervisor>> = Vec::new();
+    for h in s.hosts.clone() {
+        let name = h.name.clone();
+        match LibvirtHost::open(h, accel, &s.app.qemu_img) {
+            Ok(host) => hosts.push(Arc::new(host)),
+            // A host that is down must not keep the control plane from starting.
+            Err(e) => {
+                tracing::warn!(host = %name, error = %e, "hypervisor host unavailable; Cloud PCs wait for capacity")
+            }
+        }
+    }
+    let app = App::new(Arc::new(store), s.app, hosts);
     match app.bootstrap_admin_token(args.admin_token.as_deref()).await.map_err(|e| e.to_string())? {
         // Printed to stdout once, never logged: logs are often shipped elsewhere.
         Bootstrap::Created(secret) => {
@@ -92,7 +233,10 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
         Bootstrap::FromEnvironment => tracing::info!("administrator token from CLOUDPC_ADMIN_TOKEN is registered"),
         Bootstrap::Existing => {}
     }
+    let n = app.register_gallery(&s.gallery_dir).await.map_err(|e| e.to_string())?;
+    tracing::info!(images = n, dir = %s.gallery_dir.display(), "gallery loaded");
     app.resume_image_validation().await.map_err(|e| e.to_string())?;
+    tokio::spawn(app.clone().run_reconciler());
     let listener =
         tokio::net::TcpListener::bind(s.listen).await.map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

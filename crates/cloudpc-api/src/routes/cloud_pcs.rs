@@ -1,33 +1,115 @@
-//! `/deviceManagement/virtualEndpoint/cloudPCs` and `/auditEvents` (both read-only here).
+//! `/deviceManagement/virtualEndpoint/cloudPCs` with its remote actions, `/auditEvents`, and the
+//! device records provisioning makes (`/devices`, `/deviceManagement/managedDevices`).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use cloudpc_control::App;
 use cloudpc_types::audit::AuditEvent;
-use cloudpc_types::cloud_pc::CloudPc;
+use cloudpc_types::cloud_pc::{CloudPc, Device, InitialPassword, ManagedDevice, ProvisioningStepRecord, RenameRequest};
 
-use super::Reply;
+use super::{no_content, Reply};
+use crate::extract::ApiJson;
 use crate::odata::GraphRequest;
+use crate::Caller;
+
+const PCS: &str = "deviceManagement/virtualEndpoint/cloudPCs";
 
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/deviceManagement/virtualEndpoint/cloudPCs", get(list_cloud_pcs))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}", get(get_cloud_pc))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/provisioningSteps", get(steps))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/reprovision", post(reprovision))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/retry", post(retry))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/reboot", post(reboot))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOff", post(power_off))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOn", post(power_on))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/rename", post(rename))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/endGracePeriod", post(end_grace_period))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/getInitialPassword", post(initial_password))
         .route("/deviceManagement/virtualEndpoint/auditEvents", get(list_audit))
         .route("/deviceManagement/virtualEndpoint/auditEvents/{id}", get(get_audit))
+        .route("/devices", get(list_devices))
+        .route("/deviceManagement/managedDevices", get(list_managed_devices))
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs", tag = "cloudPCs", responses((status = 200, body = Vec<CloudPc>)))]
 pub async fn list_cloud_pcs(State(app): State<App>, g: GraphRequest) -> Reply {
-    g.page("deviceManagement/virtualEndpoint/cloudPCs", app.list_cloud_pcs().await?)
+    g.page(PCS, app.list_cloud_pcs().await?)
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}", tag = "cloudPCs", responses((status = 200, body = CloudPc)))]
 pub async fn get_cloud_pc(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
-    g.entity("deviceManagement/virtualEndpoint/cloudPCs", &app.get_cloud_pc(&id).await?, StatusCode::OK)
+    g.entity(PCS, &app.get_cloud_pc(&id).await?, StatusCode::OK)
+}
+
+/// cloudpc extension: each provisioning step with its times and error.
+#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/provisioningSteps", tag = "cloudPCs", responses((status = 200, body = Vec<ProvisioningStepRecord>)))]
+pub async fn steps(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+    g.page(&format!("{PCS}('{id}')/provisioningSteps"), app.provisioning_steps(&id).await?)
+}
+
+/// Deletes and recreates the Cloud PC from its user's current policy (provisioned or failed only).
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/reprovision", tag = "cloudPCs", responses((status = 204), (status = 409, description = "not provisioned or failed")))]
+pub async fn reprovision(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+    app.reprovision(&actor, &id).await?;
+    no_content()
+}
+
+/// cloudpc extension: the Retry of a failed Cloud PC.
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/retry", tag = "cloudPCs", responses((status = 204), (status = 409, description = "not failed")))]
+pub async fn retry(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+    app.retry(&actor, &id).await?;
+    no_content()
+}
+
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/reboot", tag = "cloudPCs", responses((status = 204)))]
+pub async fn reboot(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+    app.reboot(&actor, &id).await?;
+    no_content()
+}
+
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOff", tag = "cloudPCs", responses((status = 204)))]
+pub async fn power_off(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+    app.power_off(&actor, &id).await?;
+    no_content()
+}
+
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOn", tag = "cloudPCs", responses((status = 204)))]
+pub async fn power_on(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+    app.power_on(&actor, &id).await?;
+    no_content()
+}
+
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/rename", tag = "cloudPCs", request_body = RenameRequest, responses((status = 204)))]
+pub async fn rename(
+    State(app): State<App>,
+    Caller(actor): Caller,
+    Path(id): Path<String>,
+    ApiJson(input): ApiJson<RenameRequest>,
+) -> Reply {
+    app.rename(&actor, &id, &input.display_name).await?;
+    no_content()
+}
+
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/endGracePeriod", tag = "cloudPCs", responses((status = 204)))]
+pub async fn end_grace_period(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+    app.end_grace_period(&actor, &id).await?;
+    no_content()
+}
+
+/// cloudpc extension: the one-time password of the user's account; answered once.
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/getInitialPassword", tag = "cloudPCs", responses((status = 200, body = InitialPassword), (status = 409, description = "already shown")))]
+pub async fn initial_password(
+    State(app): State<App>,
+    Caller(actor): Caller,
+    g: GraphRequest,
+    Path(id): Path<String>,
+) -> Reply {
+    g.entity("initialPassword", &app.take_initial_password(&actor, &id).await?, StatusCode::OK)
 }
 
 /// Audit events are read-only: no route changes or deletes them.
@@ -39,4 +121,14 @@ pub async fn list_audit(State(app): State<App>, g: GraphRequest) -> Reply {
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/auditEvents/{id}", tag = "audit", responses((status = 200, body = AuditEvent)))]
 pub async fn get_audit(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
     g.entity("deviceManagement/virtualEndpoint/auditEvents", &app.get_audit_event(&id).await?, StatusCode::OK)
+}
+
+#[utoipa::path(get, path = "/v1.0/devices", tag = "devices", responses((status = 200, body = Vec<Device>)))]
+pub async fn list_devices(State(app): State<App>, g: GraphRequest) -> Reply {
+    g.page("devices", app.list_devices().await?)
+}
+
+#[utoipa::path(get, path = "/v1.0/deviceManagement/managedDevices", tag = "devices", responses((status = 200, body = Vec<ManagedDevice>)))]
+pub async fn list_managed_devices(State(app): State<App>, g: GraphRequest) -> Reply {
+    g.page("deviceManagement/managedDevices", app.list_managed_devices().await?)
 }

@@ -2,6 +2,7 @@
 //! its own data directory, and talks to it over HTTP (or through the real CLI).
 
 mod support;
+mod vm_support;
 
 mod auth;
 mod bad_input;
@@ -12,3 +13,4 @@ mod licensing;
 mod odata;
 mod policies;
 mod server;
+mod vm;

@@ -38,6 +38,9 @@ impl Server {
     }
 
     pub async fn start_in(data: tempfile::TempDir, extra: &[&str], admin_token: Option<&str>) -> Server {
+        // QEMU runs as libvirt-qemu and must reach disks kept under the data directory.
+        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod data dir");
         let mut cmd = Command::new(bin());
         cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data.path())

@@ -1,0 +1,406 @@
+//! The provisioning workflow: one task per Cloud PC walks its steps, persisting each before the
+//! next begins, so a crash at any point resumes where it stopped.
+//!
+//! Every step is idempotent (the ids it uses were chosen and saved before it ran) and the undo of
+//! the whole workflow is too ("already gone" counts as done). Core steps that fail are retried
+//! twice, undoing everything between attempts; post-provisioning steps that fail only add a
+//! warning. Retry policy, written down once: API requests never retry; core steps retry as a
+//! whole attempt (three in all); undo is re-run by the reconciler until it succeeds.
+
+pub mod steps;
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use uuid::Uuid;
+
+use cloudpc_hypervisor::Hypervisor;
+use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState, ProvisioningStage, ProvisioningStepRecord, StepStatus};
+use cloudpc_types::policy::{ImageType, NamingTemplate};
+use cloudpc_types::provisioning::{BuildSpec, CloudPcRecord, KernelBoot, Phase, Resources};
+
+use crate::{App, Error, Result};
+
+pub use steps::Step;
+
+/// Core attempts before a Cloud PC is marked failed.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// What running one step came to.
+pub enum Outcome {
+    Done {
+        detail: Option<String>,
+    },
+    /// Cannot go on yet (no capacity); the Cloud PC waits and is tried again later.
+    Wait(String),
+    Failed(String),
+}
+
+/// Removes the workflow guard when the task ends, however it ends.
+struct RunningGuard {
+    app: App,
+    id: Uuid,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.app.running.lock().expect("running set").remove(&self.id);
+    }
+}
+
+fn random_alnum(len: usize) -> String {
+    const CHARS: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::thread_rng();
+    (0..len).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
+}
+
+fn random_mac() -> String {
+    let mut rng = rand::thread_rng();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", rng.gen::<u8>(), rng.gen::<u8>(), rng.gen::<u8>())
+}
+
+pub fn step_record(
+    rec: &CloudPcRecord,
+    name: &str,
+    stage: ProvisioningStage,
+    start: DateTime<Utc>,
+) -> ProvisioningStepRecord {
+    ProvisioningStepRecord {
+        cloud_pc_id: rec.pc.id,
+        generation: rec.state.generation,
+        attempt: rec.state.attempt_total,
+        sequence: rec.state.next_step,
+        name: name.to_string(),
+        stage,
+        status: StepStatus::Running,
+        start_date_time: start,
+        end_date_time: None,
+        duration_in_milliseconds: None,
+        error: None,
+        detail: None,
+    }
+}
+
+fn finish(step: &mut ProvisioningStepRecord, status: StepStatus, started: Instant) {
+    step.status = status;
+    step.end_date_time = Some(Utc::now());
+    step.duration_in_milliseconds = Some(started.elapsed().as_millis() as u64);
+}
+
+impl App {
+    /// Starts the workflow task of a Cloud PC unless one runs already.
+    pub fn drive(&self, id: Uuid) {
+        if !self.running.lock().expect("running set").insert(id) {
+            return;
+        }
+        let app = self.clone();
+        tokio::spawn(async move {
+            let _guard = RunningGuard { app: app.clone(), id };
+            let _slot = app.slots.clone().acquire_owned().await;
+            if let Err(e) = app.run_workflow(id).await {
+                tracing::warn!(cloud_pc = %id, error = %e, "provisioning workflow stopped; the reconciler will resume it");
+            }
+        });
+    }
+
+    pub(crate) fn host(&self, name: &str) -> Result<&dyn Hypervisor> {
+        self.hosts
+            .iter()
+            .find(|h| h.config().name == name)
+            .map(|h| h.as_ref())
+            .ok_or_else(|| Error::Conflict(format!("host '{name}' is not configured any more")))
+    }
+
+    /// Takes one injected fault for the step, if any are left (testing only).
+    fn take_fault(&self, step: &str) -> bool {
+        let mut faults = self.faults.lock().expect("faults");
+        match faults.get_mut(step) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Fixes what a new generation is built from (license size, policy, image) and resets its
+    /// resources. Called when provisioning starts and on reprovision.
+    pub(crate) async fn start_generation(&self, rec: &mut CloudPcRecord, policy_id: Uuid) -> Result<()> {
+        let policy = self.store.get_policy(policy_id).await?;
+        let sku = self.store.get_sku(rec.state.sku_id).await?;
+        let user = self.store.get_user(rec.state.user_id).await?;
+        let (image_disk, kernel) = match policy.image_type {
+            ImageType::Gallery => self.store.gallery_image_files(&policy.image_id).await?,
+            ImageType::Custom => {
+                let id = Uuid::parse_str(&policy.image_id)
+                    .map_err(|_| Error::Conflict("the policy's image id is not valid".into()))?;
+                (self.store.get_device_image(id).await?.source_image_resource_id.into(), None::<KernelBoot>)
+            }
+        };
+        let template = policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());
+        let name = NamingTemplate::parse(&template)?
+            .expand(&user.mail_nickname, &mut || random_alnum(1).chars().next().unwrap_or('X'));
+        rec.state.spec = Some(BuildSpec {
+            vcpus: sku.v_cpu_count,
+            memory_mib: u64::from(sku.ram_in_gb) * 1024,
+            storage_gib: u64::from(sku.storage_in_gb),
+            image_id: policy.image_id.clone(),
+            image_disk,
+            kernel,
+            region: policy
+                .domain_join_configurations
+                .first()
+                .map(|d| d.region_name.clone())
+                .unwrap_or_else(|| "automatic".into()),
+            naming_template: Some(template),
+            local_admin: policy.local_admin_enabled,
+            time_zone: policy.time_zone.clone(),
+            grace_period_hours: policy.grace_period_in_hours,
+        });
+        rec.state.generation += 1;
+        rec.state.attempt = 1;
+        rec.state.attempt_total = 1;
+        rec.state.next_step = 0;
+        rec.state.phase = Phase::Forward;
+        rec.state.warnings.clear();
+        rec.state.initial_password = None;
+        rec.state.cleanup_at = None;
+        rec.state.boot_ms = None;
+        rec.state.resources = self.new_resources(&name);
+        rec.pc.provisioning_policy_id = Some(policy.id);
+        rec.pc.provisioning_policy_name = Some(policy.display_name.clone());
+        rec.pc.image_display_name = Some(policy.image_display_name.clone());
+        rec.pc.service_plan_id = sku.sku_id;
+        rec.pc.service_plan_name = sku.service_plans.first().map(|p| p.service_plan_name.clone()).unwrap_or_default();
+        rec.pc.provisioning_type = policy.provisioning_type;
+        rec.pc.user_principal_name = user.user_principal_name.clone();
+        rec.pc.managed_device_name = Some(name.clone());
+        rec.pc.display_name = format!("{} - {}", policy.display_name, user.display_name).chars().take(64).collect();
+        rec.pc.status = CloudPcStatus::Provisioning;
+        rec.pc.status_detail = None;
+        rec.pc.provisioned_date_time = None;
+        rec.pc.grace_period_end_date_time = None;
+        rec.pc.power_state = PowerState::Unknown;
+        rec.pc.last_modified_date_time = Utc::now();
+        Ok(())
+    }
+
+    /// Ids for one attempt: the VM keeps the Cloud PC's name, each attempt gets a new NIC.
+    fn new_resources(&self, managed_name: &str) -> Resources {
+        let domain = format!("{}{}", self.config.domain_prefix, managed_name.to_ascii_lowercase());
+        Resources {
+            host: None,
+            disk: Some(self.config.storage_dir.join(format!("{domain}.qcow2"))),
+            console_log: Some(self.config.storage_dir.join(format!("{domain}.console.log"))),
+            domain: Some(domain),
+            network: None,
+            mac: Some(random_mac()),
+            device_id: Some(Uuid::new_v4()),
+            managed_device_id: Some(Uuid::new_v4()),
+            username: None,
+        }
+    }
+
+    async fn save(&self, rec: &mut CloudPcRecord, step: Option<&ProvisioningStepRecord>) -> Result<()> {
+        rec.pc.last_modified_date_time = Utc::now();
+        Ok(self.store.save_cloud_pc(rec, step, None).await?)
+    }
+
+    /// Runs the Cloud PC's workflow until it is idle, waiting, or deleted.
+    async fn run_workflow(&self, id: Uuid) -> Result<()> {
+        loop {
+            let mut rec = match self.store.get_cloud_pc_record(id).await {
+                Ok(r) => r,
+                Err(cloudpc_store::StoreError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            match rec.state.phase {
+                Phase::Idle => return Ok(()),
+                Phase::Forward => {
+                    if !self.forward_one(&mut rec).await? {
+                        return Ok(());
+                    }
+                }
+                Phase::UndoThenRetry | Phase::UndoThenRestart | Phase::UndoThenDelete | Phase::UndoThenIdle => {
+                    if !self.undo_all(&mut rec).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the next forward step; returns false when the workflow should stop for now.
+    async fn forward_one(&self, rec: &mut CloudPcRecord) -> Result<bool> {
+        let Some(&step) = Step::ALL.get(rec.state.next_step as usize) else {
+            self.complete(rec).await?;
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let mut record = step_record(rec, step.name(), step.stage(), Utc::now());
+        self.save(rec, Some(&record)).await?;
+        let outcome = if self.take_fault(step.name()) {
+            Outcome::Failed(format!("injected fault in {} (testing)", step.name()))
+        } else {
+            self.run_step(step, rec).await
+        };
+        match outcome {
+            Outcome::Done { detail } => {
+                finish(&mut record, StepStatus::Succeeded, started);
+                record.detail = detail;
+                rec.state.next_step += 1;
+                if rec.pc.status == CloudPcStatus::PendingProvision {
+                    rec.pc.status = CloudPcStatus::Provisioning;
+                    rec.pc.status_detail = None;
+                }
+                self.save(rec, Some(&record)).await?;
+                Ok(true)
+            }
+            Outcome::Wait(reason) => {
+                finish(&mut record, StepStatus::Waiting, started);
+                record.detail = Some(reason.clone());
+                rec.pc.status = CloudPcStatus::PendingProvision;
+                rec.pc.status_detail = Some(reason);
+                self.save(rec, Some(&record)).await?;
+                Ok(false)
+            }
+            Outcome::Failed(error) => {
+                finish(&mut record, StepStatus::Failed, started);
+                record.error = Some(error.clone());
+                tracing::info!(cloud_pc = %rec.pc.id, step = step.name(), attempt = rec.state.attempt, %error, "provisioning step failed");
+                if step.stage() != ProvisioningStage::Core {
+                    rec.state.warnings.push(format!("{}: {error}", step.name()));
+                    rec.state.next_step += 1;
+                } else if rec.state.attempt < MAX_ATTEMPTS {
+                    rec.state.phase = Phase::UndoThenRetry;
+                    rec.pc.status_detail =
+                        Some(format!("attempt {} failed at {}: {error}; retrying", rec.state.attempt, step.name()));
+                } else {
+                    rec.state.phase = Phase::Idle;
+                    rec.state.cleanup_at = Some(Utc::now() + self.cleanup_delay());
+                    rec.pc.status = CloudPcStatus::Failed;
+                    rec.pc.status_detail = Some(format!(
+                        "Provisioning failed {MAX_ATTEMPTS} times; last at step {}: {error}. Fix the cause, then select Retry.",
+                        step.name()
+                    ));
+                }
+                self.save(rec, Some(&record)).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    pub(crate) fn cleanup_delay(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.config.cleanup_delay).unwrap_or(chrono::Duration::hours(3))
+    }
+
+    /// All steps done: provisioned, or provisioned with warnings naming the failed steps.
+    async fn complete(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        rec.state.phase = Phase::Idle;
+        rec.pc.provisioned_date_time = Some(Utc::now());
+        rec.pc.power_state = PowerState::Running;
+        if rec.state.warnings.is_empty() {
+            rec.pc.status = CloudPcStatus::Provisioned;
+            rec.pc.status_detail = None;
+        } else {
+            rec.pc.status = CloudPcStatus::ProvisionedWithWarnings;
+            rec.pc.status_detail = Some(format!(
+                "Provisioned, but post-provisioning configuration had problems: {}. Reprovision to try again.",
+                rec.state.warnings.join("; ")
+            ));
+        }
+        self.save(rec, None).await?;
+        tracing::info!(cloud_pc = %rec.pc.id, status = ?rec.pc.status, "Cloud PC provisioned");
+        Ok(())
+    }
+
+    /// Undoes everything the current generation made, then moves on according to the phase.
+    /// Returns false when the workflow should stop (deleted, or undo must be tried again later).
+    async fn undo_all(&self, rec: &mut CloudPcRecord) -> Result<bool> {
+        let started = Instant::now();
+        let mut record = step_record(rec, "cleanup", ProvisioningStage::Cleanup, Utc::now());
+        record.sequence = Step::ALL.len() as u32 + rec.state.attempt_total;
+        self.save(rec, Some(&record)).await?;
+        if let Err(e) = self.undo_resources(rec).await {
+            finish(&mut record, StepStatus::Failed, started);
+            record.error = Some(e.to_string());
+            self.save(rec, Some(&record)).await?;
+            return Err(e);
+        }
+        finish(&mut record, StepStatus::Succeeded, started);
+        match rec.state.phase {
+            Phase::UndoThenRetry => {
+                rec.state.attempt += 1;
+                rec.state.attempt_total += 1;
+                rec.state.next_step = 0;
+                rec.state.phase = Phase::Forward;
+                let name = rec.pc.managed_device_name.clone().unwrap_or_default();
+                rec.state.resources = self.new_resources(&name);
+                rec.state.warnings.clear();
+                self.save(rec, Some(&record)).await?;
+                Ok(true)
+            }
+            Phase::UndoThenRestart => {
+                let Some(policy) = rec.pc.provisioning_policy_id else {
+                    rec.state.phase = Phase::Idle;
+                    rec.pc.status = CloudPcStatus::NotProvisioned;
+                    self.save(rec, Some(&record)).await?;
+                    return Ok(false);
+                };
+                self.save(rec, Some(&record)).await?;
+                if let Err(e) = self.start_generation(rec, policy).await {
+                    rec.state.phase = Phase::Idle;
+                    rec.pc.status = CloudPcStatus::Failed;
+                    rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
+                }
+                rec.state.requested_at = Utc::now();
+                self.save(rec, None).await?;
+                Ok(true)
+            }
+            Phase::UndoThenDelete => {
+                let audit = crate::cloud_pcs::system_event("Delete CloudPc", rec);
+                self.store.delete_cloud_pc(rec.pc.id, Some(&audit)).await?;
+                tracing::info!(cloud_pc = %rec.pc.id, "Cloud PC cleaned up and removed");
+                self.changed();
+                Ok(false)
+            }
+            Phase::UndoThenIdle => {
+                rec.state.phase = Phase::Idle;
+                rec.state.cleanup_at = None;
+                rec.state.resources = Resources::default();
+                self.save(rec, Some(&record)).await?;
+                Ok(false)
+            }
+            Phase::Idle | Phase::Forward => Ok(true),
+        }
+    }
+
+    /// Reverse order of the steps; each part treats "already gone" as done.
+    async fn undo_resources(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        let r = rec.state.resources.clone();
+        if let Some(id) = r.managed_device_id {
+            self.store.delete_managed_device(id).await?;
+        }
+        if let Some(id) = r.device_id {
+            self.store.delete_device(id).await?;
+        }
+        if let Some(host) = r.host.as_deref() {
+            let hv = self.host(host)?;
+            let hv_err = |e: cloudpc_hypervisor::HypervisorError| Error::Conflict(e.to_string());
+            if let (Some(domain), Some(mac)) = (r.domain.as_deref(), r.mac.as_deref()) {
+                hv.detach_nic(domain, mac).await.map_err(hv_err)?;
+            }
+            if let Some(domain) = r.domain.as_deref() {
+                hv.remove_vm(domain).await.map_err(hv_err)?;
+            }
+            for file in [r.disk.as_deref(), r.console_log.as_deref()].into_iter().flatten() {
+                hv.remove_file(file).await.map_err(hv_err)?;
+                hv.remove_file(&file.with_extension("qcow2.partial")).await.map_err(hv_err)?;
+            }
+        }
+        rec.state.resources.host = None;
+        rec.pc.power_state = PowerState::Unknown;
+        Ok(())
+    }
+}

@@ -1,0 +1,458 @@
+//! The reconciler: level-triggered. It takes no input; it reads the world (users × licenses ×
+//! group membership × ordered policy assignments) and the Cloud PCs that exist, decides what
+//! should change, and does it. Change events wake it within a moment; a periodic resync makes
+//! sure nothing depends on an event being seen.
+//!
+//! [`plan`] is a pure function, so its decisions are tested without VMs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use cloudpc_store::StoredAssignment;
+use cloudpc_types::cloud_pc::{CloudPc, CloudPcStatus, PowerState, UserAccountType};
+use cloudpc_types::policy::ProvisioningType;
+use cloudpc_types::provisioning::{CloudPcRecord, Phase, ProvisioningState};
+
+use crate::{App, Result};
+
+/// What the reconciler knows about one existing Cloud PC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExistingPc {
+    pub id: Uuid,
+    pub user: Uuid,
+    pub sku: Uuid,
+    pub policy: Option<Uuid>,
+    pub status: CloudPcStatus,
+    pub phase: Phase,
+    pub grace_end: Option<DateTime<Utc>>,
+    pub cleanup_at: Option<DateTime<Utc>>,
+}
+
+/// The inputs of a decision.
+#[derive(Debug, Default)]
+pub struct World {
+    /// Distinct (user, SKU) pairs that hold a license.
+    pub licensed: Vec<(Uuid, Uuid)>,
+    pub memberships: HashMap<Uuid, HashSet<Uuid>>,
+    /// In order of first assignment: the first that matches a user wins.
+    pub assignments: Vec<StoredAssignment>,
+    pub pcs: Vec<ExistingPc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A licensed pair without a Cloud PC; `policy` is `None` when no policy targets the user.
+    Create {
+        user: Uuid,
+        sku: Uuid,
+        policy: Option<Uuid>,
+    },
+    /// A `notProvisioned` Cloud PC whose user is now targeted.
+    Provision {
+        pc: Uuid,
+        policy: Uuid,
+    },
+    EnterGrace {
+        pc: Uuid,
+    },
+    LeaveGrace {
+        pc: Uuid,
+    },
+    Deprovision {
+        pc: Uuid,
+    },
+    /// A `notProvisioned` Cloud PC whose license is gone.
+    Forget {
+        pc: Uuid,
+    },
+    /// Clean-up is due for a failed or deprovisioned Cloud PC.
+    CleanUp {
+        pc: Uuid,
+    },
+    /// A workflow should be running (resume after restart, retry after waiting for capacity).
+    Resume {
+        pc: Uuid,
+    },
+}
+
+/// The policy that provisions a user: the first assigned one whose groups contain the user.
+pub fn winning_policy(world: &World, user: Uuid) -> Option<Uuid> {
+    let groups = world.memberships.get(&user)?;
+    world.assignments.iter().find(|a| groups.contains(&a.group_id)).map(|a| a.policy_id)
+}
+
+pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
+    let desired: BTreeMap<(Uuid, Uuid), Option<Uuid>> =
+        world.licensed.iter().map(|&(u, s)| ((u, s), winning_policy(world, u))).collect();
+    let mut actions = Vec::new();
+    let mut has_pc = HashSet::new();
+    for pc in &world.pcs {
+        has_pc.insert((pc.user, pc.sku));
+        let wanted = desired.get(&(pc.user, pc.sku));
+        // Still wanted, under the same policy it was made by?
+        let keep = matches!(wanted, Some(Some(p)) if Some(*p) == pc.policy);
+        let cleanup_due = pc.cleanup_at.is_some_and(|t| t <= now);
+        use CloudPcStatus::*;
+        match pc.status {
+            NotProvisioned => match wanted {
+                None => actions.push(Action::Forget { pc: pc.id }),
+                Some(Some(p)) => actions.push(Action::Provision { pc: pc.id, policy: *p }),
+                Some(None) => {}
+            },
+            Provisioned | ProvisionedWithWarnings if !keep => actions.push(Action::EnterGrace { pc: pc.id }),
+            InGracePeriod if keep => actions.push(Action::LeaveGrace { pc: pc.id }),
+            InGracePeriod if pc.grace_end.is_some_and(|t| t <= now) => actions.push(Action::Deprovision { pc: pc.id }),
+            Failed if cleanup_due => actions.push(Action::CleanUp { pc: pc.id }),
+            Failed if !keep && pc.phase == Phase::Idle => actions.push(Action::Deprovision { pc: pc.id }),
+            Deprovisioning if cleanup_due => actions.push(Action::CleanUp { pc: pc.id }),
+            _ => {}
+        }
+        let busy = matches!(
+            pc.phase,
+            Phase::Forward
+                | Phase::UndoThenRetry
+                | Phase::UndoThenRestart
+                | Phase::UndoThenDelete
+                | Phase::UndoThenIdle
+        );
+        if busy {
+            actions.push(Action::Resume { pc: pc.id });
+        }
+    }
+    for (&(user, sku), &policy) in &desired {
+        if !has_pc.contains(&(user, sku)) {
+            actions.push(Action::Create { user, sku, policy });
+        }
+    }
+    actions
+}
+
+impl App {
+    /// Runs the reconciler until the process ends.
+    pub async fn run_reconciler(self) {
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!(error = %e, "reconciler pass failed; trying again at the next event or resync");
+            }
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(self.config.resync_interval) => {}
+            }
+            // Coalesce bursts of changes into one pass.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(crate) async fn world(&self) -> Result<(World, HashMap<Uuid, CloudPcRecord>)> {
+        let mut licensed: Vec<(Uuid, Uuid)> =
+            self.store.license_grants().await?.into_iter().map(|g| (g.user_id, g.sku_id)).collect();
+        licensed.sort();
+        licensed.dedup();
+        let mut memberships: HashMap<Uuid, HashSet<Uuid>> = HashMap::new();
+        for g in self.store.list_groups().await? {
+            for u in self.store.list_members(g.id).await? {
+                memberships.entry(u.id).or_default().insert(g.id);
+            }
+        }
+        let mut assignments = self.store.list_assignments().await?;
+        assignments.sort_by_key(|a| (a.assigned_at, a.policy_id, a.position));
+        let records: HashMap<Uuid, CloudPcRecord> =
+            self.store.list_cloud_pc_records().await?.into_iter().map(|r| (r.pc.id, r)).collect();
+        let pcs = records
+            .values()
+            .map(|r| ExistingPc {
+                id: r.pc.id,
+                user: r.state.user_id,
+                sku: r.state.sku_id,
+                policy: r.pc.provisioning_policy_id,
+                status: r.pc.status,
+                phase: r.state.phase,
+                grace_end: r.pc.grace_period_end_date_time,
+                cleanup_at: r.state.cleanup_at,
+            })
+            .collect();
+        Ok((World { licensed, memberships, assignments, pcs }, records))
+    }
+
+    /// One pass: read the world, plan, act.
+    pub async fn reconcile(&self) -> Result<()> {
+        let (world, mut records) = self.world().await?;
+        let now = Utc::now();
+        for action in plan(&world, now) {
+            let result = match action {
+                Action::Create { user, sku, policy } => self.create_cloud_pc(user, sku, policy).await,
+                Action::Provision { pc, policy } => match records.remove(&pc) {
+                    Some(mut rec) => self.begin_provisioning(&mut rec, policy).await,
+                    None => Ok(()),
+                },
+                Action::EnterGrace { pc } => {
+                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.enter_grace(rec))).await
+                }
+                Action::LeaveGrace { pc } => {
+                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.leave_grace(rec))).await
+                }
+                Action::Deprovision { pc } => {
+                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.deprovision(rec))).await
+                }
+                Action::Forget { pc } => match records.remove(&pc) {
+                    Some(rec) => {
+                        let audit = crate::cloud_pcs::system_event("Delete CloudPc", &rec);
+                        self.store.delete_cloud_pc(pc, Some(&audit)).await.map_err(Into::into)
+                    }
+                    None => Ok(()),
+                },
+                Action::CleanUp { pc } => {
+                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.clean_up(rec))).await
+                }
+                Action::Resume { pc } => {
+                    self.drive(pc);
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "reconciler action failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn with_record<F>(&self, records: &mut HashMap<Uuid, CloudPcRecord>, id: Uuid, f: F) -> Result<()>
+    where
+        F: for<'a> FnOnce(
+            &'a App,
+            &'a mut CloudPcRecord,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>,
+    {
+        match records.get_mut(&id) {
+            Some(rec) => f(self, rec).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn create_cloud_pc(&self, user: Uuid, sku: Uuid, policy: Option<Uuid>) -> Result<()> {
+        let u = self.store.get_user(user).await?;
+        let s = self.store.get_sku(sku).await?;
+        let now = Utc::now();
+        let mut rec = CloudPcRecord {
+            pc: CloudPc {
+                id: Uuid::new_v4(),
+                display_name: format!("{} - {}", s.display_name, u.display_name).chars().take(64).collect(),
+                managed_device_name: None,
+                user_principal_name: u.user_principal_name.clone(),
+                provisioning_policy_id: None,
+                provisioning_policy_name: None,
+                service_plan_id: s.sku_id,
+                service_plan_name: s.service_plans.first().map(|p| p.service_plan_name.clone()).unwrap_or_default(),
+                image_display_name: None,
+                provisioning_type: ProvisioningType::Dedicated,
+                status: CloudPcStatus::NotProvisioned,
+                status_detail: Some("No provisioning policy targets this user.".into()),
+                power_state: PowerState::Unknown,
+                grace_period_end_date_time: None,
+                provisioned_date_time: None,
+                last_modified_date_time: now,
+                user_account_type: UserAccountType::StandardUser,
+                os_version: None,
+                last_remote_action_result: None,
+            },
+            state: ProvisioningState::new(user, sku, now),
+        };
+        let audit = crate::cloud_pcs::system_event("Create CloudPc", &rec);
+        self.store.insert_cloud_pc(&rec, Some(&audit)).await?;
+        if let Some(p) = policy {
+            self.begin_provisioning(&mut rec, p).await?;
+        }
+        Ok(())
+    }
+
+    async fn begin_provisioning(&self, rec: &mut CloudPcRecord, policy: Uuid) -> Result<()> {
+        rec.state.requested_at = Utc::now();
+        if let Err(e) = self.start_generation(rec, policy).await {
+            rec.pc.status = CloudPcStatus::Failed;
+            rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
+            rec.state.phase = Phase::Idle;
+        }
+        self.store.save_cloud_pc(rec, None, None).await?;
+        self.drive(rec.pc.id);
+        Ok(())
+    }
+
+    async fn enter_grace(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        let hours = rec.state.spec.as_ref().and_then(|s| s.grace_period_hours);
+        let grace = match hours {
+            Some(h) => chrono::Duration::hours(i64::from(h)),
+            None => chrono::Duration::from_std(self.config.grace_period).unwrap_or(chrono::Duration::days(7)),
+        };
+        rec.state.status_before_grace = Some(rec.pc.status);
+        rec.pc.status = CloudPcStatus::InGracePeriod;
+        rec.pc.grace_period_end_date_time = Some(Utc::now() + grace);
+        rec.pc.status_detail = Some("The user lost the license, group membership or policy assignment; the Cloud PC is deprovisioned when the grace period ends.".into());
+        rec.pc.last_modified_date_time = Utc::now();
+        let audit = crate::cloud_pcs::system_event("Enter grace period CloudPc", rec);
+        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
+        Ok(())
+    }
+
+    async fn leave_grace(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        rec.pc.status = rec.state.status_before_grace.take().unwrap_or(CloudPcStatus::Provisioned);
+        rec.pc.grace_period_end_date_time = None;
+        rec.pc.status_detail = None;
+        rec.pc.last_modified_date_time = Utc::now();
+        let audit = crate::cloud_pcs::system_event("Leave grace period CloudPc", rec);
+        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
+        Ok(())
+    }
+
+    /// Takes the Cloud PC away from its user now; clean-up follows after the configured delay.
+    pub(crate) async fn deprovision(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        if let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) {
+            if let Ok(hv) = self.host(&host) {
+                if let Err(e) = hv.power_off(&domain).await {
+                    tracing::warn!(cloud_pc = %rec.pc.id, error = %e, "could not power off a deprovisioned Cloud PC; clean-up will remove it");
+                }
+            }
+        }
+        rec.pc.status = CloudPcStatus::Deprovisioning;
+        rec.pc.power_state = PowerState::PoweredOff;
+        rec.pc.status_detail = Some("Deprovisioned; its resources are removed at clean-up.".into());
+        rec.state.phase = Phase::Idle;
+        rec.state.cleanup_at = Some(Utc::now() + self.cleanup_delay());
+        rec.pc.last_modified_date_time = Utc::now();
+        let audit = crate::cloud_pcs::system_event("Deprovision CloudPc", rec);
+        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
+        self.changed();
+        Ok(())
+    }
+
+    async fn clean_up(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        rec.state.phase =
+            if rec.pc.status == CloudPcStatus::Failed { Phase::UndoThenIdle } else { Phase::UndoThenDelete };
+        rec.state.cleanup_at = None;
+        self.store.save_cloud_pc(rec, None, None).await?;
+        self.drive(rec.pc.id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<Uuid> {
+        (0..n).map(|_| Uuid::new_v4()).collect()
+    }
+
+    fn assignment(policy: Uuid, group: Uuid, minutes: i64) -> StoredAssignment {
+        StoredAssignment {
+            policy_id: policy,
+            group_id: group,
+            position: 0,
+            assigned_at: Utc::now() + chrono::Duration::minutes(minutes),
+        }
+    }
+
+    fn pc(id: Uuid, user: Uuid, sku: Uuid, policy: Option<Uuid>, status: CloudPcStatus) -> ExistingPc {
+        ExistingPc { id, user, sku, policy, status, phase: Phase::Idle, grace_end: None, cleanup_at: None }
+    }
+
+    #[test]
+    fn test_plan_two_licenses_get_two_cloud_pcs_from_one_policy() {
+        let [user, sku1, sku2, group, policy] = ids(5).try_into().unwrap();
+        let world = World {
+            licensed: vec![(user, sku1), (user, sku2)],
+            memberships: HashMap::from([(user, HashSet::from([group]))]),
+            assignments: vec![assignment(policy, group, 0)],
+            pcs: vec![],
+        };
+        let actions = plan(&world, Utc::now());
+        assert_eq!(actions.len(), 2);
+        assert!(actions.contains(&Action::Create { user, sku: sku1, policy: Some(policy) }));
+        assert!(actions.contains(&Action::Create { user, sku: sku2, policy: Some(policy) }));
+    }
+
+    #[test]
+    fn test_plan_first_assigned_policy_wins() {
+        let [user, sku, g1, g2, early, late] = ids(6).try_into().unwrap();
+        let world = World {
+            licensed: vec![(user, sku)],
+            memberships: HashMap::from([(user, HashSet::from([g1, g2]))]),
+            assignments: vec![assignment(early, g2, 0), assignment(late, g1, 5)],
+            pcs: vec![],
+        };
+        assert_eq!(plan(&world, Utc::now()), vec![Action::Create { user, sku, policy: Some(early) }]);
+    }
+
+    #[test]
+    fn test_plan_licensed_but_untargeted_user_is_not_provisioned() {
+        let [user, sku] = ids(2).try_into().unwrap();
+        let world = World { licensed: vec![(user, sku)], ..Default::default() };
+        assert_eq!(plan(&world, Utc::now()), vec![Action::Create { user, sku, policy: None }]);
+    }
+
+    #[test]
+    fn test_plan_grace_enter_leave_expire() {
+        let [user, sku, group, policy, id] = ids(5).try_into().unwrap();
+        let targeted = World {
+            licensed: vec![(user, sku)],
+            memberships: HashMap::from([(user, HashSet::from([group]))]),
+            assignments: vec![assignment(policy, group, 0)],
+            pcs: vec![pc(id, user, sku, Some(policy), CloudPcStatus::Provisioned)],
+        };
+        assert!(plan(&targeted, Utc::now()).is_empty(), "a provisioned, wanted Cloud PC is left alone");
+
+        let unlicensed = World { pcs: targeted.pcs.clone(), ..Default::default() };
+        assert_eq!(plan(&unlicensed, Utc::now()), vec![Action::EnterGrace { pc: id }]);
+
+        let mut in_grace = pc(id, user, sku, Some(policy), CloudPcStatus::InGracePeriod);
+        in_grace.grace_end = Some(Utc::now() + chrono::Duration::hours(1));
+        let restored = World { pcs: vec![in_grace.clone()], ..targeted };
+        assert_eq!(plan(&restored, Utc::now()), vec![Action::LeaveGrace { pc: id }]);
+
+        let still_gone = World { pcs: vec![in_grace.clone()], ..Default::default() };
+        assert!(plan(&still_gone, Utc::now()).is_empty(), "grace not over yet");
+        assert_eq!(plan(&still_gone, Utc::now() + chrono::Duration::hours(2)), vec![Action::Deprovision { pc: id }]);
+    }
+
+    #[test]
+    fn test_plan_policy_change_puts_old_pc_in_grace_and_waits_for_it() {
+        let [user, sku, g1, g2, old, new, id] = ids(7).try_into().unwrap();
+        let world = World {
+            licensed: vec![(user, sku)],
+            memberships: HashMap::from([(user, HashSet::from([g2]))]),
+            assignments: vec![assignment(old, g1, 0), assignment(new, g2, 1)],
+            pcs: vec![pc(id, user, sku, Some(old), CloudPcStatus::Provisioned)],
+        };
+        assert_eq!(plan(&world, Utc::now()), vec![Action::EnterGrace { pc: id }], "one Cloud PC per user and license");
+    }
+
+    #[test]
+    fn test_plan_not_provisioned_pc_follows_targeting_and_license() {
+        let [user, sku, group, policy, id] = ids(5).try_into().unwrap();
+        let waiting = pc(id, user, sku, None, CloudPcStatus::NotProvisioned);
+        let world = World {
+            licensed: vec![(user, sku)],
+            memberships: HashMap::from([(user, HashSet::from([group]))]),
+            assignments: vec![assignment(policy, group, 0)],
+            pcs: vec![waiting.clone()],
+        };
+        assert_eq!(plan(&world, Utc::now()), vec![Action::Provision { pc: id, policy }]);
+        let gone = World { pcs: vec![waiting], ..Default::default() };
+        assert_eq!(plan(&gone, Utc::now()), vec![Action::Forget { pc: id }]);
+    }
+
+    #[test]
+    fn test_plan_resumes_busy_workflows_and_cleans_up_when_due() {
+        let [user, sku, id, id2] = ids(4).try_into().unwrap();
+        let mut busy = pc(id, user, sku, None, CloudPcStatus::Provisioning);
+        busy.phase = Phase::Forward;
+        let mut failed = pc(id2, user, Uuid::new_v4(), None, CloudPcStatus::Failed);
+        failed.cleanup_at = Some(Utc::now() - chrono::Duration::seconds(1));
+        let world = World { licensed: vec![(user, sku)], pcs: vec![busy, failed], ..Default::default() };
+        let actions = plan(&world, Utc::now());
+        assert!(actions.contains(&Action::Resume { pc: id }));
+        assert!(actions.contains(&Action::CleanUp { pc: id2 }));
+    }
+}

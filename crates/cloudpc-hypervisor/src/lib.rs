@@ -1,0 +1,134 @@
+//! The hypervisor layer: everything cloudpc asks of a host that runs Cloud PCs.
+//!
+//! The control plane sees only [`Hypervisor`]; [`libvirt::LibvirtHost`] implements it with libvirt
+//! and QEMU. Every operation is idempotent (asking for what already exists, or removing what is
+//! already gone, succeeds), because provisioning steps may run again after a crash.
+
+pub mod accel;
+pub mod libvirt;
+pub mod xml;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use accel::Accelerator;
+
+/// What a host can give to Cloud PCs in total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+/// A hypervisor host as configured: where it is, and how much it may hand out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostConfig {
+    pub name: String,
+    /// libvirt connection URI, such as `qemu:///system`.
+    pub uri: String,
+    pub region: String,
+    pub capacity: Capacity,
+}
+
+/// How a VM boots: straight into a kernel (fast under TCG) or through firmware like a PC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Boot {
+    Kernel { kernel: PathBuf, initrd: PathBuf, cmdline: String },
+    Firmware,
+}
+
+/// One Cloud PC's virtual machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The libvirt domain name; cloudpc uses the Cloud PC's managed device name plus its id.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk: PathBuf,
+    pub boot: Boot,
+    /// File that receives the serial console, for diagnosing boots.
+    pub console_log: PathBuf,
+}
+
+/// A virtual NIC on a hosted network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    pub network: String,
+    pub mac: String,
+    /// nwfilter applied to the NIC (for example the one that blocks inbound remote desktop).
+    pub filter: Option<String>,
+}
+
+/// A NAT network for one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub bridge: String,
+    /// First three octets of the /24, such as `10.213.7`.
+    pub subnet: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Running,
+    ShutOff,
+    /// Defined but neither running nor shut off (paused, crashed, starting).
+    Other,
+    Missing,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("libvirt refused {action}: {message}")]
+    Libvirt { action: String, message: String },
+    #[error("the guest agent of {vm} did not answer {command}: {message}")]
+    Agent { vm: String, command: String, message: String },
+    #[error("{program} failed: {message}")]
+    Command { program: String, message: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    fn config(&self) -> &HostConfig;
+    /// The accelerator guests run with (probed when the host was opened).
+    fn accelerator(&self) -> Accelerator;
+
+    /// A copy-on-write overlay of `base` with a virtual size of `size_gib`; kept if it exists.
+    async fn create_overlay(&self, base: &Path, overlay: &Path, size_gib: u64) -> Result<()>;
+    /// Removes a file; a missing file is fine.
+    async fn remove_file(&self, path: &Path) -> Result<()>;
+
+    /// Defines the VM (not started); an existing definition is kept.
+    async fn define_vm(&self, spec: &VmSpec) -> Result<()>;
+    /// Stops and removes the VM's definition; a missing VM is fine.
+    async fn remove_vm(&self, name: &str) -> Result<()>;
+    async fn state(&self, name: &str) -> Result<VmState>;
+    /// Names of all VMs whose name starts with `prefix`.
+    async fn list_vms(&self, prefix: &str) -> Result<Vec<String>>;
+    async fn domain_xml(&self, name: &str) -> Result<String>;
+    async fn start(&self, name: &str) -> Result<()>;
+    /// Hard power off; an already stopped VM is fine.
+    async fn power_off(&self, name: &str) -> Result<()>;
+    async fn reboot(&self, name: &str) -> Result<()>;
+
+    /// Creates and starts the region's NAT network if it does not run yet.
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<()>;
+    /// Defines the filter that drops inbound remote-desktop traffic; returns its name.
+    async fn ensure_block_rdp_filter(&self) -> Result<String>;
+    /// Adds the NIC to the VM's definition (and the running VM); a NIC with that MAC is kept.
+    async fn attach_nic(&self, vm: &str, nic: &NicSpec) -> Result<()>;
+    /// Removes the NIC with that MAC; a missing NIC or VM is fine.
+    async fn detach_nic(&self, vm: &str, mac: &str) -> Result<()>;
+    /// Replaces the NIC's filter on the definition and, if running, live.
+    async fn set_nic_filter(&self, vm: &str, nic: &NicSpec) -> Result<()>;
+
+    /// Sends one guest-agent command (JSON) and returns its `return` value.
+    async fn agent(&self, vm: &str, command: &serde_json::Value, timeout_secs: i32) -> Result<serde_json::Value>;
+}

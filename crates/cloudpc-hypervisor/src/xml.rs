@@ -1,0 +1,138 @@
+//! libvirt XML for cloudpc's domains, NICs, networks and filters.
+//!
+//! Written as small templates by hand: the documents are short and fixed in shape, and every
+//! value that comes from outside goes through [`escape`].
+
+use crate::{Accelerator, Boot, NetworkSpec, NicSpec, VmSpec};
+
+/// Escapes text for use inside XML attribute values and elements.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+/// The VNC console listens on loopback only, with a port libvirt picks; the gateway is the way in.
+pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
+    let os = match &spec.boot {
+        Boot::Kernel { kernel, initrd, cmdline } => format!(
+            "<kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline>",
+            escape(&kernel.to_string_lossy()),
+            escape(&initrd.to_string_lossy()),
+            escape(cmdline)
+        ),
+        Boot::Firmware => "<boot dev='hd'/>".into(),
+    };
+    format!(
+        "<domain type='{dtype}'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mem}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{os}</os>
+  <features><acpi/><apic/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <serial type='file'><source path='{log}'/><target port='0'/></serial>
+    <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>
+    <video><model type='vga'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>",
+        dtype = accel.domain_type(),
+        name = escape(&spec.name),
+        mem = spec.memory_mib,
+        vcpus = spec.vcpus,
+        disk = escape(&spec.disk.to_string_lossy()),
+        log = escape(&spec.console_log.to_string_lossy()),
+    )
+}
+
+pub fn nic(nic: &NicSpec) -> String {
+    let filter = nic.filter.as_deref().map(|f| format!("<filterref filter='{}'/>", escape(f))).unwrap_or_default();
+    format!(
+        "<interface type='network'><mac address='{}'/><source network='{}'/><model type='virtio'/>{filter}</interface>",
+        escape(&nic.mac),
+        escape(&nic.network)
+    )
+}
+
+/// The `<interface>` element of a domain definition that has this MAC address.
+pub fn interface_with_mac(domain_xml: &str, mac: &str) -> Option<String> {
+    let needle = format!("address='{}'", mac.to_ascii_lowercase());
+    let mut rest = domain_xml;
+    while let Some(start) = rest.find("<interface") {
+        let end = rest[start..].find("</interface>")? + start + "</interface>".len();
+        let element = &rest[start..end];
+        if element.to_ascii_lowercase().contains(&needle) {
+            return Some(element.to_string());
+        }
+        rest = &rest[end..];
+    }
+    None
+}
+
+pub fn network(spec: &NetworkSpec) -> String {
+    let s = escape(&spec.subnet);
+    format!(
+        "<network>
+  <name>{}</name>
+  <bridge name='{}' stp='on' delay='0'/>
+  <forward mode='nat'/>
+  <ip address='{s}.1' netmask='255.255.255.0'><dhcp><range start='{s}.10' end='{s}.250'/></dhcp></ip>
+</network>",
+        escape(&spec.name),
+        escape(&spec.bridge)
+    )
+}
+
+pub const BLOCK_RDP_FILTER: &str = "cloudpc-block-rdp";
+
+/// Drops inbound remote-desktop traffic (TCP and UDP 3389) to a Cloud PC. The fixed UUID lets a
+/// redefinition update the live filter instead of creating a second one.
+pub fn block_rdp_filter() -> String {
+    format!(
+        "<filter name='{BLOCK_RDP_FILTER}' chain='root'>
+  <uuid>4f0c5a8e-2c4b-4d7e-9a55-c10dbc0a3389</uuid>
+  <rule action='drop' direction='in' priority='500'><tcp dstportstart='3389'/></rule>
+  <rule action='drop' direction='in' priority='500'><udp dstportstart='3389'/></rule>
+</filter>"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn test_interface_with_mac_finds_the_right_element() {
+        let xml = "<devices><interface type='network'><mac address='52:54:00:00:00:01'/><source network='a'/></interface>\n<interface type='network'><mac address='52:54:00:00:00:02'/><source network='b'/></interface></devices>";
+        let found = interface_with_mac(xml, "52:54:00:00:00:02").unwrap();
+        assert!(found.contains("network='b'") && !found.contains("network='a'"));
+        assert_eq!(interface_with_mac(xml, "52:54:00:00:00:03"), None);
+    }
+
+    #[test]
+    fn test_domain_xml_escapes_and_listens_on_loopback() {
+        let spec = VmSpec {
+            name: "cpc-<x>".into(),
+            vcpus: 2,
+            memory_mib: 4096,
+            disk: PathBuf::from("/d/a'b.qcow2"),
+            boot: Boot::Firmware,
+            console_log: PathBuf::from("/d/log"),
+        };
+        let x = domain(&spec, Accelerator::Tcg);
+        assert!(x.contains("<name>cpc-&lt;x&gt;</name>"));
+        assert!(x.contains("/d/a&apos;b.qcow2"));
+        assert!(x.contains("listen='127.0.0.1'"));
+        assert!(x.contains("<domain type='qemu'>"));
+        assert!(x.contains("<vcpu>2</vcpu>") && x.contains(">4096</memory>"));
+    }
+}

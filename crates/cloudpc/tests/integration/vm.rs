@@ -1,0 +1,322 @@
+//! The seed scenarios end to end, with real VMs of the tiny image under libvirt/QEMU.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+use crate::vm_support::*;
+
+const BOOT: Duration = Duration::from_secs(120);
+const DONE: &[&str] = &["provisioned"];
+
+/// A licensed user in a group that a policy targets.
+async fn targeted_user(s: &VmServer, upn: &str, sku: &Value, policy_extra: Value) -> (Value, Value, Value) {
+    let user = s.user(upn).await;
+    let group = s.group(&format!("group of {upn}")).await;
+    s.add_member(&group, &user).await;
+    let policy = s.tiny_policy(&format!("policy of {upn}"), policy_extra).await;
+    s.assign(&policy, &[&group]).await;
+    s.license(upn, sku, true).await;
+    (user, group, policy)
+}
+
+fn domain_of(pc: &Value, prefix: &str) -> String {
+    format!("{prefix}{}", pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase())
+}
+
+#[tokio::test]
+async fn test_vm_license_group_policy_gives_a_real_cloud_pc() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("CPC_2C_1GB_3GB", 2, 1, 3).await;
+    targeted_user(
+        &s,
+        "adele@contoso.com",
+        &sku,
+        json!({"cloudPcNamingTemplate": "ADL-%RAND:6%", "localAdminEnabled": true, "timeZone": "Europe/Berlin"}),
+    )
+    .await;
+
+    let pcs = s.wait_all(1, DONE, BOOT).await;
+    let pc = &pcs[0];
+    assert_eq!(pc["userPrincipalName"], "adele@contoso.com");
+    assert_eq!(pc["powerState"], "running");
+    assert_eq!(pc["userAccountType"], "administrator");
+    let name = pc["managedDeviceName"].as_str().unwrap();
+    assert!(name.starts_with("ADL-") && name.len() == 10, "{name}");
+    let domain = domain_of(pc, &s.prefix);
+    assert_eq!(s.domains(), vec![domain.clone()]);
+
+    // Size from the license, console on loopback, disk an overlay on the gallery image.
+    let xml = virsh(&["dumpxml", &domain]);
+    assert!(xml.contains("<vcpu placement='static'>2</vcpu>"), "{xml}");
+    assert!(xml.contains("<memory unit='KiB'>1048576</memory>"), "{xml}");
+    assert!(xml.contains("listen='127.0.0.1'") && !xml.contains("0.0.0.0"), "{xml}");
+    assert!(xml.contains("org.qemu.guest_agent.0"));
+    let disk = s.data_dir().join("disks").join(format!("{domain}.qcow2"));
+    let info =
+        std::process::Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&disk).output().unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 3u64 << 30);
+    assert!(info["backing-filename"].as_str().unwrap().ends_with("disk.qcow2"), "{info}");
+    assert!(info["actual-size"].as_u64().unwrap() < 64 << 20, "no image bytes copied: {info}");
+
+    // Inside the guest, through the real agent.
+    assert_eq!(agent(&domain, json!({"execute": "guest-ping"})), json!({}));
+    assert_eq!(guest_output(&domain, "/bin/busybox", &["nproc"]).await.trim(), "2");
+    let meminfo = guest_output(&domain, "/bin/cat", &["/proc/meminfo"]).await;
+    let kib: u64 = meminfo.lines().next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(kib > 900_000 && kib <= 1_048_576, "MemTotal {kib} kB");
+    let fs = agent(&domain, json!({"execute": "guest-get-fsinfo"}));
+    let root = fs.as_array().unwrap().iter().find(|f| f["mountpoint"] == "/").unwrap().clone();
+    assert!(root["total-bytes"].as_u64().unwrap() > (3u64 << 30) / 10 * 8, "root grown to the license size: {root}");
+    assert_eq!(guest_output(&domain, "/bin/hostname", &[]).await.trim(), name);
+    assert!(guest_output(&domain, "/bin/cat", &["/etc/passwd"]).await.contains("adele:x:"));
+    assert!(guest_output(&domain, "/bin/cat", &["/etc/group"])
+        .await
+        .lines()
+        .any(|l| l.starts_with("wheel:") && l.contains("adele")));
+    assert_eq!(guest_output(&domain, "/bin/cat", &["/etc/timezone"]).await.trim(), "Europe/Berlin");
+    assert!(virsh(&["dumpxml", &domain]).contains("cloudpc-block-rdp"), "inbound RDP filter on the NIC");
+
+    // Every step visible with times; the records that directory join and enrollment make.
+    let steps = s.steps(pc).await;
+    let names: Vec<&str> = steps.iter().map(|st| st["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "allocateCapacity",
+            "createVm",
+            "attachNetwork",
+            "joinDirectory",
+            "enrollManagement",
+            "setPrimaryUser",
+            "setHostname",
+            "createUserAccount",
+            "addLocalAdmin",
+            "setTimeZone",
+            "growDisk",
+            "blockRemoteDesktop",
+            "assignUser"
+        ]
+    );
+    assert!(steps.iter().all(|st| st["status"] == "succeeded" && st["durationInMilliseconds"].is_u64()), "{steps:?}");
+    let (_, devices) = s.get("/v1.0/devices").await;
+    assert_eq!(devices["value"][0]["displayName"], name);
+    let (_, managed) = s.get("/v1.0/deviceManagement/managedDevices").await;
+    assert_eq!(managed["value"][0]["userPrincipalName"], "adele@contoso.com");
+    assert!(managed["value"][0]["totalStorageSpaceInBytes"].as_u64().unwrap() > 0);
+
+    // The one-time password works once, and is the account's real password.
+    let (status, secret) = s.action(pc, "getInitialPassword").await;
+    assert_eq!(status, 200, "{secret}");
+    assert_eq!(secret["userName"], "adele");
+    let shadow = guest_output(&domain, "/bin/cat", &["/etc/shadow"]).await;
+    let hash = shadow.lines().find(|l| l.starts_with("adele:")).unwrap().split(':').nth(1).unwrap().to_string();
+    assert!(sha_crypt_check(secret["password"].as_str().unwrap(), &hash), "password matches the guest's shadow entry");
+    assert_eq!(s.action(pc, "getInitialPassword").await.0, 409, "shown only once");
+
+    // Remote actions on a running Cloud PC.
+    assert_eq!(s.action(pc, "powerOff").await.0, 204);
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off");
+    assert_eq!(s.action(pc, "powerOn").await.0, 204);
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "running");
+    let (status, _) = s
+        .post(&format!("{VE}/cloudPCs/{}/rename", pc["id"].as_str().unwrap()), json!({"displayName": "Adele's desk"}))
+        .await;
+    assert_eq!(status.as_u16(), 204);
+    let acts = s.audit_activities().await;
+    for a in ["powerOff CloudPc", "powerOn CloudPc", "rename CloudPc", "getInitialPassword CloudPc"] {
+        assert!(acts.iter().any(|x| x == a), "audit {a}: {acts:?}");
+    }
+}
+
+fn sha_crypt_check(password: &str, hash: &str) -> bool {
+    sha_crypt::sha512_check(password, hash).is_ok()
+}
+
+#[tokio::test]
+async fn test_vm_two_licenses_two_cloud_pcs_first_assigned_policy_wins() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let small = s.tiny_sku("SMALL", 1, 1, 1).await;
+    let large = s.tiny_sku("LARGE", 2, 1, 2).await;
+    let user = s.user("megan@contoso.com").await;
+    let (first_group, second_group) = (s.group("First").await, s.group("Second").await);
+    s.add_member(&first_group, &user).await;
+    s.add_member(&second_group, &user).await;
+    let first = s.tiny_policy("First assigned", json!({"cloudPcNamingTemplate": "FST-%RAND:5%"})).await;
+    let second = s.tiny_policy("Second assigned", json!({"cloudPcNamingTemplate": "SND-%RAND:5%"})).await;
+    s.assign(&first, &[&first_group]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.assign(&second, &[&second_group]).await;
+    s.license("megan@contoso.com", &small, true).await;
+    s.license("megan@contoso.com", &large, true).await;
+
+    let pcs = s.wait_all(2, DONE, BOOT).await;
+    assert!(pcs.iter().all(|p| p["provisioningPolicyId"] == first["id"]), "{}", summary(&pcs));
+    let mut plans: Vec<&str> = pcs.iter().map(|p| p["servicePlanName"].as_str().unwrap()).collect();
+    plans.sort();
+    assert_eq!(plans, ["CPC_1C_1GB_1GB", "CPC_2C_1GB_2GB"]);
+    assert_eq!(s.domains().len(), 2);
+    for pc in &pcs {
+        let xml = virsh(&["dumpxml", &domain_of(pc, &s.prefix)]);
+        let want = if pc["servicePlanName"] == "CPC_2C_1GB_2GB" { 2 } else { 1 };
+        assert!(
+            xml.contains(&format!("<vcpu placement='static'>{want}</vcpu>")),
+            "each Cloud PC sized by its own license"
+        );
+    }
+}
+
+#[tokio::test]
+async fn test_vm_policy_edit_spares_existing_then_reprovision_applies_it() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    let (_, _, policy) =
+        targeted_user(&s, "alex@contoso.com", &sku, json!({"cloudPcNamingTemplate": "OLD-%RAND:5%"})).await;
+    let before = s.wait_all(1, DONE, BOOT).await.remove(0);
+    let old_domain = domain_of(&before, &s.prefix);
+
+    let (status, _) = s
+        .patch(
+            &format!("{VE}/provisioningPolicies/{}", policy["id"].as_str().unwrap()),
+            json!({"displayName": "renamed", "cloudPcNamingTemplate": "NEW-%RAND:5%"}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 204);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let unchanged = s.cloud_pcs().await.remove(0);
+    assert_eq!(unchanged["managedDeviceName"], before["managedDeviceName"]);
+    assert_eq!(
+        unchanged["provisioningPolicyName"], before["provisioningPolicyName"],
+        "a policy edit leaves existing Cloud PCs alone"
+    );
+    assert_eq!(s.domains(), vec![old_domain.clone()]);
+
+    assert_eq!(s.action(&unchanged, "reprovision").await.0, 204);
+    let after = s.wait_all(1, DONE, BOOT).await.remove(0);
+    assert_eq!(after["id"], before["id"]);
+    assert!(after["managedDeviceName"].as_str().unwrap().starts_with("NEW-"), "{after}");
+    assert_eq!(after["provisioningPolicyName"], "renamed");
+    assert_eq!(s.domains(), vec![domain_of(&after, &s.prefix)], "the old VM is gone, one new VM");
+    assert!(!s.disks().iter().any(|d| d.starts_with(&old_domain)), "old disk removed: {:?}", s.disks());
+    assert_eq!(s.action(&after, "endGracePeriod").await.0, 409, "only in grace period");
+}
+
+#[tokio::test]
+async fn test_vm_core_failure_three_attempts_then_retry_and_post_failure_warns() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--inject-fault", "joinDirectory:3", "--inject-fault", "setTimeZone:1"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "nestor@contoso.com", &sku, json!({})).await;
+
+    let failed = s.wait_all(1, &["failed"], BOOT).await.remove(0);
+    let detail = failed["statusDetail"].as_str().unwrap();
+    assert!(detail.contains("3 times") && detail.contains("joinDirectory") && detail.contains("Retry"), "{detail}");
+    let steps = s.steps(&failed).await;
+    let failures: Vec<u64> =
+        steps.iter().filter(|st| st["status"] == "failed").map(|st| st["attempt"].as_u64().unwrap()).collect();
+    assert_eq!(failures, [1, 2, 3], "three attempts: {steps:?}");
+    assert_eq!(
+        steps.iter().filter(|st| st["name"] == "cleanup").count(),
+        2,
+        "partial resources undone between attempts"
+    );
+    assert_eq!(s.domains().len(), 1, "only the last attempt's VM is kept until clean-up: {:?}", s.domains());
+
+    assert_eq!(s.action(&failed, "retry").await.0, 204);
+    let warned = s.wait_all(1, &["provisionedWithWarnings"], BOOT).await.remove(0);
+    assert!(warned["statusDetail"].as_str().unwrap().contains("setTimeZone"), "{warned}");
+    assert_eq!(s.domains(), vec![domain_of(&warned, &s.prefix)]);
+    assert_eq!(s.action(&warned, "retry").await.0, 409, "retry is for failed Cloud PCs");
+}
+
+#[tokio::test]
+async fn test_vm_grace_period_entered_left_and_expired() {
+    let _turn = vm_turn().await;
+    // 0.002 h = 7.2 s of grace; clean-up 1 s after deprovisioning.
+    let s = VmServer::start(&["--grace-period-hours", "0.002", "--cleanup-delay-secs", "1"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    let (user, group, _) = targeted_user(&s, "lynne@contoso.com", &sku, json!({})).await;
+    let pc = s.wait_all(1, DONE, BOOT).await.remove(0);
+    let domain = domain_of(&pc, &s.prefix);
+
+    s.license("lynne@contoso.com", &sku, false).await;
+    let graced = s.wait_all(1, &["inGracePeriod"], Duration::from_secs(10)).await.remove(0);
+    assert!(graced["gracePeriodEndDateTime"].is_string());
+    s.license("lynne@contoso.com", &sku, true).await;
+    s.wait_all(1, DONE, Duration::from_secs(10)).await;
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "running", "leaving grace keeps the same VM");
+
+    let (status, _) = s
+        .delete(&format!(
+            "/v1.0/groups/{}/members/{}/$ref",
+            group["id"].as_str().unwrap(),
+            user["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(status.as_u16(), 204);
+    s.wait_all(1, &["inGracePeriod"], Duration::from_secs(10)).await;
+    // Expiry deprovisions; clean-up then removes everything. The user still holds the license but
+    // no policy targets them, so what remains is a notProvisioned entry without resources.
+    let left = s.wait_all(1, &["notProvisioned"], Duration::from_secs(60)).await.remove(0);
+    assert_ne!(left["id"], pc["id"]);
+    assert!(s.domains().is_empty(), "{:?}", s.domains());
+    assert!(s.disks().is_empty(), "{:?}", s.disks());
+    let (_, devices) = s.get("/v1.0/devices").await;
+    assert!(devices["value"].as_array().unwrap().is_empty());
+    let (_, managed) = s.get("/v1.0/deviceManagement/managedDevices").await;
+    assert!(managed["value"].as_array().unwrap().is_empty());
+    let acts = s.audit_activities().await;
+    for a in ["Enter grace period CloudPc", "Leave grace period CloudPc", "Deprovision CloudPc", "Delete CloudPc"] {
+        assert!(acts.iter().any(|x| x == a), "audit {a}: {acts:?}");
+    }
+}
+
+#[tokio::test]
+async fn test_vm_end_grace_period_deprovisions_now() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--cleanup-delay-secs", "1"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "diego@contoso.com", &sku, json!({})).await;
+    s.wait_all(1, DONE, BOOT).await;
+    s.license("diego@contoso.com", &sku, false).await;
+    let graced = s.wait_all(1, &["inGracePeriod"], Duration::from_secs(10)).await.remove(0);
+    assert_eq!(s.action(&graced, "endGracePeriod").await.0, 204);
+    s.wait_all(0, DONE, Duration::from_secs(60)).await;
+    assert!(s.domains().is_empty() && s.disks().is_empty());
+}
+
+#[tokio::test]
+async fn test_vm_kill9_mid_provisioning_resumes_without_duplicates_or_leaks() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "isaiah@contoso.com", &sku, json!({})).await;
+    // Kill it once the VM exists but before the guest has answered.
+    let start = std::time::Instant::now();
+    loop {
+        let pcs = s.cloud_pcs().await;
+        if let Some(pc) = pcs.first() {
+            let steps = s.steps(pc).await;
+            if steps.iter().any(|st| st["name"] == "createVm" && st["status"] == "succeeded") {
+                break;
+            }
+        }
+        assert!(start.elapsed() < BOOT, "createVm never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = s.crash_and_restart().await;
+    let pc = s.wait_all(1, DONE, BOOT).await.remove(0);
+    let domain = domain_of(&pc, &s.prefix);
+    assert_eq!(s.domains(), vec![domain.clone()], "exactly one domain after the crash");
+    assert_eq!(
+        s.disks(),
+        vec![format!("{domain}.console.log"), format!("{domain}.qcow2")],
+        "no stray or partial disks"
+    );
+    assert_eq!(agent(&domain, json!({"execute": "guest-ping"})), json!({}));
+}

@@ -1,0 +1,230 @@
+//! Infrastructure for tests that boot real VMs: the tiny gallery image, a unique libvirt domain
+//! prefix per server, one VM test at a time (two cores, TCG), and clean-up of every domain the
+//! test's server made, even when the test fails.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+static VM_TURN: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+
+/// Waits for this test's turn to boot VMs.
+pub async fn vm_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    VM_TURN.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+}
+
+/// The gallery that scripts/test.sh builds the tiny image into.
+pub fn gallery() -> PathBuf {
+    let dir =
+        PathBuf::from(std::env::var("CLOUDPC_TEST_GALLERY").unwrap_or_else(|_| "/var/lib/cloudpc/gallery".into()));
+    let has_image = std::fs::read_dir(&dir)
+        .map(|mut d| d.any(|e| e.map(|e| e.path().join("manifest.json").exists()).unwrap_or(false)))
+        .unwrap_or(false);
+    assert!(
+        has_image,
+        "no gallery image in {}: run scripts/test.sh, which builds the tiny test image and sets up libvirt",
+        dir.display()
+    );
+    dir
+}
+
+pub fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().expect("virsh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn domains(prefix: &str) -> Vec<String> {
+    virsh(&["list", "--all", "--name"])
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Removes every domain with the prefix (the test's own), whatever state the test left.
+pub struct DomainSweeper(pub String);
+
+impl Drop for DomainSweeper {
+    fn drop(&mut self) {
+        for d in domains(&self.0) {
+            virsh(&["destroy", &d]);
+            virsh(&["undefine", &d]);
+        }
+    }
+}
+
+pub struct VmServer {
+    pub s: Server,
+    pub prefix: String,
+    pub extra: Vec<String>,
+    _sweeper: DomainSweeper,
+}
+
+impl std::ops::Deref for VmServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.s
+    }
+}
+
+fn vm_args(prefix: &str, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "--gallery-dir".to_string(),
+        gallery().to_string_lossy().into_owned(),
+        "--domain-prefix".into(),
+        prefix.to_string(),
+        "--resync-secs".into(),
+        "1".into(),
+    ];
+    args.extend(extra.iter().cloned());
+    args
+}
+
+impl VmServer {
+    pub async fn start(extra: &[&str]) -> VmServer {
+        let prefix = format!("cpct{}-", &uuid_like()[..6]);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let args = vm_args(&prefix, &extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let s = Server::start_with(&refs, Some(ADMIN_TOKEN)).await;
+        VmServer { s, _sweeper: DomainSweeper(prefix.clone()), prefix, extra }
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same data.
+    pub async fn crash_and_restart(self) -> VmServer {
+        let VmServer { s, prefix, extra, _sweeper } = self;
+        let data = s.stop();
+        let args = vm_args(&prefix, &extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let s = Server::start_in(data, &refs, Some(ADMIN_TOKEN)).await;
+        VmServer { s, prefix, extra, _sweeper }
+    }
+
+    pub fn domains(&self) -> Vec<String> {
+        domains(&self.prefix)
+    }
+
+    pub async fn gallery_image_id(&self) -> String {
+        let (_, v) = self.get(&format!("{VE}/galleryImages")).await;
+        v["value"][0]["id"].as_str().expect("a gallery image is registered").to_string()
+    }
+
+    pub async fn tiny_policy(&self, name: &str, extra: Value) -> Value {
+        let mut body = json!({"displayName": name, "imageId": self.gallery_image_id().await, "imageType": "gallery"});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            body[k] = v;
+        }
+        self.create(&format!("{VE}/provisioningPolicies"), body).await
+    }
+
+    pub async fn assign(&self, policy: &Value, groups: &[&Value]) {
+        let body =
+            json!({"assignments": groups.iter().map(|g| json!({"target": {"groupId": g["id"]}})).collect::<Vec<_>>()});
+        let (status, v) =
+            self.post(&format!("{VE}/provisioningPolicies/{}/assign", policy["id"].as_str().unwrap()), body).await;
+        assert_eq!(status.as_u16(), 204, "{v}");
+    }
+
+    pub async fn tiny_sku(&self, part: &str, vcpus: u32, ram_gb: u32, storage_gb: u32) -> Value {
+        self.create(
+            "/v1.0/subscribedSkus",
+            json!({"skuPartNumber": part, "prepaidUnits": {"enabled": 10}, "vCpuCount": vcpus, "ramInGB": ram_gb, "storageInGB": storage_gb}),
+        )
+        .await
+    }
+
+    pub async fn license(&self, user: &str, sku: &Value, add: bool) {
+        let body = if add {
+            json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []})
+        } else {
+            json!({"addLicenses": [], "removeLicenses": [sku["skuId"]]})
+        };
+        let (status, v) = self.post(&format!("/v1.0/users/{user}/assignLicense"), body).await;
+        assert_eq!(status.as_u16(), 200, "{v}");
+    }
+
+    pub async fn cloud_pcs(&self) -> Vec<Value> {
+        let (_, v) = self.get(&format!("{VE}/cloudPCs")).await;
+        v["value"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until there are `n` Cloud PCs and all are in one of `statuses`.
+    pub async fn wait_all(&self, n: usize, statuses: &[&str], limit: Duration) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let pcs = self.cloud_pcs().await;
+            if pcs.len() == n && pcs.iter().all(|p| statuses.contains(&p["status"].as_str().unwrap_or(""))) {
+                return pcs;
+            }
+            if start.elapsed() > limit {
+                panic!("waited {limit:?} for {n} Cloud PCs in {statuses:?}; have: {}", summary(&pcs));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn steps(&self, pc: &Value) -> Vec<Value> {
+        let (_, v) =
+            self.get(&format!("{VE}/cloudPCs/{}/provisioningSteps?$top=999", pc["id"].as_str().unwrap())).await;
+        v["value"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn action(&self, pc: &Value, action: &str) -> (u16, Value) {
+        let (s, v) = self
+            .call(reqwest::Method::POST, &format!("{VE}/cloudPCs/{}/{action}", pc["id"].as_str().unwrap()), None)
+            .await;
+        (s.as_u16(), v)
+    }
+
+    pub fn disks(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.data_dir().join("disks"))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+pub fn summary(pcs: &[Value]) -> String {
+    pcs.iter()
+        .map(|p| format!("{} {} ({})", p["managedDeviceName"], p["status"], p["statusDetail"].as_str().unwrap_or("")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn uuid_like() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Runs a guest-agent command against a domain through virsh.
+pub fn agent(domain: &str, command: Value) -> Value {
+    let out = virsh(&["qemu-agent-command", domain, &command.to_string()]);
+    serde_json::from_str::<Value>(&out).map(|v| v["return"].clone()).unwrap_or(Value::Null)
+}
+
+/// Runs a program in the guest and returns its standard output.
+pub async fn guest_output(domain: &str, path: &str, args: &[&str]) -> String {
+    let started = agent(
+        domain,
+        json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}}),
+    );
+    let pid = started["pid"].as_i64().expect("guest-exec started");
+    for _ in 0..100 {
+        let st = agent(domain, json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}));
+        if st["exited"] == true {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(st["out-data"].as_str().unwrap_or(""))
+                .unwrap_or_default();
+            return String::from_utf8_lossy(&bytes).into_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{path} did not finish in the guest");
+}
