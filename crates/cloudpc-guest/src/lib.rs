@@ -68,7 +68,7 @@ impl<'a> GuestAgent<'a> {
             if start.elapsed() > limit {
                 return Err(GuestError::NotReady(limit));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
@@ -81,6 +81,7 @@ impl<'a> GuestAgent<'a> {
         let started = self.call("guest-exec", Some(a), 10).await?;
         let pid = started["pid"].as_i64().ok_or_else(|| GuestError::Protocol(started.to_string()))?;
         let begin = Instant::now();
+        let mut pause = Duration::from_millis(2);
         loop {
             let st = self.call("guest-exec-status", Some(json!({ "pid": pid })), 10).await?;
             if st["exited"].as_bool() == Some(true) {
@@ -100,7 +101,9 @@ impl<'a> GuestAgent<'a> {
             if begin.elapsed() > timeout {
                 return Err(GuestError::Timeout { command: path.to_string(), timeout });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(pause).await;
+            // Short programs finish in milliseconds; long ones (resize2fs) need not be polled hard.
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 

@@ -233,7 +233,15 @@ impl Hypervisor for LibvirtHost {
 
     async fn ensure_block_rdp_filter(&self) -> Result<String> {
         self.call("defining the remote-desktop filter".into(), move |c| {
-            NWFilter::define_xml(c, &xml::block_rdp_filter())?;
+            // Redefining a filter makes libvirt rebuild the rules of every NIC using it: only define
+            // it when it is missing.
+            match NWFilter::lookup_by_name(c, xml::BLOCK_RDP_FILTER) {
+                Ok(_) => {}
+                Err(e) if is_missing(&e) => {
+                    NWFilter::define_xml(c, &xml::block_rdp_filter())?;
+                }
+                Err(e) => return Err(e),
+            }
             Ok(xml::BLOCK_RDP_FILTER.to_string())
         })
         .await
