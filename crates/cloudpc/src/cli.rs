@@ -351,7 +351,52 @@ pub enum ImageKind {
 #[derive(Subcommand)]
 pub enum CloudPcsCmd {
     List(ListArgs),
-    Get { cloud_pc: String },
+    Get {
+        cloud_pc: String,
+    },
+    /// Each provisioning step with its start, duration, status and error.
+    Steps {
+        cloud_pc: String,
+    },
+    /// Wait until provisioning ends, showing the step it is on; non-zero exit if it failed.
+    Wait {
+        cloud_pc: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Delete and recreate from the user's current policy (provisioned or failed Cloud PCs).
+    Reprovision {
+        cloud_pc: String,
+    },
+    /// Provision a failed Cloud PC again.
+    Retry {
+        cloud_pc: String,
+    },
+    /// Restart the VM.
+    Reboot {
+        cloud_pc: String,
+    },
+    PowerOff {
+        cloud_pc: String,
+    },
+    PowerOn {
+        cloud_pc: String,
+    },
+    /// Change the display name (the device name stays).
+    Rename {
+        cloud_pc: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Deprovision a Cloud PC in its grace period now.
+    EndGracePeriod {
+        cloud_pc: String,
+    },
+    /// Show the user's one-time password (once; cloudpc forgets it afterwards).
+    InitialPassword {
+        cloud_pc: String,
+    },
 }
 
 #[derive(Subcommand)]

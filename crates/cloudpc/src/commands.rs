@@ -60,6 +60,15 @@ const AUDIT_COLUMNS: &[Column] = &[
     ("BY", "/actor/userPrincipalName"),
     ("RESOURCE", "/resources/0/displayName"),
 ];
+const STEP_COLUMNS: &[Column] = &[
+    ("ATTEMPT", "/attempt"),
+    ("STEP", "/name"),
+    ("STAGE", "/stage"),
+    ("STATUS", "/status"),
+    ("STARTED", "/startDateTime"),
+    ("MS", "/durationInMilliseconds"),
+    ("ERROR / DETAIL", "/message"),
+];
 const TOKEN_COLUMNS: &[Column] =
     &[("ID", "/id"), ("DISPLAY NAME", "/displayName"), ("ROLE", "/role"), ("CREATED", "/createdDateTime")];
 const LICENSE_COLUMNS: &[Column] = &[
@@ -173,13 +182,7 @@ async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
         Command::Skus(cmd) => skus(c, fmt, cmd).await,
         Command::Images(cmd) => images(c, fmt, cmd).await,
         Command::Policies(cmd) => policies(c, fmt, cmd).await,
-        Command::CloudPcs(cmd) => match cmd {
-            CloudPcsCmd::List(a) => show_list(c, fmt, &format!("{VE}/cloudPCs"), &a, CLOUD_PC_COLUMNS).await,
-            CloudPcsCmd::Get { cloud_pc } => {
-                output::entity(fmt, &c.get(&format!("{VE}/cloudPCs/{}", encode(&cloud_pc))).await?);
-                Ok(())
-            }
-        },
+        Command::CloudPcs(cmd) => cloud_pcs(c, fmt, cmd).await,
         Command::Audit(AuditCmd::List(a)) => show_list(c, fmt, &format!("{VE}/auditEvents"), &a, AUDIT_COLUMNS).await,
         Command::Tokens(cmd) => match cmd {
             TokensCmd::List => {
@@ -512,5 +515,94 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
             output::list(fmt, &list, ASSIGNMENT_COLUMNS);
             Ok(())
         }
+    }
+}
+
+async fn cloud_pcs(c: &Client, fmt: OutputFormat, cmd: CloudPcsCmd) -> Out {
+    let pc_path = |id: &str| format!("{VE}/cloudPCs/{}", encode(id));
+    let action = |id: &str, name: &str| format!("{VE}/cloudPCs/{}/{name}", encode(id));
+    match cmd {
+        CloudPcsCmd::List(a) => show_list(c, fmt, &format!("{VE}/cloudPCs"), &a, CLOUD_PC_COLUMNS).await,
+        CloudPcsCmd::Get { cloud_pc } => {
+            output::entity(fmt, &c.get(&pc_path(&cloud_pc)).await?);
+            Ok(())
+        }
+        CloudPcsCmd::Steps { cloud_pc } => {
+            let mut steps = c.list(&format!("{}/provisioningSteps", pc_path(&cloud_pc)), None).await?;
+            for st in &mut steps {
+                let msg = st["error"].as_str().or(st["detail"].as_str()).unwrap_or("").to_string();
+                st["message"] = json!(msg);
+            }
+            output::list(fmt, &steps, STEP_COLUMNS);
+            Ok(())
+        }
+        CloudPcsCmd::Wait { cloud_pc, timeout } => wait_for_cloud_pc(c, fmt, &cloud_pc, timeout).await,
+        CloudPcsCmd::Rename { cloud_pc, name } => {
+            c.call(Method::POST, &action(&cloud_pc, "rename"), Some(&json!({ "displayName": name }))).await?;
+            output::entity(fmt, &c.get(&pc_path(&cloud_pc)).await?);
+            Ok(())
+        }
+        CloudPcsCmd::InitialPassword { cloud_pc } => {
+            let v = c.call(Method::POST, &action(&cloud_pc, "getInitialPassword"), None).await?;
+            if fmt == OutputFormat::Json {
+                output::entity(fmt, &v);
+            } else {
+                println!("user name: {}", v["userName"].as_str().unwrap_or_default());
+                println!("one-time password (shown only now): {}", v["password"].as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        other => {
+            let (id, name) = match other {
+                CloudPcsCmd::Reprovision { cloud_pc } => (cloud_pc, "reprovision"),
+                CloudPcsCmd::Retry { cloud_pc } => (cloud_pc, "retry"),
+                CloudPcsCmd::Reboot { cloud_pc } => (cloud_pc, "reboot"),
+                CloudPcsCmd::PowerOff { cloud_pc } => (cloud_pc, "powerOff"),
+                CloudPcsCmd::PowerOn { cloud_pc } => (cloud_pc, "powerOn"),
+                CloudPcsCmd::EndGracePeriod { cloud_pc } => (cloud_pc, "endGracePeriod"),
+                _ => unreachable!("handled above"),
+            };
+            c.call(Method::POST, &action(&id, name), None).await?;
+            output::entity(fmt, &c.get(&pc_path(&id)).await?);
+            Ok(())
+        }
+    }
+}
+
+/// Shows the step a Cloud PC is on (on stderr, so stdout stays clean) until provisioning ends.
+async fn wait_for_cloud_pc(c: &Client, fmt: OutputFormat, id: &str, timeout: u64) -> Out {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let pc = c.get(&format!("{VE}/cloudPCs/{}", encode(id))).await?;
+        let status = pc["status"].as_str().unwrap_or("").to_string();
+        let steps = c.list(&format!("{VE}/cloudPCs/{}/provisioningSteps", encode(id)), None).await?;
+        let current = steps
+            .last()
+            .map(|s| format!("{} ({})", s["name"].as_str().unwrap_or("?"), s["status"].as_str().unwrap_or("?")))
+            .unwrap_or_default();
+        let line = format!("{status}: {current}");
+        if line != last && fmt == OutputFormat::Table {
+            eprintln!("[{:>5.1}s] {line}", start.elapsed().as_secs_f64());
+            last = line;
+        }
+        match status.as_str() {
+            "provisioned" | "provisionedWithWarnings" => {
+                output::entity(fmt, &pc);
+                return Ok(());
+            }
+            "failed" => {
+                output::entity(fmt, &pc);
+                return Err(Failure::refused(format!(
+                    "provisioning failed: {}",
+                    pc["statusDetail"].as_str().unwrap_or("")
+                )));
+            }
+            _ => {}
+        }
+        if start.elapsed() > Duration::from_secs(timeout) {
+            return Err(Failure { code: 1, message: format!("still {status} after {timeout}s") });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::support::*;
 
-fn cli(s: &Server, token: &str, args: &[&str]) -> Output {
+pub fn cli(s: &Server, token: &str, args: &[&str]) -> Output {
     Command::new(bin()).args(args).env("CLOUDPC_URL", &s.url).env("CLOUDPC_TOKEN", token).output().expect("run cloudpc")
 }
 
@@ -177,4 +177,57 @@ async fn test_cli_token_create_prints_secret_once() {
     assert_eq!(code(&cli(&s, &secret, &["audit", "list"])), 0);
     let listed = ok(&s, &["tokens", "list"]);
     assert!(listed.contains("auditor") && !listed.contains(&secret));
+}
+
+#[tokio::test]
+async fn test_cli_cloud_pcs_of_untargeted_user_and_refused_actions() {
+    let s = Server::start().await;
+    ok(
+        &s,
+        &[
+            "skus",
+            "create",
+            "--part-number",
+            "ONE",
+            "--seats",
+            "1",
+            "--vcpu",
+            "1",
+            "--ram-gb",
+            "1",
+            "--storage-gb",
+            "1",
+        ],
+    );
+    ok(&s, &["users", "create", "--upn", "a@contoso.com", "--name", "A"]);
+    ok(&s, &["users", "assign-license", "a@contoso.com", "--add", "ONE"]);
+    // The reconciler reacts to the license: a licensed user no policy targets is notProvisioned.
+    let mut pcs = Value::Null;
+    for _ in 0..100 {
+        pcs = json_out(&s, &["cloudpcs", "list"]);
+        if pcs.as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(pcs[0]["status"], "notProvisioned", "{pcs}");
+    let id = pcs[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(json_out(&s, &["cloudpcs", "steps", &id]), serde_json::json!([]));
+    for action in ["reprovision", "retry", "reboot", "end-grace-period", "initial-password"] {
+        let out = cli(&s, ADMIN_TOKEN, &["cloudpcs", action, &id]);
+        assert_eq!(code(&out), 3, "{action}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let renamed = json_out(&s, &["cloudpcs", "rename", &id, "--name", "Spare"]);
+    assert_eq!(renamed["displayName"], "Spare");
+    let reader = s.reader_token().await;
+    assert_eq!(code(&cli(&s, &reader, &["cloudpcs", "rename", &id, "--name", "x"])), 5);
+    // Removing the license removes the notProvisioned entry.
+    ok(&s, &["users", "assign-license", "a@contoso.com", "--remove", "ONE"]);
+    for _ in 0..100 {
+        if json_out(&s, &["cloudpcs", "list"]).as_array().is_some_and(|a| a.is_empty()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the notProvisioned Cloud PC stayed after the license was removed");
 }

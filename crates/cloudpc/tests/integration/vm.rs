@@ -282,10 +282,23 @@ async fn test_vm_end_grace_period_deprovisions_now() {
     let s = VmServer::start(&["--cleanup-delay-secs", "1"]).await;
     let sku = s.tiny_sku("TINY", 1, 1, 1).await;
     targeted_user(&s, "diego@contoso.com", &sku, json!({})).await;
-    s.wait_all(1, DONE, BOOT).await;
+    // The CLI waits for provisioning and shows the steps.
+    let pc = loop {
+        if let Some(pc) = s.cloud_pcs().await.into_iter().next() {
+            break pc;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let id = pc["id"].as_str().unwrap();
+    let waited = crate::cli::cli(&s, ADMIN_TOKEN, &["cloudpcs", "wait", id]);
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("joinDirectory"), "progress names the steps");
+    let steps = crate::cli::cli(&s, ADMIN_TOKEN, &["cloudpcs", "steps", id]);
+    assert!(String::from_utf8_lossy(&steps.stdout).contains("growDisk"));
     s.license("diego@contoso.com", &sku, false).await;
-    let graced = s.wait_all(1, &["inGracePeriod"], Duration::from_secs(10)).await.remove(0);
-    assert_eq!(s.action(&graced, "endGracePeriod").await.0, 204);
+    s.wait_all(1, &["inGracePeriod"], Duration::from_secs(10)).await;
+    let ended = crate::cli::cli(&s, ADMIN_TOKEN, &["cloudpcs", "end-grace-period", id]);
+    assert!(ended.status.success(), "{}", String::from_utf8_lossy(&ended.stderr));
     s.wait_all(0, DONE, Duration::from_secs(60)).await;
     assert!(s.domains().is_empty() && s.disks().is_empty());
 }
