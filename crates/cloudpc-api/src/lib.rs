@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod gateway;
 pub mod odata;
 pub mod openapi;
 pub mod routes;
@@ -37,6 +38,7 @@ pub fn router(app: App) -> Router {
     Router::new()
         .nest("/v1.0", graph)
         .nest("/cloudpc", own)
+        .route("/gateway/console", get(gateway::console))
         .route("/openapi.json", get(openapi::serve))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(error::not_found_route)

@@ -19,7 +19,7 @@ use crate::routes::{cloud_pcs, directory, images, licensing, policies, tokens};
         policies::list, policies::create, policies::read, policies::update, policies::remove, policies::assign, policies::assignments,
         cloud_pcs::list_cloud_pcs, cloud_pcs::get_cloud_pc, cloud_pcs::steps, cloud_pcs::reprovision, cloud_pcs::retry,
         cloud_pcs::reboot, cloud_pcs::power_off, cloud_pcs::power_on, cloud_pcs::rename, cloud_pcs::end_grace_period,
-        cloud_pcs::initial_password, cloud_pcs::list_audit, cloud_pcs::get_audit, cloud_pcs::list_devices,
+        cloud_pcs::initial_password, cloud_pcs::console_ticket, cloud_pcs::list_audit, cloud_pcs::get_audit, cloud_pcs::list_devices,
         cloud_pcs::list_managed_devices,
         tokens::list, tokens::create,
     ),

@@ -114,6 +114,7 @@ impl App {
         rec.pc.status_detail = Some("Reprovisioning: removing the old VM.".into());
         rec.state.phase = Phase::UndoThenRestart;
         rec.state.cleanup_at = None;
+        self.close_consoles(rec.pc.id);
         self.save_action(actor, &mut rec, "reprovision", None).await?;
         self.drive(rec.pc.id);
         Ok(rec.pc)
@@ -172,6 +173,7 @@ impl App {
     pub async fn power_off(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "power off")?;
+        self.close_consoles(rec.pc.id);
         self.host(&host)?.power_off(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         rec.pc.power_state = PowerState::PoweredOff;
         self.save_action(actor, &mut rec, "powerOff", None).await?;

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod auth;
 pub mod cloud_pcs;
+pub mod console;
 pub mod directory;
 pub mod error;
 pub mod gallery;
@@ -55,6 +56,8 @@ pub struct AppConfig {
     pub max_parallel_provisioning: usize,
     /// Testing only: make the named step fail this many times ("step" → count).
     pub injected_faults: HashMap<String, u32>,
+    /// How long a console ticket may wait to be used.
+    pub console_ticket_ttl: Duration,
 }
 
 impl Default for AppConfig {
@@ -69,6 +72,7 @@ impl Default for AppConfig {
             storage_dir: PathBuf::from("cloudpc-data/disks"),
             max_parallel_provisioning: 4,
             injected_faults: HashMap::new(),
+            console_ticket_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -87,6 +91,7 @@ pub struct App {
     allocation: Arc<tokio::sync::Mutex<()>>,
     slots: Arc<tokio::sync::Semaphore>,
     faults: Arc<Mutex<HashMap<String, u32>>>,
+    consoles: Arc<console::Consoles>,
 }
 
 impl App {
@@ -102,6 +107,7 @@ impl App {
             allocation: Arc::new(tokio::sync::Mutex::new(())),
             slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             faults: Arc::new(Mutex::new(faults)),
+            consoles: Arc::new(console::Consoles::default()),
         }
     }
 

@@ -308,6 +308,7 @@ impl App {
 
     /// Takes the Cloud PC away from its user now; clean-up follows after the configured delay.
     pub(crate) async fn deprovision(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        self.close_consoles(rec.pc.id);
         if let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) {
             if let Ok(hv) = self.host(&host) {
                 if let Err(e) = hv.power_off(&domain).await {

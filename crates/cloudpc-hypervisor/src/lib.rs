@@ -129,6 +129,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Replaces the NIC's filter on the definition and, if running, live.
     async fn set_nic_filter(&self, vm: &str, nic: &NicSpec) -> Result<()>;
 
+    /// The loopback port of the running VM's VNC console, if it has one.
+    async fn vnc_port(&self, name: &str) -> Result<Option<u16>>;
+
     /// Sends one guest-agent command (JSON) and returns its `return` value.
     async fn agent(&self, vm: &str, command: &serde_json::Value, timeout_secs: i32) -> Result<serde_json::Value>;
 }

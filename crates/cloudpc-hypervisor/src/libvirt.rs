@@ -281,6 +281,11 @@ impl Hypervisor for LibvirtHost {
         .await
     }
 
+    async fn vnc_port(&self, name: &str) -> Result<Option<u16>> {
+        let xml = self.domain_xml(name).await?;
+        Ok(xml::vnc_port(&xml))
+    }
+
     async fn agent(&self, vm: &str, command: &serde_json::Value, timeout_secs: i32) -> Result<serde_json::Value> {
         let (name, cmd) = (vm.to_string(), command.to_string());
         let what = command.get("execute").and_then(|v| v.as_str()).unwrap_or("?").to_string();

@@ -77,6 +77,14 @@ pub fn interface_with_mac(domain_xml: &str, mac: &str) -> Option<String> {
     None
 }
 
+/// The port libvirt gave the VNC console of a running domain (`port='-1'` until it runs).
+pub fn vnc_port(domain_xml: &str) -> Option<u16> {
+    let start = domain_xml.find("<graphics type='vnc'")?;
+    let element = &domain_xml[start..start + domain_xml[start..].find('>')?];
+    let port = element.split("port='").nth(1)?.split('\'').next()?;
+    port.parse::<i32>().ok().filter(|p| *p > 0).map(|p| p as u16)
+}
+
 pub fn network(spec: &NetworkSpec) -> String {
     let s = escape(&spec.subnet);
     format!(
@@ -109,6 +117,13 @@ pub fn block_rdp_filter() -> String {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn test_vnc_port_only_when_assigned() {
+        assert_eq!(vnc_port("<graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'>"), Some(5901));
+        assert_eq!(vnc_port("<graphics type='vnc' port='-1' autoport='yes'>"), None);
+        assert_eq!(vnc_port("<devices/>"), None);
+    }
 
     #[test]
     fn test_interface_with_mac_finds_the_right_element() {

@@ -146,6 +146,8 @@ pub trait Store: Send + Sync + 'static {
 
     // Audit.
     async fn list_audit_events(&self) -> Result<Vec<AuditEvent>>;
+    /// Records an event that goes with no stored change (console connections).
+    async fn record_audit_event(&self, audit: &AuditEvent) -> Result<()>;
 
     // API tokens.
     async fn create_token(&self, token: &ApiToken, secret_sha256: &str, audit: Option<&AuditEvent>) -> Result<()>;

@@ -852,6 +852,10 @@ impl Store for SqliteStore {
         self.list_bodies("SELECT body FROM managed_devices ORDER BY id").await
     }
 
+    async fn record_audit_event(&self, audit: &AuditEvent) -> Result<()> {
+        self.write(Some(audit), |_| Box::pin(async { Ok(()) })).await
+    }
+
     async fn list_audit_events(&self) -> Result<Vec<AuditEvent>> {
         self.list_bodies("SELECT body FROM audit_events ORDER BY seq").await
     }

@@ -124,6 +124,17 @@ pub struct InitialPassword {
     pub password: String,
 }
 
+/// A console ticket: single use, valid for seconds, presented to the gateway's WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsoleTicket {
+    pub ticket: String,
+    pub cloud_pc_id: Uuid,
+    pub expiration_date_time: DateTime<Utc>,
+    /// Path of the gateway's WebSocket, with the ticket.
+    pub url: String,
+}
+
 /// Body of `rename`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

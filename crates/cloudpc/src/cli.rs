@@ -113,6 +113,9 @@ pub struct ServerArgs {
     /// Prefix of the libvirt domains cloudpc creates [default: cloudpc-].
     #[arg(long, env = "CLOUDPC_DOMAIN_PREFIX")]
     pub domain_prefix: Option<String>,
+    /// Seconds a console ticket stays valid before it is used [default: 30].
+    #[arg(long, env = "CLOUDPC_CONSOLE_TICKET_SECS")]
+    pub console_ticket_secs: Option<u64>,
     /// Testing only: make a provisioning step fail N times, as STEP:N (repeatable).
     #[arg(long = "inject-fault", hide = true)]
     pub inject_fault: Vec<String>,

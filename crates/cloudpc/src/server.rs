@@ -35,6 +35,7 @@ struct FileSettings {
     cleanup_delay_secs: Option<u64>,
     resync_secs: Option<u64>,
     domain_prefix: Option<String>,
+    console_ticket_secs: Option<u64>,
     hosts: Option<Vec<FileHost>>,
 }
 
@@ -141,6 +142,9 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             storage_dir,
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_faults(&args.inject_fault)?,
+            console_ticket_ttl: Duration::from_secs(
+                args.console_ticket_secs.or(file.console_ticket_secs).unwrap_or(30).max(1),
+            ),
         },
         data_dir,
     })

@@ -8,7 +8,9 @@ use axum::Router;
 
 use cloudpc_control::App;
 use cloudpc_types::audit::AuditEvent;
-use cloudpc_types::cloud_pc::{CloudPc, Device, InitialPassword, ManagedDevice, ProvisioningStepRecord, RenameRequest};
+use cloudpc_types::cloud_pc::{
+    CloudPc, ConsoleTicket, Device, InitialPassword, ManagedDevice, ProvisioningStepRecord, RenameRequest,
+};
 
 use super::{no_content, Reply};
 use crate::extract::ApiJson;
@@ -30,6 +32,7 @@ pub fn routes() -> Router<App> {
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/rename", post(rename))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/endGracePeriod", post(end_grace_period))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/getInitialPassword", post(initial_password))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/getConsoleTicket", post(console_ticket))
         .route("/deviceManagement/virtualEndpoint/auditEvents", get(list_audit))
         .route("/deviceManagement/virtualEndpoint/auditEvents/{id}", get(get_audit))
         .route("/devices", get(list_devices))
@@ -110,6 +113,18 @@ pub async fn initial_password(
     Path(id): Path<String>,
 ) -> Reply {
     g.entity("initialPassword", &app.take_initial_password(&actor, &id).await?, StatusCode::OK)
+}
+
+/// cloudpc extension: a single-use ticket, valid for seconds, that opens the Cloud PC's console
+/// through the gateway's WebSocket (`url`).
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/getConsoleTicket", tag = "cloudPCs", responses((status = 200, body = ConsoleTicket), (status = 409, description = "not running")))]
+pub async fn console_ticket(
+    State(app): State<App>,
+    Caller(actor): Caller,
+    g: GraphRequest,
+    Path(id): Path<String>,
+) -> Reply {
+    g.entity("consoleTicket", &app.issue_console_ticket(&actor, &id).await?, StatusCode::OK)
 }
 
 /// Audit events are read-only: no route changes or deletes them.

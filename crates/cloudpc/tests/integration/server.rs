@@ -80,3 +80,48 @@ async fn test_openapi_document_lists_the_graph_paths() {
     assert!(doc["components"]["schemas"]["ProvisioningPolicy"].is_object());
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
+
+#[tokio::test]
+async fn test_cloud_pc_waits_for_capacity_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloudpc.toml");
+    std::fs::write(
+        &config,
+        "[[hosts]]\nname = \"small\"\nuri = \"qemu:///system\"\nregion = \"local\"\nvcpus = 1\nmemory_mib = 1024\ndisk_gib = 10\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", config.to_str().unwrap(), "--resync-secs", "1"], Some(ADMIN_TOKEN)).await;
+    let image = s.ready_image("Base").await;
+    let policy = s.policy("Big", &image).await;
+    let group = s.group("G").await;
+    let user = s.user("a@contoso.com").await;
+    s.add_member(&group, &user).await;
+    s.post(
+        &format!("{VE}/provisioningPolicies/{}/assign", policy["id"].as_str().unwrap()),
+        serde_json::json!({"assignments": [{"target": {"groupId": group["id"]}}]}),
+    )
+    .await;
+    // 2 vCPUs do not fit a host that offers 1: the Cloud PC waits and says why, and no VM is made.
+    let sku = s.create("/v1.0/subscribedSkus", serde_json::json!({"skuPartNumber": "BIG", "prepaidUnits": {"enabled": 1}, "vCpuCount": 2, "ramInGB": 1, "storageInGB": 1})).await;
+    s.post(
+        "/v1.0/users/a@contoso.com/assignLicense",
+        serde_json::json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}),
+    )
+    .await;
+    let mut pc = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, v) = s.get(&format!("{VE}/cloudPCs")).await;
+        pc = v["value"][0].clone();
+        if pc["status"] == "pendingProvision" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(pc["status"], "pendingProvision", "{pc}");
+    let detail = pc["statusDetail"].as_str().unwrap();
+    assert!(detail.contains("waiting for capacity") && detail.contains("2 vCPU"), "{detail}");
+    let (_, steps) = s.get(&format!("{VE}/cloudPCs/{}/provisioningSteps", pc["id"].as_str().unwrap())).await;
+    assert_eq!(steps["value"][0]["name"], "allocateCapacity");
+    assert_eq!(steps["value"][0]["status"], "waiting");
+    assert_eq!(steps["value"].as_array().unwrap().len(), 1, "nothing after the capacity step ran");
+}

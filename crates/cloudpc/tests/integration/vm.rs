@@ -118,6 +118,19 @@ async fn test_vm_license_group_policy_gives_a_real_cloud_pc() {
     assert_eq!(s.action(pc, "getInitialPassword").await.0, 409, "shown only once");
 
     // Remote actions on a running Cloud PC.
+    guest_output(&domain, "/bin/touch", &["/run/before-reboot"]).await;
+    assert_eq!(s.action(pc, "reboot").await.0, 204);
+    let mut back = false;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if agent(&domain, json!({"execute": "guest-ping"})) == json!({}) {
+            back = !guest_output(&domain, "/bin/ls", &["/run"]).await.contains("before-reboot");
+            if back {
+                break;
+            }
+        }
+    }
+    assert!(back, "the guest restarted (its /run tmpfs is new) and its agent answers");
     assert_eq!(s.action(pc, "powerOff").await.0, 204);
     assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off");
     assert_eq!(s.action(pc, "powerOn").await.0, 204);
@@ -127,7 +140,7 @@ async fn test_vm_license_group_policy_gives_a_real_cloud_pc() {
         .await;
     assert_eq!(status.as_u16(), 204);
     let acts = s.audit_activities().await;
-    for a in ["powerOff CloudPc", "powerOn CloudPc", "rename CloudPc", "getInitialPassword CloudPc"] {
+    for a in ["reboot CloudPc", "powerOff CloudPc", "powerOn CloudPc", "rename CloudPc", "getInitialPassword CloudPc"] {
         assert!(acts.iter().any(|x| x == a), "audit {a}: {acts:?}");
     }
 }
@@ -332,4 +345,73 @@ async fn test_vm_kill9_mid_provisioning_resumes_without_duplicates_or_leaks() {
         "no stray or partial disks"
     );
     assert_eq!(agent(&domain, json!({"execute": "guest-ping"})), json!({}));
+}
+
+#[tokio::test]
+async fn test_vm_gateway_relays_the_console_with_single_use_tickets() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--console-ticket-secs", "2", "--cleanup-delay-secs", "1"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "pradeep@contoso.com", &sku, json!({})).await;
+    let pc = s.wait_all(1, DONE, BOOT).await.remove(0);
+    let ws_url = |path: &str| format!("{}{path}", s.url.replace("http://", "ws://"));
+    let connect = |url: String| async move {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+        tokio_tungstenite::connect_async(req).await
+    };
+
+    let reader = s.reader_token().await;
+    let (status, _) = s
+        .call_as(
+            &reader,
+            reqwest::Method::POST,
+            &format!("{VE}/cloudPCs/{}/getConsoleTicket", pc["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status.as_u16(), 403, "a reader cannot open consoles");
+
+    let (status, ticket) = s.action(&pc, "getConsoleTicket").await;
+    assert_eq!(status, 200, "{ticket}");
+    let url = ws_url(ticket["url"].as_str().unwrap());
+    let (mut ws, _) = connect(url.clone()).await.expect("the gateway accepts a fresh ticket");
+    // The first bytes through the relay are the QEMU VNC server's RFB greeting.
+    let first = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("greeting").unwrap().unwrap();
+    let Message::Binary(greeting) = first else { panic!("expected binary, got {first:?}") };
+    assert!(greeting.starts_with(b"RFB 003.008"), "{greeting:?}");
+    // Answer with the same version: the server then offers its security types.
+    ws.send(Message::Binary(b"RFB 003.008\n".to_vec().into())).await.unwrap();
+    let offer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(matches!(offer, Message::Binary(ref b) if !b.is_empty()), "{offer:?}");
+
+    assert!(connect(url).await.is_err(), "a replayed ticket is refused");
+    let (_, late) = s.action(&pc, "getConsoleTicket").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(connect(ws_url(late["url"].as_str().unwrap())).await.is_err(), "an expired ticket is refused");
+    assert!(connect(ws_url("/gateway/console?ticket=forged")).await.is_err(), "a forged ticket is refused");
+
+    // Losing the Cloud PC closes the open connection.
+    s.license("pradeep@contoso.com", &sku, false).await;
+    let graced = s.wait_all(1, &["inGracePeriod"], Duration::from_secs(10)).await.remove(0);
+    assert_eq!(s.action(&graced, "endGracePeriod").await.0, 204);
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the console connection was closed when the Cloud PC was deprovisioned");
+    let acts = s.audit_activities().await;
+    assert!(
+        acts.iter().any(|a| a == "Connect console CloudPc") && acts.iter().any(|a| a == "Disconnect console CloudPc"),
+        "{acts:?}"
+    );
 }

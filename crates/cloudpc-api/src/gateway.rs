@@ -1,0 +1,88 @@
+//! The desktop gateway: a WebSocket that relays the browser's VNC stream to the Cloud PC's console.
+//!
+//! It is the only way in: consoles listen on the host's loopback. The WebSocket carries no bearer
+//! token (browsers cannot set one), so it is opened with a single-use ticket from
+//! `POST cloudPCs/{id}/getConsoleTicket`; the ticket is checked before the upgrade. The relay ends
+//! when either side closes, or when the Cloud PC is deprovisioned, reprovisioned or powered off.
+
+use std::time::Instant;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use cloudpc_control::{Actor, App};
+use cloudpc_types::provisioning::CloudPcRecord;
+
+use crate::error::ApiError;
+
+#[derive(Deserialize)]
+pub struct TicketQuery {
+    ticket: String,
+}
+
+/// `GET /gateway/console?ticket=...` (WebSocket, subprotocol `binary` as noVNC asks).
+pub async fn console(State(app): State<App>, Query(q): Query<TicketQuery>, ws: WebSocketUpgrade) -> Response {
+    let (actor, rec, addr) = match app.redeem_console_ticket(&q.ticket).await {
+        Ok(v) => v,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let vnc = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+                format!("the Cloud PC's console did not answer: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let _ = vnc.set_nodelay(true);
+    ws.protocols(["binary"]).on_upgrade(move |socket| relay(app, actor, rec, socket, vnc))
+}
+
+async fn relay(app: App, actor: Actor, rec: CloudPcRecord, mut ws: WebSocket, mut vnc: TcpStream) {
+    let closer = app.console_closer(rec.pc.id);
+    let closed = closer.notified();
+    tokio::pin!(closed);
+    closed.as_mut().enable();
+    app.audit_console(&actor, &rec, true, None).await;
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            _ = &mut closed => {
+                let _ = ws.send(Message::Close(None)).await;
+                break;
+            }
+            n = vnc.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            },
+            msg = ws.recv() => match msg {
+                Some(Ok(Message::Binary(data))) => {
+                    if vnc.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Text(text))) => {
+                    if vnc.write_all(text.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            },
+        }
+    }
+    app.audit_console(&actor, &rec, false, Some(started.elapsed())).await;
+}

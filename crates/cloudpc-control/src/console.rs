@@ -1,0 +1,146 @@
+//! Console access to a Cloud PC: short-lived, single-use tickets bound to the caller and the Cloud
+//! PC, and the registry of open console connections, so they can be closed when access ends.
+//!
+//! The browser cannot send a bearer token on a WebSocket, so it first asks (authenticated) for a
+//! ticket and then presents it once to the gateway. Only the ticket's SHA-256 is kept, in memory:
+//! tickets live seconds and die with the process, which is what a restart should do to them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::Utc;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use cloudpc_types::audit::AuditOperationType;
+use cloudpc_types::cloud_pc::{CloudPcStatus, ConsoleTicket, PowerState};
+use cloudpc_types::provisioning::CloudPcRecord;
+
+use crate::audit::{property, Actor, Change};
+use crate::directory::parse_id;
+use crate::{App, Error, Result};
+
+struct Pending {
+    cloud_pc: Uuid,
+    actor: Actor,
+    expires: Instant,
+}
+
+#[derive(Default)]
+pub(crate) struct Consoles {
+    tickets: std::sync::Mutex<HashMap<String, Pending>>,
+    open: std::sync::Mutex<HashMap<Uuid, Arc<Notify>>>,
+}
+
+fn digest(ticket: &str) -> String {
+    Sha256::digest(ticket.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn usable(rec: &CloudPcRecord) -> bool {
+    matches!(
+        rec.pc.status,
+        CloudPcStatus::Provisioned | CloudPcStatus::ProvisionedWithWarnings | CloudPcStatus::InGracePeriod
+    ) && rec.pc.power_state != PowerState::PoweredOff
+}
+
+impl App {
+    /// Issues a ticket for the Cloud PC's console. Administrators may open any Cloud PC.
+    // TODO-security: when users sign in (issue 4), allow a user only their own Cloud PCs here.
+    pub async fn issue_console_ticket(&self, actor: &Actor, id: &str) -> Result<ConsoleTicket> {
+        if !actor.role.can_write() {
+            return Err(Error::Forbidden(
+                "only a Cloud PC Administrator or the Cloud PC's user may open its console".into(),
+            ));
+        }
+        let rec = self.store.get_cloud_pc_record(parse_id("cloudPC", id)?).await?;
+        if !usable(&rec) {
+            return Err(Error::Conflict("the Cloud PC is not running, so its console cannot be opened".into()));
+        }
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let ticket = URL_SAFE_NO_PAD.encode(bytes);
+        let ttl = self.config.console_ticket_ttl;
+        let mut tickets = self.consoles.tickets.lock().expect("tickets");
+        let now = Instant::now();
+        tickets.retain(|_, p| p.expires > now);
+        tickets.insert(digest(&ticket), Pending { cloud_pc: rec.pc.id, actor: actor.clone(), expires: now + ttl });
+        Ok(ConsoleTicket {
+            url: format!("/gateway/console?ticket={ticket}"),
+            ticket,
+            cloud_pc_id: rec.pc.id,
+            expiration_date_time: Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default(),
+        })
+    }
+
+    /// Takes a ticket (it cannot be used again) and finds the console it opens.
+    pub async fn redeem_console_ticket(&self, ticket: &str) -> Result<(Actor, CloudPcRecord, SocketAddr)> {
+        let refused = || {
+            Error::Unauthenticated("the console ticket is not valid: it is unknown, used already, or expired".into())
+        };
+        let pending = self.consoles.tickets.lock().expect("tickets").remove(&digest(ticket)).ok_or_else(refused)?;
+        if pending.expires <= Instant::now() {
+            return Err(refused());
+        }
+        let rec = self.store.get_cloud_pc_record(pending.cloud_pc).await?;
+        if !usable(&rec) {
+            return Err(Error::Conflict("the Cloud PC is not running any more".into()));
+        }
+        let (Some(host), Some(domain)) = (rec.state.resources.host.as_deref(), rec.state.resources.domain.as_deref())
+        else {
+            return Err(Error::Conflict("the Cloud PC has no VM".into()));
+        };
+        let port = self
+            .host(host)?
+            .vnc_port(domain)
+            .await
+            .map_err(|e| Error::Conflict(e.to_string()))?
+            .ok_or_else(|| Error::Conflict("the Cloud PC's console is not listening".into()))?;
+        // TODO-correctness: for remote hosts the console is on their loopback; relay through the host.
+        Ok((pending.actor, rec, SocketAddr::from(([127, 0, 0, 1], port))))
+    }
+
+    /// Resolves when the Cloud PC's console connections must close.
+    pub fn console_closer(&self, cloud_pc: Uuid) -> Arc<Notify> {
+        self.consoles.open.lock().expect("consoles").entry(cloud_pc).or_default().clone()
+    }
+
+    /// Closes every open console of the Cloud PC (deprovision, reprovision, power off).
+    pub(crate) fn close_consoles(&self, cloud_pc: Uuid) {
+        if let Some(n) = self.consoles.open.lock().expect("consoles").get(&cloud_pc) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Records a console connection opening or closing.
+    pub async fn audit_console(&self, actor: &Actor, rec: &CloudPcRecord, connected: bool, duration: Option<Duration>) {
+        let activity = if connected { "Connect console CloudPc" } else { "Disconnect console CloudPc" };
+        let audit = Change {
+            component: "Gateway",
+            activity: activity.into(),
+            operation: AuditOperationType::Other,
+            resource_type: "cloudPC",
+            resource_id: rec.pc.id.to_string(),
+            resource_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
+        }
+        .event_with(
+            actor,
+            vec![property(
+                "console",
+                None,
+                Some(match duration {
+                    Some(d) => format!("closed after {:.1}s", d.as_secs_f64()),
+                    None => "opened".into(),
+                }),
+            )],
+        );
+        if let Err(e) = self.store.record_audit_event(&audit).await {
+            tracing::warn!(error = %e, "could not record a console audit event");
+        }
+    }
+}
