@@ -4,8 +4,9 @@
 # System packages cloudpc needs to build and run: the toolchain's C side, qemu-img (image checks,
 # overlays), QEMU and libvirt (the hypervisor; libvirt-dev to build the binding), dnsmasq and
 # iptables (hosted NAT networks, nwfilter), cpio and e2fsprogs (building the tiny test image).
+# chromium runs the browser tests of the portal.
 CLOUDPC_PACKAGES="build-essential pkg-config ca-certificates curl qemu-utils qemu-system-x86 libvirt-daemon
-libvirt-daemon-driver-qemu libvirt-clients libvirt-dev dnsmasq-base iptables cpio e2fsprogs"
+libvirt-daemon-driver-qemu libvirt-clients libvirt-dev dnsmasq-base iptables cpio e2fsprogs chromium"
 
 # Where gallery images are built (shared by the service and the tests; builds are cached there).
 CLOUDPC_GALLERY_DIR=${CLOUDPC_GALLERY_DIR:-/var/lib/cloudpc/gallery}
@@ -28,6 +29,20 @@ ensure_packages() {
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
     fi
+}
+
+# Node.js builds the portal; an existing installation (of any origin) is kept.
+ensure_node() {
+    if ! command -v npm >/dev/null; then
+        echo "cloudpc: installing Node.js and npm"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
+    fi
+}
+
+# Builds the portal (web/dist) from npm packages pinned by web/package-lock.json.
+build_web() {
+    echo "cloudpc: building the portal"
+    (cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
 }
 
 ensure_rust() {

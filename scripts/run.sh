@@ -7,8 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_packages
+ensure_node
 ensure_rust
 setup_host
+build_web
 echo "cloudpc: building (the first build takes a few minutes)"
 cargo build --release --locked --bin cloudpc
 cat <<'MSG'
@@ -18,4 +20,4 @@ cloudpc: starting. On the first start the administrator token is printed below, 
   API: http://127.0.0.1:7365/v1.0/   OpenAPI: http://127.0.0.1:7365/openapi.json
 MSG
 exec target/release/cloudpc server --listen "${CLOUDPC_LISTEN:-127.0.0.1:7365}" \
-    --data-dir "${CLOUDPC_DATA_DIR:-/var/lib/cloudpc/data}" --gallery-dir "$CLOUDPC_GALLERY_DIR" "$@"
+    --data-dir "${CLOUDPC_DATA_DIR:-/var/lib/cloudpc/data}" --gallery-dir "$CLOUDPC_GALLERY_DIR" --web-dir web/dist "$@"

@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_packages
+ensure_node
 ensure_rust
 setup_host
+build_web
 export CLOUDPC_TEST_GALLERY="$CLOUDPC_GALLERY_DIR"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

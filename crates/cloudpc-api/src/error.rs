@@ -34,6 +34,7 @@ impl From<Error> for ApiError {
             Error::Conflict(_) => Self::new(StatusCode::CONFLICT, "Conflict", message),
             Error::Unauthenticated(_) => Self::new(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken", message),
             Error::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "Authorization_RequestDenied", message),
+            Error::TooManyAttempts { .. } => Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message),
             Error::Internal(source) => {
                 // The cause is logged for the operator and never shown to the caller.
                 tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "internal error");

@@ -11,6 +11,7 @@ pub mod extract;
 pub mod gateway;
 pub mod odata;
 pub mod openapi;
+pub mod portal;
 pub mod routes;
 
 use axum::extract::DefaultBodyLimit;
@@ -25,9 +26,10 @@ pub use error::ApiError;
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// The whole HTTP application. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
-/// so audit events get the caller's address.
-pub fn router(app: App) -> Router {
+/// so audit events get the caller's address. `web_dir` holds the built portal (`web/dist`).
+pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
     let graph = routes::graph_routes()
+        .fallback(error::not_found_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
@@ -35,14 +37,26 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
-    Router::new()
+    let portal = portal::routes(app.clone())
+        .fallback(error::not_found_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let router = Router::new()
         .nest("/v1.0", graph)
         .nest("/cloudpc", own)
+        .nest("/portal/api", portal)
         .route("/gateway/console", get(gateway::console))
         .route("/openapi.json", get(openapi::serve))
-        .route("/healthz", get(|| async { "ok" }))
-        .fallback(error::not_found_route)
-        .with_state(app)
+        .route("/healthz", get(|| async { "ok" }));
+    let router = match web_dir {
+        // The portal is a single page: unknown paths get its index.html.
+        Some(dir) => router.fallback_service(
+            tower_http::services::ServeDir::new(&dir)
+                .fallback(tower_http::services::ServeFile::new(dir.join("index.html"))),
+        ),
+        None => router.fallback(error::not_found_route),
+    };
+    router.with_state(app)
 }
 
 /// The caller, put into the request by the auth middleware.

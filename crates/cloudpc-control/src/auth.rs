@@ -78,6 +78,12 @@ impl App {
 
     pub async fn create_token(&self, actor: &Actor, input: ApiTokenCreate) -> Result<ApiTokenCreated> {
         validate::display_name("displayName", &input.display_name, 128)?;
+        if input.role == Role::CloudPcUser {
+            return Err(Error::invalid(
+                "role",
+                "tokens are for cloudPcAdministrator or cloudPcReader; users sign in to the portal",
+            ));
+        }
         let secret = new_secret();
         let token = self.insert_token(&input.display_name, input.role, &secret, actor).await?;
         Ok(ApiTokenCreated { token, secret })

@@ -22,6 +22,8 @@ use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::cloud_pc::{CloudPcStatus, ConsoleTicket, PowerState};
 use cloudpc_types::provisioning::CloudPcRecord;
 
+use cloudpc_types::auth::Role;
+
 use crate::audit::{property, Actor, Change};
 use crate::directory::parse_id;
 use crate::{App, Error, Result};
@@ -50,15 +52,16 @@ fn usable(rec: &CloudPcRecord) -> bool {
 }
 
 impl App {
-    /// Issues a ticket for the Cloud PC's console. Administrators may open any Cloud PC.
-    // TODO-security: when users sign in (issue 4), allow a user only their own Cloud PCs here.
+    /// Issues a ticket for the Cloud PC's console: administrators may open any Cloud PC, a signed-in
+    /// user only their own.
     pub async fn issue_console_ticket(&self, actor: &Actor, id: &str) -> Result<ConsoleTicket> {
-        if !actor.role.can_write() {
+        let rec = self.store.get_cloud_pc_record(parse_id("cloudPC", id)?).await?;
+        let own = actor.role == Role::CloudPcUser && actor.id == Some(rec.state.user_id);
+        if !actor.role.can_write() && !own {
             return Err(Error::Forbidden(
                 "only a Cloud PC Administrator or the Cloud PC's user may open its console".into(),
             ));
         }
-        let rec = self.store.get_cloud_pc_record(parse_id("cloudPC", id)?).await?;
         if !usable(&rec) {
             return Err(Error::Conflict("the Cloud PC is not running, so its console cannot be opened".into()));
         }
@@ -88,6 +91,9 @@ impl App {
             return Err(refused());
         }
         let rec = self.store.get_cloud_pc_record(pending.cloud_pc).await?;
+        if pending.actor.role == Role::CloudPcUser && pending.actor.id != Some(rec.state.user_id) {
+            return Err(refused());
+        }
         if !usable(&rec) {
             return Err(Error::Conflict("the Cloud PC is not running any more".into()));
         }
@@ -114,6 +120,15 @@ impl App {
     pub(crate) fn close_consoles(&self, cloud_pc: Uuid) {
         if let Some(n) = self.consoles.open.lock().expect("consoles").get(&cloud_pc) {
             n.notify_waiters();
+        }
+    }
+
+    /// Closes the consoles of every Cloud PC of a user who lost access (disabled or deleted).
+    pub(crate) async fn close_consoles_of_user(&self, user: Uuid) {
+        if let Ok(records) = self.store.list_cloud_pc_records().await {
+            for r in records.iter().filter(|r| r.state.user_id == user) {
+                self.close_consoles(r.pc.id);
+            }
         }
     }
 

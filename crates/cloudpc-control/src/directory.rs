@@ -73,14 +73,22 @@ impl App {
             created_date_time: Utc::now(),
         };
         user.validate()?;
+        let hash = match &input.password_profile {
+            Some(p) => Some(crate::portal::hash_password(&p.password)?),
+            None => None,
+        };
         let audit = user_change("Create", AuditOperationType::Create, &user).event(actor, None, Some(&user));
-        self.store.create_user(&user, &audit).await?;
+        self.store.create_user(&user, hash.as_deref(), &audit).await?;
         Ok(user)
     }
 
     pub async fn update_user(&self, actor: &Actor, id: &str, input: UserUpdate) -> Result<User> {
         let before = self.get_user(id).await?;
         let mut user = before.clone();
+        let hash = match &input.password_profile {
+            Some(p) => Some(crate::portal::hash_password(&p.password)?),
+            None => None,
+        };
         if let Some(v) = input.user_principal_name {
             user.user_principal_name = v;
         }
@@ -97,8 +105,15 @@ impl App {
             user.account_enabled = v;
         }
         user.validate()?;
-        let audit = user_change("Update", AuditOperationType::Patch, &user).event(actor, Some(&before), Some(&user));
-        self.store.update_user(&user, &audit).await?;
+        let mut audit =
+            user_change("Update", AuditOperationType::Patch, &user).event(actor, Some(&before), Some(&user));
+        if hash.is_some() {
+            audit.resources[0].modified_properties.push(property("passwordProfile", None, Some("(changed)".into())));
+        }
+        self.store.update_user(&user, hash.as_deref(), &audit).await?;
+        if !user.account_enabled {
+            self.close_consoles_of_user(user.id).await;
+        }
         self.changed();
         Ok(user)
     }
@@ -106,6 +121,7 @@ impl App {
     pub async fn delete_user(&self, actor: &Actor, id: &str) -> Result<()> {
         let user = self.get_user(id).await?;
         let audit = user_change("Delete", AuditOperationType::Delete, &user).event(actor, Some(&user), None);
+        self.close_consoles_of_user(user.id).await;
         self.store.delete_user(user.id, &audit).await?;
         self.changed();
         Ok(())

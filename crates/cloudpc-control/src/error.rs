@@ -17,6 +17,8 @@ pub enum Error {
     Unauthenticated(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("too many failed sign-ins; try again in {retry_after} seconds")]
+    TooManyAttempts { retry_after: u64 },
     /// Something failed inside cloudpc; the caller sees only that it did.
     #[error("an internal error occurred")]
     Internal(#[source] StoreError),

@@ -15,6 +15,7 @@ pub mod gallery;
 pub mod images;
 pub mod licensing;
 pub mod policies;
+pub mod portal;
 pub mod provisioning;
 pub mod reconciler;
 
@@ -92,6 +93,7 @@ pub struct App {
     slots: Arc<tokio::sync::Semaphore>,
     faults: Arc<Mutex<HashMap<String, u32>>>,
     consoles: Arc<console::Consoles>,
+    sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
 }
 
 impl App {
@@ -108,6 +110,7 @@ impl App {
             slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             faults: Arc::new(Mutex::new(faults)),
             consoles: Arc::new(console::Consoles::default()),
+            sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 

@@ -52,8 +52,16 @@ pub trait Store: Send + Sync + 'static {
     async fn list_users(&self) -> Result<Vec<User>>;
     async fn get_user(&self, id: Uuid) -> Result<User>;
     async fn find_user_by_upn(&self, upn: &str) -> Result<User>;
-    async fn create_user(&self, user: &User, audit: &AuditEvent) -> Result<()>;
-    async fn update_user(&self, user: &User, audit: &AuditEvent) -> Result<()>;
+    /// `password_hash` is the argon2 PHC string of the portal password, if one is set.
+    async fn create_user(&self, user: &User, password_hash: Option<&str>, audit: &AuditEvent) -> Result<()>;
+    /// `password_hash`: `None` keeps the current password.
+    async fn update_user(&self, user: &User, password_hash: Option<&str>, audit: &AuditEvent) -> Result<()>;
+    /// The user and their password hash, by principal name (for sign-in).
+    async fn user_credentials(&self, upn: &str) -> Result<Option<(User, Option<String>)>>;
+    async fn create_session(&self, secret_sha256: &str, user: Uuid, expires: DateTime<Utc>) -> Result<()>;
+    /// The session's user, if the session exists and has not expired.
+    async fn find_session(&self, secret_sha256: &str) -> Result<Option<User>>;
+    async fn delete_session(&self, secret_sha256: &str) -> Result<()>;
     async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
 
     async fn list_groups(&self) -> Result<Vec<Group>>;

@@ -227,16 +227,18 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn create_user(&self, user: &User, audit: &AuditEvent) -> Result<()> {
+    async fn create_user(&self, user: &User, password_hash: Option<&str>, audit: &AuditEvent) -> Result<()> {
         let (id, upn, at, body) =
             (user.id.to_string(), user.user_principal_name.clone(), ts(user.created_date_time), encode(user));
+        let hash = password_hash.map(str::to_string);
         self.write(Some(audit), move |c| {
             Box::pin(async move {
-                sqlx::query("INSERT INTO users (id, upn, created_at, body) VALUES (?1, ?2, ?3, ?4)")
+                sqlx::query("INSERT INTO users (id, upn, created_at, body, password_hash) VALUES (?1, ?2, ?3, ?4, ?5)")
                     .bind(id)
                     .bind(&upn)
                     .bind(at)
                     .bind(body)
+                    .bind(hash)
                     .execute(c)
                     .await
                     .map_err(|e| {
@@ -248,26 +250,67 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_user(&self, user: &User, audit: &AuditEvent) -> Result<()> {
+    async fn update_user(&self, user: &User, password_hash: Option<&str>, audit: &AuditEvent) -> Result<()> {
         let (id, upn, body) = (user.id.to_string(), user.user_principal_name.clone(), encode(user));
+        let hash = password_hash.map(str::to_string);
         self.write(Some(audit), move |c| {
             Box::pin(async move {
-                let done = sqlx::query("UPDATE users SET upn = ?2, body = ?3 WHERE id = ?1")
-                    .bind(&id)
-                    .bind(&upn)
-                    .bind(body)
-                    .execute(c)
-                    .await
-                    .map_err(|e| {
-                        unique_violation(e, || format!("a user with userPrincipalName '{upn}' already exists"))
-                    })?;
+                let done = sqlx::query(
+                    "UPDATE users SET upn = ?2, body = ?3, password_hash = COALESCE(?4, password_hash) WHERE id = ?1",
+                )
+                .bind(&id)
+                .bind(&upn)
+                .bind(body)
+                .bind(hash.clone())
+                .execute(&mut *c)
+                .await
+                .map_err(|e| unique_violation(e, || format!("a user with userPrincipalName '{upn}' already exists")))?;
                 if done.rows_affected() == 0 {
                     return Err(StoreError::not_found("user", id));
+                }
+                if hash.is_some() {
+                    // A new password ends every session signed in with the old one.
+                    sqlx::query("DELETE FROM sessions WHERE user_id = ?1").bind(&id).execute(&mut *c).await?;
                 }
                 Ok(())
             })
         })
         .await
+    }
+
+    async fn user_credentials(&self, upn: &str) -> Result<Option<(User, Option<String>)>> {
+        let row = sqlx::query("SELECT body, password_hash FROM users WHERE upn = ?1")
+            .bind(upn)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((decode(r.get::<&str, _>("body"))?, r.get::<Option<String>, _>("password_hash")))).transpose()
+    }
+
+    async fn create_session(&self, secret_sha256: &str, user: Uuid, expires: DateTime<Utc>) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE expires_at < ?1").bind(now()).execute(&self.pool).await?;
+        sqlx::query("INSERT INTO sessions (secret_sha256, user_id, expires_at) VALUES (?1, ?2, ?3)")
+            .bind(secret_sha256)
+            .bind(user.to_string())
+            .bind(ts(expires))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_session(&self, secret_sha256: &str) -> Result<Option<User>> {
+        let row = sqlx::query(
+            "SELECT u.body FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.secret_sha256 = ?1 AND s.expires_at > ?2",
+        )
+        .bind(secret_sha256)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| decode(r.get::<&str, _>("body"))).transpose()
+    }
+
+    async fn delete_session(&self, secret_sha256: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE secret_sha256 = ?1").bind(secret_sha256).execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {

@@ -11,6 +11,8 @@ use uuid::Uuid;
 pub enum Role {
     CloudPcAdministrator,
     CloudPcReader,
+    /// A directory user signed in to the portal: reaches only their own Cloud PCs.
+    CloudPcUser,
 }
 
 impl Role {
@@ -18,6 +20,7 @@ impl Role {
         match self {
             Role::CloudPcAdministrator => "Cloud PC Administrator",
             Role::CloudPcReader => "Cloud PC Reader",
+            Role::CloudPcUser => "Cloud PC user",
         }
     }
 

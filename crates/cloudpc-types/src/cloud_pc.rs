@@ -177,3 +177,14 @@ pub struct ManagedDevice {
     /// cloudpc extension: the Cloud PC this device is.
     pub cloud_pc_id: Uuid,
 }
+
+/// A Cloud PC as its user sees it in the portal: the Graph view plus the step it is on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortalCloudPc {
+    #[serde(flatten)]
+    pub cloud_pc: CloudPc,
+    /// The last provisioning step that ran, such as "joinDirectory".
+    pub current_step: Option<String>,
+    pub current_step_status: Option<StepStatus>,
+}

@@ -36,6 +36,43 @@ pub struct UserCreate {
     pub mail_nickname: Option<String>,
     #[serde(default)]
     pub account_enabled: Option<bool>,
+    /// The password for signing in to the cloudpc portal.
+    #[serde(default)]
+    pub password_profile: Option<PasswordProfile>,
+}
+
+/// Graph's `passwordProfile`; the password is hashed at once and never shown again.
+#[derive(Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PasswordProfile {
+    pub password: String,
+    #[serde(default)]
+    pub force_change_password_next_sign_in: Option<bool>,
+}
+
+impl std::fmt::Debug for PasswordProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordProfile { password: \"(hidden)\" }")
+    }
+}
+
+/// Entra's rule: 8 to 256 characters, using at least three of lower case, upper case, digits and symbols.
+pub fn check_password(password: &str) -> Result<(), ValidationError> {
+    const FIELD: &str = "passwordProfile.password";
+    let n = password.chars().count();
+    if !(8..=256).contains(&n) {
+        return Err(ValidationError::new(FIELD, "must have 8 to 256 characters"));
+    }
+    let classes = [
+        password.chars().any(|c| c.is_lowercase()),
+        password.chars().any(|c| c.is_uppercase()),
+        password.chars().any(|c| c.is_ascii_digit()),
+        password.chars().any(|c| !c.is_alphanumeric()),
+    ];
+    if classes.iter().filter(|x| **x).count() < 3 {
+        return Err(ValidationError::new(FIELD, "must use three of: lower case, upper case, digits, symbols"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -49,6 +86,15 @@ pub struct UserUpdate {
     pub mail: Option<String>,
     pub mail_nickname: Option<String>,
     pub account_enabled: Option<bool>,
+    pub password_profile: Option<PasswordProfile>,
+}
+
+/// Body of the portal's sign-in.
+#[derive(Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignIn {
+    pub user_principal_name: String,
+    pub password: String,
 }
 
 impl User {

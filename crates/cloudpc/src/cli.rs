@@ -41,7 +41,7 @@ pub enum OutputFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the control-plane server.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Directory users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -113,6 +113,9 @@ pub struct ServerArgs {
     /// Prefix of the libvirt domains cloudpc creates [default: cloudpc-].
     #[arg(long, env = "CLOUDPC_DOMAIN_PREFIX")]
     pub domain_prefix: Option<String>,
+    /// The built user portal (npm run build in web/) [default: web/dist].
+    #[arg(long, env = "CLOUDPC_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
     /// Seconds a console ticket stays valid before it is used [default: 30].
     #[arg(long, env = "CLOUDPC_CONSOLE_TICKET_SECS")]
     pub console_ticket_secs: Option<u64>,

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            cli::Command::Server(args) => server::run(args).await,
+            cli::Command::Server(args) => server::run(*args).await,
             command => commands::run(cli.global, command).await,
         }
     })

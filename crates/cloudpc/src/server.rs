@@ -36,6 +36,7 @@ struct FileSettings {
     resync_secs: Option<u64>,
     domain_prefix: Option<String>,
     console_ticket_secs: Option<u64>,
+    web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
 }
 
@@ -51,6 +52,7 @@ struct FileHost {
 }
 
 struct Settings {
+    web_dir: Option<PathBuf>,
     listen: SocketAddr,
     data_dir: PathBuf,
     gallery_dir: PathBuf,
@@ -128,6 +130,7 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
         return Err(format!("grace period must be between 0 and 8760 hours, not {hours}"));
     }
     Ok(Settings {
+        web_dir: Some(args.web_dir.clone().or(file.web_dir).unwrap_or_else(|| PathBuf::from("web/dist"))),
         listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7365))),
         gallery_dir: args.gallery_dir.clone().or(file.gallery_dir).unwrap_or_else(|| data_dir.join("gallery")),
         log: args.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
@@ -246,7 +249,11 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("cloudpc listening on http://{addr}");
     tracing::info!(%addr, data_dir = %s.data_dir.display(), "cloudpc server started");
-    let service = cloudpc_api::router(app).into_make_service_with_connect_info::<SocketAddr>();
+    let web = s.web_dir.filter(|d| d.join("index.html").exists());
+    if web.is_none() {
+        tracing::warn!("no built portal found (run npm run build in web/); the API works without it");
+    }
+    let service = cloudpc_api::router(app, web).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.map_err(|e| format!("server failed: {e}"))
 }
 

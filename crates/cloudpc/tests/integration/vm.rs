@@ -415,3 +415,103 @@ async fn test_vm_gateway_relays_the_console_with_single_use_tickets() {
         "{acts:?}"
     );
 }
+
+/// The built portal and its npm packages (scripts/test.sh builds them).
+fn web_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
+    assert!(
+        dir.join("dist/index.html").exists() && dir.join("node_modules/playwright-core").exists(),
+        "run scripts/test.sh: it builds web/ with npm"
+    );
+    dir
+}
+
+#[tokio::test]
+async fn test_vm_user_signs_in_and_opens_their_cloud_pc_in_chromium() {
+    let _turn = vm_turn().await;
+    let web = web_dir();
+    let s = VmServer::start(&["--web-dir", web.join("dist").to_str().unwrap()]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    let password = "Portal-Pass-42";
+    s.create("/v1.0/users", json!({"userPrincipalName": "grady@contoso.com", "displayName": "Grady", "passwordProfile": {"password": password}})).await;
+    let other = s.create("/v1.0/users", json!({"userPrincipalName": "other@contoso.com", "displayName": "Other", "passwordProfile": {"password": password}})).await;
+    let group = s.group("Portal").await;
+    let grady = s.get("/v1.0/users/grady@contoso.com").await.1;
+    s.add_member(&group, &grady).await;
+    let policy = s.tiny_policy("Portal", json!({})).await;
+    s.assign(&policy, &[&group]).await;
+    s.license("grady@contoso.com", &sku, true).await;
+    let pc = s.wait_all(1, DONE, BOOT).await.remove(0);
+
+    // The portal API: another user sees nothing of Grady's Cloud PC.
+    let http = reqwest::Client::builder().cookie_store(true).build().unwrap();
+    let sign_in = |upn: &'static str| {
+        let http = http.clone();
+        let url = s.url.clone();
+        async move {
+            http.post(format!("{url}/portal/api/signIn"))
+                .header("X-CloudPC-Portal", "1")
+                .json(&json!({"userPrincipalName": upn, "password": "Portal-Pass-42"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let _ = other;
+    assert_eq!(sign_in("other@contoso.com").await.status().as_u16(), 200);
+    let mine = http.get(format!("{}/portal/api/cloudPCs", s.url)).send().await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(mine["value"].as_array().unwrap().len(), 0);
+    let id = pc["id"].as_str().unwrap();
+    let theirs = http
+        .post(format!("{}/portal/api/cloudPCs/{id}/getConsoleTicket", s.url))
+        .header("X-CloudPC-Portal", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status().as_u16(), 404, "another user's Cloud PC does not exist for them");
+    let no_csrf = http.post(format!("{}/portal/api/cloudPCs/{id}/reboot", s.url)).send().await.unwrap();
+    assert_eq!(no_csrf.status().as_u16(), 403, "writes need the portal header");
+
+    // Chromium signs in as Grady, opens the Cloud PC and sees its screen.
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts/portal-console.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let out = tokio::process::Command::new("node")
+        .arg(web.join("tests/portal.mjs"))
+        .env("CLOUDPC_URL", &s.url)
+        .env("CLOUDPC_USER", "grady@contoso.com")
+        .env("CLOUDPC_PASSWORD", password)
+        .env("SCREENSHOT", &shot)
+        .current_dir(&web)
+        .output()
+        .await
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("portal: {}", String::from_utf8_lossy(&out.stdout).trim());
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "screenshot saved");
+    let acts = s.audit_activities().await;
+    assert!(
+        acts.iter().any(|a| a == "Sign in User") && acts.iter().any(|a| a == "Connect console CloudPc"),
+        "{acts:?}"
+    );
+
+    // Wrong passwords lock the account for a while.
+    let http2 = reqwest::Client::new();
+    let mut last = 0;
+    for _ in 0..6 {
+        last = http2
+            .post(format!("{}/portal/api/signIn", s.url))
+            .header("X-CloudPC-Portal", "1")
+            .json(&json!({"userPrincipalName": "grady@contoso.com", "password": "Nope-nope-1"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+    }
+    assert_eq!(last, 429, "the sixth wrong password in a row is rate-limited");
+}

@@ -1,0 +1,204 @@
+//! Signing users in to the portal: local accounts with argon2-hashed passwords, server-side
+//! sessions, and a limit on wrong passwords per account. A session only says "this user", however
+//! they proved it, which leaves room for single sign-on through OpenID Connect later.
+//!
+//! Users reach only their own Cloud PCs: every portal method takes the signed-in [`Actor`] and
+//! answers "not found" for anyone else's, so ids of other Cloud PCs reveal nothing.
+
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use cloudpc_types::audit::AuditOperationType;
+use cloudpc_types::auth::Role;
+use cloudpc_types::cloud_pc::{CloudPc, PortalCloudPc};
+use cloudpc_types::directory::{check_password, User};
+
+use crate::audit::{property, Actor, Change};
+use crate::directory::parse_id;
+use crate::{App, Error, Result};
+
+/// How long a session lasts.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 3600);
+/// Wrong passwords in a row before the account is locked for a while.
+const FREE_FAILURES: u32 = 5;
+const BASE_LOCK: Duration = Duration::from_secs(30);
+const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
+
+/// Wrong passwords for one account, and how long it is locked.
+#[derive(Debug, Default)]
+pub struct Failures {
+    count: u32,
+    locked_until: Option<Instant>,
+}
+
+/// Checks the password rules, then hashes it with argon2 (the crate's default parameters).
+pub fn hash_password(password: &str) -> Result<String> {
+    check_password(password)?;
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| Error::invalid("passwordProfile.password", format!("could not be hashed: {e}")))
+}
+
+fn verify(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+}
+
+fn sha(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn user_actor(user: &User, ip: Option<String>) -> Actor {
+    Actor {
+        id: Some(user.id),
+        name: user.user_principal_name.clone(),
+        role: Role::CloudPcUser,
+        ip_address: ip,
+        system: false,
+    }
+}
+
+/// A session: the cookie's secret and when it ends.
+pub struct Session {
+    pub secret: String,
+    pub expires: DateTime<Utc>,
+    pub user: User,
+}
+
+impl App {
+    /// Checks the password; wrong ones lock the account for longer and longer after five in a row.
+    pub async fn sign_in(&self, upn: &str, password: &str, ip: Option<String>) -> Result<Session> {
+        let key = upn.to_ascii_lowercase();
+        if let Some(until) = self.sign_in_failures.lock().expect("failures").get(&key).and_then(|f| f.locked_until) {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                return Err(Error::TooManyAttempts { retry_after: left.as_secs().max(1) });
+            }
+        }
+        let creds = self.store.user_credentials(upn).await?;
+        // Verify against something even for unknown users, so timing does not tell who exists.
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let ok = match &creds {
+            Some((user, Some(hash))) => verify(password, hash) && user.account_enabled,
+            _ => {
+                let dummy = DUMMY.get_or_init(|| hash_password("Dummy-password-1").unwrap_or_default());
+                verify(password, dummy);
+                false
+            }
+        };
+        let Some((user, _)) = creds.filter(|_| ok) else {
+            let mut all = self.sign_in_failures.lock().expect("failures");
+            let f = all.entry(key).or_default();
+            f.count += 1;
+            if f.count >= FREE_FAILURES {
+                let lock = BASE_LOCK.saturating_mul(1 << (f.count - FREE_FAILURES).min(5)).min(MAX_LOCK);
+                f.locked_until = Some(Instant::now() + lock);
+            }
+            return Err(Error::Unauthenticated(
+                "the user name or password is not right, or the account is disabled".into(),
+            ));
+        };
+        self.sign_in_failures.lock().expect("failures").remove(&key);
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let secret = URL_SAFE_NO_PAD.encode(bytes);
+        let expires = Utc::now() + chrono::Duration::from_std(SESSION_LIFETIME).unwrap_or_default();
+        self.store.create_session(&sha(&secret), user.id, expires).await?;
+        let audit = Change {
+            component: "Portal",
+            activity: "Sign in User".into(),
+            operation: AuditOperationType::Other,
+            resource_type: "user",
+            resource_id: user.id.to_string(),
+            resource_name: user.user_principal_name.clone(),
+        }
+        .event_with(&user_actor(&user, ip), vec![property("session", None, Some("started".into()))]);
+        self.store.record_audit_event(&audit).await?;
+        Ok(Session { secret, expires, user })
+    }
+
+    /// The signed-in user behind a session cookie; disabled accounts lose their sessions.
+    pub async fn session_actor(&self, secret: &str, ip: Option<String>) -> Result<Actor> {
+        let refused = || Error::Unauthenticated("sign in first".into());
+        if secret.len() > 128 {
+            return Err(refused());
+        }
+        match self.store.find_session(&sha(secret)).await? {
+            Some(user) if user.account_enabled => Ok(user_actor(&user, ip)),
+            _ => Err(refused()),
+        }
+    }
+
+    pub async fn sign_out(&self, secret: &str) -> Result<()> {
+        Ok(self.store.delete_session(&sha(secret)).await?)
+    }
+
+    pub async fn me(&self, actor: &Actor) -> Result<User> {
+        let id = actor.id.ok_or_else(|| Error::Unauthenticated("sign in first".into()))?;
+        Ok(self.store.get_user(id).await?)
+    }
+
+    /// The signed-in user's Cloud PCs, each with the step it is on.
+    pub async fn my_cloud_pcs(&self, actor: &Actor) -> Result<Vec<PortalCloudPc>> {
+        let mut out = Vec::new();
+        for rec in self.store.list_cloud_pc_records().await?.into_iter().filter(|r| Some(r.state.user_id) == actor.id) {
+            let last = self.store.list_steps(rec.pc.id).await?.into_iter().max_by_key(|s| s.start_date_time);
+            out.push(PortalCloudPc {
+                current_step: last.as_ref().map(|s| s.name.clone()),
+                current_step_status: last.map(|s| s.status),
+                cloud_pc: rec.pc,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One of the user's own Cloud PCs; anyone else's is "not found".
+    pub async fn my_cloud_pc(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let not_found = || Error::NotFound { kind: "cloudPC", id: id.to_string() };
+        let rec = self.store.get_cloud_pc_record(parse_id("cloudPC", id)?).await.map_err(|_| not_found())?;
+        if actor.role != Role::CloudPcUser || Some(rec.state.user_id) != actor.id {
+            return Err(not_found());
+        }
+        Ok(rec.pc)
+    }
+
+    pub async fn my_reboot(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        self.my_cloud_pc(actor, id).await?;
+        self.reboot(actor, id).await
+    }
+
+    pub async fn my_rename(&self, actor: &Actor, id: &str, name: &str) -> Result<CloudPc> {
+        self.my_cloud_pc(actor, id).await?;
+        self.rename(actor, id, name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_hash_password_checks_rules_and_verifies() {
+        assert!(hash_password("short1A").is_err());
+        assert!(hash_password("alllowercaseletters").is_err());
+        let h = hash_password("Correct-Horse-9").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify("Correct-Horse-9", &h));
+        assert!(!verify("correct-horse-9", &h));
+    }
+
+    #[test]
+    fn test_session_ids_are_hashed() {
+        assert_ne!(sha("a"), "a");
+        assert_eq!(sha("a").len(), 64);
+    }
+}
