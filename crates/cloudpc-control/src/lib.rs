@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod cloud_pcs;
 pub mod console;
+pub mod demo;
 pub mod directory;
 pub mod error;
 pub mod gallery;

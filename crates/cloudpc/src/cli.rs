@@ -119,6 +119,10 @@ pub struct ServerArgs {
     /// Seconds a console ticket stays valid before it is used [default: 30].
     #[arg(long, env = "CLOUDPC_CONSOLE_TICKET_SECS")]
     pub console_ticket_secs: Option<u64>,
+    /// Quickstart: on an empty directory, create a demo user (password printed once), group,
+    /// license and policy, so a Cloud PC is provisioned at once.
+    #[arg(long)]
+    pub demo: bool,
     /// Testing only: make a provisioning step fail N times, as STEP:N (repeatable).
     #[arg(long = "inject-fault", hide = true)]
     pub inject_fault: Vec<String>,

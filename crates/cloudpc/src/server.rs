@@ -243,10 +243,18 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     let n = app.register_gallery(&s.gallery_dir).await.map_err(|e| e.to_string())?;
     tracing::info!(images = n, dir = %s.gallery_dir.display(), "gallery loaded");
     app.resume_image_validation().await.map_err(|e| e.to_string())?;
+    let demo = if args.demo { app.set_up_demo().await.map_err(|e| format!("demo set-up failed: {e}"))? } else { None };
     tokio::spawn(app.clone().run_reconciler());
     let listener =
         tokio::net::TcpListener::bind(s.listen).await.map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    if let Some(d) = demo {
+        // Printed once, like the administrator token.
+        println!(
+            "Demo set up: {}.\nSign in at http://{addr}/ as {} with password {}",
+            d.summary, d.user_principal_name, d.password
+        );
+    }
     println!("cloudpc listening on http://{addr}");
     tracing::info!(%addr, data_dir = %s.data_dir.display(), "cloudpc server started");
     let web = s.web_dir.filter(|d| d.join("index.html").exists());

@@ -515,3 +515,79 @@ async fn test_vm_user_signs_in_and_opens_their_cloud_pc_in_chromium() {
     }
     assert_eq!(last, 429, "the sixth wrong password in a row is rate-limited");
 }
+
+#[tokio::test]
+async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
+    // No VM boots here (nobody holds a license), so this test does not wait for a VM turn.
+    let web = web_dir();
+    let s = VmServer::start(&["--web-dir", web.join("dist").to_str().unwrap()]).await;
+    let group = s.group("Engineering").await;
+    let reader = s.reader_token().await;
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts/admin-policies.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let out = tokio::process::Command::new("node")
+        .arg(web.join("tests/admin.mjs"))
+        .env("CLOUDPC_URL", &s.url)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("READER_TOKEN", &reader)
+        .env("GROUP_NAME", "Engineering")
+        .env("POLICY_NAME", "Made in the browser")
+        .env("SCREENSHOT", &shot)
+        .current_dir(&web)
+        .output()
+        .await
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, policies) = s.get(&format!("{VE}/provisioningPolicies?$expand=assignments")).await;
+    let p = &policies["value"][0];
+    assert_eq!(p["displayName"], "Made in the browser");
+    assert_eq!(p["cloudPcNamingTemplate"], "WEB-%RAND:5%");
+    assert_eq!(p["assignments"][0]["target"]["groupId"], group["id"]);
+    let (_, groups) = s.get("/v1.0/groups").await;
+    assert_eq!(groups["value"].as_array().unwrap().len(), 1, "the reader's forced write changed nothing");
+}
+
+#[tokio::test]
+async fn test_vm_quickstart_demo_gives_a_working_cloud_pc_to_the_printed_user() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--demo"]).await;
+    let line = s
+        .banner
+        .iter()
+        .find(|l| l.starts_with("Sign in at "))
+        .unwrap_or_else(|| panic!("no sign-in line: {:?}", s.banner));
+    assert!(s.banner.iter().any(|l| l.starts_with("Demo set up: user demo@cloudpc.example")), "{:?}", s.banner);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (upn, password) = (words[5], words[8]);
+    let pc = s.wait_all(1, DONE, BOOT).await.remove(0);
+    assert_eq!(pc["userPrincipalName"], upn);
+    let http = reqwest::Client::builder().cookie_store(true).build().unwrap();
+    let signed = http
+        .post(format!("{}/portal/api/signIn", s.url))
+        .header("X-CloudPC-Portal", "1")
+        .json(&json!({"userPrincipalName": upn, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status().as_u16(), 200, "the printed credentials work");
+    let ticket = http
+        .post(format!("{}/portal/api/cloudPCs/{}/getConsoleTicket", s.url, pc["id"].as_str().unwrap()))
+        .header("X-CloudPC-Portal", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ticket.status().as_u16(), 200, "the demo user can open their Cloud PC");
+    let again = s.s.stop();
+    let restarted = Server::start_in(
+        again,
+        &["--demo", "--gallery-dir", gallery().to_str().unwrap(), "--domain-prefix", &s.prefix],
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert!(!restarted.banner.iter().any(|l| l.contains("Demo set up")), "the demo is made once");
+}

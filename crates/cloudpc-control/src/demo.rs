@@ -1,0 +1,134 @@
+//! The quickstart: with `cloudpc server --demo`, a fresh installation gets a demo user, group,
+//! license and policy on the first gallery image, so a newcomer can sign in to the portal and open
+//! a Cloud PC at once. It runs only when the directory is empty, and says what it made.
+
+use rand::Rng;
+
+use cloudpc_types::directory::{GroupCreate, PasswordProfile, UserCreate};
+use cloudpc_types::licensing::{AssignLicenseRequest, AssignedLicenseInput, PrepaidUnits, SkuCreate};
+use cloudpc_types::policy::{AssignRequest, AssignmentInput, AssignmentTarget, ImageType, ProvisioningPolicyCreate};
+
+use crate::audit::Actor;
+use crate::{App, Error, Result};
+
+/// What the demo made, for the start-up message.
+pub struct Demo {
+    pub user_principal_name: String,
+    pub password: String,
+    pub summary: String,
+}
+
+fn demo_password() -> String {
+    const CHARS: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::thread_rng();
+    let body: String = (0..12).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect();
+    format!("{body}-7a")
+}
+
+impl App {
+    /// Sets up the demo unless the directory already has users. Returns `None` when it did nothing.
+    pub async fn set_up_demo(&self) -> Result<Option<Demo>> {
+        if !self.store.list_users().await?.is_empty() {
+            return Ok(None);
+        }
+        let image = self.store.list_gallery_images().await?.into_iter().next().ok_or_else(|| {
+            Error::Conflict("the demo needs a gallery image; build one with images/tiny/build.sh".into())
+        })?;
+        let actor = Actor::system();
+        let password = demo_password();
+        let upn = "demo@cloudpc.example".to_string();
+        let user = self
+            .create_user(
+                &actor,
+                UserCreate {
+                    odata_type: None,
+                    user_principal_name: upn.clone(),
+                    display_name: "Demo User".into(),
+                    mail: None,
+                    mail_nickname: None,
+                    account_enabled: Some(true),
+                    password_profile: Some(PasswordProfile {
+                        password: password.clone(),
+                        force_change_password_next_sign_in: None,
+                    }),
+                },
+            )
+            .await?;
+        let group = self
+            .create_group(
+                &actor,
+                GroupCreate {
+                    odata_type: None,
+                    display_name: "Demo".into(),
+                    description: Some("Users who get a demo Cloud PC".into()),
+                    mail_nickname: None,
+                    security_enabled: None,
+                    mail_enabled: None,
+                },
+            )
+            .await?;
+        self.add_member(&actor, &group.id.to_string(), user.id).await?;
+        let sku = self
+            .create_sku(
+                &actor,
+                SkuCreate {
+                    odata_type: None,
+                    sku_part_number: "DEMO_1C_1GB_2GB".into(),
+                    display_name: Some("Demo Cloud PC 1 vCPU, 1 GB, 2 GB".into()),
+                    prepaid_units: PrepaidUnits { enabled: 5, ..Default::default() },
+                    v_cpu_count: 1,
+                    ram_in_gb: 1,
+                    storage_in_gb: 2,
+                },
+            )
+            .await?;
+        let policy = self
+            .create_policy(
+                &actor,
+                ProvisioningPolicyCreate {
+                    odata_type: None,
+                    display_name: "Demo".into(),
+                    description: Some("Made by cloudpc server --demo".into()),
+                    image_id: image.id.clone(),
+                    image_display_name: None,
+                    image_type: ImageType::Gallery,
+                    cloud_pc_naming_template: Some("DEMO-%RAND:5%".into()),
+                    enable_single_sign_on: None,
+                    local_admin_enabled: Some(true),
+                    provisioning_type: None,
+                    domain_join_configurations: None,
+                    windows_setting: None,
+                    grace_period_in_hours: None,
+                    time_zone: None,
+                },
+            )
+            .await?;
+        let target = AssignmentTarget {
+            odata_type: "#microsoft.graph.cloudPcManagementGroupAssignmentTarget".into(),
+            group_id: group.id,
+        };
+        self.assign_policy(
+            &actor,
+            &policy.id.to_string(),
+            AssignRequest { assignments: vec![AssignmentInput { id: None, target }] },
+        )
+        .await?;
+        self.assign_user_license(
+            &actor,
+            &upn,
+            AssignLicenseRequest {
+                add_licenses: vec![AssignedLicenseInput { sku_id: sku.sku_id, disabled_plans: vec![] }],
+                remove_licenses: vec![],
+            },
+        )
+        .await?;
+        Ok(Some(Demo {
+            summary: format!(
+                "user {upn} in group Demo, license {} (1 vCPU, 1 GB RAM, 2 GB disk), policy Demo on gallery image '{}'",
+                sku.sku_part_number, image.display_name
+            ),
+            user_principal_name: upn,
+            password,
+        }))
+    }
+}

@@ -1,0 +1,244 @@
+// The cloudpc admin console: the Graph-shaped API in a browser. Admins sign in with an API token
+// (kept in this tab's sessionStorage only); Cloud PC Readers see everything and change nothing
+// (write controls are hidden, and the API refuses writes anyway).
+
+const VE = "/v1.0/deviceManagement/virtualEndpoint";
+const app = document.getElementById("app")!;
+let token = sessionStorage.getItem("cloudpc-token") ?? "";
+let isAdmin = false;
+let tab = "cloudpcs";
+
+function esc(v: unknown): string {
+  return String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]!);
+}
+
+async function api(method: string, path: string, body?: unknown): Promise<any> {
+  const resp = await fetch(path, {
+    method,
+    headers: { Authorization: `Bearer ${token}`, ...(body === undefined ? {} : { "Content-Type": "application/json" }) },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (resp.status === 204) return null;
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new Error(data?.error?.message ?? `HTTP ${resp.status}`);
+  return data;
+}
+
+async function list(path: string): Promise<any[]> {
+  const out: any[] = [];
+  let next: string | null = path.includes("?") ? `${path}&$top=999` : `${path}?$top=999`;
+  while (next) {
+    const page = await api("GET", next.replace(location.origin, ""));
+    out.push(...page.value);
+    next = page["@odata.nextLink"] ?? null;
+  }
+  return out;
+}
+
+function table(rows: any[], cols: [string, (r: any) => string][]): string {
+  return `<table><tr>${cols.map(([h]) => `<th>${h}</th>`).join("")}</tr>${rows
+    .map((r) => `<tr>${cols.map(([, f]) => `<td>${f(r)}</td>`).join("")}</tr>`)
+    .join("")}</table>`;
+}
+
+function form(id: string, fields: string, button: string): string {
+  return `<fieldset class="write"><form id="${id}" style="display:contents">${fields}<button>${button}</button></form></fieldset>`;
+}
+
+function showSignIn(message = "") {
+  app.innerHTML = `<form class="signin"><h1>cloudpc admin</h1>
+    <input name="token" type="password" placeholder="API token (cpc_…)" required />
+    <button type="submit">Sign in</button><div class="error" role="alert">${esc(message)}</div></form>`;
+  app.querySelector("form")!.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    token = String(new FormData(e.target as HTMLFormElement).get("token"));
+    try {
+      await api("GET", "/v1.0/users?$top=1");
+      sessionStorage.setItem("cloudpc-token", token);
+      await start();
+    } catch (err: any) {
+      showSignIn(err.message);
+    }
+  });
+}
+
+async function start() {
+  try {
+    await api("GET", "/cloudpc/tokens");
+    isAdmin = true;
+  } catch {
+    isAdmin = false;
+  }
+  document.body.classList.toggle("reader", !isAdmin);
+  render();
+}
+
+const TABS: [string, string][] = [
+  ["cloudpcs", "Cloud PCs"], ["users", "Users"], ["groups", "Groups"], ["licenses", "Licenses"],
+  ["images", "Images"], ["policies", "Provisioning policies"], ["audit", "Audit log"],
+];
+
+async function render() {
+  app.innerHTML = `<header><strong>cloudpc admin</strong><span>${isAdmin ? "Cloud PC Administrator" : "Cloud PC Reader (read only)"}
+      <button id="out">Sign out</button></span></header>
+    <nav>${TABS.map(([k, t]) => `<button data-tab="${k}" class="${k === tab ? "active" : ""}">${t}</button>`).join("")}</nav>
+    <main><div class="error" id="err" role="alert"></div><div id="body">Loading…</div></main>`;
+  app.querySelector("#out")!.addEventListener("click", () => {
+    sessionStorage.removeItem("cloudpc-token");
+    token = "";
+    showSignIn();
+  });
+  app.querySelectorAll<HTMLButtonElement>("nav button").forEach((b) => b.addEventListener("click", () => { tab = b.dataset.tab!; render(); }));
+  const body = app.querySelector<HTMLElement>("#body")!;
+  try {
+    await VIEWS[tab](body);
+  } catch (err: any) {
+    app.querySelector("#err")!.textContent = err.message;
+  }
+}
+
+/// Runs a change, then redraws; errors from the API are shown as they are.
+function act(fn: () => Promise<unknown>) {
+  return async (e?: Event) => {
+    e?.preventDefault();
+    try {
+      await fn();
+      await render();
+    } catch (err: any) {
+      app.querySelector("#err")!.textContent = err.message;
+    }
+  };
+}
+
+function values(id: string): Record<string, string> {
+  return Object.fromEntries(new FormData(document.getElementById(id) as HTMLFormElement)) as Record<string, string>;
+}
+
+const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
+  async cloudpcs(el) {
+    const pcs = await list(`${VE}/cloudPCs`);
+    el.innerHTML = table(pcs, [
+      ["Name", (p) => esc(p.managedDeviceName ?? p.displayName)],
+      ["User", (p) => esc(p.userPrincipalName)],
+      ["Policy", (p) => esc(p.provisioningPolicyName)],
+      ["Status", (p) => `<span class="pill" data-status="${esc(p.status)}">${esc(p.status)}</span> ${esc(p.statusDetail)}`],
+      ["Actions", (p) => `<button class="secondary" data-steps="${p.id}">Steps</button>` +
+        ["reprovision", "retry", "reboot", "endGracePeriod"].map((a) => ` <button class="secondary write" data-pc="${p.id}" data-act="${a}">${a}</button>`).join("")],
+    ]) + `<div id="steps"></div>`;
+    el.querySelectorAll<HTMLButtonElement>("button[data-act]").forEach((b) =>
+      b.addEventListener("click", act(() => api("POST", `${VE}/cloudPCs/${b.dataset.pc}/${b.dataset.act}`))));
+    el.querySelectorAll<HTMLButtonElement>("button[data-steps]").forEach((b) =>
+      b.addEventListener("click", async () => {
+        const steps = await list(`${VE}/cloudPCs/${b.dataset.steps}/provisioningSteps`);
+        el.querySelector("#steps")!.innerHTML = `<h2>Provisioning steps</h2>` + table(steps, [
+          ["Attempt", (s) => esc(s.attempt)], ["Step", (s) => esc(s.name)], ["Stage", (s) => esc(s.stage)], ["Status", (s) => esc(s.status)],
+          ["Started", (s) => esc(s.startDateTime)], ["ms", (s) => esc(s.durationInMilliseconds)], ["Error / detail", (s) => esc(s.error ?? s.detail)],
+        ]);
+      }));
+  },
+  async users(el) {
+    const [users, skus] = await Promise.all([list("/v1.0/users"), list("/v1.0/subscribedSkus")]);
+    el.innerHTML = form("newuser", `<input name="upn" placeholder="name@domain" required><input name="name" placeholder="Display name" required>
+        <input name="password" type="password" placeholder="Portal password">`, "Create user") +
+      table(users, [
+        ["User principal name", (u) => esc(u.userPrincipalName)], ["Name", (u) => esc(u.displayName)], ["Enabled", (u) => esc(u.accountEnabled)],
+        ["", (u) => `<span class="write"><select data-lic="${u.id}"><option value="">Assign license…</option>${skus.map((s) => `<option value="${s.skuId}">${esc(s.skuPartNumber)}</option>`).join("")}</select>
+          <button class="secondary" data-del="${u.id}">Delete</button></span>`],
+      ]);
+    el.querySelector("#newuser")!.addEventListener("submit", act(() => {
+      const v = values("newuser");
+      return api("POST", "/v1.0/users", { userPrincipalName: v.upn, displayName: v.name, ...(v.password ? { passwordProfile: { password: v.password } } : {}) });
+    }));
+    el.querySelectorAll<HTMLButtonElement>("button[data-del]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `/v1.0/users/${b.dataset.del}`))));
+    el.querySelectorAll<HTMLSelectElement>("select[data-lic]").forEach((s) => s.addEventListener("change", act(() =>
+      api("POST", `/v1.0/users/${s.dataset.lic}/assignLicense`, { addLicenses: [{ skuId: s.value }], removeLicenses: [] }))));
+  },
+  async groups(el) {
+    const [groups, users] = await Promise.all([list("/v1.0/groups"), list("/v1.0/users")]);
+    const members = await Promise.all(groups.map((g) => list(`/v1.0/groups/${g.id}/members`)));
+    el.innerHTML = form("newgroup", `<input name="name" placeholder="Group name" required><input name="description" placeholder="Description">`, "Create group") +
+      table(groups.map((g, i) => ({ ...g, members: members[i] })), [
+        ["Group", (g) => esc(g.displayName)],
+        ["Members", (g) => g.members.map((m: any) => `${esc(m.userPrincipalName)} <button class="secondary write" data-g="${g.id}" data-rm="${m.id}">×</button>`).join("<br>")],
+        ["", (g) => `<span class="write"><select data-add="${g.id}"><option value="">Add member…</option>${users.map((u) => `<option value="${u.id}">${esc(u.userPrincipalName)}</option>`).join("")}</select>
+          <button class="secondary" data-delg="${g.id}">Delete</button></span>`],
+      ]);
+    el.querySelector("#newgroup")!.addEventListener("submit", act(() => { const v = values("newgroup"); return api("POST", "/v1.0/groups", { displayName: v.name, description: v.description || undefined }); }));
+    el.querySelectorAll<HTMLSelectElement>("select[data-add]").forEach((s) => s.addEventListener("change", act(() =>
+      api("POST", `/v1.0/groups/${s.dataset.add}/members/$ref`, { "@odata.id": `https://graph.microsoft.com/v1.0/directoryObjects/${s.value}` }))));
+    el.querySelectorAll<HTMLButtonElement>("button[data-rm]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `/v1.0/groups/${b.dataset.g}/members/${b.dataset.rm}/$ref`))));
+    el.querySelectorAll<HTMLButtonElement>("button[data-delg]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `/v1.0/groups/${b.dataset.delg}`))));
+  },
+  async licenses(el) {
+    const [skus, groups] = await Promise.all([list("/v1.0/subscribedSkus"), list("/v1.0/groups")]);
+    el.innerHTML = form("newsku", `<input name="part" placeholder="Part number" required><input name="seats" type="number" min="0" placeholder="Seats" required>
+        <input name="vcpu" type="number" min="1" placeholder="vCPU" required><input name="ram" type="number" min="1" placeholder="RAM GB" required>
+        <input name="disk" type="number" min="1" placeholder="Disk GB" required>`, "Create SKU") +
+      table(skus, [
+        ["SKU", (s) => esc(s.skuPartNumber)], ["Size", (s) => `${s.vCpuCount} vCPU, ${s.ramInGB} GB, ${s.storageInGB} GB`],
+        ["Seats used", (s) => `${s.consumedUnits} / ${s.prepaidUnits.enabled}`],
+        ["", (s) => `<select class="write" data-sku="${s.skuId}"><option value="">Assign to group…</option>${groups.map((g) => `<option value="${g.id}">${esc(g.displayName)}</option>`).join("")}</select>`],
+      ]);
+    el.querySelector("#newsku")!.addEventListener("submit", act(() => {
+      const v = values("newsku");
+      return api("POST", "/v1.0/subscribedSkus", { skuPartNumber: v.part, prepaidUnits: { enabled: +v.seats }, vCpuCount: +v.vcpu, ramInGB: +v.ram, storageInGB: +v.disk });
+    }));
+    el.querySelectorAll<HTMLSelectElement>("select[data-sku]").forEach((s) => s.addEventListener("change", act(() =>
+      api("POST", `/v1.0/groups/${s.value}/assignLicense`, { addLicenses: [{ skuId: s.dataset.sku }], removeLicenses: [] }))));
+  },
+  async images(el) {
+    const [gallery, custom] = await Promise.all([list(`${VE}/galleryImages`), list(`${VE}/deviceImages`)]);
+    el.innerHTML = `<h2>Gallery</h2>` + table(gallery, [["Image", (i) => esc(i.displayName)], ["Id", (i) => esc(i.id)], ["Status", (i) => esc(i.status)], ["GB", (i) => esc(i.sizeInGB)]]) +
+      `<h2>Custom images</h2>` + form("newimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
+        <input name="path" placeholder="/path/on/server/image.qcow2" required>`, "Register") +
+      table(custom, [["Image", (i) => esc(i.displayName)], ["Version", (i) => esc(i.version)], ["Status", (i) => `${esc(i.status)} ${esc(i.errorCode)} ${esc(i.statusDetails)}`],
+        ["", (i) => `<button class="secondary write" data-delimg="${i.id}">Delete</button>`]]);
+    el.querySelector("#newimg")!.addEventListener("submit", act(() => { const v = values("newimg"); return api("POST", `${VE}/deviceImages`, { displayName: v.name, version: v.version, sourceImageResourceId: v.path }); }));
+    el.querySelectorAll<HTMLButtonElement>("button[data-delimg]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/deviceImages/${b.dataset.delimg}`))));
+  },
+  async policies(el) {
+    const [policies, groups, gallery, custom] = await Promise.all([
+      list(`${VE}/provisioningPolicies?$expand=assignments`), list("/v1.0/groups"), list(`${VE}/galleryImages`), list(`${VE}/deviceImages`),
+    ]);
+    const images = [...gallery.map((i) => ({ v: `gallery|${i.id}`, t: `${i.displayName} (gallery)` })),
+      ...custom.filter((i) => i.status === "ready").map((i) => ({ v: `custom|${i.id}`, t: `${i.displayName} ${i.version}` }))];
+    const groupName = (id: string) => groups.find((g) => g.id === id)?.displayName ?? id;
+    el.innerHTML = form("newpolicy", `<input name="name" placeholder="Policy name" required>
+        <select name="image" required>${images.map((i) => `<option value="${esc(i.v)}">${esc(i.t)}</option>`).join("")}</select>
+        <input name="template" placeholder="CPC-%USERNAME:4%-%RAND:5%"><label><input type="checkbox" name="admin"> Local admin</label>`, "Create policy") +
+      table(policies, [
+        ["Policy", (p) => esc(p.displayName)], ["Image", (p) => esc(p.imageDisplayName)], ["Naming", (p) => esc(p.cloudPcNamingTemplate)],
+        ["Assigned groups (in order)", (p) => (p.assignments ?? []).map((a: any, i: number) => `${i + 1}. ${esc(groupName(a.target.groupId))}`).join("<br>")],
+        ["", (p) => `<span class="write"><span class="order" data-policy="${p.id}">${groups.map((g) => `<label><input type="checkbox" value="${g.id}"> ${esc(g.displayName)}</label>`).join(" ")}</span>
+          <button class="secondary" data-assign="${p.id}">Assign checked (in click order)</button> <button class="secondary" data-delp="${p.id}">Delete</button></span>`],
+      ]);
+    el.querySelector("#newpolicy")!.addEventListener("submit", act(() => {
+      const v = values("newpolicy");
+      const [imageType, imageId] = v.image.split("|");
+      return api("POST", `${VE}/provisioningPolicies`, { displayName: v.name, imageId, imageType, localAdminEnabled: v.admin === "on", ...(v.template ? { cloudPcNamingTemplate: v.template } : {}) });
+    }));
+    // The order in which boxes are ticked is the assignment order.
+    const order = new Map<string, string[]>();
+    el.querySelectorAll<HTMLElement>(".order").forEach((span) => span.querySelectorAll<HTMLInputElement>("input").forEach((box) =>
+      box.addEventListener("change", () => {
+        const list = (order.get(span.dataset.policy!) ?? []).filter((g) => g !== box.value);
+        if (box.checked) list.push(box.value);
+        order.set(span.dataset.policy!, list);
+      })));
+    el.querySelectorAll<HTMLButtonElement>("button[data-assign]").forEach((b) => b.addEventListener("click", act(() =>
+      api("POST", `${VE}/provisioningPolicies/${b.dataset.assign}/assign`, {
+        assignments: (order.get(b.dataset.assign!) ?? []).map((groupId) => ({ target: { "@odata.type": "#microsoft.graph.cloudPcManagementGroupAssignmentTarget", groupId } })),
+      }))));
+    el.querySelectorAll<HTMLButtonElement>("button[data-delp]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/provisioningPolicies/${b.dataset.delp}`))));
+  },
+  async audit(el) {
+    const events = (await list(`${VE}/auditEvents`)).reverse();
+    el.innerHTML = table(events, [
+      ["When", (e) => esc(e.activityDateTime)], ["Activity", (e) => esc(e.activity)],
+      ["By", (e) => esc(e.actor.userPrincipalName ?? e.actor.applicationDisplayName)], ["Resource", (e) => esc(e.resources[0]?.displayName)],
+      ["Changes", (e) => (e.resources[0]?.modifiedProperties ?? []).map((m: any) => `${esc(m.displayName)}: ${esc(m.oldValue)} → ${esc(m.newValue)}`).join("<br>")],
+    ]);
+  },
+};
+
+if (token) start().catch(() => showSignIn()); else showSignIn();

@@ -1,0 +1,66 @@
+// Browser test of the admin console, run by the Rust integration test against a real server:
+// an administrator creates a provisioning policy and assigns a group; a reader can change nothing.
+// Env: CLOUDPC_URL, ADMIN_TOKEN, READER_TOKEN, GROUP_NAME, POLICY_NAME, SCREENSHOT.
+import { chromium } from "playwright-core";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const env = process.env;
+const fail = (m) => {
+  console.error(`admin test: ${m}`);
+  process.exit(1);
+};
+const launch = () =>
+  chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "cloudpc-chromium-")), {
+    executablePath: env.CHROMIUM ?? "/usr/bin/chromium",
+    headless: true,
+    viewport: { width: 1280, height: 900 },
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync"],
+  });
+
+async function signIn(ctx, token) {
+  const page = ctx.pages()[0] ?? (await ctx.newPage());
+  await page.goto(`${env.CLOUDPC_URL}/admin.html`);
+  await page.fill("input[name=token]", token);
+  await page.click("button[type=submit]");
+  await page.waitForSelector("nav", { timeout: 10000 }).catch(() => fail("sign-in with a token failed"));
+  return page;
+}
+
+const admin = await launch();
+try {
+  const page = await signIn(admin, env.ADMIN_TOKEN);
+  await page.click("nav button[data-tab=policies]");
+  await page.waitForSelector("#newpolicy");
+  await page.fill("#newpolicy input[name=name]", env.POLICY_NAME);
+  await page.fill("#newpolicy input[name=template]", "WEB-%RAND:5%");
+  await page.click("#newpolicy button");
+  const row = page.locator("tr", { hasText: env.POLICY_NAME });
+  await row.waitFor({ timeout: 10000 }).catch(() => fail("the new policy is not listed"));
+  await row.locator("label", { hasText: env.GROUP_NAME }).locator("input").check();
+  await row.locator("button[data-assign]").click();
+  await page.locator("tr", { hasText: `1. ${env.GROUP_NAME}` }).waitFor({ timeout: 10000 }).catch(() => fail("the group assignment is not shown"));
+  if (env.SCREENSHOT) await page.screenshot({ path: env.SCREENSHOT });
+} finally {
+  await admin.close();
+}
+
+const reader = await launch();
+try {
+  const page = await signIn(reader, env.READER_TOKEN);
+  if (!(await page.locator("header", { hasText: "read only" }).count())) fail("the reader is not told the console is read-only");
+  await page.click("nav button[data-tab=policies]");
+  await page.waitForSelector("table");
+  if (await page.locator("#newpolicy").isVisible()) fail("a reader sees the create form");
+  if (await page.locator("button[data-assign]").first().isVisible()) fail("a reader sees the assign button");
+  const status = await page.evaluate(async (token) => {
+    const r = await fetch("/v1.0/groups", { method: "POST", headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" }, body: JSON.stringify({ displayName: "sneaky" }) });
+    return r.status;
+  }, env.READER_TOKEN);
+  if (status !== 403) fail(`a reader's write was answered ${status}, not 403`);
+} finally {
+  await reader.close();
+}
+console.log("admin console ok");
