@@ -80,6 +80,12 @@ impl Server {
         Server { child, url, data, banner, http: reqwest::Client::new() }
     }
 
+    /// The server's process id (the gateway benchmark reads its memory).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.data.path()
     }
