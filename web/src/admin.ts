@@ -210,7 +210,7 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
         ["Policy", (p) => esc(p.displayName)], ["Image", (p) => esc(p.imageDisplayName)], ["Naming", (p) => esc(p.cloudPcNamingTemplate)],
         ["Assigned groups (in order)", (p) => (p.assignments ?? []).map((a: any, i: number) => `${i + 1}. ${esc(groupName(a.target.groupId))}`).join("<br>")],
         ["", (p) => `<span class="write"><span class="order" data-policy="${p.id}">${groups.map((g) => `<label><input type="checkbox" value="${g.id}"> ${esc(g.displayName)}</label>`).join(" ")}</span>
-          <button class="secondary" data-assign="${p.id}">Assign checked (in click order)</button> <button class="secondary" data-delp="${p.id}">Delete</button></span>`],
+          <button class="secondary" data-assign="${p.id}">Assign checked (in click order)</button> <button class="secondary" data-editp="${p.id}">Edit</button> <button class="secondary" data-delp="${p.id}">Delete</button></span>`],
       ]);
     el.querySelector("#newpolicy")!.addEventListener("submit", act(() => {
       const v = values("newpolicy");
@@ -229,6 +229,15 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       api("POST", `${VE}/provisioningPolicies/${b.dataset.assign}/assign`, {
         assignments: (order.get(b.dataset.assign!) ?? []).map((groupId) => ({ target: { "@odata.type": "#microsoft.graph.cloudPcManagementGroupAssignmentTarget", groupId } })),
       }))));
+    // Editing changes the policy only: Cloud PCs made from it stay as they are until reprovisioned.
+    el.querySelectorAll<HTMLButtonElement>("button[data-editp]").forEach((b) => b.addEventListener("click", act(async () => {
+      const p = policies.find((x) => x.id === b.dataset.editp);
+      const displayName = prompt("Policy name", p.displayName);
+      if (displayName === null) return;
+      const template = prompt("Naming template (empty for the default)", p.cloudPcNamingTemplate ?? "");
+      if (template === null) return;
+      await api("PATCH", `${VE}/provisioningPolicies/${p.id}`, { displayName, cloudPcNamingTemplate: template });
+    })));
     el.querySelectorAll<HTMLButtonElement>("button[data-delp]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/provisioningPolicies/${b.dataset.delp}`))));
   },
   async audit(el) {

@@ -42,6 +42,11 @@ try {
   await row.locator("label", { hasText: env.GROUP_NAME }).locator("input").check();
   await row.locator("button[data-assign]").click();
   await page.locator("tr", { hasText: `1. ${env.GROUP_NAME}` }).waitFor({ timeout: 10000 }).catch(() => fail("the group assignment is not shown"));
+  // Edit: the prompts ask for the name, then the naming template.
+  const answers = [`${env.POLICY_NAME} v2`, "WEB2-%RAND:5%"];
+  page.on("dialog", (d) => d.accept(answers.shift()));
+  await row.locator("button[data-editp]").click();
+  await page.locator("tr", { hasText: "WEB2-%RAND:5%" }).waitFor({ timeout: 10000 }).catch(() => fail("the edit is not shown"));
   if (env.SCREENSHOT) await page.screenshot({ path: env.SCREENSHOT });
 } finally {
   await admin.close();

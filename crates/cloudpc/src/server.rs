@@ -259,7 +259,7 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     tracing::info!(%addr, data_dir = %s.data_dir.display(), "cloudpc server started");
     let web = s.web_dir.filter(|d| d.join("index.html").exists());
     if web.is_none() {
-        tracing::warn!("no built portal found (run npm run build in web/); the API works without it");
+        tracing::info!("no built portal found (run npm run build in web/); the API works without it");
     }
     let service = cloudpc_api::router(app, web).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.map_err(|e| format!("server failed: {e}"))

@@ -24,6 +24,10 @@ pub struct Server {
     /// Lines the server printed to stdout before it was ready.
     pub banner: Vec<String>,
     http: reqwest::Client,
+    /// Prefix of the libvirt domains this server may create; swept at drop unless `stop` hands the
+    /// data on to a restarted server.
+    pub prefix: String,
+    sweep: bool,
 }
 
 impl Server {
@@ -41,6 +45,11 @@ impl Server {
         // QEMU runs as libvirt-qemu and must reach disks kept under the data directory.
         std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod data dir");
+        // Every server gets its own domain prefix, so whatever VMs it starts are swept at drop.
+        let prefix = match extra.iter().position(|a| *a == "--domain-prefix") {
+            Some(i) => extra[i + 1].to_string(),
+            None => format!("cpct{}-", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        };
         let mut cmd = Command::new(bin());
         cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data.path())
@@ -50,6 +59,9 @@ impl Server {
             .env("CLOUDPC_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if !extra.contains(&"--domain-prefix") {
+            cmd.args(["--domain-prefix", &prefix]);
+        }
         if let Some(t) = admin_token {
             cmd.env("CLOUDPC_ADMIN_TOKEN", t);
         }
@@ -77,7 +89,7 @@ impl Server {
                 Err(_) => panic!("server did not start; printed: {banner:?}"),
             }
         };
-        Server { child, url, data, banner, http: reqwest::Client::new() }
+        Server { child, url, data, banner, http: reqwest::Client::new(), prefix, sweep: true }
     }
 
     /// The server's process id (the gateway benchmark reads its memory).
@@ -92,6 +104,7 @@ impl Server {
 
     /// Stops the server and hands back its data directory, for restart tests.
     pub fn stop(mut self) -> tempfile::TempDir {
+        self.sweep = false;
         let _ = self.child.kill();
         let _ = self.child.wait();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -231,13 +244,20 @@ impl Server {
             "/v1.0/subscribedSkus",
             &format!("{VE}/deviceImages"),
             &format!("{VE}/provisioningPolicies"),
-            &format!("{VE}/auditEvents"),
         ] {
             let (s, v) = self.get(&format!("{path}?$top=999")).await;
             assert_eq!(s, StatusCode::OK);
             out.push(v["value"].as_array().unwrap().len());
         }
+        out.push(self.admin_audit_count().await);
         out
+    }
+
+    /// Audit events of changes people made (cloudpc's own background work is left out, since the
+    /// reconciler may act at any moment).
+    pub async fn admin_audit_count(&self) -> usize {
+        let (_, v) = self.get(&format!("{VE}/auditEvents?$top=999&$filter=actor/type eq 'itPro'")).await;
+        v["value"].as_array().unwrap().len()
     }
 
     /// Creates a reader token through the API.
@@ -251,6 +271,18 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.sweep {
+            return;
+        }
+        // API tests can start provisioning too (a licensed user in a targeted group): leave no VM.
+        let virsh = |args: &[&str]| Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output();
+        if let Ok(out) = virsh(&["list", "--all", "--name"]) {
+            for d in String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|n| n.starts_with(&self.prefix))
+            {
+                let _ = virsh(&["destroy", d]);
+                let _ = virsh(&["undefine", d]);
+            }
+        }
     }
 }
 

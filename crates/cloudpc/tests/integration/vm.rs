@@ -426,6 +426,24 @@ fn web_dir() -> std::path::PathBuf {
     dir
 }
 
+/// Runs one of web/tests/*.mjs in headless Chromium with `env`, saving a screenshot under
+/// target/test-artifacts/; fails the test with the script's output if it fails.
+async fn browser_test(script: &str, env: &[(&str, &str)], screenshot: &str) -> String {
+    let web = web_dir();
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts").join(screenshot);
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(web.join("tests").join(script)).env("SCREENSHOT", &shot).current_dir(&web);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "browser test {script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "screenshot saved");
+    stdout
+}
+
 #[tokio::test]
 async fn test_vm_user_signs_in_and_opens_their_cloud_pc_in_chromium() {
     let _turn = vm_turn().await;
@@ -473,26 +491,13 @@ async fn test_vm_user_signs_in_and_opens_their_cloud_pc_in_chromium() {
     assert_eq!(no_csrf.status().as_u16(), 403, "writes need the portal header");
 
     // Chromium signs in as Grady, opens the Cloud PC and sees its screen.
-    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts/portal-console.png");
-    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
-    let out = tokio::process::Command::new("node")
-        .arg(web.join("tests/portal.mjs"))
-        .env("CLOUDPC_URL", &s.url)
-        .env("CLOUDPC_USER", "grady@contoso.com")
-        .env("CLOUDPC_PASSWORD", password)
-        .env("SCREENSHOT", &shot)
-        .current_dir(&web)
-        .output()
-        .await
-        .expect("node");
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("portal: {}", String::from_utf8_lossy(&out.stdout).trim());
-    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "screenshot saved");
+    let measured = browser_test(
+        "portal.mjs",
+        &[("CLOUDPC_URL", &s.url), ("CLOUDPC_USER", "grady@contoso.com"), ("CLOUDPC_PASSWORD", password)],
+        "portal-console.png",
+    )
+    .await;
+    println!("portal: {measured}");
     let acts = s.audit_activities().await;
     assert!(
         acts.iter().any(|a| a == "Sign in User") && acts.iter().any(|a| a == "Connect console CloudPc"),
@@ -523,30 +528,22 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
     let s = VmServer::start(&["--web-dir", web.join("dist").to_str().unwrap()]).await;
     let group = s.group("Engineering").await;
     let reader = s.reader_token().await;
-    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts/admin-policies.png");
-    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
-    let out = tokio::process::Command::new("node")
-        .arg(web.join("tests/admin.mjs"))
-        .env("CLOUDPC_URL", &s.url)
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("READER_TOKEN", &reader)
-        .env("GROUP_NAME", "Engineering")
-        .env("POLICY_NAME", "Made in the browser")
-        .env("SCREENSHOT", &shot)
-        .current_dir(&web)
-        .output()
-        .await
-        .expect("node");
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    browser_test(
+        "admin.mjs",
+        &[
+            ("CLOUDPC_URL", &s.url),
+            ("ADMIN_TOKEN", ADMIN_TOKEN),
+            ("READER_TOKEN", &reader),
+            ("GROUP_NAME", "Engineering"),
+            ("POLICY_NAME", "Made in the browser"),
+        ],
+        "admin-policies.png",
+    )
+    .await;
     let (_, policies) = s.get(&format!("{VE}/provisioningPolicies?$expand=assignments")).await;
     let p = &policies["value"][0];
-    assert_eq!(p["displayName"], "Made in the browser");
-    assert_eq!(p["cloudPcNamingTemplate"], "WEB-%RAND:5%");
+    assert_eq!(p["displayName"], "Made in the browser v2");
+    assert_eq!(p["cloudPcNamingTemplate"], "WEB2-%RAND:5%");
     assert_eq!(p["assignments"][0]["target"]["groupId"], group["id"]);
     let (_, groups) = s.get("/v1.0/groups").await;
     assert_eq!(groups["value"].as_array().unwrap().len(), 1, "the reader's forced write changed nothing");
