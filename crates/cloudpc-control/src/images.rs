@@ -137,7 +137,46 @@ impl App {
     pub async fn delete_device_image(&self, actor: &Actor, id: &str) -> Result<()> {
         let image = self.get_device_image(id).await?;
         let audit = image_change("Delete", AuditOperationType::Delete, &image).event(actor, Some(&image), None);
-        Ok(self.store.delete_device_image(image.id, &audit).await?)
+        self.store.delete_device_image(image.id, &audit).await?;
+        if let Err(e) = tokio::fs::remove_file(self.image_base(image.id)).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(image = %image.id, error = %e, "could not remove the image's base file");
+            }
+        }
+        Ok(())
+    }
+
+    /// cloudpc's own copy of a custom image: Cloud PCs use overlays on it, never the source file,
+    /// so the source can be moved or changed without touching them.
+    pub fn image_base(&self, id: Uuid) -> std::path::PathBuf {
+        self.config.image_dir.join(format!("{id}.qcow2"))
+    }
+
+    /// Copies a checked image into its base file (flattened by `qemu-img convert`, written under a
+    /// temporary name and renamed, so a crash never leaves a half-copied base).
+    async fn take_copy(&self, image: &DeviceImage) -> Result<(), ImageRejection> {
+        let base = self.image_base(image.id);
+        let partial = base.with_extension("qcow2.partial");
+        let out = tokio::process::Command::new(&self.config.qemu_img)
+            .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+            .arg(&image.source_image_resource_id)
+            .arg(&partial)
+            .output()
+            .await
+            .map_err(|e| {
+                reject(DeviceImageErrorCode::InternalServerError, format!("cannot run {}: {e}", self.config.qemu_img))
+            })?;
+        if !out.status.success() {
+            let _ = tokio::fs::remove_file(&partial).await;
+            let detail = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").to_string();
+            return Err(reject(
+                DeviceImageErrorCode::SourceImageInvalid,
+                format!("the image could not be copied: {detail}"),
+            ));
+        }
+        tokio::fs::rename(&partial, &base)
+            .await
+            .map_err(|e| reject(DeviceImageErrorCode::InternalServerError, format!("cannot store the image: {e}")))
     }
 
     /// Checks every image left `pending` (for example by a restart during a check).
@@ -158,7 +197,11 @@ impl App {
             return;
         }
         let mut image = before.clone();
-        match self.check_image_file(Path::new(&image.source_image_resource_id)).await {
+        let checked = match self.check_image_file(Path::new(&image.source_image_resource_id)).await {
+            Ok(size) => self.take_copy(&image).await.map(|()| size),
+            Err(r) => Err(r),
+        };
+        match checked {
             Ok(size) => {
                 image.status = DeviceImageStatus::Ready;
                 image.size_in_gb = Some((size as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0);

@@ -54,6 +54,8 @@ pub struct AppConfig {
     pub domain_prefix: String,
     /// Where Cloud PC disks (overlays) and console logs live.
     pub storage_dir: PathBuf,
+    /// Where cloudpc keeps its own copy of each custom image, the base of its Cloud PCs' overlays.
+    pub image_dir: PathBuf,
     /// How many Cloud PCs may be provisioned at the same time.
     pub max_parallel_provisioning: usize,
     /// Testing only: make the named step fail this many times ("step" → count).
@@ -72,6 +74,7 @@ impl Default for AppConfig {
             resync_interval: Duration::from_secs(10),
             domain_prefix: "cloudpc-".into(),
             storage_dir: PathBuf::from("cloudpc-data/disks"),
+            image_dir: PathBuf::from("cloudpc-data/images"),
             max_parallel_provisioning: 4,
             injected_faults: HashMap::new(),
             console_ticket_ttl: Duration::from_secs(30),

@@ -143,6 +143,7 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             resync_interval: Duration::from_secs(args.resync_secs.or(file.resync_secs).unwrap_or(10).max(1)),
             domain_prefix: args.domain_prefix.clone().or(file.domain_prefix).unwrap_or(defaults.domain_prefix),
             storage_dir,
+            image_dir: data_dir.join("images"),
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_faults(&args.inject_fault)?,
             console_ticket_ttl: Duration::from_secs(
@@ -217,8 +218,9 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     let s = settings(&args)?;
     init_logging(&s.log);
     let store = open_store(&s.data_dir).await?;
-    std::fs::create_dir_all(&s.app.storage_dir)
-        .map_err(|e| format!("cannot create {}: {e}", s.app.storage_dir.display()))?;
+    for dir in [&s.app.storage_dir, &s.app.image_dir] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     let accel = accelerator(&s.gallery_dir).await;
     let mut hosts: Vec<Arc<dyn Hypervisor>> = Vec::new();
     for h in s.hosts.clone() {

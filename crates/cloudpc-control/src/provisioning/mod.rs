@@ -135,7 +135,8 @@ impl App {
             ImageType::Custom => {
                 let id = Uuid::parse_str(&policy.image_id)
                     .map_err(|_| Error::Conflict("the policy's image id is not valid".into()))?;
-                (self.store.get_device_image(id).await?.source_image_resource_id.into(), None::<KernelBoot>)
+                self.store.get_device_image(id).await?;
+                (self.image_base(id), None::<KernelBoot>)
             }
         };
         let template = policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());

@@ -17,6 +17,18 @@ async fn test_valid_qcow2_becomes_ready_with_its_size() {
     assert_eq!(img["errorCode"], serde_json::Value::Null);
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     assert_eq!(list["value"].as_array().unwrap().len(), 1);
+    // cloudpc keeps its own standalone copy; the source may go away.
+    let base = s.data_dir().join("images").join(format!("{}.qcow2", img["id"].as_str().unwrap()));
+    let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&base).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 3u64 << 30);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    std::fs::remove_file(&file).unwrap();
+    let policy = s.policy("After the source is gone", &img).await;
+    s.delete(&format!("{VE}/provisioningPolicies/{}", policy["id"].as_str().unwrap())).await;
+    let (status, _) = s.delete(&format!("{VE}/deviceImages/{}", img["id"].as_str().unwrap())).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!base.exists(), "deleting the image removes cloudpc's copy");
     let (status, gallery) = s.get(&format!("{VE}/galleryImages")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(gallery["value"].is_array());
@@ -70,6 +82,8 @@ async fn test_hostile_and_broken_images_fail_with_error_codes() {
 
     expect_failed(&s, "missing", &dir.join("nope.qcow2"), "sourceImageNotFound", "no file").await;
     expect_failed(&s, "directory", &dir, "sourceImageInvalid", "not a regular file").await;
+    let kept: Vec<_> = std::fs::read_dir(dir.join("images")).unwrap().collect();
+    assert!(kept.is_empty(), "refused images leave nothing in cloudpc's image store: {kept:?}");
 }
 
 #[tokio::test]

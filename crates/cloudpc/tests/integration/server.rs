@@ -120,8 +120,16 @@ async fn test_cloud_pc_waits_for_capacity_and_says_why() {
     assert_eq!(pc["status"], "pendingProvision", "{pc}");
     let detail = pc["statusDetail"].as_str().unwrap();
     assert!(detail.contains("waiting for capacity") && detail.contains("2 vCPU"), "{detail}");
-    let (_, steps) = s.get(&format!("{VE}/cloudPCs/{}/provisioningSteps", pc["id"].as_str().unwrap())).await;
+    // The reconciler tries the capacity step again at every resync, so it may be running just now.
+    let mut steps = serde_json::Value::Null;
+    for _ in 0..40 {
+        steps = s.get(&format!("{VE}/cloudPCs/{}/provisioningSteps", pc["id"].as_str().unwrap())).await.1;
+        if steps["value"][0]["status"] == "waiting" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(steps["value"][0]["name"], "allocateCapacity");
-    assert_eq!(steps["value"][0]["status"], "waiting");
+    assert_eq!(steps["value"][0]["status"], "waiting", "{steps}");
     assert_eq!(steps["value"].as_array().unwrap().len(), 1, "nothing after the capacity step ran");
 }
