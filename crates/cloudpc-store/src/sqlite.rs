@@ -602,6 +602,23 @@ impl Store for SqliteStore {
                         quoted(&users)
                     )));
                 }
+                // Cloud PCs keep the image they were built from (their overlays sit on its copy).
+                let pcs: Vec<String> = sqlx::query(
+                    "SELECT COALESCE(json_extract(body, '$.managedDeviceName'), id) AS name FROM cloud_pcs
+                     WHERE json_extract(state, '$.spec.imageId') = ?1",
+                )
+                .bind(&id)
+                .fetch_all(&mut *c)
+                .await?
+                .iter()
+                .map(|r| r.get::<String, _>("name"))
+                .collect();
+                if !pcs.is_empty() {
+                    return Err(StoreError::Conflict(format!(
+                        "the image is used by Cloud PC {}; reprovision it from another image or let it be removed first",
+                        quoted(&pcs)
+                    )));
+                }
                 delete_row(c, "device_images", "deviceImage", &id).await
             })
         })

@@ -132,4 +132,15 @@ async fn test_cloud_pc_waits_for_capacity_and_says_why() {
     assert_eq!(steps["value"][0]["name"], "allocateCapacity");
     assert_eq!(steps["value"][0]["status"], "waiting", "{steps}");
     assert_eq!(steps["value"].as_array().unwrap().len(), 1, "nothing after the capacity step ran");
+
+    // The waiting Cloud PC is built from the image: it cannot be deleted, even once no policy uses it.
+    let other = s.ready_image("Other").await;
+    s.patch(
+        &format!("{VE}/provisioningPolicies/{}", policy["id"].as_str().unwrap()),
+        serde_json::json!({"imageId": other["id"]}),
+    )
+    .await;
+    let (status, v) = s.delete(&format!("{VE}/deviceImages/{}", image["id"].as_str().unwrap())).await;
+    assert_eq!(status.as_u16(), 409, "{v}");
+    assert!(message(&v).contains("Cloud PC") && message(&v).contains(pc["managedDeviceName"].as_str().unwrap()), "{v}");
 }
