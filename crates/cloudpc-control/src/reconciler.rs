@@ -152,6 +152,8 @@ impl App {
         licensed.sort();
         licensed.dedup();
         let mut memberships: HashMap<Uuid, HashSet<Uuid>> = HashMap::new();
+        // TODO-perf: one query per group on every pass; a store method returning all memberships
+        // (and passes triggered only by relevant changes) would do for large directories.
         for g in self.store.list_groups().await? {
             for u in self.store.list_members(g.id).await? {
                 memberships.entry(u.id).or_default().insert(g.id);

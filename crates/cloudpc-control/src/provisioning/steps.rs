@@ -241,6 +241,7 @@ impl App {
             Step::SetPrimaryUser => {
                 let user = tri!(self.store.get_user(rec.state.user_id).await);
                 let id = r.managed_device_id.unwrap_or_default();
+                // TODO-perf: reads every managed device to find one; add a lookup by id to the store.
                 let mut device = match self.store.list_managed_devices().await {
                     Ok(list) => match list.into_iter().find(|d| d.id == id) {
                         Some(d) => d,

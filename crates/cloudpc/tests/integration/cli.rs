@@ -117,27 +117,18 @@ async fn test_cli_list_follows_pages() {
     assert_eq!(some.as_array().unwrap().len(), 7);
 }
 
+/// A one-seat SKU "ONE" and user a@contoso.com, made through the CLI.
+fn one_seat_sku_and_user_a(s: &Server) {
+    let sku =
+        ["skus", "create", "--part-number", "ONE", "--seats", "1", "--vcpu", "1", "--ram-gb", "1", "--storage-gb", "1"];
+    ok(s, &sku);
+    ok(s, &["users", "create", "--upn", "a@contoso.com", "--name", "A"]);
+}
+
 #[tokio::test]
 async fn test_cli_exit_codes_scripts_can_trust() {
     let s = Server::start().await;
-    ok(
-        &s,
-        &[
-            "skus",
-            "create",
-            "--part-number",
-            "ONE",
-            "--seats",
-            "1",
-            "--vcpu",
-            "1",
-            "--ram-gb",
-            "1",
-            "--storage-gb",
-            "1",
-        ],
-    );
-    ok(&s, &["users", "create", "--upn", "a@contoso.com", "--name", "A"]);
+    one_seat_sku_and_user_a(&s);
     ok(&s, &["users", "create", "--upn", "b@contoso.com", "--name", "B"]);
     ok(&s, &["users", "assign-license", "a@contoso.com", "--add", "ONE"]);
 
@@ -182,24 +173,7 @@ async fn test_cli_token_create_prints_secret_once() {
 #[tokio::test]
 async fn test_cli_cloud_pcs_of_untargeted_user_and_refused_actions() {
     let s = Server::start().await;
-    ok(
-        &s,
-        &[
-            "skus",
-            "create",
-            "--part-number",
-            "ONE",
-            "--seats",
-            "1",
-            "--vcpu",
-            "1",
-            "--ram-gb",
-            "1",
-            "--storage-gb",
-            "1",
-        ],
-    );
-    ok(&s, &["users", "create", "--upn", "a@contoso.com", "--name", "A"]);
+    one_seat_sku_and_user_a(&s);
     ok(&s, &["users", "assign-license", "a@contoso.com", "--add", "ONE"]);
     // The reconciler reacts to the license: a licensed user no policy targets is notProvisioned.
     let mut pcs = Value::Null;
