@@ -149,6 +149,7 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_device(&self, id: Uuid) -> Result<()>;
     async fn list_devices(&self) -> Result<Vec<Device>>;
     async fn put_managed_device(&self, device: &ManagedDevice) -> Result<()>;
+    async fn get_managed_device(&self, id: Uuid) -> Result<ManagedDevice>;
     async fn delete_managed_device(&self, id: Uuid) -> Result<()>;
     async fn list_managed_devices(&self) -> Result<Vec<ManagedDevice>>;
 

@@ -903,6 +903,10 @@ impl Store for SqliteStore {
         self.put_row("managed_devices", device.id, device.cloud_pc_id, encode(device)).await
     }
 
+    async fn get_managed_device(&self, id: Uuid) -> Result<ManagedDevice> {
+        self.get_body("managed_devices", "managedDevice", &id.to_string()).await
+    }
+
     async fn delete_managed_device(&self, id: Uuid) -> Result<()> {
         sqlx::query("DELETE FROM managed_devices WHERE id = ?1").bind(id.to_string()).execute(&self.pool).await?;
         Ok(())

@@ -241,13 +241,9 @@ impl App {
             Step::SetPrimaryUser => {
                 let user = tri!(self.store.get_user(rec.state.user_id).await);
                 let id = r.managed_device_id.unwrap_or_default();
-                // TODO-perf: reads every managed device to find one; add a lookup by id to the store.
-                let mut device = match self.store.list_managed_devices().await {
-                    Ok(list) => match list.into_iter().find(|d| d.id == id) {
-                        Some(d) => d,
-                        None => return Outcome::Failed("the managed device record is missing".into()),
-                    },
-                    Err(e) => return Outcome::Failed(e.to_string()),
+                let mut device = match self.store.get_managed_device(id).await {
+                    Ok(d) => d,
+                    Err(_) => return Outcome::Failed("the managed device record is missing".into()),
                 };
                 device.user_id = Some(user.id);
                 device.user_principal_name = Some(user.user_principal_name.clone());
