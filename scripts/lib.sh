@@ -3,10 +3,12 @@
 
 # System packages cloudpc needs to build and run: the toolchain's C side, qemu-img (image checks,
 # overlays), QEMU and libvirt (the hypervisor; libvirt-dev to build the binding), dnsmasq and
-# iptables (hosted NAT networks, nwfilter), cpio and e2fsprogs (building the tiny test image).
-# chromium runs the browser tests of the portal.
+# iptables (hosted NAT networks, nwfilter), cpio and e2fsprogs (building the tiny test image),
+# syslinux, mtools, dosfstools and fdisk (its BIOS-bootable import disks), mmdebstrap (the desktop
+# gallery image). chromium runs the browser tests of the portal.
 CLOUDPC_PACKAGES="build-essential pkg-config ca-certificates curl qemu-utils qemu-system-x86 libvirt-daemon
-libvirt-daemon-driver-qemu libvirt-clients libvirt-dev dnsmasq-base iptables cpio e2fsprogs chromium"
+libvirt-daemon-driver-qemu libvirt-clients libvirt-dev dnsmasq-base iptables cpio e2fsprogs chromium
+syslinux syslinux-common mtools dosfstools fdisk mmdebstrap"
 
 # Where gallery images are built (shared by the service and the tests; builds are cached there).
 CLOUDPC_GALLERY_DIR=${CLOUDPC_GALLERY_DIR:-/var/lib/cloudpc/gallery}

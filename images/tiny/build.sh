@@ -3,6 +3,11 @@
 # initramfs that loads the virtio modules and mounts the root disk, and an ext4 root filesystem
 # (busybox, the real qemu-guest-agent, resize2fs, zoneinfo) that lives on the Cloud PC's own disk.
 #
+# The same root filesystem is also written as two BIOS-bootable disks (MBR, a FAT boot partition
+# with SYSLINUX, the ext4 root as partition 2) under import/: `custom-bios.qcow2` is a valid custom
+# image to import, `custom-bios-noagent.qcow2` boots but never starts the guest agent, so an import
+# of it must fail its test boot. Neither is a gallery image.
+#
 # Usage: images/tiny/build.sh OUT_DIR
 # The result lands in OUT_DIR/tiny-<version>/ with manifest.json; a build whose inputs (this
 # script and the package versions) did not change is reused.
@@ -54,10 +59,14 @@ mount -t devtmpfs devtmpfs /dev
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console; do
     insmod /lib/modules/$m.ko
 done
+root=/dev/vda
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in root=/dev/*) root=${arg#root=} ;; esac
+done
 i=0
-while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
-if ! mount -t ext4 -o rw /dev/vda /newroot; then
-    echo "cloudpc-tiny: cannot mount the root disk /dev/vda"
+while [ ! -b "$root" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+if ! mount -t ext4 -o rw "$root" /newroot; then
+    echo "cloudpc-tiny: cannot mount the root disk $root"
     exec sh
 fi
 mount --move /dev /newroot/dev
@@ -77,8 +86,11 @@ cp "$work/x/bin/busybox" "$root/bin/busybox"
 done
 cp "$work/x/usr/sbin/qemu-ga" "$root/usr/sbin/qemu-ga"
 cp /sbin/resize2fs "$root/sbin/resize2fs"
+# sfdisk and resizepart grow the root partition of the BIOS disks (busybox cannot).
+cp /sbin/sfdisk "$root/sbin/sfdisk"
+cp /usr/bin/resizepart "$root/usr/bin/resizepart"
 # Shared libraries of the dynamic programs, from the host's Debian packages.
-for bin in "$root/usr/sbin/qemu-ga" "$root/sbin/resize2fs"; do
+for bin in "$root/usr/sbin/qemu-ga" "$root/sbin/resize2fs" "$root/sbin/sfdisk" "$root/usr/bin/resizepart"; do
     ldd "$bin" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | while read -r lib; do
         [ -f "$lib" ] || continue
         mkdir -p "$root$(dirname "$lib")"
@@ -165,6 +177,32 @@ mkdir -p "$dest.tmp"
 qemu-img convert -q -f raw -O qcow2 "$work/root.raw" "$dest.tmp/disk.qcow2"
 cp "$work/x/boot/vmlinuz-$kver" "$dest.tmp/vmlinuz"
 cp "$work/initrd.img" "$dest.tmp/initrd.img"
+
+# BIOS disks for import tests: MBR boot code, partition 1 FAT16 (32 MiB, SYSLINUX, kernel, initrd),
+# partition 2 the ext4 root. Assembled with dd so no loop device or mount is needed.
+bios_disk() { # ROOT_RAW OUT_QCOW2
+    local raw="$work/bios.raw" fat="$work/boot.fat"
+    rm -f "$raw" "$fat"
+    mkfs.vfat -C "$fat" 32768 >/dev/null
+    syslinux --install "$fat"
+    printf 'DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL /vmlinuz\n  INITRD /initrd.img\n  APPEND root=/dev/vda2 console=tty1 console=ttyS0 rw quiet\n' > "$work/syslinux.cfg"
+    mcopy -i "$fat" "$work/x/boot/vmlinuz-$kver" ::vmlinuz
+    mcopy -i "$fat" "$work/initrd.img" "$work/syslinux.cfg" ::
+    truncate -s $((34 + 192))M "$raw"
+    dd if=/usr/lib/syslinux/mbr/mbr.bin of="$raw" bs=440 count=1 conv=notrunc status=none
+    printf 'label: dos\nstart=2048, size=65536, type=6, bootable\nstart=67584, type=83\n' | sfdisk -q "$raw"
+    dd if="$fat" of="$raw" bs=512 seek=2048 conv=notrunc status=none
+    dd if="$1" of="$raw" bs=512 seek=67584 conv=notrunc status=none
+    qemu-img convert -q -f raw -O qcow2 "$raw" "$2"
+}
+step "making the BIOS-bootable import disks"
+mkdir -p "$dest.tmp/import"
+bios_disk "$work/root.raw" "$dest.tmp/import/custom-bios.qcow2"
+sed -i '/cloudpc-qga/d' "$root/etc/inittab"
+truncate -s 192M "$work/root-noagent.raw"
+mkfs.ext4 -q -L cloudpc-root -d "$root" "$work/root-noagent.raw"
+bios_disk "$work/root-noagent.raw" "$dest.tmp/import/custom-bios-noagent.qcow2"
+
 size=$(stat -c %s "$dest.tmp/disk.qcow2")
 cat > "$dest.tmp/manifest.json" <<EOF2
 {

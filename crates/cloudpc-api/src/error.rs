@@ -40,6 +40,11 @@ impl From<Error> for ApiError {
                 tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "internal error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", message)
             }
+            Error::TooLarge(_) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", message),
+            Error::HostIo(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", message)
+            }
         }
     }
 }

@@ -74,7 +74,7 @@ impl<S: Send + Sync> FromRequestParts<S> for GraphRequest {
     }
 }
 
-fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
     let decode = |s: &str| -> Result<String, ApiError> {
         let s = s.replace('+', " ");
         percent_decode(&s).ok_or_else(|| ApiError::bad_request("The query string is not valid percent-encoding."))

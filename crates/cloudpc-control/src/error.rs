@@ -19,9 +19,15 @@ pub enum Error {
     Forbidden(String),
     #[error("too many failed sign-ins; try again in {retry_after} seconds")]
     TooManyAttempts { retry_after: u64 },
+    /// The request body is larger than the rule allows.
+    #[error("{0}")]
+    TooLarge(String),
     /// Something failed inside cloudpc; the caller sees only that it did.
     #[error("an internal error occurred")]
     Internal(#[source] StoreError),
+    /// A file operation on the server's host failed; logged, not shown.
+    #[error("an internal error occurred")]
+    HostIo(String),
 }
 
 impl Error {

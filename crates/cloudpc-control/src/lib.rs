@@ -41,6 +41,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct AppConfig {
     /// Largest virtual disk size accepted for a custom image, in GiB.
     pub max_image_size_gb: u64,
+    /// Whether a custom image must pass a test boot in a throwaway VM. Off only in tests of other
+    /// features, which use blank qcow2 files as images.
+    pub image_test_boot: bool,
+    /// How long the test boot waits for the image's guest agent.
+    pub image_test_boot_timeout: Duration,
     /// The `qemu-img` program used to inspect imported images.
     pub qemu_img: String,
     /// Grace period before a Cloud PC that lost its license or targeting is deprovisioned,
@@ -68,6 +73,8 @@ impl Default for AppConfig {
     fn default() -> Self {
         Self {
             max_image_size_gb: 256,
+            image_test_boot: true,
+            image_test_boot_timeout: Duration::from_secs(120),
             qemu_img: "qemu-img".into(),
             grace_period: Duration::from_secs(7 * 24 * 3600),
             cleanup_delay: Duration::from_secs(3 * 3600),
@@ -98,6 +105,8 @@ pub struct App {
     faults: Arc<Mutex<HashMap<String, u32>>>,
     consoles: Arc<console::Consoles>,
     sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
+    /// Serializes read-modify-write of device images (versions are checked concurrently).
+    image_updates: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
@@ -115,6 +124,7 @@ impl App {
             faults: Arc::new(Mutex::new(faults)),
             consoles: Arc::new(console::Consoles::default()),
             sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
+            image_updates: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 

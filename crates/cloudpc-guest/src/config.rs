@@ -68,6 +68,9 @@ echo "$u:"{hash}":19000:0:99999:7:::" >> /etc/shadow.new
 chmod 600 /etc/shadow.new
 mv /etc/shadow.new /etc/shadow
 grep -q "^$u:" /etc/passwd
+# Images with a desktop start the graphical session for this user.
+mkdir -p /etc/cloudpc
+echo "$u" > /etc/cloudpc/primary-user
 "#
     );
     agent.script("creating the user account", &script, STEP_TIMEOUT).await.map(|_| ())
@@ -105,10 +108,32 @@ pub async fn set_time_zone(agent: &GuestAgent<'_>, zone: &str) -> Result<()> {
     agent.script("setting the time zone", &script, STEP_TIMEOUT).await.map(|_| ())
 }
 
+/// Grows the root partition (if root is on one; custom images usually are) to the end of its disk,
+/// then the ext4 filesystem, online. `growpart` when the image has it; otherwise util-linux's
+/// `sfdisk` rewrites the table and `resizepart` tells the running kernel.
+const GROW_ROOT: &str = r#"set -e
+dev=$(awk '$2 == "/" && $1 ~ /^\/dev\// {print $1}' /proc/mounts | tail -1)
+[ -n "$dev" ] || dev=/dev/vda
+name=${dev##*/}
+if [ -f "/sys/class/block/$name/partition" ]; then
+    part=$(cat "/sys/class/block/$name/partition")
+    disk=/dev/$(basename "$(readlink -f "/sys/class/block/$name/..")")
+    if command -v growpart >/dev/null; then
+        # growpart exits 1 when the partition already fills the disk.
+        growpart "$disk" "$part" >&2 || [ $? -eq 1 ]
+    else
+        echo ', +' | sfdisk -q --no-reread --no-tell-kernel -N "$part" "$disk" >&2
+        start=$(cat "/sys/class/block/$name/start")
+        total=$(cat "/sys/class/block/${disk##*/}/size")
+        resizepart "$disk" "$part" $((total - start))
+    fi
+fi
+resize2fs "$dev" >&2
+"#;
+
 /// Grows the root filesystem to fill its disk (online); returns the new size in bytes.
 pub async fn grow_root_filesystem(agent: &GuestAgent<'_>) -> Result<u64> {
-    let script = "set -e\ndev=$(awk '$2 == \"/\" && $1 ~ /^\\/dev\\// {print $1}' /proc/mounts | tail -1)\n[ -n \"$dev\" ] || dev=/dev/vda\nresize2fs \"$dev\" >&2\n";
-    agent.script("growing the root filesystem", script, Duration::from_secs(300)).await?;
+    agent.script("growing the root filesystem", GROW_ROOT, Duration::from_secs(300)).await?;
     let fs = agent.fs_info().await?;
     fs.as_array()
         .and_then(|list| list.iter().find(|f| f["mountpoint"] == "/"))

@@ -1,7 +1,13 @@
 //! Images a Cloud PC can start from: the built-in gallery and the admin's own uploads.
 //!
 //! Shaped like Graph's `cloudPcGalleryImage` and `cloudPcDeviceImage`. A device image goes
-//! `pending` → `ready` or `failed` (with an `errorCode`) once its source file has been checked.
+//! `pending` → `ready` or `failed` (with an `errorCode`) once its source file has been checked and
+//! test-booted.
+//!
+//! A device image keeps its id across versions (a cloudpc extension): `versions` lists each
+//! `Major.Minor.Patch` import, and the Graph fields at the top describe the *current* version, the
+//! newest one that is ready (or, while none is, the newest one). Policies name the image; a Cloud PC
+//! records the version it was built from, so a new version reaches it only when it is reprovisioned.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -72,6 +78,106 @@ pub struct DeviceImage {
     pub os_build_number: Option<String>,
     pub size_in_gb: Option<f64>,
     pub last_modified_date_time: DateTime<Utc>,
+    /// cloudpc extension: every version of the image, oldest first.
+    #[serde(default)]
+    pub versions: Vec<DeviceImageVersion>,
+}
+
+/// One imported version of a device image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceImageVersion {
+    pub version: String,
+    pub source_image_resource_id: String,
+    /// The source was uploaded through the API into cloudpc's upload area (removed once checked).
+    #[serde(default)]
+    pub uploaded: bool,
+    pub status: DeviceImageStatus,
+    pub error_code: Option<DeviceImageErrorCode>,
+    pub status_details: Option<String>,
+    /// What the guest agent reported during the test boot (`guest-get-osinfo`).
+    pub operating_system: Option<String>,
+    pub os_build_number: Option<String>,
+    pub size_in_gb: Option<f64>,
+    pub last_modified_date_time: DateTime<Utc>,
+}
+
+impl DeviceImage {
+    /// A new image whose only version is `pending`.
+    pub fn new_pending(id: Uuid, display_name: String, first: DeviceImageVersion) -> Self {
+        let mut image = DeviceImage {
+            id,
+            display_name,
+            version: String::new(),
+            source_image_resource_id: String::new(),
+            status: DeviceImageStatus::Pending,
+            error_code: None,
+            status_details: None,
+            operating_system: None,
+            os_build_number: None,
+            size_in_gb: None,
+            last_modified_date_time: first.last_modified_date_time,
+            versions: vec![first],
+        };
+        image.refresh_current();
+        image
+    }
+
+    /// The version new Cloud PCs are built from: the newest ready one, else the newest.
+    pub fn current(&self) -> Option<&DeviceImageVersion> {
+        self.versions.iter().rev().find(|v| v.status == DeviceImageStatus::Ready).or(self.versions.last())
+    }
+
+    /// Copies the current version into the Graph fields at the top.
+    pub fn refresh_current(&mut self) {
+        let Some(c) = self.current().cloned() else { return };
+        self.version = c.version;
+        self.source_image_resource_id = c.source_image_resource_id;
+        self.status = c.status;
+        self.error_code = c.error_code;
+        self.status_details = c.status_details;
+        if c.operating_system.is_some() {
+            self.operating_system = c.operating_system;
+            self.os_build_number = c.os_build_number;
+        }
+        self.size_in_gb = c.size_in_gb;
+        self.last_modified_date_time =
+            self.versions.iter().map(|v| v.last_modified_date_time).max().unwrap_or(c.last_modified_date_time);
+    }
+
+    pub fn version_mut(&mut self, version: &str) -> Option<&mut DeviceImageVersion> {
+        self.versions.iter_mut().find(|v| v.version == version)
+    }
+
+    /// A new version must be higher than every version the image has, so "newest" is unambiguous.
+    pub fn check_new_version(&self, version: &str) -> Result<(), ValidationError> {
+        image_version(version)?;
+        let new = parse_version(version).expect("checked above");
+        if let Some(top) = self.versions.iter().filter_map(|v| parse_version(&v.version)).max() {
+            if new <= top {
+                return Err(ValidationError::new(
+                    "version",
+                    format!("must be higher than the image's newest version {}.{}.{}", top.0, top.1, top.2),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Major.Minor.Patch` as numbers, for ordering.
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut it = v.split('.').map(|p| p.parse::<u64>().ok());
+    let r = (it.next()??, it.next()??, it.next()??);
+    it.next().is_none().then_some(r)
+}
+
+/// Input of `POST deviceImages/{id}/versions`: a new version from a file on the server's host.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceImageVersionCreate {
+    pub version: String,
+    pub source_image_resource_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -93,14 +199,19 @@ impl DeviceImage {
     pub fn validate(&self) -> Result<(), ValidationError> {
         validate::display_name("displayName", &self.display_name, 256)?;
         image_version(&self.version)?;
-        if !self.source_image_resource_id.starts_with('/') {
-            return Err(ValidationError::new(
-                "sourceImageResourceId",
-                "must be an absolute path to a qcow2 file on the server's host",
-            ));
-        }
-        validate::description("sourceImageResourceId", &self.source_image_resource_id, 4096)
+        source_path(&self.source_image_resource_id)
     }
+}
+
+/// A source is a qcow2 file on the server's host, named by an absolute path.
+pub fn source_path(path: &str) -> Result<(), ValidationError> {
+    if !path.starts_with('/') {
+        return Err(ValidationError::new(
+            "sourceImageResourceId",
+            "must be an absolute path to a qcow2 file on the server's host",
+        ));
+    }
+    validate::description("sourceImageResourceId", path, 4096)
 }
 
 /// `Major.Minor.Patch`, each a number of up to 9 digits.
@@ -112,5 +223,63 @@ pub fn image_version(v: &str) -> Result<(), ValidationError> {
         Ok(())
     } else {
         Err(ValidationError::new("version", format!("must look like Major.Minor.Patch (for example 1.0.0), not '{v}'")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(v: &str, status: DeviceImageStatus) -> DeviceImageVersion {
+        DeviceImageVersion {
+            version: v.into(),
+            source_image_resource_id: format!("/src/{v}.qcow2"),
+            uploaded: false,
+            status,
+            error_code: None,
+            status_details: None,
+            operating_system: None,
+            os_build_number: None,
+            size_in_gb: None,
+            last_modified_date_time: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn test_current_version_is_newest_ready_then_newest() {
+        let mut img =
+            DeviceImage::new_pending(Uuid::nil(), "Base".into(), version("1.0.0", DeviceImageStatus::Pending));
+        assert_eq!((img.version.as_str(), img.status), ("1.0.0", DeviceImageStatus::Pending));
+        img.version_mut("1.0.0").unwrap().status = DeviceImageStatus::Ready;
+        img.versions.push(version("1.1.0", DeviceImageStatus::Pending));
+        img.refresh_current();
+        assert_eq!(
+            (img.version.as_str(), img.status),
+            ("1.0.0", DeviceImageStatus::Ready),
+            "a pending version is not current yet"
+        );
+        img.version_mut("1.1.0").unwrap().status = DeviceImageStatus::Failed;
+        img.refresh_current();
+        assert_eq!(img.version, "1.0.0", "a failed version never replaces a ready one");
+        img.versions.push(version("1.2.0", DeviceImageStatus::Ready));
+        img.refresh_current();
+        assert_eq!((img.version.as_str(), img.source_image_resource_id.as_str()), ("1.2.0", "/src/1.2.0.qcow2"));
+    }
+
+    #[test]
+    fn test_new_version_must_be_higher() {
+        let img = DeviceImage::new_pending(Uuid::nil(), "Base".into(), version("1.10.0", DeviceImageStatus::Ready));
+        assert!(img.check_new_version("1.9.9").is_err(), "compared as numbers, not text");
+        assert!(img.check_new_version("1.10.0").is_err());
+        assert!(img.check_new_version("1.10.1").is_ok());
+        assert!(img.check_new_version("2.0").is_err());
+    }
+
+    #[test]
+    fn test_parse_version() {
+        assert_eq!(parse_version("1.2.3"), Some((1, 2, 3)));
+        assert_eq!(parse_version("1.2"), None);
+        assert_eq!(parse_version("1.2.3.4"), None);
+        assert_eq!(parse_version("1.x.3"), None);
     }
 }

@@ -21,6 +21,9 @@ pub struct BuildSpec {
     pub memory_mib: u64,
     pub storage_gib: u64,
     pub image_id: String,
+    /// The custom image's version this generation is built from (gallery images: none).
+    #[serde(default)]
+    pub image_version: Option<String>,
     pub image_disk: PathBuf,
     /// Direct kernel boot (gallery images that ship a kernel); `None` boots through firmware.
     pub kernel: Option<KernelBoot>,

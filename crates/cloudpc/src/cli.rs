@@ -126,6 +126,13 @@ pub struct ServerArgs {
     /// Testing only: make a provisioning step fail N times, as STEP:N (repeatable).
     #[arg(long = "inject-fault", hide = true)]
     pub inject_fault: Vec<String>,
+    /// Seconds a custom image's test boot waits for its guest agent [default: 120].
+    #[arg(long, env = "CLOUDPC_IMAGE_BOOT_TIMEOUT_SECS")]
+    pub image_boot_timeout_secs: Option<u64>,
+    /// Testing only: accept custom images without their test boot (tests of other features use
+    /// blank qcow2 files as images).
+    #[arg(long = "skip-image-test-boot", hide = true)]
+    pub skip_image_test_boot: bool,
     /// Administrator token to register at start (for automation). Without it, a token is created
     /// on the first start and printed once.
     #[arg(long = "admin-token", env = "CLOUDPC_ADMIN_TOKEN", hide_env_values = true)]
@@ -286,6 +293,36 @@ pub enum ImagesCmd {
         #[arg(long)]
         file: String,
         /// Wait until the image is checked, showing progress; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Upload a local qcow2 file as a new custom image (streamed, with progress).
+    Upload {
+        /// The local qcow2 file.
+        file: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Major.Minor.Patch
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        os: Option<String>,
+        /// Wait until the image is checked and test-booted; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Add a new version to a custom image; existing Cloud PCs keep theirs until reprovisioned.
+    AddVersion {
+        image: String,
+        /// Major.Minor.Patch, higher than every version the image has.
+        #[arg(long)]
+        version: String,
+        /// Absolute path of the qcow2 file on the server's host.
+        #[arg(long, conflicts_with = "upload", required_unless_present = "upload")]
+        file: Option<String>,
+        /// A local qcow2 file to upload.
+        #[arg(long)]
+        upload: Option<std::path::PathBuf>,
         #[arg(long)]
         wait: bool,
     },

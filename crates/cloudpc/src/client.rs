@@ -61,6 +61,51 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
+        self.send(req).await
+    }
+
+    /// Streams a local file as the body of a POST, with a progress bar on stderr when asked.
+    pub async fn upload(&self, path: &str, file: &std::path::Path, progress: bool) -> Result<Value, Failure> {
+        use futures_util::TryStreamExt;
+        let Some(token) = &self.token else {
+            return Err(Failure { code: 5, message: "no token: set CLOUDPC_TOKEN (or pass --token)".into() });
+        };
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| Failure::usage(format!("cannot open {}: {e}", file.display())))?;
+        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let bar = if progress {
+            let bar = indicatif::ProgressBar::new(len);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("the template is valid"),
+            );
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let counted = bar.clone();
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).inspect_ok(move |chunk| {
+            counted.inc(chunk.len() as u64);
+        });
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(stream));
+        let result = self.send(req).await;
+        bar.finish_and_clear();
+        if progress && result.is_ok() {
+            eprintln!("uploaded {} ({} bytes)", file.display(), len);
+        }
+        result
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, Failure> {
         let resp = req
             .send()
             .await

@@ -379,21 +379,31 @@ async fn images(c: &Client, fmt: OutputFormat, cmd: ImagesCmd) -> Out {
         ImagesCmd::Create { name, version, file, wait } => {
             let body = json!({ "displayName": name, "version": version, "sourceImageResourceId": file });
             let created = c.call(Method::POST, &format!("{VE}/deviceImages"), Some(&body)).await?;
-            if !wait {
-                output::entity(fmt, &created);
-                return Ok(());
+            finish_image(c, fmt, created, &version, wait).await
+        }
+        ImagesCmd::Upload { file, name, version, os, wait } => {
+            let mut path =
+                format!("{VE}/deviceImages/upload?displayName={}&version={}", encode(&name), encode(&version));
+            if let Some(os) = os {
+                path.push_str(&format!("&operatingSystem={}", encode(&os)));
             }
-            let id = created["id"].as_str().unwrap_or_default().to_string();
-            let image = wait_for_image(c, fmt, &id).await?;
-            output::entity(fmt, &image);
-            if image["status"] == "failed" {
-                return Err(Failure::refused(format!(
-                    "image check failed ({}): {}",
-                    image["errorCode"].as_str().unwrap_or("unknown"),
-                    image["statusDetails"].as_str().unwrap_or("")
-                )));
-            }
-            Ok(())
+            let created = c.upload(&path, &file, fmt == OutputFormat::Table).await?;
+            finish_image(c, fmt, created, &version, wait).await
+        }
+        ImagesCmd::AddVersion { image, version, file, upload, wait } => {
+            let base = format!("{VE}/deviceImages/{}/versions", encode(&image));
+            let updated = match (file, upload) {
+                (_, Some(local)) => {
+                    c.upload(&format!("{base}/upload?version={}", encode(&version)), &local, fmt == OutputFormat::Table)
+                        .await?
+                }
+                (Some(f), None) => {
+                    let body = json!({ "version": version, "sourceImageResourceId": f });
+                    c.call(Method::POST, &base, Some(&body)).await?
+                }
+                (None, None) => return Err(Failure::usage("give --file or --upload")),
+            };
+            finish_image(c, fmt, updated, &version, wait).await
         }
         ImagesCmd::Delete { image } => {
             c.call(Method::DELETE, &format!("{VE}/deviceImages/{}", encode(&image)), None).await?;
@@ -403,23 +413,48 @@ async fn images(c: &Client, fmt: OutputFormat, cmd: ImagesCmd) -> Out {
     }
 }
 
-/// Polls a pending image, showing elapsed time on stderr so stdout stays clean for scripts.
-async fn wait_for_image(c: &Client, fmt: OutputFormat, id: &str) -> Result<Value, Failure> {
+/// Prints the image, or waits for `version` to be checked first; a failed check exits non-zero.
+async fn finish_image(c: &Client, fmt: OutputFormat, image: Value, version: &str, wait: bool) -> Out {
+    if !wait {
+        output::entity(fmt, &image);
+        return Ok(());
+    }
+    let id = image["id"].as_str().unwrap_or_default().to_string();
+    let (image, v) = wait_for_image(c, fmt, &id, version).await?;
+    output::entity(fmt, &image);
+    if v["status"] == "failed" {
+        return Err(Failure::refused(format!(
+            "image check failed ({}): {}",
+            v["errorCode"].as_str().unwrap_or("unknown"),
+            v["statusDetails"].as_str().unwrap_or("")
+        )));
+    }
+    Ok(())
+}
+
+/// Polls until the version is no longer pending, showing elapsed time on stderr so stdout stays
+/// clean for scripts. Returns the image and the version's entry.
+async fn wait_for_image(c: &Client, fmt: OutputFormat, id: &str, version: &str) -> Result<(Value, Value), Failure> {
     let start = Instant::now();
     loop {
         let image = c.get(&format!("{VE}/deviceImages/{id}")).await?;
-        if image["status"] != "pending" {
+        let entry = image["versions"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["version"] == version))
+            .cloned()
+            .ok_or_else(|| Failure::not_found(format!("image {id} has no version {version}")))?;
+        if entry["status"] != "pending" {
             if fmt == OutputFormat::Table {
                 eprintln!(
-                    "\rchecking image: {} after {:.1}s",
-                    image["status"].as_str().unwrap_or("?"),
+                    "\rchecking image {version}: {} after {:.1}s",
+                    entry["status"].as_str().unwrap_or("?"),
                     start.elapsed().as_secs_f64()
                 );
             }
-            return Ok(image);
+            return Ok((image, entry));
         }
         if fmt == OutputFormat::Table {
-            eprint!("\rchecking image: pending ({:.0}s)", start.elapsed().as_secs_f64());
+            eprint!("\rchecking image {version} (format, test boot): pending ({:.0}s)", start.elapsed().as_secs_f64());
             let _ = std::io::stderr().flush();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -36,6 +36,7 @@ struct FileSettings {
     resync_secs: Option<u64>,
     domain_prefix: Option<String>,
     console_ticket_secs: Option<u64>,
+    image_boot_timeout_secs: Option<u64>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
 }
@@ -137,6 +138,12 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
         hosts,
         app: AppConfig {
             max_image_size_gb: args.max_image_size_gb.or(file.max_image_size_gb).unwrap_or(defaults.max_image_size_gb),
+            image_test_boot: !args.skip_image_test_boot,
+            image_test_boot_timeout: args
+                .image_boot_timeout_secs
+                .or(file.image_boot_timeout_secs)
+                .map(|s| Duration::from_secs(s.max(1)))
+                .unwrap_or(defaults.image_test_boot_timeout),
             qemu_img: args.qemu_img.clone().or(file.qemu_img).unwrap_or(defaults.qemu_img),
             grace_period: Duration::from_secs_f64(hours * 3600.0),
             cleanup_delay: Duration::from_secs(args.cleanup_delay_secs.or(file.cleanup_delay_secs).unwrap_or(3 * 3600)),

@@ -1,16 +1,20 @@
 //! `/deviceManagement/virtualEndpoint/galleryImages` and `/deviceImages`.
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::routing::{get, post};
 use axum::Router;
+use futures_util::TryStreamExt;
 
+use cloudpc_control::images::UploadTarget;
 use cloudpc_control::App;
-use cloudpc_types::images::{DeviceImage, DeviceImageCreate, GalleryImage};
+use cloudpc_types::images::{DeviceImage, DeviceImageCreate, DeviceImageVersionCreate, GalleryImage};
 
 use super::{no_content, Reply};
+use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::odata::GraphRequest;
+use crate::odata::{form_pairs, GraphRequest};
 use crate::Caller;
 
 const VE: &str = "deviceManagement/virtualEndpoint";
@@ -21,6 +25,99 @@ pub fn routes() -> Router<App> {
         .route("/deviceManagement/virtualEndpoint/galleryImages/{id}", get(get_gallery))
         .route("/deviceManagement/virtualEndpoint/deviceImages", get(list_device).post(create_device))
         .route("/deviceManagement/virtualEndpoint/deviceImages/{id}", get(get_device).delete(delete_device))
+        .route("/deviceManagement/virtualEndpoint/deviceImages/{id}/versions", post(create_version))
+        // Uploads are streamed to disk, so the small-body limit of the other routes does not apply;
+        // the app layer enforces the image size limit as the bytes arrive.
+        .route(
+            "/deviceManagement/virtualEndpoint/deviceImages/upload",
+            post(upload_device).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/upload",
+            post(upload_version).layer(DefaultBodyLimit::disable()),
+        )
+}
+
+/// The named query parameters of an upload; any other non-OData parameter is refused.
+fn upload_params(uri: &Uri, allowed: &[&str]) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    let pairs = form_pairs(uri.query().unwrap_or(""))?;
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "Query parameter '{k}' is not known here; use {}.",
+                allowed.join(", ")
+            )));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn required(params: &mut std::collections::HashMap<String, String>, key: &str) -> Result<String, ApiError> {
+    params.remove(key).ok_or_else(|| ApiError::bad_request(format!("The query parameter '{key}' is required.")))
+}
+
+fn body_reader(body: Body) -> impl tokio::io::AsyncRead + Unpin + Send {
+    tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other))
+}
+
+/// Creates an image from a qcow2 file streamed as the request body
+/// (`?displayName=…&version=…[&operatingSystem=…]`); `pending` until checked.
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/upload", tag = "images",
+    params(("displayName" = String, Query), ("version" = String, Query), ("operatingSystem" = Option<String>, Query)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = DeviceImage), (status = 413, description = "larger than the image size limit")))]
+pub async fn upload_device(
+    State(app): State<App>,
+    Caller(actor): Caller,
+    g: GraphRequest,
+    uri: Uri,
+    body: Body,
+) -> Reply {
+    let mut p = upload_params(&uri, &["displayName", "version", "operatingSystem"])?;
+    let target = UploadTarget::NewImage {
+        display_name: required(&mut p, "displayName")?,
+        version: required(&mut p, "version")?,
+        operating_system: p.remove("operatingSystem"),
+    };
+    let image = app.upload_device_image(&actor, target, body_reader(body)).await?;
+    g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
+}
+
+/// Adds a version from a qcow2 file on the server's host; existing Cloud PCs keep theirs.
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions", tag = "images", request_body = DeviceImageVersionCreate, responses((status = 201, body = DeviceImage)))]
+pub async fn create_version(
+    State(app): State<App>,
+    Caller(actor): Caller,
+    g: GraphRequest,
+    Path(id): Path<String>,
+    ApiJson(input): ApiJson<DeviceImageVersionCreate>,
+) -> Reply {
+    g.entity(
+        &format!("{VE}/deviceImages"),
+        &app.create_device_image_version(&actor, &id, input).await?,
+        StatusCode::CREATED,
+    )
+}
+
+/// Adds a version from a qcow2 file streamed as the request body (`?version=…`).
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/upload", tag = "images",
+    params(("version" = String, Query)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = DeviceImage)))]
+pub async fn upload_version(
+    State(app): State<App>,
+    Caller(actor): Caller,
+    g: GraphRequest,
+    Path(id): Path<String>,
+    uri: Uri,
+    body: Body,
+) -> Reply {
+    let mut p = upload_params(&uri, &["version"])?;
+    let target = UploadTarget::NewVersion { image_id: id, version: required(&mut p, "version")? };
+    let image = app.upload_device_image(&actor, target, body_reader(body)).await?;
+    g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/galleryImages", tag = "images", responses((status = 200, body = Vec<GalleryImage>)))]

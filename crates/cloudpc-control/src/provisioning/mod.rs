@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use cloudpc_hypervisor::Hypervisor;
 use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState, ProvisioningStage, ProvisioningStepRecord, StepStatus};
+use cloudpc_types::images::DeviceImageStatus;
 use cloudpc_types::policy::{ImageType, NamingTemplate};
 use cloudpc_types::provisioning::{BuildSpec, CloudPcRecord, KernelBoot, Phase, Resources};
 
@@ -130,13 +131,18 @@ impl App {
         let policy = self.store.get_policy(policy_id).await?;
         let sku = self.store.get_sku(rec.state.sku_id).await?;
         let user = self.store.get_user(rec.state.user_id).await?;
+        let mut image_version = None;
         let (image_disk, kernel) = match policy.image_type {
             ImageType::Gallery => self.store.gallery_image_files(&policy.image_id).await?,
             ImageType::Custom => {
                 let id = Uuid::parse_str(&policy.image_id)
                     .map_err(|_| Error::Conflict("the policy's image id is not valid".into()))?;
-                self.store.get_device_image(id).await?;
-                (self.image_base(id), None::<KernelBoot>)
+                let image = self.store.get_device_image(id).await?;
+                let ready = image.current().filter(|v| v.status == DeviceImageStatus::Ready).ok_or_else(|| {
+                    Error::Conflict(format!("the policy's image '{}' has no ready version", image.display_name))
+                })?;
+                image_version = Some(ready.version.clone());
+                (self.image_base(id, &ready.version), None::<KernelBoot>)
             }
         };
         let template = policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());
@@ -147,6 +153,7 @@ impl App {
             memory_mib: u64::from(sku.ram_in_gb) * 1024,
             storage_gib: u64::from(sku.storage_in_gb),
             image_id: policy.image_id.clone(),
+            image_version,
             image_disk,
             kernel,
             region: policy

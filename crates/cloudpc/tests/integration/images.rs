@@ -18,7 +18,7 @@ async fn test_valid_qcow2_becomes_ready_with_its_size() {
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     assert_eq!(list["value"].as_array().unwrap().len(), 1);
     // cloudpc keeps its own standalone copy; the source may go away.
-    let base = s.data_dir().join("images").join(format!("{}.qcow2", img["id"].as_str().unwrap()));
+    let base = s.data_dir().join("images").join(format!("{}-1.0.0.qcow2", img["id"].as_str().unwrap()));
     let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&base).output().unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["virtual-size"], 3u64 << 30);

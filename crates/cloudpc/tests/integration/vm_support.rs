@@ -33,6 +33,22 @@ pub fn gallery() -> PathBuf {
     dir
 }
 
+/// The newest build directory of an image (`<offer>-<version>`) in the test gallery.
+pub fn newest_build(offer: &str) -> Option<PathBuf> {
+    let mut builds: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(gallery())
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{offer}-")))
+                && p.join("manifest.json").exists()
+        })
+        .filter_map(|p| Some((std::fs::metadata(p.join("manifest.json")).ok()?.modified().ok()?, p)))
+        .collect();
+    builds.sort();
+    builds.pop().map(|(_, p)| p)
+}
+
 pub fn virsh(args: &[&str]) -> String {
     let out = Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().expect("virsh");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -110,9 +126,25 @@ impl VmServer {
         domains(&self.prefix)
     }
 
+    /// The tiny image (the gallery may also hold the desktop image and older builds).
     pub async fn gallery_image_id(&self) -> String {
+        self.gallery_image("tiny").await
+    }
+
+    /// The newest registered build of a gallery offer (`tiny`, `desktop`).
+    pub async fn gallery_image(&self, offer: &str) -> String {
         let (_, v) = self.get(&format!("{VE}/galleryImages")).await;
-        v["value"][0]["id"].as_str().expect("a gallery image is registered").to_string()
+        let newest = newest_build(offer).expect("a gallery image build of that offer");
+        let sku = newest.file_name().unwrap().to_string_lossy().replace(&format!("{offer}-"), "");
+        v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["offerName"] == offer && i["skuName"].as_str().unwrap_or("").ends_with(&sku))
+            .unwrap_or_else(|| panic!("gallery image {offer} {sku} is not registered: {v}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub async fn tiny_policy(&self, name: &str, extra: Value) -> Value {

@@ -1,0 +1,182 @@
+//! Custom images for real: BIOS disks built by images/tiny/build.sh, uploaded through the API and
+//! the CLI, test-booted in a throwaway VM; versions that reach a Cloud PC only when it is
+//! reprovisioned.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::cli::cli;
+use crate::support::*;
+use crate::vm_support::*;
+
+const BOOT: Duration = Duration::from_secs(150);
+
+/// One of the import disks of the newest tiny build.
+fn import_disk(name: &str) -> PathBuf {
+    let path = newest_build("tiny").expect("a tiny image build").join("import").join(name);
+    assert!(path.exists(), "{} is missing: run scripts/test.sh (images/tiny/build.sh makes it)", path.display());
+    path
+}
+
+/// Every file under a directory, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn version<'a>(image: &'a Value, v: &str) -> &'a Value {
+    image["versions"].as_array().unwrap().iter().find(|e| e["version"] == v).unwrap_or(&Value::Null)
+}
+
+async fn wait_version(s: &Server, id: &str, v: &str) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let (_, image) = s.get(&format!("{VE}/deviceImages/{id}")).await;
+        if version(&image, v)["status"] != "pending" {
+            return image;
+        }
+        assert!(start.elapsed() < BOOT, "version {v} stayed pending: {image}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn test_vm_uploaded_image_is_test_booted_and_one_without_agent_is_refused() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--image-boot-timeout-secs", "25"]).await;
+
+    // Through the CLI: streamed upload with progress, then --wait until the test boot is over.
+    let good = import_disk("custom-bios.qcow2");
+    let out = cli(
+        &s,
+        ADMIN_TOKEN,
+        &["images", "upload", good.to_str().unwrap(), "--name", "Tiny BIOS", "--version", "1.0.0", "--wait"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "upload failed: {stderr}");
+    assert!(stderr.contains("uploaded") && stderr.contains("checking image 1.0.0: ready"), "{stderr}");
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    let img = list["value"][0].clone();
+    assert_eq!(img["status"], "ready", "{img}");
+    assert_eq!(img["version"], "1.0.0");
+    assert!(
+        img["osBuildNumber"].as_str().unwrap_or("").contains("amd64"),
+        "the guest agent reported the kernel during the test boot: {img}"
+    );
+    let id = img["id"].as_str().unwrap();
+    let base = s.data_dir().join("images").join(format!("{id}-1.0.0.qcow2"));
+    assert!(base.exists());
+    assert_eq!(
+        files_under(&s.data_dir().join("images")),
+        vec![base.clone()],
+        "the upload and the test VM's overlay are gone; only cloudpc's base copy stays"
+    );
+    assert!(s.domains().is_empty(), "the throwaway VM was removed: {:?}", s.domains());
+
+    // An image that boots but never starts its guest agent.
+    let silent = import_disk("custom-bios-noagent.qcow2");
+    let out = cli(
+        &s,
+        ADMIN_TOKEN,
+        &["images", "upload", silent.to_str().unwrap(), "--name", "Silent", "--version", "1.0.0", "--wait"],
+    );
+    assert_eq!(out.status.code(), Some(3), "a failed check exits 3: {}", String::from_utf8_lossy(&out.stderr));
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    let failed = list["value"].as_array().unwrap().iter().find(|i| i["displayName"] == "Silent").unwrap().clone();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["errorCode"], "sourceImageInvalid");
+    assert!(failed["statusDetails"].as_str().unwrap().contains("guest agent"), "{failed}");
+    assert_eq!(files_under(&s.data_dir().join("images")), vec![base], "nothing of the refused image is kept");
+    assert!(s.domains().is_empty(), "{:?}", s.domains());
+
+    // An upload over the size limit is cut off while streaming and leaves nothing.
+    let small = Server::start_with(&["--max-image-size-gb", "1"], Some(ADMIN_TOKEN)).await;
+    let big = small.data_dir().join("big.bin");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len((1 << 30) + (64 << 20)).unwrap();
+    let out =
+        cli(&small, ADMIN_TOKEN, &["images", "upload", big.to_str().unwrap(), "--name", "Big", "--version", "1.0.0"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(files_under(&small.data_dir().join("images")).is_empty());
+    let (_, list) = small.get(&format!("{VE}/deviceImages")).await;
+    assert_eq!(list["value"].as_array().unwrap().len(), 0, "no image record for a refused upload");
+}
+
+#[tokio::test]
+async fn test_vm_new_image_version_reaches_a_cloud_pc_only_on_reprovision() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--image-boot-timeout-secs", "60"]).await;
+    let disk = import_disk("custom-bios.qcow2");
+    let created = s
+        .create(
+            &format!("{VE}/deviceImages"),
+            json!({"displayName": "Tiny BIOS", "version": "1.0.0", "sourceImageResourceId": disk}),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let img = wait_version(&s, &id, "1.0.0").await;
+    assert_eq!(img["status"], "ready", "{img}");
+
+    let sku = s.tiny_sku("TINY", 1, 1, 2).await;
+    let user = s.user("megan@contoso.com").await;
+    let group = s.group("BIOS users").await;
+    s.add_member(&group, &user).await;
+    let policy = s.policy("BIOS", &img).await;
+    s.assign(&policy, &[&group]).await;
+    s.license("megan@contoso.com", &sku, true).await;
+    let pc = s.wait_all(1, &["provisioned"], BOOT).await.remove(0);
+    let domain = format!("{}{}", s.prefix, pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase());
+    let backing = |domain: &str| {
+        let xml = virsh(&["dumpxml", domain]);
+        let disk = xml.split("<source file='").nth(1).unwrap().split('\'').next().unwrap().to_string();
+        let out = std::process::Command::new("qemu-img").args(["info", "--output=json", "-U", &disk]).output().unwrap();
+        let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["backing-filename"].as_str().unwrap_or("").to_string()
+    };
+    assert!(backing(&domain).ends_with(&format!("{id}-1.0.0.qcow2")), "{}", backing(&domain));
+    assert!(virsh(&["dumpxml", &domain]).contains("<boot dev='hd'/>"), "custom images boot through firmware");
+    // Post-provisioning grew the root partition and filesystem to the license's 2 GB disk.
+    let df = guest_output(&domain, "/bin/df", &["-k", "/"]).await;
+    let size_kib: u64 = df.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap();
+    assert!(size_kib > 1_800_000, "root was grown on its partition: {df}");
+    let user_line = guest_output(&domain, "/bin/cat", &["/etc/cloudpc/primary-user"]).await;
+    assert_eq!(user_line.trim(), "megan");
+
+    // Version 1.1.0: lower or equal versions are refused, a higher one is checked like the first.
+    let (status, v) = s
+        .post(&format!("{VE}/deviceImages/{id}/versions"), json!({"version": "1.0.0", "sourceImageResourceId": disk}))
+        .await;
+    assert_eq!(status.as_u16(), 400);
+    assert!(message(&v).contains("higher than"), "{v}");
+    let (status, v) = s
+        .post(&format!("{VE}/deviceImages/{id}/versions"), json!({"version": "1.1.0", "sourceImageResourceId": disk}))
+        .await;
+    assert_eq!(status.as_u16(), 201, "{v}");
+    assert_eq!(v["version"], "1.0.0", "the pending version is not current yet");
+    let img = wait_version(&s, &id, "1.1.0").await;
+    assert_eq!(img["version"], "1.1.0", "{img}");
+    assert_eq!(img["versions"].as_array().unwrap().len(), 2);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let same = s.cloud_pcs().await.remove(0);
+    assert_eq!(same["managedDeviceName"], pc["managedDeviceName"]);
+    assert!(backing(&domain).ends_with(&format!("{id}-1.0.0.qcow2")), "the existing Cloud PC is untouched");
+    let (status, v) = s.delete(&format!("{VE}/deviceImages/{id}")).await;
+    assert_eq!(status.as_u16(), 409, "in use: {v}");
+
+    assert_eq!(s.action(&same, "reprovision").await.0, 204);
+    let after = s.wait_all(1, &["provisioned"], BOOT).await.remove(0);
+    let new_domain = format!("{}{}", s.prefix, after["managedDeviceName"].as_str().unwrap().to_ascii_lowercase());
+    assert!(backing(&new_domain).ends_with(&format!("{id}-1.1.0.qcow2")), "reprovision picks up the new version");
+}
