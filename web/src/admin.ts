@@ -24,6 +24,28 @@ async function api(method: string, path: string, body?: unknown): Promise<any> {
   return data;
 }
 
+// XMLHttpRequest rather than fetch: only it reports upload progress.
+function upload(path: string, file: File): Promise<any> {
+  const progress = document.getElementById("upprogress");
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    xhr.setRequestHeader("Authorization", `Bearer ${token}`);
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.upload.onprogress = (e) => {
+      if (progress && e.lengthComputable) progress.textContent = `Uploading ${file.name}: ${Math.round((100 * e.loaded) / e.total)}%`;
+    };
+    xhr.onload = () => {
+      if (progress) progress.textContent = "";
+      const data = (() => { try { return JSON.parse(xhr.responseText); } catch { return {}; } })();
+      if (xhr.status >= 200 && xhr.status < 300) resolve(data);
+      else reject(new Error(data?.error?.message ?? `HTTP ${xhr.status}`));
+    };
+    xhr.onerror = () => reject(new Error("the upload broke off"));
+    xhr.send(file);
+  });
+}
+
 async function list(path: string): Promise<any[]> {
   const out: any[] = [];
   let next: string | null = path.includes("?") ? `${path}&$top=999` : `${path}?$top=999`;
@@ -188,12 +210,31 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
   },
   async images(el) {
     const [gallery, custom] = await Promise.all([list(`${VE}/galleryImages`), list(`${VE}/deviceImages`)]);
-    el.innerHTML = `<h2>Gallery</h2>` + table(gallery, [["Image", (i) => esc(i.displayName)], ["Id", (i) => esc(i.id)], ["Status", (i) => esc(i.status)], ["GB", (i) => esc(i.sizeInGB)]]) +
-      `<h2>Custom images</h2>` + form("newimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
-        <input name="path" placeholder="/path/on/server/image.qcow2" required>`, "Register") +
-      table(custom, [["Image", (i) => esc(i.displayName)], ["Version", (i) => esc(i.version)], ["Status", (i) => `${esc(i.status)} ${esc(i.errorCode)} ${esc(i.statusDetails)}`],
-        ["", (i) => `<button class="secondary write" data-delimg="${i.id}">Delete</button>`]]);
+    const versions = (i: any) => (i.versions ?? []).map((v: any) =>
+      `${esc(v.version)}: ${esc(v.status)}${v.errorCode ? ` (${esc(v.errorCode)}: ${esc(v.statusDetails)})` : ""}`).join("<br>");
+    el.innerHTML = `<h2>Gallery</h2>` + table(gallery, [["Image", (i) => esc(i.displayName)], ["Id", (i) => esc(i.id)], ["Status", (i) => esc(i.status)], ["GB", (i) => esc(i.sizeInGb)]]) +
+      `<h2>Custom images</h2>` +
+      form("upimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
+        <input name="file" type="file" accept=".qcow2" required>`, "Upload") +
+      `<div id="upprogress" role="status"></div>` +
+      form("newimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
+        <input name="path" placeholder="/path/on/server/image.qcow2" required>`, "Register a server file") +
+      table(custom, [["Image", (i) => esc(i.displayName)], ["Current", (i) => esc(i.version)], ["Status", (i) => `${esc(i.status)} ${esc(i.errorCode)}`],
+        ["OS", (i) => `${esc(i.operatingSystem)} ${esc(i.osBuildNumber)}`], ["Versions", versions],
+        ["", (i) => `<form class="write" data-newver="${i.id}" style="display:inline"><input name="version" placeholder="next version" size="9" required><input name="file" type="file" accept=".qcow2" required><button>Add version</button></form>
+          <button class="secondary write" data-delimg="${i.id}">Delete</button>`]]);
+    el.querySelector("#upimg")!.addEventListener("submit", act(() => {
+      const f = el.querySelector<HTMLFormElement>("#upimg")!;
+      const v = values("upimg");
+      const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
+      return upload(`${VE}/deviceImages/upload?displayName=${encodeURIComponent(v.name)}&version=${encodeURIComponent(v.version)}`, file);
+    }));
     el.querySelector("#newimg")!.addEventListener("submit", act(() => { const v = values("newimg"); return api("POST", `${VE}/deviceImages`, { displayName: v.name, version: v.version, sourceImageResourceId: v.path }); }));
+    el.querySelectorAll<HTMLFormElement>("form[data-newver]").forEach((f) => f.addEventListener("submit", act(() => {
+      const version = (f.elements.namedItem("version") as HTMLInputElement).value;
+      const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
+      return upload(`${VE}/deviceImages/${f.dataset.newver}/versions/upload?version=${encodeURIComponent(version)}`, file);
+    })));
     el.querySelectorAll<HTMLButtonElement>("button[data-delimg]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/deviceImages/${b.dataset.delimg}`))));
   },
   async policies(el) {

@@ -1,6 +1,7 @@
 // Browser test of the admin console, run by the Rust integration test against a real server:
 // an administrator creates a provisioning policy and assigns a group; a reader can change nothing.
-// Env: CLOUDPC_URL, ADMIN_TOKEN, READER_TOKEN, GROUP_NAME, POLICY_NAME, SCREENSHOT.
+// It also uploads a custom image from a local file.
+// Env: CLOUDPC_URL, ADMIN_TOKEN, READER_TOKEN, GROUP_NAME, POLICY_NAME, UPLOAD_FILE, SCREENSHOT.
 import { chromium } from "playwright-core";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -48,6 +49,14 @@ try {
   await row.locator("button[data-editp]").click();
   await page.locator("tr", { hasText: "WEB2-%RAND:5%" }).waitFor({ timeout: 10000 }).catch(() => fail("the edit is not shown"));
   if (env.SCREENSHOT) await page.screenshot({ path: env.SCREENSHOT });
+
+  await page.click("nav button[data-tab=images]");
+  await page.waitForSelector("#upimg");
+  await page.fill("#upimg input[name=name]", "Uploaded in the browser");
+  await page.fill("#upimg input[name=version]", "1.0.0");
+  await page.setInputFiles("#upimg input[name=file]", env.UPLOAD_FILE);
+  await page.click("#upimg button");
+  await page.locator("tr", { hasText: "Uploaded in the browser" }).waitFor({ timeout: 20000 }).catch(() => fail("the uploaded image is not listed"));
 } finally {
   await admin.close();
 }

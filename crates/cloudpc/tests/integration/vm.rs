@@ -528,6 +528,7 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
     let s = VmServer::start(&["--web-dir", web.join("dist").to_str().unwrap()]).await;
     let group = s.group("Engineering").await;
     let reader = s.reader_token().await;
+    let upload = qcow2(s.data_dir(), "from-the-browser.qcow2", "96M");
     browser_test(
         "admin.mjs",
         &[
@@ -536,6 +537,7 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
             ("READER_TOKEN", &reader),
             ("GROUP_NAME", "Engineering"),
             ("POLICY_NAME", "Made in the browser"),
+            ("UPLOAD_FILE", upload.to_str().unwrap()),
         ],
         "admin-policies.png",
     )
@@ -547,6 +549,11 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
     assert_eq!(p["assignments"][0]["target"]["groupId"], group["id"]);
     let (_, groups) = s.get("/v1.0/groups").await;
     assert_eq!(groups["value"].as_array().unwrap().len(), 1, "the reader's forced write changed nothing");
+    let (_, images) = s.get(&format!("{VE}/deviceImages")).await;
+    let uploaded = s.wait_image(images["value"][0]["id"].as_str().unwrap()).await;
+    assert_eq!(uploaded["displayName"], "Uploaded in the browser");
+    assert_eq!(uploaded["status"], "ready", "the browser's upload arrived whole: {uploaded}");
+    assert_eq!(uploaded["sizeInGb"], 0.09);
 }
 
 #[tokio::test]
