@@ -58,8 +58,9 @@ ensure_rust() {
     fi
 }
 
-# Prepares this machine as a hypervisor host: libvirt's user and directories, the tiny gallery
-# image, the KVM probe, and the libvirt daemons (started here, since there may be no systemd).
+# Prepares this machine as a hypervisor host: libvirt's user and directories, the gallery images
+# (tiny, and the desktop unless CLOUDPC_DESKTOP_IMAGE=no), the KVM probe, and the libvirt daemons
+# (started here, since there may be no systemd).
 setup_host() {
     getent group libvirt-qemu >/dev/null || as_root groupadd -r libvirt-qemu
     id libvirt-qemu >/dev/null 2>&1 || as_root useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
@@ -88,6 +89,10 @@ setup_host() {
             as_root mkdir -p /run/cloudpc && echo tcg | as_root tee /run/cloudpc/accelerator >/dev/null
             restart_libvirt=yes
         fi
+    fi
+    if [ "${CLOUDPC_DESKTOP_IMAGE:-yes}" != no ]; then
+        echo "cloudpc: building the desktop gallery image (cached; the first build takes a few minutes)"
+        as_root images/desktop/build.sh "$CLOUDPC_GALLERY_DIR" >/dev/null
     fi
     if ! pgrep -x virtlogd >/dev/null; then as_root virtlogd -d; fi
     if [ "$restart_libvirt" = yes ] && pgrep -x libvirtd >/dev/null; then

@@ -31,9 +31,15 @@ impl App {
         if !self.store.list_users().await?.is_empty() {
             return Ok(None);
         }
-        let image = self.store.list_gallery_images().await?.into_iter().next().ok_or_else(|| {
-            Error::Conflict("the demo needs a gallery image; build one with images/tiny/build.sh".into())
-        })?;
+        // The desktop image when it was built (it is what a newcomer wants to see), else any.
+        let images = self.store.list_gallery_images().await?;
+        let image =
+            images.iter().rfind(|i| i.offer_name == "desktop").or(images.first()).cloned().ok_or_else(|| {
+                Error::Conflict("the demo needs a gallery image; build one with images/desktop/build.sh".into())
+            })?;
+        // A desktop under software emulation wants two vCPUs and room for X.
+        let (part, vcpus, ram, disk) =
+            if image.offer_name == "desktop" { ("DEMO_2C_2GB_8GB", 2, 2, 8) } else { ("DEMO_1C_1GB_2GB", 1, 1, 2) };
         let actor = Actor::system();
         let password = demo_password();
         let upn = "demo@cloudpc.example".to_string();
@@ -73,12 +79,12 @@ impl App {
                 &actor,
                 SkuCreate {
                     odata_type: None,
-                    sku_part_number: "DEMO_1C_1GB_2GB".into(),
-                    display_name: Some("Demo Cloud PC 1 vCPU, 1 GB, 2 GB".into()),
+                    sku_part_number: part.into(),
+                    display_name: Some(format!("Demo Cloud PC {vcpus} vCPU, {ram} GB, {disk} GB")),
                     prepaid_units: PrepaidUnits { enabled: 5, ..Default::default() },
-                    v_cpu_count: 1,
-                    ram_in_gb: 1,
-                    storage_in_gb: 2,
+                    v_cpu_count: vcpus,
+                    ram_in_gb: ram,
+                    storage_in_gb: disk,
                 },
             )
             .await?;
@@ -124,7 +130,7 @@ impl App {
         .await?;
         Ok(Some(Demo {
             summary: format!(
-                "user {upn} in group Demo, license {} (1 vCPU, 1 GB RAM, 2 GB disk), policy Demo on gallery image '{}'",
+                "user {upn} in group Demo, license {} ({vcpus} vCPU, {ram} GB RAM, {disk} GB disk), policy Demo on gallery image '{}'",
                 sku.sku_part_number, image.display_name
             ),
             user_principal_name: upn,

@@ -35,6 +35,10 @@ impl App {
         let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
         for path in paths {
+            // A build in progress (or killed) writes into `<name>.tmp` before renaming it.
+            if path.extension().is_some_and(|e| e == "tmp") {
+                continue;
+            }
             let manifest_path = path.join("manifest.json");
             let Ok(text) = std::fs::read_to_string(&manifest_path) else { continue };
             let m: Manifest = match serde_json::from_str(&text) {

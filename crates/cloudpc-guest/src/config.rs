@@ -69,6 +69,7 @@ chmod 600 /etc/shadow.new
 mv /etc/shadow.new /etc/shadow
 grep -q "^$u:" /etc/passwd
 # Images with a desktop start the graphical session for this user.
+umask 022
 mkdir -p /etc/cloudpc
 echo "$u" > /etc/cloudpc/primary-user
 "#

@@ -11,6 +11,7 @@ pub fn escape(s: &str) -> String {
 }
 
 /// The VNC console listens on loopback only, with a port libvirt picks; the gateway is the way in.
+/// A USB tablet gives the browser console an absolute pointer (a PS/2 mouse alone drifts).
 pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
     let os = match &spec.boot {
         Boot::Kernel { kernel, initrd, cmdline } => format!(
@@ -40,6 +41,7 @@ pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <serial type='file'><source path='{log}'/><target port='0'/></serial>
     <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>
+    <input type='tablet' bus='usb'/>
     <video><model type='vga'/></video>
     <memballoon model='none'/>
   </devices>

@@ -247,7 +247,8 @@ pub async fn guest_output(domain: &str, path: &str, args: &[&str]) -> String {
         json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}}),
     );
     let pid = started["pid"].as_i64().expect("guest-exec started");
-    for _ in 0..100 {
+    // Generous: under TCG a busy desktop guest runs short scripts slowly.
+    for _ in 0..600 {
         let st = agent(domain, json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}));
         if st["exited"] == true {
             use base64::Engine;
