@@ -180,3 +180,30 @@ async fn test_vm_new_image_version_reaches_a_cloud_pc_only_on_reprovision() {
     let new_domain = format!("{}{}", s.prefix, after["managedDeviceName"].as_str().unwrap().to_ascii_lowercase());
     assert!(backing(&new_domain).ends_with(&format!("{id}-1.1.0.qcow2")), "reprovision picks up the new version");
 }
+
+#[tokio::test]
+async fn test_vm_image_check_killed_mid_test_boot_resumes_after_restart() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--image-boot-timeout-secs", "60"]).await;
+    let disk = import_disk("custom-bios.qcow2");
+    let out =
+        cli(&s, ADMIN_TOKEN, &["images", "upload", disk.to_str().unwrap(), "--name", "Crashy", "--version", "2.0.0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let start = std::time::Instant::now();
+    while !s.domains().iter().any(|d| d.contains("imagecheck")) {
+        assert!(start.elapsed() < BOOT, "the test boot never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SIGKILL while the throwaway VM boots: the check starts over after the restart.
+    let s = s.crash_and_restart().await;
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    let id = list["value"][0]["id"].as_str().unwrap().to_string();
+    let img = wait_version(&s, &id, "2.0.0").await;
+    assert_eq!(img["status"], "ready", "{img}");
+    assert!(s.domains().is_empty(), "no throwaway VM is left: {:?}", s.domains());
+    assert_eq!(
+        files_under(&s.data_dir().join("images")),
+        vec![s.data_dir().join("images").join(format!("{id}-2.0.0.qcow2"))],
+        "no upload, overlay or partial copy is left"
+    );
+}
