@@ -175,8 +175,13 @@ impl App {
     ) -> Result<DeviceImage> {
         // Check the names before spending the bandwidth.
         image_types::image_version(target.version())?;
-        if let UploadTarget::NewImage { display_name, .. } = &target {
-            cloudpc_types::validate::display_name("displayName", display_name, 256)?;
+        match &target {
+            UploadTarget::NewImage { display_name, .. } => {
+                cloudpc_types::validate::display_name("displayName", display_name, 256)?;
+            }
+            UploadTarget::NewVersion { image_id, version } => {
+                self.get_device_image(image_id).await?.check_new_version(version)?;
+            }
         }
         let path = self.receive_upload(body).await?;
         let source = path.to_string_lossy().into_owned();

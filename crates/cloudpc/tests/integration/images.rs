@@ -121,3 +121,33 @@ async fn test_image_in_use_by_policy_cannot_be_deleted() {
     let (status, _) = s.delete(&format!("{VE}/deviceImages/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn test_upload_bad_requests_are_refused_and_store_nothing() {
+    let s = Server::start().await;
+    let reader = s.reader_token().await;
+    let before = s.snapshot().await;
+    let up = format!("{VE}/deviceImages/upload");
+    let octets = Some("application/octet-stream");
+    for (path, token, body, words) in [
+        (format!("{up}?displayName=A&version=1.0"), ADMIN_TOKEN, "QFI", "Major.Minor.Patch"),
+        (format!("{up}?version=1.0.0"), ADMIN_TOKEN, "QFI", "'displayName' is required"),
+        (format!("{up}?displayName=A&version=1.0.0&path=/etc/passwd"), ADMIN_TOKEN, "QFI", "'path' is not known"),
+        (format!("{up}?displayName=A&version=1.0.0"), ADMIN_TOKEN, "", "empty"),
+        (format!("{up}?displayName=A&version=1.0.0"), reader.as_str(), "QFI", "Cloud PC Administrator"),
+        (
+            format!("{VE}/deviceImages/{}/versions/upload?version=1.0.0", uuid::Uuid::nil()),
+            ADMIN_TOKEN,
+            "QFI",
+            "does not exist",
+        ),
+    ] {
+        let (status, v) = s.raw(reqwest::Method::POST, &path, Some(token), Some(body), octets).await;
+        assert!(status.is_client_error(), "{path}: {status} {v}");
+        assert!(message(&v).contains(words), "{path}: {v}");
+    }
+    assert_eq!(s.snapshot().await, before, "nothing stored");
+    let uploads = s.data_dir().join("images").join("uploads");
+    let left: Vec<_> = std::fs::read_dir(&uploads).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "refused uploads leave no file: {left:?}");
+}
