@@ -131,6 +131,9 @@ impl App {
         first.os_build_number = input.os_build_number;
         let image = DeviceImage::new_pending(Uuid::new_v4(), input.display_name, first);
         image.validate()?;
+        if !uploaded {
+            self.check_import_path(&image.source_image_resource_id)?;
+        }
         let audit = image_change("Create", AuditOperationType::Create, &image).event(actor, None, Some(&image));
         self.store.create_device_image(&image, &audit).await?;
         self.spawn_validation(image.id, image.version.clone());
@@ -146,6 +149,7 @@ impl App {
         input: DeviceImageVersionCreate,
     ) -> Result<DeviceImage> {
         image_types::source_path(&input.source_image_resource_id)?;
+        self.check_import_path(&input.source_image_resource_id)?;
         self.add_version(actor, id, pending_version(input.version, input.source_image_resource_id, false)).await
     }
 
@@ -205,6 +209,36 @@ impl App {
             let _ = tokio::fs::remove_file(&path).await;
         }
         result
+    }
+
+    /// A host path must lie in one of the import directories (checked on the words here, and on
+    /// the resolved path, symlinks followed, when the file is checked).
+    fn check_import_path(&self, path: &str) -> Result<()> {
+        let p = Path::new(path);
+        let inside = !p.components().any(|c| matches!(c, std::path::Component::ParentDir))
+            && self.import_dirs().iter().any(|d| p.starts_with(d));
+        if inside {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "sourceImageResourceId",
+            format!(
+                "must be a file under an import directory of the server ({}); upload the file instead, or ask the \
+                 operator to add a directory with --image-import-dir",
+                self.import_dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        ))
+    }
+
+    fn import_dirs(&self) -> Vec<PathBuf> {
+        self.config.image_import_dirs.iter().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())).collect()
+    }
+
+    /// The upload area, plus the import directories as their real paths (symlinks resolved).
+    fn allowed_source_roots(&self) -> Vec<PathBuf> {
+        let mut roots: Vec<PathBuf> = self.import_dirs().iter().filter_map(|d| d.canonicalize().ok()).collect();
+        roots.extend(self.upload_dir().canonicalize().ok());
+        roots
     }
 
     fn upload_dir(&self) -> PathBuf {
@@ -398,6 +432,15 @@ impl App {
 
     async fn check_image_file(&self, path: &Path) -> Result<u64, ImageRejection> {
         use DeviceImageErrorCode::*;
+        // A symlink in an import directory must not lead outside the allowed places.
+        if let Ok(real) = path.canonicalize() {
+            if !self.allowed_source_roots().iter().any(|root| real.starts_with(root)) {
+                return Err(reject(
+                    SourceImageInvalid,
+                    format!("{} leads outside the import directories", path.display()),
+                ));
+            }
+        }
         let owned = path.to_path_buf();
         let header_size = tokio::task::spawn_blocking(move || inspect_qcow2_header(&owned))
             .await

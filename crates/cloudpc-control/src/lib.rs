@@ -46,6 +46,10 @@ pub struct AppConfig {
     pub image_test_boot: bool,
     /// How long the test boot waits for the image's guest agent.
     pub image_test_boot_timeout: Duration,
+    /// Directories on the server's host that `sourceImageResourceId` paths may name. An API
+    /// administrator is not the host's root: without this, they could import any qcow2 disk on
+    /// the host (another service's VM, say) and boot it.
+    pub image_import_dirs: Vec<PathBuf>,
     /// The `qemu-img` program used to inspect imported images.
     pub qemu_img: String,
     /// Grace period before a Cloud PC that lost its license or targeting is deprovisioned,
@@ -75,6 +79,7 @@ impl Default for AppConfig {
             max_image_size_gb: 256,
             image_test_boot: true,
             image_test_boot_timeout: Duration::from_secs(120),
+            image_import_dirs: vec![PathBuf::from("cloudpc-data/import")],
             qemu_img: "qemu-img".into(),
             grace_period: Duration::from_secs(7 * 24 * 3600),
             cleanup_delay: Duration::from_secs(3 * 3600),

@@ -129,6 +129,10 @@ pub struct ServerArgs {
     /// Seconds a custom image's test boot waits for its guest agent [default: 120].
     #[arg(long, env = "CLOUDPC_IMAGE_BOOT_TIMEOUT_SECS")]
     pub image_boot_timeout_secs: Option<u64>,
+    /// A directory whose qcow2 files admins may register by path (repeatable)
+    /// [default: DATA_DIR/import].
+    #[arg(long = "image-import-dir")]
+    pub image_import_dirs: Vec<PathBuf>,
     /// Testing only: accept custom images without their test boot (tests of other features use
     /// blank qcow2 files as images).
     #[arg(long = "skip-image-test-boot", hide = true)]

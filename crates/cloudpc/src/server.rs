@@ -37,6 +37,7 @@ struct FileSettings {
     domain_prefix: Option<String>,
     console_ticket_secs: Option<u64>,
     image_boot_timeout_secs: Option<u64>,
+    image_import_dirs: Option<Vec<PathBuf>>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
 }
@@ -139,6 +140,11 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
         app: AppConfig {
             max_image_size_gb: args.max_image_size_gb.or(file.max_image_size_gb).unwrap_or(defaults.max_image_size_gb),
             image_test_boot: !args.skip_image_test_boot,
+            image_import_dirs: if args.image_import_dirs.is_empty() {
+                file.image_import_dirs.unwrap_or_else(|| vec![data_dir.join("import")])
+            } else {
+                args.image_import_dirs.clone()
+            },
             image_test_boot_timeout: args
                 .image_boot_timeout_secs
                 .or(file.image_boot_timeout_secs)
@@ -227,6 +233,10 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     let store = open_store(&s.data_dir).await?;
     for dir in [&s.app.storage_dir, &s.app.image_dir] {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    // The default import directory exists, so an operator sees where to put files.
+    if args.image_import_dirs.is_empty() {
+        let _ = std::fs::create_dir_all(s.data_dir.join("import"));
     }
     let accel = accelerator(&s.gallery_dir).await;
     let mut hosts: Vec<Arc<dyn Hypervisor>> = Vec::new();

@@ -116,8 +116,9 @@ async fn test_vm_uploaded_image_is_test_booted_and_one_without_agent_is_refused(
 #[tokio::test]
 async fn test_vm_new_image_version_reaches_a_cloud_pc_only_on_reprovision() {
     let _turn = vm_turn().await;
-    let s = VmServer::start(&["--image-boot-timeout-secs", "60"]).await;
     let disk = import_disk("custom-bios.qcow2");
+    let dir = disk.parent().unwrap().to_str().unwrap().to_string();
+    let s = VmServer::start(&["--image-boot-timeout-secs", "60", "--image-import-dir", &dir]).await;
     let created = s
         .create(
             &format!("{VE}/deviceImages"),

@@ -151,3 +151,27 @@ async fn test_upload_bad_requests_are_refused_and_store_nothing() {
     let left: Vec<_> = std::fs::read_dir(&uploads).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "refused uploads leave no file: {left:?}");
 }
+
+#[tokio::test]
+async fn test_host_paths_only_from_import_directories() {
+    let s = Server::start().await;
+    let before = s.snapshot().await;
+    let inside = s.data_dir().to_str().unwrap().to_string();
+    for path in ["/etc/passwd".to_string(), format!("{inside}/../escape.qcow2")] {
+        let (status, v) = s
+            .post(
+                &format!("{VE}/deviceImages"),
+                json!({"displayName": "x", "version": "1.0.0", "sourceImageResourceId": path}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(message(&v).contains("sourceImageResourceId") && message(&v).contains("import directory"), "{v}");
+    }
+    assert_eq!(s.snapshot().await, before, "nothing stored");
+    // A symlink inside an import directory that leads out is refused when the file is checked.
+    let outside = tempfile::tempdir().unwrap();
+    let target = qcow2(outside.path(), "elsewhere.qcow2", "64M");
+    let link = s.data_dir().join("link.qcow2");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    expect_failed(&s, "symlink", &link, "sourceImageInvalid", "outside the import directories").await;
+}

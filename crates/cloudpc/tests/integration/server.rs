@@ -29,13 +29,18 @@ async fn test_settings_file_flags_and_environment() {
     std::fs::write(&config, "max_image_size_gb = 1\nlog = \"warn\"\n").unwrap();
     let image = qcow2(dir.path(), "two.qcow2", "2G");
 
-    let from_file = Server::start_with(&["--config", config.to_str().unwrap()], Some(ADMIN_TOKEN)).await;
+    let import = dir.path().to_str().unwrap();
+    let from_file =
+        Server::start_with(&["--config", config.to_str().unwrap(), "--image-import-dir", import], Some(ADMIN_TOKEN))
+            .await;
     let v = from_file.image("two", &image).await;
     assert_eq!(v["errorCode"], "sourceImageSizeExceedsLimitation", "file setting applies: {v}");
 
-    let flag_wins =
-        Server::start_with(&["--config", config.to_str().unwrap(), "--max-image-size-gb", "4"], Some(ADMIN_TOKEN))
-            .await;
+    let flag_wins = Server::start_with(
+        &["--config", config.to_str().unwrap(), "--max-image-size-gb", "4", "--image-import-dir", import],
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     let v = flag_wins.image("two", &image).await;
     assert_eq!(v["status"], "ready", "flag overrides file: {v}");
 

@@ -67,6 +67,8 @@ impl Server {
         if !extra.contains(&"--image-boot-timeout-secs") {
             cmd.arg("--skip-image-test-boot");
         }
+        // Tests make their image files in the data directory; some add more import directories.
+        cmd.arg("--image-import-dir").arg(data.path());
         if let Some(t) = admin_token {
             cmd.env("CLOUDPC_ADMIN_TOKEN", t);
         }
