@@ -143,6 +143,7 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       ["Name", (p) => esc(p.managedDeviceName ?? p.displayName)],
       ["User", (p) => esc(p.userPrincipalName)],
       ["Policy", (p) => esc(p.provisioningPolicyName)],
+      ["Image", (p) => `${esc(p.imageDisplayName)} ${esc(p.imageVersion)}`],
       ["Status", (p) => `<span class="pill" data-status="${esc(p.status)}">${esc(p.status)}</span> ${esc(p.statusDetail)}`],
       ["Actions", (p) => `<button class="secondary" data-steps="${p.id}">Steps</button>` +
         ["reprovision", "retry", "reboot", "endGracePeriod"].map((a) => ` <button class="secondary write" data-pc="${p.id}" data-act="${a}">${a}</button>`).join("")],

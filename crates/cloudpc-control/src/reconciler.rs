@@ -249,6 +249,7 @@ impl App {
                 service_plan_id: s.sku_id,
                 service_plan_name: s.service_plans.first().map(|p| p.service_plan_name.clone()).unwrap_or_default(),
                 image_display_name: None,
+                image_version: None,
                 provisioning_type: ProvisioningType::Dedicated,
                 status: CloudPcStatus::NotProvisioned,
                 status_detail: Some("No provisioning policy targets this user.".into()),

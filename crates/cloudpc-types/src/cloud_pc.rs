@@ -43,6 +43,10 @@ pub struct CloudPc {
     pub service_plan_id: Uuid,
     pub service_plan_name: String,
     pub image_display_name: Option<String>,
+    /// cloudpc extension: the custom image version this Cloud PC was built from (it changes
+    /// only on reprovision); none for gallery images.
+    #[serde(default)]
+    pub image_version: Option<String>,
     pub provisioning_type: ProvisioningType,
     pub status: CloudPcStatus,
     pub status_detail: Option<String>,

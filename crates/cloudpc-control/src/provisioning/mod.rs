@@ -179,6 +179,7 @@ impl App {
         rec.pc.provisioning_policy_id = Some(policy.id);
         rec.pc.provisioning_policy_name = Some(policy.display_name.clone());
         rec.pc.image_display_name = Some(policy.image_display_name.clone());
+        rec.pc.image_version = rec.state.spec.as_ref().and_then(|s| s.image_version.clone());
         rec.pc.service_plan_id = sku.sku_id;
         rec.pc.service_plan_name = sku.service_plans.first().map(|p| p.service_plan_name.clone()).unwrap_or_default();
         rec.pc.provisioning_type = policy.provisioning_type;

@@ -172,6 +172,7 @@ async fn test_vm_new_image_version_reaches_a_cloud_pc_only_on_reprovision() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let same = s.cloud_pcs().await.remove(0);
     assert_eq!(same["managedDeviceName"], pc["managedDeviceName"]);
+    assert_eq!(same["imageVersion"], "1.0.0", "{same}");
     assert!(backing(&domain).ends_with(&format!("{id}-1.0.0.qcow2")), "the existing Cloud PC is untouched");
     let (status, v) = s.delete(&format!("{VE}/deviceImages/{id}")).await;
     assert_eq!(status.as_u16(), 409, "in use: {v}");
@@ -180,6 +181,7 @@ async fn test_vm_new_image_version_reaches_a_cloud_pc_only_on_reprovision() {
     let after = s.wait_all(1, &["provisioned"], BOOT).await.remove(0);
     let new_domain = format!("{}{}", s.prefix, after["managedDeviceName"].as_str().unwrap().to_ascii_lowercase());
     assert!(backing(&new_domain).ends_with(&format!("{id}-1.1.0.qcow2")), "reprovision picks up the new version");
+    assert_eq!(after["imageVersion"], "1.1.0");
 }
 
 #[tokio::test]
