@@ -90,6 +90,8 @@ pub enum HypervisorError {
     Command { program: String, message: String },
     #[error("{0}")]
     Io(String),
+    #[error("the image needs a {image_gib} GiB disk, more than the {disk_gib} GiB the license gives")]
+    TooSmall { image_gib: u64, disk_gib: u64 },
 }
 
 pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;

@@ -92,6 +92,27 @@ impl Hypervisor for LibvirtHost {
                 .await
                 .map_err(|e| HypervisorError::Io(format!("creating {}: {e}", dir.display())))?;
         }
+        // An overlay smaller than its base would cut the image's filesystem short.
+        let info = tokio::process::Command::new(&self.qemu_img)
+            .args(["info", "-U", "--output=json", "-f", "qcow2"])
+            .arg(base)
+            .output()
+            .await
+            .map_err(|e| HypervisorError::Command { program: self.qemu_img.clone(), message: e.to_string() })?;
+        let base_size = serde_json::from_slice::<serde_json::Value>(&info.stdout)
+            .ok()
+            .and_then(|v| v["virtual-size"].as_u64())
+            .ok_or_else(|| HypervisorError::Command {
+                program: format!("{} info", self.qemu_img),
+                message: format!(
+                    "cannot read the image {}: {}",
+                    base.display(),
+                    String::from_utf8_lossy(&info.stderr).trim()
+                ),
+            })?;
+        if base_size > size_gib << 30 {
+            return Err(HypervisorError::TooSmall { image_gib: base_size.div_ceil(1 << 30), disk_gib: size_gib });
+        }
         // Written under a temporary name and renamed, so a crash never leaves a half-made overlay.
         let tmp = overlay.with_extension("qcow2.partial");
         let out = tokio::process::Command::new(&self.qemu_img)

@@ -619,3 +619,23 @@ async fn test_vm_quickstart_demo_gives_the_printed_user_a_desktop_in_the_browser
     .await;
     assert!(!restarted.banner.iter().any(|l| l.contains("Demo set up")), "the demo is made once");
 }
+
+#[tokio::test]
+async fn test_license_disk_smaller_than_the_image_fails_with_the_reason() {
+    // Fails at createVm, before any VM exists, so no VM turn is needed.
+    let s = VmServer::start(&[]).await;
+    let file = qcow2(s.data_dir(), "big.qcow2", "3G");
+    let img = s.image("Three GiB", &file).await;
+    let sku = s.tiny_sku("SMALL", 1, 1, 2).await;
+    let user = s.user("lee@contoso.com").await;
+    let group = s.group("Small disks").await;
+    s.add_member(&group, &user).await;
+    let policy = s.policy("Big image", &img).await;
+    s.assign(&policy, &[&group]).await;
+    s.license("lee@contoso.com", &sku, true).await;
+    let pc = s.wait_all(1, &["failed"], BOOT).await.remove(0);
+    let detail = pc["statusDetail"].as_str().unwrap_or("");
+    assert!(detail.contains("3 GiB disk") && detail.contains("2 GiB the license gives"), "{pc}");
+    assert!(s.domains().is_empty(), "no VM was made: {:?}", s.domains());
+    assert!(s.disks().iter().all(|d| !d.ends_with(".qcow2")), "no overlay was made: {:?}", s.disks());
+}
