@@ -55,7 +55,10 @@ impl App {
                 publisher_name: m.publisher_name,
                 offer_name: m.offer_name,
                 sku_name: m.sku_name,
-                size_in_gb: m.disk_bytes.div_ceil(1 << 30) as u32,
+                // The disk a license must give at least (the virtual size), not the file's size.
+                size_in_gb: crate::images::inspect_qcow2_header(&path.join(&m.disk))
+                    .unwrap_or(m.disk_bytes)
+                    .div_ceil(1 << 30) as u32,
                 start_date: today,
                 end_date: today.with_year(today.year() + 1).unwrap_or(today),
                 expiration_date: today.with_year(today.year() + 1).unwrap_or(today),

@@ -577,6 +577,8 @@ async fn test_vm_quickstart_demo_gives_the_printed_user_a_desktop_in_the_browser
     assert_eq!(pc["userPrincipalName"], upn);
     let (_, policy) = s.get(&format!("{VE}/provisioningPolicies")).await;
     assert_eq!(policy["value"][0]["imageId"], s.gallery_image("desktop").await, "the demo uses the desktop image");
+    let (_, desktop) = s.get(&format!("{VE}/galleryImages/{}", s.gallery_image("desktop").await)).await;
+    assert_eq!((desktop["sizeInGb"].as_u64(), desktop["status"].as_str()), (Some(2), Some("supported")), "{desktop}");
 
     let measured = browser_test(
         "portal.mjs",
