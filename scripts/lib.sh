@@ -8,7 +8,7 @@
 # gallery image). chromium runs the browser tests of the portal.
 CLOUDPC_PACKAGES="build-essential pkg-config ca-certificates curl qemu-utils qemu-system-x86 libvirt-daemon
 libvirt-daemon-driver-qemu libvirt-clients libvirt-dev dnsmasq-base iptables cpio e2fsprogs chromium
-syslinux syslinux-common mtools dosfstools fdisk mmdebstrap"
+syslinux syslinux-common mtools dosfstools fdisk mmdebstrap debian-archive-keyring"
 
 # Where gallery images are built (shared by the service and the tests; builds are cached there).
 CLOUDPC_GALLERY_DIR=${CLOUDPC_GALLERY_DIR:-/var/lib/cloudpc/gallery}

@@ -42,6 +42,8 @@ rootfs_files() {
 }
 
 # The version: this script, the files it copies in, and what apt would install for each package.
+# Dependencies are not part of it (resolving them means a second mmdebstrap run): to pick up a
+# security update of a library alone, remove the build directory and run this again.
 versions=$(apt-cache policy "${packages[@]}" 2>/dev/null | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p, $2}')
 [ -n "$versions" ] || { echo "build.sh: apt-cache knows none of the packages (run apt-get update)" >&2; exit 1; }
 version=$( (cat "$here/build.sh"
@@ -63,7 +65,11 @@ step "installing ${#packages[@]} packages and their dependencies with mmdebstrap
 # setup-hook: a small initrd (only the modules listed, not MODULES=most) is made when the kernel
 # is installed (udev loads the rest, bochs for the VGA too: having it in the initrd made X come no
 # sooner). dpkg path-exclude: no manuals, docs (the copyright files stay) or translations.
-mmdebstrap --variant=minbase --mode=root \
+# The Debian archive's keyring by name, so that the build also works on a non-Debian host
+# (Ubuntu ships it as debian-archive-keyring too).
+keyring=()
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] && keyring=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
+mmdebstrap --variant=minbase --mode=root "${keyring[@]}" \
     --include="$(IFS=,; echo "${packages[*]}")" \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --dpkgopt='path-exclude=/usr/share/man/*' \

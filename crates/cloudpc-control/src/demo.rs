@@ -5,6 +5,7 @@
 use rand::Rng;
 
 use cloudpc_types::directory::{GroupCreate, PasswordProfile, UserCreate};
+use cloudpc_types::images::GalleryImage;
 use cloudpc_types::licensing::{AssignLicenseRequest, AssignedLicenseInput, PrepaidUnits, SkuCreate};
 use cloudpc_types::policy::{AssignRequest, AssignmentInput, AssignmentTarget, ImageType, ProvisioningPolicyCreate};
 
@@ -32,11 +33,19 @@ impl App {
             return Ok(None);
         }
         // The desktop image when it was built (it is what a newcomer wants to see), else any.
+        // Of several desktop builds, the newest (by when its disk was written).
         let images = self.store.list_gallery_images().await?;
-        let image =
-            images.iter().rfind(|i| i.offer_name == "desktop").or(images.first()).cloned().ok_or_else(|| {
-                Error::Conflict("the demo needs a gallery image; build one with images/desktop/build.sh".into())
-            })?;
+        let mut newest: Option<(std::time::SystemTime, &GalleryImage)> = None;
+        for image in images.iter().filter(|i| i.offer_name == "desktop") {
+            let (disk, _) = self.store.gallery_image_files(&image.id).await?;
+            let built = std::fs::metadata(&disk).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            if newest.is_none_or(|(t, _)| built > t) {
+                newest = Some((built, image));
+            }
+        }
+        let image = newest.map(|(_, i)| i).or(images.first()).cloned().ok_or_else(|| {
+            Error::Conflict("the demo needs a gallery image; build one with images/desktop/build.sh".into())
+        })?;
         // A desktop under software emulation wants two vCPUs and room for X.
         let (part, vcpus, ram, disk) =
             if image.offer_name == "desktop" { ("DEMO_2C_2GB_8GB", 2, 2, 8) } else { ("DEMO_1C_1GB_2GB", 1, 1, 2) };

@@ -12,6 +12,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -160,6 +161,8 @@ impl App {
         before.check_new_version(&version.version)?;
         let mut image = before.clone();
         let v = version.version.clone();
+        // A failed version may be submitted again under its number.
+        image.versions.retain(|e| e.version != v);
         image.versions.push(version);
         image.refresh_current();
         let audit =
@@ -175,9 +178,13 @@ impl App {
         &self,
         actor: &Actor,
         target: UploadTarget,
+        content_length: Option<u64>,
         body: impl AsyncRead + Unpin + Send,
     ) -> Result<DeviceImage> {
-        // Check the names before spending the bandwidth.
+        // Check the names and the announced size before spending the bandwidth.
+        if content_length.is_some_and(|n| n > self.max_source_bytes()) {
+            return Err(self.too_large());
+        }
         image_types::image_version(target.version())?;
         match &target {
             UploadTarget::NewImage { display_name, .. } => {
@@ -234,67 +241,98 @@ impl App {
         self.config.image_import_dirs.iter().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())).collect()
     }
 
-    /// The upload area, plus the import directories as their real paths (symlinks resolved).
-    fn allowed_source_roots(&self) -> Vec<PathBuf> {
-        let mut roots: Vec<PathBuf> = self.import_dirs().iter().filter_map(|d| d.canonicalize().ok()).collect();
-        roots.extend(self.upload_dir().canonicalize().ok());
-        roots
-    }
-
     fn upload_dir(&self) -> PathBuf {
         self.config.image_dir.join("uploads")
     }
 
+    /// Private copies of host files, so every check and the final copy read the same bytes.
+    fn staging_dir(&self) -> PathBuf {
+        self.config.image_dir.join("staging")
+    }
+
+    fn checks_dir(&self) -> PathBuf {
+        self.config.image_dir.join("checks")
+    }
+
+    /// The largest source file accepted: a qcow2 file is at most its virtual size plus metadata
+    /// (1/64 covers it).
+    fn max_source_bytes(&self) -> u64 {
+        (self.config.max_image_size_gb << 30) + (self.config.max_image_size_gb << 24) + (1 << 20)
+    }
+
+    fn too_large(&self) -> Error {
+        Error::TooLarge(format!(
+            "the upload is larger than an image of the {} GiB limit can be",
+            self.config.max_image_size_gb
+        ))
+    }
+
     /// Streams the body to a file, refusing it past the size limit; a failed upload leaves nothing.
-    async fn receive_upload(&self, mut body: impl AsyncRead + Unpin + Send) -> Result<PathBuf> {
+    async fn receive_upload(&self, body: impl AsyncRead + Unpin + Send) -> Result<PathBuf> {
         let dir = self.upload_dir();
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::HostIo(format!("cannot create {}: {e}", dir.display())))?;
         let dir = std::path::absolute(&dir).map_err(|e| Error::HostIo(e.to_string()))?;
-        let id = Uuid::new_v4();
-        let partial = dir.join(format!("{id}.qcow2.partial"));
-        let done = dir.join(format!("{id}.qcow2"));
-        // A qcow2 file is at most its virtual size plus metadata; 1/64 covers the metadata.
-        let limit = (self.config.max_image_size_gb << 30) + (self.config.max_image_size_gb << 24) + (1 << 20);
-        let outcome = async {
-            let mut file = tokio::fs::File::create(&partial)
-                .await
-                .map_err(|e| Error::HostIo(format!("cannot create {}: {e}", partial.display())))?;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut total: u64 = 0;
-            loop {
-                let n = body
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| Error::invalid("body", format!("the upload broke off: {e}")))?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-                if total > limit {
-                    return Err(Error::TooLarge(format!(
-                        "the upload is larger than an image of the {} GiB limit can be",
-                        self.config.max_image_size_gb
-                    )));
-                }
-                file.write_all(&buf[..n]).await.map_err(|e| Error::HostIo(format!("cannot store the upload: {e}")))?;
+        let done = dir.join(format!("{}.qcow2", Uuid::new_v4()));
+        match copy_capped(body, &done, self.max_source_bytes()).await {
+            Ok(0) => {
+                remove_quietly(&done).await;
+                Err(Error::invalid("body", "the upload is empty"))
             }
-            if total == 0 {
-                return Err(Error::invalid("body", "the upload is empty"));
+            Ok(_) => Ok(done),
+            Err(CopyFailure::TooLarge) => Err(self.too_large()),
+            Err(CopyFailure::Read(e)) => Err(Error::invalid("body", format!("the upload broke off: {e}"))),
+            Err(CopyFailure::Write(e)) => Err(Error::HostIo(format!("cannot store the upload: {e}"))),
+        }
+    }
+
+    /// Copies a host file into the staging area. The file is opened once (never blocking on a
+    /// FIFO), must be a regular file, and its real path (symlinks resolved, read back from the open
+    /// descriptor) must lie in an import directory; from then on only the copy is read, so
+    /// swapping the file during the checks changes nothing.
+    async fn stage_host_file(&self, source: &Path, id: Uuid, version: &str) -> Result<PathBuf, ImageRejection> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        use DeviceImageErrorCode::*;
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(source).map_err(|e| match e
+            .kind()
+        {
+            std::io::ErrorKind::NotFound => reject(SourceImageNotFound, format!("no file at {}", source.display())),
+            _ => reject(SourceImageNotFound, format!("cannot read {}: {e}", source.display())),
+        })?;
+        let meta = file.metadata().map_err(|e| reject(SourceImageNotFound, e.to_string()))?;
+        if !meta.is_file() {
+            return Err(reject(SourceImageInvalid, format!("{} is not a regular file", source.display())));
+        }
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|e| reject(InternalServerError, format!("cannot tell where {} leads: {e}", source.display())))?;
+        let roots: Vec<PathBuf> = self.import_dirs().iter().filter_map(|d| d.canonicalize().ok()).collect();
+        if !roots.iter().any(|root| real.starts_with(root)) {
+            return Err(reject(
+                SourceImageInvalid,
+                format!("{} leads outside the import directories", source.display()),
+            ));
+        }
+        let dir = self.staging_dir();
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| reject(InternalServerError, e.to_string()))?;
+        let staged = dir.join(format!("{id}-{version}.qcow2"));
+        match copy_capped(tokio::fs::File::from_std(file), &staged, self.max_source_bytes()).await {
+            Ok(_) => Ok(staged),
+            Err(CopyFailure::TooLarge) => Err(reject(
+                SourceImageSizeExceedsLimitation,
+                format!("the file is larger than an image of the {} GiB limit can be", self.config.max_image_size_gb),
+            )),
+            Err(CopyFailure::Read(e)) => {
+                Err(reject(SourceImageInvalid, format!("cannot read {}: {e}", source.display())))
             }
-            file.sync_all().await.map_err(|e| Error::HostIo(format!("cannot store the upload: {e}")))?;
-            tokio::fs::rename(&partial, &done).await.map_err(|e| Error::HostIo(format!("cannot store the upload: {e}")))
+            Err(CopyFailure::Write(e)) => Err(reject(InternalServerError, format!("cannot stage the image: {e}"))),
         }
-        .await;
-        if let Err(e) = outcome {
-            let _ = tokio::fs::remove_file(&partial).await;
-            return Err(e);
-        }
-        Ok(done)
     }
 
     pub async fn delete_device_image(&self, actor: &Actor, id: &str) -> Result<()> {
+        // Under the image lock, so a version added meanwhile is not missed by the clean-up below.
+        let _guard = self.image_updates.lock().await;
         let image = self.get_device_image(id).await?;
         let audit = image_change("Delete", AuditOperationType::Delete, &image).event(actor, Some(&image), None);
         self.store.delete_device_image(image.id, &audit).await?;
@@ -317,17 +355,18 @@ impl App {
     /// temporary name and renamed, so a crash never leaves a half-copied base).
     async fn take_copy(&self, source: &Path, base: &Path) -> Result<(), ImageRejection> {
         let partial = base.with_extension("qcow2.partial");
-        let out = tokio::process::Command::new(&self.config.qemu_img)
-            .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
-            .arg(source)
-            .arg(&partial)
-            .output()
-            .await
-            .map_err(|e| {
-                reject(DeviceImageErrorCode::InternalServerError, format!("cannot run {}: {e}", self.config.qemu_img))
-            })?;
+        let mut cmd = tokio::process::Command::new(&self.config.qemu_img);
+        cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]).arg(source).arg(&partial);
+        let out = run_bounded(cmd, &self.config.qemu_img).await;
+        let out = match out {
+            Ok(out) => out,
+            Err(r) => {
+                remove_quietly(&partial).await;
+                return Err(r);
+            }
+        };
         if !out.status.success() {
-            let _ = tokio::fs::remove_file(&partial).await;
+            remove_quietly(&partial).await;
             let detail = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").to_string();
             return Err(reject(
                 DeviceImageErrorCode::SourceImageInvalid,
@@ -339,66 +378,151 @@ impl App {
             .map_err(|e| reject(DeviceImageErrorCode::InternalServerError, format!("cannot store the image: {e}")))
     }
 
-    /// Checks every version left `pending` (for example by a restart during a check) and removes
-    /// uploads that no pending version needs (a crash between receiving and registering one).
+    /// Start-up: brings image records from before versions into the versioned shape, removes what
+    /// interrupted checks left (test-boot VMs, overlays, staged and partial copies, bases and
+    /// uploads no version needs), then checks every version still `pending` again.
     pub async fn resume_image_validation(&self) -> Result<()> {
-        let images = self.store.list_device_images().await?;
-        let mut wanted = std::collections::HashSet::new();
+        let mut images = self.store.list_device_images().await?;
+        for image in images.iter_mut().filter(|i| i.versions.is_empty()) {
+            self.migrate_unversioned(image).await?;
+        }
+        if let Some(hv) = self.hosts.first() {
+            let prefix = format!("{}imagecheck-", self.config.domain_prefix);
+            for vm in hv.list_vms(&prefix).await.unwrap_or_default() {
+                tracing::info!(vm = %vm, "removing a test-boot VM an interrupted check left");
+                let _ = hv.remove_vm(&vm).await;
+            }
+        }
+        let mut keep = std::collections::HashSet::new();
         for image in &images {
             for v in &image.versions {
-                if v.status == DeviceImageStatus::Pending {
-                    wanted.insert(PathBuf::from(&v.source_image_resource_id));
-                    self.spawn_validation(image.id, v.version.clone());
+                if v.status == DeviceImageStatus::Ready {
+                    keep.insert(self.image_base(image.id, &v.version));
+                }
+                if v.status == DeviceImageStatus::Pending && v.uploaded {
+                    keep.insert(PathBuf::from(&v.source_image_resource_id));
                 }
             }
         }
-        if let Ok(entries) = std::fs::read_dir(self.upload_dir()) {
-            for path in entries.flatten().map(|e| e.path()) {
-                let known = std::path::absolute(&path).map(|p| wanted.contains(&p)).unwrap_or(false);
+        let keep: std::collections::HashSet<PathBuf> =
+            keep.iter().filter_map(|p| std::path::absolute(p).ok()).collect();
+        for dir in [self.config.image_dir.clone(), self.upload_dir(), self.staging_dir(), self.checks_dir()] {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for path in entries.flatten().map(|e| e.path()).filter(|p| p.is_file()) {
+                let known = std::path::absolute(&path).map(|p| keep.contains(&p)).unwrap_or(false);
                 if !known {
-                    tracing::info!(path = %path.display(), "removing an upload no image needs");
+                    tracing::info!(path = %path.display(), "removing a file no image version needs");
                     remove_quietly(&path).await;
                 }
+            }
+        }
+        for image in &images {
+            for v in image.versions.iter().filter(|v| v.status == DeviceImageStatus::Pending) {
+                self.spawn_validation(image.id, v.version.clone());
             }
         }
         Ok(())
     }
 
-    fn spawn_validation(&self, id: Uuid, version: String) {
-        let app = self.clone();
-        tokio::spawn(async move { app.validate_device_image(id, &version).await });
+    /// An image stored before versions existed becomes its own first version; its base file
+    /// moves to the versioned name.
+    async fn migrate_unversioned(&self, image: &mut DeviceImage) -> Result<()> {
+        let before = image.clone();
+        let mut first = pending_version(image.version.clone(), image.source_image_resource_id.clone(), false);
+        first.status = image.status;
+        first.error_code = image.error_code;
+        first.status_details = image.status_details.clone();
+        first.size_in_gb = image.size_in_gb;
+        first.last_modified_date_time = image.last_modified_date_time;
+        image.versions.push(first);
+        let old = self.config.image_dir.join(format!("{}.qcow2", image.id));
+        if old.exists() {
+            tokio::fs::rename(&old, self.image_base(image.id, &image.version))
+                .await
+                .map_err(|e| Error::HostIo(format!("cannot rename {}: {e}", old.display())))?;
+        }
+        let audit = image_change("Migrate", AuditOperationType::Patch, image).event(
+            &Actor::system(),
+            Some(&before),
+            Some(image),
+        );
+        self.store.update_device_image(image, &audit).await?;
+        Ok(())
     }
 
-    /// Moves a pending version to `ready` or `failed`. Errors are logged: nobody waits on this task.
-    pub async fn validate_device_image(&self, id: Uuid, version: &str) {
-        let Ok(image) = self.store.get_device_image(id).await else { return };
-        let Some(v) = image.versions.iter().find(|v| v.version == version).cloned() else { return };
+    /// Checks one version in the background; a check that could not run (no host, libvirt down)
+    /// is tried again later instead of failing an image that may be fine.
+    fn spawn_validation(&self, id: Uuid, version: String) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(5);
+            while !app.validate_device_image(id, &version).await {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(300));
+            }
+        });
+    }
+
+    /// Moves a pending version to `ready` or `failed`; returns false when the check should be
+    /// tried again. Errors are logged: nobody waits on this task.
+    pub async fn validate_device_image(&self, id: Uuid, version: &str) -> bool {
+        let image = match self.store.get_device_image(id).await {
+            Ok(image) => image,
+            Err(cloudpc_store::StoreError::NotFound { .. }) => return true,
+            Err(e) => {
+                tracing::warn!(image = %id, error = %e, "cannot read an image to check it; trying again later");
+                return false;
+            }
+        };
+        let Some(v) = image.versions.iter().find(|v| v.version == version).cloned() else { return true };
         if v.status != DeviceImageStatus::Pending {
-            return;
+            return true;
         }
         let source = PathBuf::from(&v.source_image_resource_id);
         let base = self.image_base(id, version);
+        let mut staged = None;
         let checked = async {
-            let size = self.check_image_file(&source).await?;
-            self.take_copy(&source, &base).await?;
+            let file = if v.uploaded {
+                source.clone()
+            } else {
+                staged.insert(self.stage_host_file(&source, id, version).await?).clone()
+            };
+            let size = self.check_image_file(&file).await?;
+            self.take_copy(&file, &base).await?;
             let os = self.test_boot(id, version, &base, size).await?;
             Ok::<_, ImageRejection>((size, os))
         }
         .await;
+        if let Some(path) = &staged {
+            remove_quietly(path).await;
+        }
         if checked.is_err() {
             remove_quietly(&base).await;
         }
-        if v.uploaded {
-            remove_quietly(&source).await;
+        if let Err(r) = &checked {
+            if r.code == DeviceImageErrorCode::InternalServerError {
+                tracing::warn!(image = %id, version, reason = %r.message, "an image check could not run; trying again later");
+                return false;
+            }
         }
         let _guard = self.image_updates.lock().await;
         // Read again: another version may have been added, or the image deleted, meanwhile.
-        let Ok(before) = self.store.get_device_image(id).await else {
-            remove_quietly(&base).await;
-            return;
+        let before = match self.store.get_device_image(id).await {
+            Ok(image) => image,
+            Err(cloudpc_store::StoreError::NotFound { .. }) => {
+                remove_quietly(&base).await;
+                if v.uploaded {
+                    remove_quietly(&source).await;
+                }
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(image = %id, error = %e, "cannot record an image check; checking again later");
+                return false;
+            }
         };
         let mut image = before.clone();
-        let Some(entry) = image.version_mut(version) else { return };
+        let Some(entry) = image.version_mut(version) else { return true };
         match checked {
             Ok((size, os)) => {
                 entry.status = DeviceImageStatus::Ready;
@@ -423,24 +547,21 @@ impl App {
             Some(&image),
         );
         if let Err(e) = self.store.update_device_image(&image, &audit).await {
-            tracing::warn!(image = %id, error = %e, "could not record the result of an image check");
-        } else {
-            // A policy may have been waiting for a ready image.
-            self.changed();
+            tracing::warn!(image = %id, error = %e, "could not record the result of an image check; checking again later");
+            return false;
         }
+        // Only now that the result is stored: a crash before this point checks the upload again.
+        if v.uploaded {
+            remove_quietly(&source).await;
+        }
+        // A policy may have been waiting for a ready image.
+        self.changed();
+        true
     }
 
+    /// Checks a file cloudpc holds (an upload or a staged copy).
     async fn check_image_file(&self, path: &Path) -> Result<u64, ImageRejection> {
         use DeviceImageErrorCode::*;
-        // A symlink in an import directory must not lead outside the allowed places.
-        if let Ok(real) = path.canonicalize() {
-            if !self.allowed_source_roots().iter().any(|root| real.starts_with(root)) {
-                return Err(reject(
-                    SourceImageInvalid,
-                    format!("{} leads outside the import directories", path.display()),
-                ));
-            }
-        }
         let owned = path.to_path_buf();
         let header_size = tokio::task::spawn_blocking(move || inspect_qcow2_header(&owned))
             .await
@@ -450,12 +571,9 @@ impl App {
         let info = self.qemu_img(&["info", "--output=json", "-f", "qcow2"], path).await?;
         let size = check_image_info(&info)?;
         self.check_size(size)?;
-        let out = tokio::process::Command::new(&self.config.qemu_img)
-            .args(["check", "-q", "-f", "qcow2"])
-            .arg(path)
-            .output()
-            .await
-            .map_err(|e| reject(InternalServerError, format!("cannot run {}: {e}", self.config.qemu_img)))?;
+        let mut cmd = tokio::process::Command::new(&self.config.qemu_img);
+        cmd.args(["check", "-q", "-f", "qcow2"]).arg(path);
+        let out = run_bounded(cmd, &self.config.qemu_img).await?;
         // Exit 3 means leaked clusters only: wasted space, not damage.
         match out.status.code() {
             Some(0) | Some(3) => Ok(size),
@@ -484,12 +602,9 @@ impl App {
 
     async fn qemu_img(&self, args: &[&str], path: &Path) -> Result<serde_json::Value, ImageRejection> {
         use DeviceImageErrorCode::*;
-        let out = tokio::process::Command::new(&self.config.qemu_img)
-            .args(args)
-            .arg(path)
-            .output()
-            .await
-            .map_err(|e| reject(InternalServerError, format!("cannot run {}: {e}", self.config.qemu_img)))?;
+        let mut cmd = tokio::process::Command::new(&self.config.qemu_img);
+        cmd.args(args).arg(path);
+        let out = run_bounded(cmd, &self.config.qemu_img).await?;
         if !out.status.success() {
             let detail = String::from_utf8_lossy(&out.stderr);
             let first = detail.lines().next().unwrap_or("unreadable image").trim().to_string();
@@ -517,7 +632,9 @@ impl App {
         let Some(hv) = self.hosts.first().cloned() else {
             return Err(reject(InternalServerError, "there is no hypervisor host to test-boot the image on"));
         };
-        let dir = self.config.image_dir.join("checks");
+        // One test boot at a time: parallel boots under emulation could miss the agent's deadline.
+        let _turn = self.image_boots.lock().await;
+        let dir = self.checks_dir();
         tokio::fs::create_dir_all(&dir).await.map_err(|e| reject(InternalServerError, e.to_string()))?;
         let name = format!("{}imagecheck-{}-{}", self.config.domain_prefix, &id.simple().to_string()[..12], version);
         let overlay = dir.join(format!("{id}-{version}.qcow2"));
@@ -554,8 +671,8 @@ impl App {
             tracing::info!(image = %id, version, boot_secs = waited.as_secs_f64(), "test boot: the guest agent answered");
             // Without /etc/os-release the agent still knows the kernel.
             let os = agent.os_info().await.ok().map(|info| {
-                let name = info["pretty-name"].as_str().or(info["name"].as_str()).unwrap_or("Linux").to_string();
-                (name, info["kernel-release"].as_str().map(String::from))
+                let name = info["pretty-name"].as_str().or(info["name"].as_str()).unwrap_or("Linux");
+                (guest_text(name), info["kernel-release"].as_str().map(guest_text))
             });
             Ok(os)
         }
@@ -612,6 +729,65 @@ fn check_image_info(info: &serde_json::Value) -> Result<u64, ImageRejection> {
         return Err(reject(SourceImageInvalid, "the image keeps its data in an external data file"));
     }
     info["virtual-size"].as_u64().ok_or_else(|| reject(SourceImageInvalid, "qemu-img reports no virtual size"))
+}
+
+/// What the guest says about itself is the image author's text: bounded, no control characters.
+fn guest_text(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(256).collect()
+}
+
+/// `O_NONBLOCK` on Linux: opening a FIFO must not wait for a writer.
+const O_NONBLOCK: i32 = 0o4000;
+
+/// A stuck `qemu-img` (a crafted image, a hung file system) must not hold a check forever.
+const QEMU_IMG_LIMIT: Duration = Duration::from_secs(1800);
+
+async fn run_bounded(mut cmd: tokio::process::Command, program: &str) -> Result<std::process::Output, ImageRejection> {
+    use DeviceImageErrorCode::*;
+    cmd.kill_on_drop(true);
+    match tokio::time::timeout(QEMU_IMG_LIMIT, cmd.output()).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(reject(InternalServerError, format!("cannot run {program}: {e}"))),
+        Err(_) => {
+            Err(reject(SourceImageInvalid, format!("{program} did not finish within {} s", QEMU_IMG_LIMIT.as_secs())))
+        }
+    }
+}
+
+enum CopyFailure {
+    TooLarge,
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Copies a stream into `dest` (through `dest.partial` and a rename), at most `limit` bytes;
+/// returns the size. Nothing stays behind when it fails.
+async fn copy_capped(mut from: impl AsyncRead + Unpin, dest: &Path, limit: u64) -> Result<u64, CopyFailure> {
+    let partial = dest.with_extension("qcow2.partial");
+    let outcome = async {
+        let mut file = tokio::fs::File::create(&partial).await.map_err(CopyFailure::Write)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total: u64 = 0;
+        loop {
+            let n = from.read(&mut buf).await.map_err(CopyFailure::Read)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > limit {
+                return Err(CopyFailure::TooLarge);
+            }
+            file.write_all(&buf[..n]).await.map_err(CopyFailure::Write)?;
+        }
+        file.sync_all().await.map_err(CopyFailure::Write)?;
+        tokio::fs::rename(&partial, dest).await.map_err(CopyFailure::Write)?;
+        Ok(total)
+    }
+    .await;
+    if outcome.is_err() {
+        remove_quietly(&partial).await;
+    }
+    outcome
 }
 
 async fn remove_quietly(path: &Path) {

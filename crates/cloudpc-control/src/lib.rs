@@ -112,6 +112,8 @@ pub struct App {
     sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
     /// Serializes read-modify-write of device images (versions are checked concurrently).
     image_updates: Arc<tokio::sync::Mutex<()>>,
+    /// Custom-image test boots take turns.
+    image_boots: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
@@ -130,6 +132,7 @@ impl App {
             consoles: Arc::new(console::Consoles::default()),
             sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
             image_updates: Arc::new(tokio::sync::Mutex::new(())),
+            image_boots: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 

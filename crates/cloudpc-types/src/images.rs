@@ -125,7 +125,12 @@ impl DeviceImage {
 
     /// The version new Cloud PCs are built from: the newest ready one, else the newest.
     pub fn current(&self) -> Option<&DeviceImageVersion> {
-        self.versions.iter().rev().find(|v| v.status == DeviceImageStatus::Ready).or(self.versions.last())
+        let order = |v: &&DeviceImageVersion| parse_version(&v.version);
+        self.versions
+            .iter()
+            .filter(|v| v.status == DeviceImageStatus::Ready)
+            .max_by_key(order)
+            .or_else(|| self.versions.iter().max_by_key(order))
     }
 
     /// Copies the current version into the Graph fields at the top.
@@ -149,11 +154,13 @@ impl DeviceImage {
         self.versions.iter_mut().find(|v| v.version == version)
     }
 
-    /// A new version must be higher than every version the image has, so "newest" is unambiguous.
+    /// A new version must be higher than every version the image has that did not fail, so
+    /// "newest" is unambiguous; a failed version's number may be used again.
     pub fn check_new_version(&self, version: &str) -> Result<(), ValidationError> {
         image_version(version)?;
         let new = parse_version(version).expect("checked above");
-        if let Some(top) = self.versions.iter().filter_map(|v| parse_version(&v.version)).max() {
+        let kept = self.versions.iter().filter(|v| v.status != DeviceImageStatus::Failed);
+        if let Some(top) = kept.filter_map(|v| parse_version(&v.version)).max() {
             if new <= top {
                 return Err(ValidationError::new(
                     "version",
@@ -273,6 +280,10 @@ mod tests {
         assert!(img.check_new_version("1.10.0").is_err());
         assert!(img.check_new_version("1.10.1").is_ok());
         assert!(img.check_new_version("2.0").is_err());
+        let mut img = img;
+        img.versions.push(version("2.0.0", DeviceImageStatus::Failed));
+        assert!(img.check_new_version("2.0.0").is_ok(), "a failed version may be submitted again");
+        assert!(img.check_new_version("1.10.0").is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::TryStreamExt;
@@ -58,6 +58,10 @@ fn required(params: &mut std::collections::HashMap<String, String>, key: &str) -
     params.remove(key).ok_or_else(|| ApiError::bad_request(format!("The query parameter '{key}' is required.")))
 }
 
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
 fn body_reader(body: Body) -> impl tokio::io::AsyncRead + Unpin + Send {
     tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other))
 }
@@ -73,6 +77,7 @@ pub async fn upload_device(
     Caller(actor): Caller,
     g: GraphRequest,
     uri: Uri,
+    headers: HeaderMap,
     body: Body,
 ) -> Reply {
     let mut p = upload_params(&uri, &["displayName", "version", "operatingSystem"])?;
@@ -81,7 +86,7 @@ pub async fn upload_device(
         version: required(&mut p, "version")?,
         operating_system: p.remove("operatingSystem"),
     };
-    let image = app.upload_device_image(&actor, target, body_reader(body)).await?;
+    let image = app.upload_device_image(&actor, target, content_length(&headers), body_reader(body)).await?;
     g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
 }
 
@@ -112,11 +117,12 @@ pub async fn upload_version(
     g: GraphRequest,
     Path(id): Path<String>,
     uri: Uri,
+    headers: HeaderMap,
     body: Body,
 ) -> Reply {
     let mut p = upload_params(&uri, &["version"])?;
     let target = UploadTarget::NewVersion { image_id: id, version: required(&mut p, "version")? };
-    let image = app.upload_device_image(&actor, target, body_reader(body)).await?;
+    let image = app.upload_device_image(&actor, target, content_length(&headers), body_reader(body)).await?;
     g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
 }
 

@@ -20,20 +20,6 @@ fn import_disk(name: &str) -> PathBuf {
     path
 }
 
-/// Every file under a directory, recursively.
-fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 fn version<'a>(image: &'a Value, v: &str) -> &'a Value {
     image["versions"].as_array().unwrap().iter().find(|e| e["version"] == v).unwrap_or(&Value::Null)
 }
@@ -197,6 +183,11 @@ async fn test_vm_image_check_killed_mid_test_boot_resumes_after_restart() {
         assert!(start.elapsed() < BOOT, "the test boot never started");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Leftovers of other interrupted work, which the restart must sweep too.
+    let images = s.data_dir().join("images");
+    std::fs::create_dir_all(images.join("staging")).unwrap();
+    std::fs::write(images.join("staging").join("stale.qcow2"), b"x").unwrap();
+    std::fs::write(images.join(format!("{}-9.9.9.qcow2", uuid::Uuid::new_v4())), b"x").unwrap();
     // SIGKILL while the throwaway VM boots: the check starts over after the restart.
     let s = s.crash_and_restart().await;
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;

@@ -82,7 +82,10 @@ async fn test_hostile_and_broken_images_fail_with_error_codes() {
 
     expect_failed(&s, "missing", &dir.join("nope.qcow2"), "sourceImageNotFound", "no file").await;
     expect_failed(&s, "directory", &dir, "sourceImageInvalid", "not a regular file").await;
-    let kept: Vec<_> = std::fs::read_dir(dir.join("images")).unwrap().collect();
+    let fifo = dir.join("fifo.qcow2");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    expect_failed(&s, "fifo", &fifo, "sourceImageInvalid", "not a regular file").await;
+    let kept = files_under(&dir.join("images"));
     assert!(kept.is_empty(), "refused images leave nothing in cloudpc's image store: {kept:?}");
 }
 
@@ -147,6 +150,23 @@ async fn test_upload_bad_requests_are_refused_and_store_nothing() {
         assert!(message(&v).contains(words), "{path}: {v}");
     }
     assert_eq!(s.snapshot().await, before, "nothing stored");
+    // An announced size over the limit is refused before any byte of the body is read.
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {up}?displayName=Huge&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        1u64 << 42
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n =
+        tokio::time::timeout(std::time::Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
+            .await
+            .expect("answered without waiting for the body")
+            .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("larger than"), "{answer}");
     let uploads = s.data_dir().join("images").join("uploads");
     let left: Vec<_> = std::fs::read_dir(&uploads).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "refused uploads leave no file: {left:?}");

@@ -312,3 +312,17 @@ pub fn qcow2(dir: &Path, name: &str, size: &str) -> PathBuf {
 pub fn message(v: &Value) -> &str {
     v["error"]["message"].as_str().unwrap_or_else(|| panic!("not a Graph error: {v}"))
 }
+
+/// Every file under a directory, recursively.
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
