@@ -195,3 +195,33 @@ async fn test_host_paths_only_from_import_directories() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     expect_failed(&s, "symlink", &link, "sourceImageInvalid", "outside the import directories").await;
 }
+
+#[tokio::test]
+async fn test_images_stored_before_versions_are_migrated_at_start() {
+    let s = Server::start().await;
+    let img = s.ready_image("Old").await;
+    let id = img["id"].as_str().unwrap().to_string();
+    let data = s.stop();
+    // Make the record and its file look like session 1 wrote them: no versions, `<id>.qcow2`.
+    let images = data.path().join("images");
+    std::fs::rename(images.join(format!("{id}-1.0.0.qcow2")), images.join(format!("{id}.qcow2"))).unwrap();
+    let db =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", data.path().join("cloudpc.db").display())).await.unwrap();
+    sqlx::query("UPDATE device_images SET body = json_remove(body, '$.versions') WHERE id = ?1")
+        .bind(&id)
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+
+    let s = Server::start_in(data, &[], Some(ADMIN_TOKEN)).await;
+    let (_, img) = s.get(&format!("{VE}/deviceImages/{id}")).await;
+    let versions = img["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1, "{img}");
+    assert_eq!((versions[0]["version"].as_str(), versions[0]["status"].as_str()), (Some("1.0.0"), Some("ready")));
+    let images = s.data_dir().join("images");
+    assert!(images.join(format!("{id}-1.0.0.qcow2")).exists(), "the base moved to its versioned name");
+    assert!(!images.join(format!("{id}.qcow2")).exists());
+    let policy = s.policy("Still usable", &img).await;
+    assert_eq!(policy["imageId"], img["id"]);
+}
