@@ -127,7 +127,7 @@ impl App {
     }
 
     async fn create_image(&self, actor: &Actor, input: DeviceImageCreate, uploaded: bool) -> Result<DeviceImage> {
-        let mut first = pending_version(input.version, input.source_image_resource_id, uploaded);
+        let mut first = DeviceImageVersion::pending(input.version, input.source_image_resource_id, uploaded);
         first.operating_system = input.operating_system;
         first.os_build_number = input.os_build_number;
         let image = DeviceImage::new_pending(Uuid::new_v4(), input.display_name, first);
@@ -151,7 +151,8 @@ impl App {
     ) -> Result<DeviceImage> {
         image_types::source_path(&input.source_image_resource_id)?;
         self.check_import_path(&input.source_image_resource_id)?;
-        self.add_version(actor, id, pending_version(input.version, input.source_image_resource_id, false)).await
+        self.add_version(actor, id, DeviceImageVersion::pending(input.version, input.source_image_resource_id, false))
+            .await
     }
 
     async fn add_version(&self, actor: &Actor, id: &str, version: DeviceImageVersion) -> Result<DeviceImage> {
@@ -209,7 +210,7 @@ impl App {
                 self.create_image(actor, input, true).await
             }
             UploadTarget::NewVersion { image_id, version } => {
-                self.add_version(actor, &image_id, pending_version(version, source, true)).await
+                self.add_version(actor, &image_id, DeviceImageVersion::pending(version, source, true)).await
             }
         };
         if result.is_err() {
@@ -428,7 +429,8 @@ impl App {
     /// moves to the versioned name.
     async fn migrate_unversioned(&self, image: &mut DeviceImage) -> Result<()> {
         let before = image.clone();
-        let mut first = pending_version(image.version.clone(), image.source_image_resource_id.clone(), false);
+        let mut first =
+            DeviceImageVersion::pending(image.version.clone(), image.source_image_resource_id.clone(), false);
         first.status = image.status;
         first.error_code = image.error_code;
         first.status_details = image.status_details.clone();
@@ -698,21 +700,6 @@ impl UploadTarget {
         match self {
             UploadTarget::NewImage { version, .. } | UploadTarget::NewVersion { version, .. } => version,
         }
-    }
-}
-
-fn pending_version(version: String, source: String, uploaded: bool) -> DeviceImageVersion {
-    DeviceImageVersion {
-        version,
-        source_image_resource_id: source,
-        uploaded,
-        status: DeviceImageStatus::Pending,
-        error_code: None,
-        status_details: None,
-        operating_system: None,
-        os_build_number: None,
-        size_in_gb: None,
-        last_modified_date_time: Utc::now(),
     }
 }
 

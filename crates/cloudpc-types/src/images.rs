@@ -102,6 +102,24 @@ pub struct DeviceImageVersion {
     pub last_modified_date_time: DateTime<Utc>,
 }
 
+impl DeviceImageVersion {
+    /// A version just submitted, not checked yet.
+    pub fn pending(version: String, source: String, uploaded: bool) -> Self {
+        DeviceImageVersion {
+            version,
+            source_image_resource_id: source,
+            uploaded,
+            status: DeviceImageStatus::Pending,
+            error_code: None,
+            status_details: None,
+            operating_system: None,
+            os_build_number: None,
+            size_in_gb: None,
+            last_modified_date_time: Utc::now(),
+        }
+    }
+}
+
 impl DeviceImage {
     /// A new image whose only version is `pending`.
     pub fn new_pending(id: Uuid, display_name: String, first: DeviceImageVersion) -> Self {
@@ -238,18 +256,7 @@ mod tests {
     use super::*;
 
     fn version(v: &str, status: DeviceImageStatus) -> DeviceImageVersion {
-        DeviceImageVersion {
-            version: v.into(),
-            source_image_resource_id: format!("/src/{v}.qcow2"),
-            uploaded: false,
-            status,
-            error_code: None,
-            status_details: None,
-            operating_system: None,
-            os_build_number: None,
-            size_in_gb: None,
-            last_modified_date_time: Utc::now(),
-        }
+        DeviceImageVersion { status, ..DeviceImageVersion::pending(v.into(), format!("/src/{v}.qcow2"), false) }
     }
 
     #[test]
