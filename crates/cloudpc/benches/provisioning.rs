@@ -1,6 +1,7 @@
 //! Provisioning benchmark: for N license assignments, the time from assignment to `provisioned`
 //! (p50, p95), split into guest boot, hypervisor and guest work, and the control plane's own
-//! share, with per-step times. Real VMs of the tiny image; prints numbers, asserts nothing.
+//! share, with per-step times. Real VMs of the tiny image (or, with `BENCH_IMAGE=desktop`, of the
+//! desktop image on a 2 vCPU / 2 GB / 8 GB license); prints numbers, asserts nothing.
 //!
 //! Run: `CLOUDPC_TEST_GALLERY=/var/lib/cloudpc/gallery cargo bench --bench provisioning`
 //! (after scripts/test.sh or scripts/run.sh has set up the host). `BENCH_N` sets N (default 5);
@@ -46,9 +47,11 @@ async fn run() {
     let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let parallel = std::env::var("BENCH_PARALLEL").is_ok_and(|v| v == "1");
     let s = VmServer::start(&["--cleanup-delay-secs", "1"]).await;
-    let sku = s.tiny_sku("BENCH", 1, 1, 1).await;
+    let offer = std::env::var("BENCH_IMAGE").unwrap_or_else(|_| "tiny".into());
+    let sku = if offer == "desktop" { s.tiny_sku("BENCH", 2, 2, 8).await } else { s.tiny_sku("BENCH", 1, 1, 1).await };
     let group = s.group("bench").await;
-    let policy = s.tiny_policy("bench", json!({})).await;
+    let image = s.gallery_image(&offer).await;
+    let policy = s.tiny_policy("bench", json!({ "imageId": image })).await;
     s.assign(&policy, &[&group]).await;
     let mut users = Vec::new();
     for i in 0..n {
@@ -95,7 +98,7 @@ async fn run() {
         (pct(&v, 0.5), pct(&v, 0.95))
     };
     println!(
-        "cloudpc provisioning benchmark: N={n}, {}, tiny image, accelerator from /run/cloudpc/accelerator = {}",
+        "cloudpc provisioning benchmark: N={n}, {}, {offer} image, accelerator from /run/cloudpc/accelerator = {}",
         if parallel { "all assigned at once" } else { "one after another" },
         std::fs::read_to_string("/run/cloudpc/accelerator").unwrap_or_else(|_| "?".into()).trim()
     );
