@@ -41,6 +41,9 @@ impl From<Error> for ApiError {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", message)
             }
             Error::TooLarge(_) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", message),
+            Error::InsufficientStorage(_) => {
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage", message)
+            }
             Error::HostIo(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", message)

@@ -22,6 +22,9 @@ pub enum Error {
     /// The request body is larger than the rule allows.
     #[error("{0}")]
     TooLarge(String),
+    /// The host lacks the disk space the request needs.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// Something failed inside cloudpc; the caller sees only that it did.
     #[error("an internal error occurred")]
     Internal(#[source] StoreError),

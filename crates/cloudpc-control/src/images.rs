@@ -195,7 +195,7 @@ impl App {
                 self.get_device_image(image_id).await?.check_new_version(version)?;
             }
         }
-        let path = self.receive_upload(body).await?;
+        let path = self.receive_upload(content_length, body).await?;
         let source = path.to_string_lossy().into_owned();
         let result = match target {
             UploadTarget::NewImage { display_name, version, operating_system } => {
@@ -261,6 +261,13 @@ impl App {
         (self.config.max_image_size_gb << 30) + (self.config.max_image_size_gb << 24) + (1 << 20)
     }
 
+    fn no_space(&self) -> Error {
+        Error::InsufficientStorage(format!(
+            "the server has too little free space for this image (it keeps {} GiB free for its Cloud PCs)",
+            FREE_SPACE_RESERVE >> 30
+        ))
+    }
+
     fn too_large(&self) -> Error {
         Error::TooLarge(format!(
             "the upload is larger than an image of the {} GiB limit can be",
@@ -269,13 +276,20 @@ impl App {
     }
 
     /// Streams the body to a file, refusing it past the size limit; a failed upload leaves nothing.
-    async fn receive_upload(&self, body: impl AsyncRead + Unpin + Send) -> Result<PathBuf> {
+    async fn receive_upload(
+        &self,
+        content_length: Option<u64>,
+        body: impl AsyncRead + Unpin + Send,
+    ) -> Result<PathBuf> {
         let dir = self.upload_dir();
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::HostIo(format!("cannot create {}: {e}", dir.display())))?;
         let dir = std::path::absolute(&dir).map_err(|e| Error::HostIo(e.to_string()))?;
         let done = dir.join(format!("{}.qcow2", Uuid::new_v4()));
+        if content_length.is_some_and(|n| free_bytes(&dir).is_some_and(|free| free < n + FREE_SPACE_RESERVE)) {
+            return Err(self.no_space());
+        }
         match copy_capped(body, &done, self.max_source_bytes()).await {
             Ok(0) => {
                 remove_quietly(&done).await;
@@ -283,6 +297,7 @@ impl App {
             }
             Ok(_) => Ok(done),
             Err(CopyFailure::TooLarge) => Err(self.too_large()),
+            Err(CopyFailure::NoSpace) => Err(self.no_space()),
             Err(CopyFailure::Read(e)) => Err(Error::invalid("body", format!("the upload broke off: {e}"))),
             Err(CopyFailure::Write(e)) => Err(Error::HostIo(format!("cannot store the upload: {e}"))),
         }
@@ -324,6 +339,10 @@ impl App {
                 SourceImageSizeExceedsLimitation,
                 format!("the file is larger than an image of the {} GiB limit can be", self.config.max_image_size_gb),
             )),
+            // Not the image's fault: the check runs again later.
+            Err(CopyFailure::NoSpace) => {
+                Err(reject(InternalServerError, "the server has too little free space to stage the image"))
+            }
             Err(CopyFailure::Read(e)) => {
                 Err(reject(SourceImageInvalid, format!("cannot read {}: {e}", source.display())))
             }
@@ -741,7 +760,18 @@ async fn run_bounded(mut cmd: tokio::process::Command, program: &str) -> Result<
     }
 }
 
+/// Space an upload or staged copy must leave free on the image file system: running it full
+/// would stop every Cloud PC whose overlay lives there.
+const FREE_SPACE_RESERVE: u64 = 2 << 30;
+
+/// Bytes available to cloudpc on the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 enum CopyFailure {
+    NoSpace,
     TooLarge,
     Read(std::io::Error),
     Write(std::io::Error),
@@ -755,6 +785,7 @@ async fn copy_capped(mut from: impl AsyncRead + Unpin, dest: &Path, limit: u64) 
         let mut file = tokio::fs::File::create(&partial).await.map_err(CopyFailure::Write)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut total: u64 = 0;
+        let dir = dest.parent().unwrap_or(Path::new("."));
         loop {
             let n = from.read(&mut buf).await.map_err(CopyFailure::Read)?;
             if n == 0 {
@@ -763,6 +794,10 @@ async fn copy_capped(mut from: impl AsyncRead + Unpin, dest: &Path, limit: u64) 
             total += n as u64;
             if total > limit {
                 return Err(CopyFailure::TooLarge);
+            }
+            // Every 64 MiB: stop before the reserve is eaten.
+            if total % (64 << 20) < n as u64 && free_bytes(dir).is_some_and(|free| free < FREE_SPACE_RESERVE) {
+                return Err(CopyFailure::NoSpace);
             }
             file.write_all(&buf[..n]).await.map_err(CopyFailure::Write)?;
         }

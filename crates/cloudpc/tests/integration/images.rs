@@ -151,22 +151,8 @@ async fn test_upload_bad_requests_are_refused_and_store_nothing() {
     }
     assert_eq!(s.snapshot().await, before, "nothing stored");
     // An announced size over the limit is refused before any byte of the body is read.
-    let addr = s.url.trim_start_matches("http://").to_string();
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST {up}?displayName=Huge&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-        1u64 << 42
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n =
-        tokio::time::timeout(std::time::Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
-            .await
-            .expect("answered without waiting for the body")
-            .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    assert!(answer.contains("larger than"), "{answer}");
+    let answer = announce_upload(&s, 1u64 << 42).await;
+    assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("larger than"), "{answer}");
     let uploads = s.data_dir().join("images").join("uploads");
     let left: Vec<_> = std::fs::read_dir(&uploads).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "refused uploads leave no file: {left:?}");
@@ -224,4 +210,34 @@ async fn test_images_stored_before_versions_are_migrated_at_start() {
     assert!(!images.join(format!("{id}.qcow2")).exists());
     let policy = s.policy("Still usable", &img).await;
     assert_eq!(policy["imageId"], img["id"]);
+}
+
+/// Sends only the head of an upload that announces `length` bytes; returns the server's answer,
+/// which must come without the body.
+async fn announce_upload(s: &Server, length: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {VE}/deviceImages/upload?displayName=Huge&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn test_upload_that_would_fill_the_disk_is_refused() {
+    let s = Server::start_with(&["--max-image-size-gb", "1000000"], Some(ADMIN_TOKEN)).await;
+    let out = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(s.data_dir()).output().unwrap();
+    let free: u64 = String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+    // Fits on the disk, but would leave less than the reserve cloudpc keeps for its Cloud PCs.
+    let answer = announce_upload(&s, free.saturating_sub(1 << 30).max(1)).await;
+    assert!(answer.starts_with("HTTP/1.1 507") && answer.contains("free space"), "{answer}");
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    assert_eq!(list["value"].as_array().unwrap().len(), 0);
 }
