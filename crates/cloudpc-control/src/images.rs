@@ -7,8 +7,9 @@
 //! corruption and truncation; the file is copied into cloudpc's own base file; and a throwaway VM
 //! boots an overlay of that copy through firmware and must have its guest agent answer in time,
 //! since provisioning configures every Cloud PC through that agent. Pending versions are checked
-//! again after a restart. Sources come from a path on the server's host or from an upload streamed
-//! through the API into the upload area (removed once checked).
+//! again after a restart. Sources come from an upload streamed through the API into the upload
+//! area, or from a path in an import directory on the server's host, which is first copied into
+//! the staging area so that every check reads the same bytes (both removed once checked).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
