@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod gateway;
+pub mod linger;
 pub mod odata;
 pub mod openapi;
 pub mod portal;
@@ -32,7 +33,9 @@ pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
         .fallback(error::not_found_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Outermost, so that refusals by the auth layer linger too.
+        .layer(middleware::from_fn(linger::drain_refused_bodies));
     let own = routes::tokens::routes()
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))

@@ -241,3 +241,37 @@ async fn test_upload_that_would_fill_the_disk_is_refused() {
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     assert_eq!(list["value"].as_array().unwrap().len(), 0);
 }
+
+/// A client that keeps sending after the server has refused its upload (as the CLI does while
+/// streaming a file) still gets to read the refusal instead of a connection reset.
+#[tokio::test]
+async fn test_refused_upload_is_readable_while_the_client_is_still_sending() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start_with(&["--max-image-size-gb", "1"], Some(ADMIN_TOKEN)).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    for token in [ADMIN_TOKEN, "wrong-token"] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST {VE}/deviceImages/upload?displayName=Huge&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            2u64 << 30
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // Far more than the socket buffers hold, so the server must read it for the writes to end.
+        let chunk = vec![0u8; 1 << 20];
+        for i in 0..64 {
+            tokio::time::timeout(std::time::Duration::from_secs(20), conn.write_all(&chunk))
+                .await
+                .expect("the server keeps reading")
+                .unwrap_or_else(|e| panic!("sending MiB {i} failed: {e}"));
+        }
+        let mut answer = vec![0u8; 4096];
+        let n = conn.read(&mut answer).await.expect("the answer is readable");
+        let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+        let status = if token == ADMIN_TOKEN { "http/1.1 413" } else { "http/1.1 401" };
+        assert!(answer.starts_with(status), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    assert_eq!(list["value"].as_array().unwrap().len(), 0);
+    assert!(files_under(&s.data_dir().join("images")).is_empty());
+}
