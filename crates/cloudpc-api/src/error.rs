@@ -40,6 +40,7 @@ impl From<Error> for ApiError {
                 tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "internal error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", message)
             }
+            Error::Busy(_) => Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message),
             Error::TooLarge(_) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", message),
             Error::InsufficientStorage(_) => {
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage", message)

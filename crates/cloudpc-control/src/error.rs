@@ -19,6 +19,9 @@ pub enum Error {
     Forbidden(String),
     #[error("too many failed sign-ins; try again in {retry_after} seconds")]
     TooManyAttempts { retry_after: u64 },
+    /// The service is at a limit of concurrent work; the same request may succeed later.
+    #[error("{0}")]
+    Busy(String),
     /// The request body is larger than the rule allows.
     #[error("{0}")]
     TooLarge(String),

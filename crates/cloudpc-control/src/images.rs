@@ -137,9 +137,27 @@ impl App {
             self.check_import_path(&image.source_image_resource_id)?;
         }
         let audit = image_change("Create", AuditOperationType::Create, &image).event(actor, None, Some(&image));
+        // Counted and created under the image lock, so two creations cannot both take the last place.
+        let guard = self.image_updates.lock().await;
+        self.check_room_for_an_image().await?;
         self.store.create_device_image(&image, &audit).await?;
+        drop(guard);
         self.spawn_validation(image.id, image.version.clone());
         Ok(image)
+    }
+
+    /// Refuses a new image when the server already keeps the most it allows (failed ones count
+    /// until deleted, as their files and records do).
+    async fn check_room_for_an_image(&self) -> Result<()> {
+        let n = self.store.list_device_images().await?.len();
+        let max = self.config.max_custom_images;
+        if n >= max {
+            return Err(Error::Conflict(format!(
+                "there are already {n} custom images, the most this server keeps ({max}); delete one, or add a \
+                 version to an existing image"
+            )));
+        }
+        Ok(())
     }
 
     /// Adds a new version from a file on the server's host. Existing Cloud PCs keep the version
@@ -191,11 +209,19 @@ impl App {
         match &target {
             UploadTarget::NewImage { display_name, .. } => {
                 cloudpc_types::validate::display_name("displayName", display_name, 256)?;
+                // Before the bytes are streamed; checked again when the image is created.
+                self.check_room_for_an_image().await?;
             }
             UploadTarget::NewVersion { image_id, version } => {
                 self.get_device_image(image_id).await?.check_new_version(version)?;
             }
         }
+        let Ok(_streaming) = self.uploads.clone().try_acquire_owned() else {
+            return Err(Error::Busy(format!(
+                "the server is already receiving {} image upload(s), the most it takes at once; try again when one has finished",
+                self.config.max_concurrent_uploads.max(1)
+            )));
+        };
         let path = self.receive_upload(content_length, body).await?;
         let source = path.to_string_lossy().into_owned();
         let result = match target {

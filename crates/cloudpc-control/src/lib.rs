@@ -46,6 +46,11 @@ pub struct AppConfig {
     pub image_test_boot: bool,
     /// How long the test boot waits for the image's guest agent.
     pub image_test_boot_timeout: Duration,
+    /// How many image uploads may stream at once; more are refused (429) rather than queued, so
+    /// a burst of uploads cannot tie up the disk and the connections.
+    pub max_concurrent_uploads: usize,
+    /// How many custom images may exist (versions do not count); Windows 365 allows 20.
+    pub max_custom_images: usize,
     /// Directories on the server's host that `sourceImageResourceId` paths may name. An API
     /// administrator is not the host's root: without this, they could import any qcow2 disk on
     /// the host (another service's VM, say) and boot it.
@@ -79,6 +84,8 @@ impl Default for AppConfig {
             max_image_size_gb: 256,
             image_test_boot: true,
             image_test_boot_timeout: Duration::from_secs(120),
+            max_concurrent_uploads: 4,
+            max_custom_images: 20,
             image_import_dirs: vec![PathBuf::from("cloudpc-data/import")],
             qemu_img: "qemu-img".into(),
             grace_period: Duration::from_secs(7 * 24 * 3600),
@@ -110,8 +117,11 @@ pub struct App {
     faults: Arc<Mutex<HashMap<String, u32>>>,
     consoles: Arc<console::Consoles>,
     sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
-    /// Serializes read-modify-write of device images (versions are checked concurrently).
+    /// Serializes read-modify-write of device images (versions are checked concurrently), and
+    /// keeps an image from being deleted between a Cloud PC reading it and storing its spec.
     image_updates: Arc<tokio::sync::Mutex<()>>,
+    /// One permit per upload streaming now.
+    uploads: Arc<tokio::sync::Semaphore>,
     /// Custom-image test boots take turns.
     image_boots: Arc<tokio::sync::Mutex<()>>,
 }
@@ -120,6 +130,7 @@ impl App {
     pub fn new(store: Arc<dyn Store>, config: AppConfig, hosts: Vec<Arc<dyn Hypervisor>>) -> Self {
         let faults = config.injected_faults.clone();
         let slots = config.max_parallel_provisioning.max(1);
+        let uploads = config.max_concurrent_uploads.max(1);
         Self {
             store,
             config: Arc::new(config),
@@ -132,6 +143,7 @@ impl App {
             consoles: Arc::new(console::Consoles::default()),
             sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
             image_updates: Arc::new(tokio::sync::Mutex::new(())),
+            uploads: Arc::new(tokio::sync::Semaphore::new(uploads)),
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
         }
     }

@@ -273,12 +273,14 @@ impl App {
 
     async fn begin_provisioning(&self, rec: &mut CloudPcRecord, policy: Uuid) -> Result<()> {
         rec.state.requested_at = Utc::now();
+        let images = self.image_updates.lock().await;
         if let Err(e) = self.start_generation(rec, policy).await {
             rec.pc.status = CloudPcStatus::Failed;
             rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
             rec.state.phase = Phase::Idle;
         }
         self.store.save_cloud_pc(rec, None, None).await?;
+        drop(images);
         self.drive(rec.pc.id);
         Ok(())
     }

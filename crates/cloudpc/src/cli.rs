@@ -129,6 +129,12 @@ pub struct ServerArgs {
     /// Seconds a custom image's test boot waits for its guest agent [default: 120].
     #[arg(long, env = "CLOUDPC_IMAGE_BOOT_TIMEOUT_SECS")]
     pub image_boot_timeout_secs: Option<u64>,
+    /// How many custom images the server keeps at most (versions do not count) [default: 20].
+    #[arg(long, env = "CLOUDPC_MAX_CUSTOM_IMAGES")]
+    pub max_custom_images: Option<usize>,
+    /// How many image uploads may stream at once; more get 429 [default: 4].
+    #[arg(long, env = "CLOUDPC_MAX_CONCURRENT_UPLOADS")]
+    pub max_concurrent_uploads: Option<usize>,
     /// A directory whose qcow2 files admins may register by path (repeatable)
     /// [default: DATA_DIR/import].
     #[arg(long = "image-import-dir")]

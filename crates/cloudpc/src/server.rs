@@ -37,6 +37,8 @@ struct FileSettings {
     domain_prefix: Option<String>,
     console_ticket_secs: Option<u64>,
     image_boot_timeout_secs: Option<u64>,
+    max_concurrent_uploads: Option<usize>,
+    max_custom_images: Option<usize>,
     image_import_dirs: Option<Vec<PathBuf>>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
@@ -150,6 +152,12 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 .or(file.image_boot_timeout_secs)
                 .map(|s| Duration::from_secs(s.max(1)))
                 .unwrap_or(defaults.image_test_boot_timeout),
+            max_concurrent_uploads: args
+                .max_concurrent_uploads
+                .or(file.max_concurrent_uploads)
+                .unwrap_or(defaults.max_concurrent_uploads)
+                .max(1),
+            max_custom_images: args.max_custom_images.or(file.max_custom_images).unwrap_or(defaults.max_custom_images),
             qemu_img: args.qemu_img.clone().or(file.qemu_img).unwrap_or(defaults.qemu_img),
             grace_period: Duration::from_secs_f64(hours * 3600.0),
             cleanup_delay: Duration::from_secs(args.cleanup_delay_secs.or(file.cleanup_delay_secs).unwrap_or(3 * 3600)),

@@ -127,6 +127,8 @@ impl App {
 
     /// Fixes what a new generation is built from (license size, policy, image) and resets its
     /// resources. Called when provisioning starts and on reprovision.
+    /// Callers hold `image_updates` until the new spec is stored: the image it names cannot be
+    /// deleted in between (deletion refuses images that a stored spec names).
     pub(crate) async fn start_generation(&self, rec: &mut CloudPcRecord, policy_id: Uuid) -> Result<()> {
         let policy = self.store.get_policy(policy_id).await?;
         let sku = self.store.get_sku(rec.state.sku_id).await?;
@@ -358,6 +360,7 @@ impl App {
                     return Ok(false);
                 };
                 self.save(rec, Some(&record)).await?;
+                let _images = self.image_updates.lock().await;
                 if let Err(e) = self.start_generation(rec, policy).await {
                     rec.state.phase = Phase::Idle;
                     rec.pc.status = CloudPcStatus::Failed;

@@ -215,11 +215,15 @@ async fn test_images_stored_before_versions_are_migrated_at_start() {
 /// Sends only the head of an upload that announces `length` bytes; returns the server's answer,
 /// which must come without the body.
 async fn announce_upload(s: &Server, length: u64) -> String {
+    announce_upload_to(s, &format!("{VE}/deviceImages/upload?displayName=Huge&version=1.0.0"), length).await
+}
+
+async fn announce_upload_to(s: &Server, path: &str, length: u64) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = s.url.trim_start_matches("http://").to_string();
     let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = format!(
-        "POST {VE}/deviceImages/upload?displayName=Huge&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
     );
     conn.write_all(head.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 4096];
@@ -274,4 +278,92 @@ async fn test_refused_upload_is_readable_while_the_client_is_still_sending() {
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     assert_eq!(list["value"].as_array().unwrap().len(), 0);
     assert!(files_under(&s.data_dir().join("images")).is_empty());
+}
+
+/// Uploads beyond `--max-concurrent-uploads` are refused with 429 while the others stream, and a
+/// client that breaks off frees its place and leaves no file.
+#[tokio::test]
+async fn test_uploads_beyond_the_concurrency_limit_get_429() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start_with(&["--max-concurrent-uploads", "1"], Some(ADMIN_TOKEN)).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let up = format!("{VE}/deviceImages/upload?displayName=Second&version=1.0.0");
+    let octets = Some("application/octet-stream");
+    // The first upload announces 64 MiB, sends 1 MiB and stalls.
+    let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {VE}/deviceImages/upload?displayName=First&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        64u64 << 20
+    );
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&vec![0u8; 1 << 20]).await.unwrap();
+    let uploads = s.data_dir().join("images").join("uploads");
+    let streaming = || files_under(&uploads);
+    for _ in 0..200 {
+        if !streaming().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(streaming().len(), 1, "the first upload is being written");
+
+    let (status, v) = s.raw(reqwest::Method::POST, &up, Some(ADMIN_TOKEN), Some("QFI"), octets).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!(message(&v).contains("already receiving 1 image upload"), "{v}");
+
+    // Breaking off the first upload frees its place and removes its partial file.
+    drop(first);
+    let mut answer = None;
+    for _ in 0..200 {
+        let (status, v) = s.raw(reqwest::Method::POST, &up, Some(ADMIN_TOKEN), Some("QFI"), octets).await;
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            answer = Some((status, v));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, v) = answer.expect("the place was freed");
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    let names: Vec<_> = list["value"].as_array().unwrap().iter().map(|i| i["displayName"].clone()).collect();
+    assert_eq!(names, vec![json!("Second")], "the broken-off upload left no image");
+    assert!(!files_under(&uploads).iter().any(|f| f.metadata().map(|m| m.len() >= 1 << 20).unwrap_or(false)));
+}
+
+/// At most `--max-custom-images` images exist (Windows 365 keeps 20); failed ones count until
+/// deleted, versions do not count, and an upload over the limit is refused before its body.
+#[tokio::test]
+async fn test_custom_image_count_is_limited() {
+    let s = Server::start_with(&["--max-custom-images", "2"], Some(ADMIN_TOKEN)).await;
+    let dir = s.data_dir().to_path_buf();
+    let path = qcow2(&dir, "one.qcow2", "64M").to_str().unwrap().to_string();
+    let body = |name: &str| json!({"displayName": name, "version": "1.0.0", "sourceImageResourceId": path});
+    let (status, first) = s.post(&format!("{VE}/deviceImages"), body("One")).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let up = format!("{VE}/deviceImages/upload?displayName=Two&version=1.0.0");
+    let octets = Some("application/octet-stream");
+    let (status, v) = s.raw(reqwest::Method::POST, &up, Some(ADMIN_TOKEN), Some("not an image"), octets).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let before = s.snapshot().await;
+
+    let (status, v) = s.post(&format!("{VE}/deviceImages"), body("Three")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("already 2 custom images"), "{v}");
+    let up3 = format!("{VE}/deviceImages/upload?displayName=Three&version=1.0.0");
+    let answer = announce_upload_to(&s, &up3, 64 << 20).await;
+    assert!(answer.starts_with("HTTP/1.1 409") && answer.contains("already 2 custom images"), "{answer}");
+    assert_eq!(s.snapshot().await, before, "nothing stored");
+
+    // A new version of an existing image is not a new image.
+    let id = first["id"].as_str().unwrap();
+    let (status, v) = s
+        .post(&format!("{VE}/deviceImages/{id}/versions"), json!({"version": "1.1.0", "sourceImageResourceId": path}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    // Deleting one makes room again.
+    s.wait_image(id).await;
+    let (status, _) = s.delete(&format!("{VE}/deviceImages/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, v) = s.post(&format!("{VE}/deviceImages"), body("Three")).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
 }
