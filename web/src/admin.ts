@@ -242,7 +242,10 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
     const [policies, groups, gallery, custom] = await Promise.all([
       list(`${VE}/provisioningPolicies?$expand=assignments`), list("/v1.0/groups"), list(`${VE}/galleryImages`), list(`${VE}/deviceImages`),
     ]);
-    const images = [...gallery.map((i) => ({ v: `gallery|${i.id}`, t: `${i.displayName} (gallery)` })),
+    // Current builds first; older ones still usable; images whose files are gone cannot be picked.
+    const usable = gallery.filter((i) => i.status !== "notSupported")
+      .sort((a, b) => Number(a.status !== "supported") - Number(b.status !== "supported"));
+    const images = [...usable.map((i) => ({ v: `gallery|${i.id}`, t: `${i.displayName} (gallery${i.status === "supported" ? "" : ", older build"})` })),
       ...custom.filter((i) => i.status === "ready").map((i) => ({ v: `custom|${i.id}`, t: `${i.displayName} ${i.version}` }))];
     const groupName = (id: string) => groups.find((g) => g.id === id)?.displayName ?? id;
     el.innerHTML = form("newpolicy", `<input name="name" placeholder="Policy name" required>

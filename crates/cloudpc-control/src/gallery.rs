@@ -1,7 +1,9 @@
 //! The built-in gallery: images built by the project's own commands (see `images/`), found as
 //! `manifest.json` files under the gallery directory and listed in `galleryImages`.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use chrono::{Datelike, Utc};
 use serde::Deserialize;
@@ -28,54 +30,96 @@ struct Manifest {
 }
 
 impl App {
-    /// Registers every image found under `dir` (one sub-directory per image build).
+    /// Registers every image found under `dir` (one sub-directory per image build). The newest
+    /// build of each offer is `supported`; older builds stay usable but say `supportedWithWarning`
+    /// (a newer build exists), as Windows 365 marks gallery images past their end date. A build
+    /// registered before whose files are gone becomes `notSupported`: policies cannot pick it.
     pub async fn register_gallery(&self, dir: &Path) -> Result<usize> {
-        let mut n = 0;
-        let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) };
-        let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-        paths.sort();
-        for path in paths {
-            // A build in progress (or killed) writes into `<name>.tmp` before renaming it.
-            if path.extension().is_some_and(|e| e == "tmp") {
-                continue;
-            }
-            let manifest_path = path.join("manifest.json");
-            let Ok(text) = std::fs::read_to_string(&manifest_path) else { continue };
-            let m: Manifest = match serde_json::from_str(&text) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(path = %manifest_path.display(), error = %e, "skipping a gallery image with an unreadable manifest");
-                    continue;
-                }
-            };
-            let today = Utc::now().date_naive();
+        let builds = scan(dir);
+        let mut newest: HashMap<&str, SystemTime> = HashMap::new();
+        for b in &builds {
+            let t = newest.entry(b.manifest.offer_name.as_str()).or_insert(b.built);
+            *t = (*t).max(b.built);
+        }
+        let today = Utc::now().date_naive();
+        for b in &builds {
+            let m = &b.manifest;
+            let superseded = newest.get(m.offer_name.as_str()).is_some_and(|t| *t > b.built);
             let image = GalleryImage {
                 id: m.id.clone(),
-                display_name: m.display_name,
-                publisher_name: m.publisher_name,
-                offer_name: m.offer_name,
-                sku_name: m.sku_name,
+                display_name: m.display_name.clone(),
+                publisher_name: m.publisher_name.clone(),
+                offer_name: m.offer_name.clone(),
+                sku_name: m.sku_name.clone(),
                 // The disk a license must give at least (the virtual size), not the file's size.
-                size_in_gb: crate::images::inspect_qcow2_header(&path.join(&m.disk))
+                size_in_gb: crate::images::inspect_qcow2_header(&b.path.join(&m.disk))
                     .unwrap_or(m.disk_bytes)
                     .div_ceil(1 << 30) as u32,
                 start_date: today,
                 end_date: today.with_year(today.year() + 1).unwrap_or(today),
                 expiration_date: today.with_year(today.year() + 1).unwrap_or(today),
-                status: GalleryImageStatus::Supported,
+                status: if superseded {
+                    GalleryImageStatus::SupportedWithWarning
+                } else {
+                    GalleryImageStatus::Supported
+                },
             };
-            let boot = match (m.kernel, m.initrd) {
+            let boot = match (&m.kernel, &m.initrd) {
                 (Some(k), Some(i)) => Some(KernelBoot {
-                    kernel: path.join(k),
-                    initrd: path.join(i),
-                    cmdline: m.cmdline.unwrap_or_default(),
+                    kernel: b.path.join(k),
+                    initrd: b.path.join(i),
+                    cmdline: m.cmdline.clone().unwrap_or_default(),
                 }),
                 _ => None,
             };
-            self.store.upsert_gallery_image(&image, &path.join(&m.disk), boot.as_ref()).await?;
-            tracing::info!(image = %m.id, "gallery image registered");
-            n += 1;
+            self.store.upsert_gallery_image(&image, &b.path.join(&m.disk), boot.as_ref()).await?;
+            tracing::info!(image = %m.id, status = ?image.status, "gallery image registered");
         }
-        Ok(n)
+        for mut gone in self.store.list_gallery_images().await? {
+            if builds.iter().any(|b| b.manifest.id == gone.id) || gone.status == GalleryImageStatus::NotSupported {
+                continue;
+            }
+            let (disk, boot) = self.store.gallery_image_files(&gone.id).await?;
+            gone.status = GalleryImageStatus::NotSupported;
+            self.store.upsert_gallery_image(&gone, &disk, boot.as_ref()).await?;
+            tracing::warn!(image = %gone.id, "the files of a gallery image are gone; it is no longer supported");
+        }
+        Ok(builds.len())
     }
+}
+
+/// One image build found in the gallery directory.
+struct Build {
+    path: PathBuf,
+    manifest: Manifest,
+    /// When its disk was written: the newest build of an offer is the current one.
+    built: SystemTime,
+}
+
+fn scan(dir: &Path) -> Vec<Build> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    let mut out = Vec::new();
+    for path in paths {
+        // A build in progress (or killed) writes into `<name>.tmp` before renaming it.
+        if path.extension().is_some_and(|e| e == "tmp") {
+            continue;
+        }
+        let manifest_path = path.join("manifest.json");
+        let Ok(text) = std::fs::read_to_string(&manifest_path) else { continue };
+        let manifest: Manifest = match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(path = %manifest_path.display(), error = %e, "skipping a gallery image with an unreadable manifest");
+                continue;
+            }
+        };
+        let Ok(built) = std::fs::metadata(path.join(&manifest.disk)).and_then(|m| m.modified()) else {
+            tracing::warn!(path = %path.display(), "skipping a gallery image without its disk");
+            continue;
+        };
+        out.push(Build { path, manifest, built });
+    }
+    out
 }

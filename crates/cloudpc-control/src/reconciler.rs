@@ -275,9 +275,7 @@ impl App {
         rec.state.requested_at = Utc::now();
         let images = self.image_updates.lock().await;
         if let Err(e) = self.start_generation(rec, policy).await {
-            rec.pc.status = CloudPcStatus::Failed;
-            rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
-            rec.state.phase = Phase::Idle;
+            crate::provisioning::could_not_start(rec, policy, &e);
         }
         self.store.save_cloud_pc(rec, None, None).await?;
         drop(images);

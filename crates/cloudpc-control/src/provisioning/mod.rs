@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use cloudpc_hypervisor::Hypervisor;
 use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState, ProvisioningStage, ProvisioningStepRecord, StepStatus};
-use cloudpc_types::images::DeviceImageStatus;
+use cloudpc_types::images::{DeviceImageStatus, GalleryImageStatus};
 use cloudpc_types::policy::{ImageType, NamingTemplate};
 use cloudpc_types::provisioning::{BuildSpec, CloudPcRecord, KernelBoot, Phase, Resources};
 
@@ -135,7 +135,17 @@ impl App {
         let user = self.store.get_user(rec.state.user_id).await?;
         let mut image_version = None;
         let (image_disk, kernel) = match policy.image_type {
-            ImageType::Gallery => self.store.gallery_image_files(&policy.image_id).await?,
+            ImageType::Gallery => {
+                let image = self.store.get_gallery_image(&policy.image_id).await?;
+                if image.status == GalleryImageStatus::NotSupported {
+                    return Err(Error::Conflict(format!(
+                        "the policy's gallery image '{}' is no longer supported (its files are gone); point the \
+                         policy at another image",
+                        image.display_name
+                    )));
+                }
+                self.store.gallery_image_files(&policy.image_id).await?
+            }
             ImageType::Custom => {
                 let id = Uuid::parse_str(&policy.image_id)
                     .map_err(|_| Error::Conflict("the policy's image id is not valid".into()))?;
@@ -362,9 +372,7 @@ impl App {
                 self.save(rec, Some(&record)).await?;
                 let _images = self.image_updates.lock().await;
                 if let Err(e) = self.start_generation(rec, policy).await {
-                    rec.state.phase = Phase::Idle;
-                    rec.pc.status = CloudPcStatus::Failed;
-                    rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
+                    could_not_start(rec, policy, &e);
                 }
                 rec.state.requested_at = Utc::now();
                 self.save(rec, None).await?;
@@ -415,4 +423,14 @@ impl App {
         rec.pc.power_state = PowerState::Unknown;
         Ok(())
     }
+}
+
+/// A generation that cannot start (its image is gone or not ready) fails at once with the reason.
+/// The Cloud PC still names the policy, so the reconciler sees it as that policy's (and leaves it
+/// be) and Retry can start it once the cause is fixed.
+pub(crate) fn could_not_start(rec: &mut CloudPcRecord, policy: Uuid, e: &Error) {
+    rec.state.phase = Phase::Idle;
+    rec.pc.status = CloudPcStatus::Failed;
+    rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
+    rec.pc.provisioning_policy_id = Some(policy);
 }

@@ -367,3 +367,103 @@ async fn test_custom_image_count_is_limited() {
     let (status, v) = s.post(&format!("{VE}/deviceImages"), body("Three")).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
 }
+
+/// Writes a gallery build (manifest and blank disk) whose disk was written `age_secs` ago.
+fn gallery_build(gallery: &std::path::Path, dir: &str, offer: &str, age_secs: u64) {
+    let path = gallery.join(dir);
+    std::fs::create_dir_all(&path).unwrap();
+    qcow2(&path, "disk.qcow2", "1G");
+    let manifest = json!({
+        "id": format!("cloudpc_{dir}"), "displayName": format!("build {dir}"), "publisherName": "cloudpc",
+        "offerName": offer, "skuName": dir, "disk": "disk.qcow2", "diskBytes": 1u64 << 30,
+    });
+    std::fs::write(path.join("manifest.json"), manifest.to_string()).unwrap();
+    let when = std::time::SystemTime::now() - std::time::Duration::from_secs(age_secs);
+    std::fs::File::options().write(true).open(path.join("disk.qcow2")).unwrap().set_modified(when).unwrap();
+}
+
+/// The newest build of each gallery offer is `supported`, older ones `supportedWithWarning`; a
+/// build whose files are gone becomes `notSupported`: no new policy may use it, and a Cloud PC
+/// of a policy that still names it fails with the reason.
+#[tokio::test]
+async fn test_gallery_builds_superseded_and_gone() {
+    let data = tempfile::tempdir().unwrap();
+    let gallery = data.path().join("gallery");
+    gallery_build(&gallery, "x-old", "x", 3600);
+    gallery_build(&gallery, "x-new", "x", 0);
+    gallery_build(&gallery, "y-only", "y", 7200);
+    let s = Server::start_in(data, &[], Some(ADMIN_TOKEN)).await;
+    let status = |v: &serde_json::Value, id: &str| {
+        v["value"].as_array().unwrap().iter().find(|i| i["id"] == id).map(|i| i["status"].clone())
+    };
+    let (_, v) = s.get(&format!("{VE}/galleryImages")).await;
+    assert_eq!(status(&v, "cloudpc_x-new"), Some(json!("supported")), "{v}");
+    assert_eq!(status(&v, "cloudpc_x-old"), Some(json!("supportedWithWarning")), "{v}");
+    assert_eq!(status(&v, "cloudpc_y-only"), Some(json!("supported")), "{v}");
+    let gallery_policy = |name: &str, id: &str| json!({"displayName": name, "imageId": id, "imageType": "gallery", "cloudPcNamingTemplate": "CPC-%RAND:5%"});
+    let older = s.create(&format!("{VE}/provisioningPolicies"), gallery_policy("Older", "cloudpc_x-old")).await;
+    assert_eq!(older["imageId"], "cloudpc_x-old", "an older build can still be picked");
+    let doomed = s.create(&format!("{VE}/provisioningPolicies"), gallery_policy("Y", "cloudpc_y-only")).await;
+
+    let data = s.stop();
+    std::fs::remove_dir_all(data.path().join("gallery").join("y-only")).unwrap();
+    let s = Server::start_in(data, &["--resync-secs", "1"], Some(ADMIN_TOKEN)).await;
+    let (_, v) = s.get(&format!("{VE}/galleryImages")).await;
+    assert_eq!(status(&v, "cloudpc_y-only"), Some(json!("notSupported")), "{v}");
+    assert_eq!(status(&v, "cloudpc_x-new"), Some(json!("supported")), "{v}");
+    let before = s.snapshot().await;
+    let (code, v) = s.post(&format!("{VE}/provisioningPolicies"), gallery_policy("Y2", "cloudpc_y-only")).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    assert!(message(&v).contains("no longer supported"), "{v}");
+    assert_eq!(s.snapshot().await, before);
+
+    // The policy made before still names it: its Cloud PC fails at once, saying why.
+    let group = s.group("G").await;
+    let user = s.user("a@contoso.com").await;
+    s.add_member(&group, &user).await;
+    let (code, v) = s
+        .post(
+            &format!("{VE}/provisioningPolicies/{}/assign", doomed["id"].as_str().unwrap()),
+            json!({"assignments": [{"target": {"groupId": group["id"]}}]}),
+        )
+        .await;
+    assert!(code.is_success(), "{v}");
+    let sku = s.sku("ONE", 1).await;
+    let (code, v) = s
+        .post(
+            "/v1.0/users/a@contoso.com/assignLicense",
+            json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}),
+        )
+        .await;
+    assert!(code.is_success(), "{v}");
+    let mut pc = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, v) = s.get(&format!("{VE}/cloudPCs")).await;
+        pc = v["value"][0].clone();
+        if pc["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(pc["status"], "failed", "{pc}");
+    assert!(pc["statusDetail"].as_str().unwrap().contains("no longer supported"), "{pc}");
+    assert_eq!(pc["provisioningPolicyId"], doomed["id"], "{pc}");
+    // It stays that one failed Cloud PC across resyncs (not deprovisioned and made again), and
+    // Retry tries again and says the same.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (_, v) = s.get(&format!("{VE}/cloudPCs")).await;
+    assert_eq!(v["value"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!((&v["value"][0]["id"], &v["value"][0]["status"]), (&pc["id"], &json!("failed")), "{v}");
+    let (code, v) = s.post(&format!("{VE}/cloudPCs/{}/retry", pc["id"].as_str().unwrap()), json!({})).await;
+    assert!(code.is_success(), "{v}");
+    let mut again = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, v) = s.get(&format!("{VE}/cloudPCs/{}", pc["id"].as_str().unwrap())).await;
+        again = v;
+        if again["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(again["statusDetail"].as_str().unwrap().contains("no longer supported"), "{again}");
+}
