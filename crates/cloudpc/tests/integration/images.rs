@@ -436,15 +436,7 @@ async fn test_gallery_builds_superseded_and_gone() {
         )
         .await;
     assert!(code.is_success(), "{v}");
-    let mut pc = serde_json::Value::Null;
-    for _ in 0..100 {
-        let (_, v) = s.get(&format!("{VE}/cloudPCs")).await;
-        pc = v["value"][0].clone();
-        if pc["status"] == "failed" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let pc = s.wait_first_cloud_pc("failed").await;
     assert_eq!(pc["status"], "failed", "{pc}");
     assert!(pc["statusDetail"].as_str().unwrap().contains("no longer supported"), "{pc}");
     assert_eq!(pc["provisioningPolicyId"], doomed["id"], "{pc}");

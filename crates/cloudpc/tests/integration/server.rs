@@ -113,15 +113,7 @@ async fn test_cloud_pc_waits_for_capacity_and_says_why() {
         serde_json::json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}),
     )
     .await;
-    let mut pc = serde_json::Value::Null;
-    for _ in 0..100 {
-        let (_, v) = s.get(&format!("{VE}/cloudPCs")).await;
-        pc = v["value"][0].clone();
-        if pc["status"] == "pendingProvision" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let pc = s.wait_first_cloud_pc("pendingProvision").await;
     assert_eq!(pc["status"], "pendingProvision", "{pc}");
     let detail = pc["statusDetail"].as_str().unwrap();
     assert!(detail.contains("waiting for capacity") && detail.contains("2 vCPU"), "{detail}");

@@ -197,6 +197,20 @@ impl Server {
         self.post(&format!("/v1.0/groups/{}/members/$ref", group["id"].as_str().unwrap()), body).await
     }
 
+    /// Waits up to 5 s for the first Cloud PC to reach `status`; returns it as last seen.
+    pub async fn wait_first_cloud_pc(&self, status: &str) -> Value {
+        let mut pc = Value::Null;
+        for _ in 0..100 {
+            let (_, v) = self.get(&format!("{VE}/cloudPCs")).await;
+            pc = v["value"][0].clone();
+            if pc["status"] == status {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pc
+    }
+
     /// Registers a qcow2 file as a custom image and waits until its check is over.
     pub async fn image(&self, name: &str, file: &Path) -> Value {
         let created = self
