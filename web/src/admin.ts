@@ -211,8 +211,11 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
   },
   async images(el) {
     const [gallery, custom] = await Promise.all([list(`${VE}/galleryImages`), list(`${VE}/deviceImages`)]);
+    // Each version but the only one gets a delete button; the server says why when it refuses.
     const versions = (i: any) => (i.versions ?? []).map((v: any) =>
-      `${esc(v.version)}: ${esc(v.status)}${v.errorCode ? ` (${esc(v.errorCode)}: ${esc(v.statusDetails)})` : ""}`).join("<br>");
+      `${esc(v.version)}: ${esc(v.status)}${v.errorCode ? ` (${esc(v.errorCode)}: ${esc(v.statusDetails)})` : ""}` +
+      (i.versions.length > 1 && v.status !== "pending"
+        ? ` <button class="secondary write small" data-delver="${esc(i.id)}" data-version="${esc(v.version)}" title="Delete version ${esc(v.version)}">×</button>` : "")).join("<br>");
     el.innerHTML = `<h2>Gallery</h2>` + table(gallery, [["Image", (i) => esc(i.displayName)], ["Id", (i) => esc(i.id)], ["Status", (i) => esc(i.status)], ["GB", (i) => esc(i.sizeInGb)]]) +
       `<h2>Custom images</h2>` +
       form("upimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
@@ -236,6 +239,8 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
       return upload(`${VE}/deviceImages/${f.dataset.newver}/versions/upload?version=${encodeURIComponent(version)}`, file);
     })));
+    el.querySelectorAll<HTMLButtonElement>("button[data-delver]").forEach((b) => b.addEventListener("click", act(() =>
+      api("DELETE", `${VE}/deviceImages/${b.dataset.delver}/versions/${encodeURIComponent(b.dataset.version!)}`))));
     el.querySelectorAll<HTMLButtonElement>("button[data-delimg]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/deviceImages/${b.dataset.delimg}`))));
   },
   async policies(el) {

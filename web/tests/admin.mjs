@@ -1,6 +1,6 @@
 // Browser test of the admin console, run by the Rust integration test against a real server:
 // an administrator creates a provisioning policy and assigns a group; a reader can change nothing.
-// It also uploads a custom image from a local file.
+// It also uploads a custom image from a local file, adds a version and deletes the first one.
 // Env: CLOUDPC_URL, ADMIN_TOKEN, READER_TOKEN, GROUP_NAME, POLICY_NAME, UPLOAD_FILE, SCREENSHOT.
 import { chromium } from "playwright-core";
 import { mkdtempSync } from "node:fs";
@@ -56,7 +56,20 @@ try {
   await page.fill("#upimg input[name=version]", "1.0.0");
   await page.setInputFiles("#upimg input[name=file]", env.UPLOAD_FILE);
   await page.click("#upimg button");
-  await page.locator("tr", { hasText: "Uploaded in the browser" }).waitFor({ timeout: 20000 }).catch(() => fail("the uploaded image is not listed"));
+  const imageRow = page.locator("tr", { hasText: "Uploaded in the browser" });
+  await imageRow.waitFor({ timeout: 20000 }).catch(() => fail("the uploaded image is not listed"));
+  // A second version from the same file, then the first version is deleted.
+  await imageRow.locator("form[data-newver] input[name=version]").fill("1.1.0");
+  await imageRow.locator("form[data-newver] input[name=file]").setInputFiles(env.UPLOAD_FILE);
+  await imageRow.locator("form[data-newver] button").click();
+  await page.locator("tr", { hasText: "1.1.0:" }).waitFor({ timeout: 20000 }).catch(() => fail("the new version is not listed"));
+  const deleteFirst = page.locator('button[data-version="1.0.0"]');
+  for (let i = 0; i < 40 && !(await deleteFirst.count()); i++) {
+    await page.waitForTimeout(250);
+    await page.click("nav button[data-tab=images]"); // redraw: the button comes once 1.0.0 is checked
+  }
+  await deleteFirst.click().catch(() => fail("version 1.0.0 has no delete button"));
+  await page.locator("tr", { hasText: "1.0.0:" }).waitFor({ state: "detached", timeout: 10000 }).catch(() => fail("version 1.0.0 is still listed"));
 } finally {
   await admin.close();
 }

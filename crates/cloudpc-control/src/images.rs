@@ -26,6 +26,7 @@ use cloudpc_types::images::{
     self as image_types, DeviceImage, DeviceImageCreate, DeviceImageErrorCode, DeviceImageStatus, DeviceImageVersion,
     DeviceImageVersionCreate, GalleryImage,
 };
+use cloudpc_types::policy::ImageType;
 
 use crate::audit::{Actor, Change};
 use crate::directory::parse_id;
@@ -388,6 +389,79 @@ impl App {
             if v.uploaded {
                 remove_quietly(Path::new(&v.source_image_resource_id)).await;
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes one version of a custom image and its files, to free their space. Refused while the
+    /// version is being checked, while a Cloud PC is built from it (its overlay sits on the
+    /// version's base), for the image's only version (delete the image instead), and for the last
+    /// ready version of an image that a policy uses.
+    pub async fn delete_device_image_version(&self, actor: &Actor, id: &str, version: &str) -> Result<()> {
+        let id = parse_id("deviceImage", id)?;
+        let _guard = self.image_updates.lock().await;
+        let before = self.store.get_device_image(id).await?;
+        let Some(gone) = before.versions.iter().find(|v| v.version == version).cloned() else {
+            return Err(Error::NotFound { kind: "deviceImage version", id: version.to_string() });
+        };
+        if gone.status == DeviceImageStatus::Pending {
+            return Err(Error::Conflict(format!(
+                "version {version} is still being checked; delete it once its check is over"
+            )));
+        }
+        if before.versions.len() == 1 {
+            return Err(Error::Conflict(format!(
+                "version {version} is the image's only version; delete the image instead"
+            )));
+        }
+        let image_id = id.to_string();
+        let built_from: Vec<String> = self
+            .store
+            .list_cloud_pc_records()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.state
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.image_id == image_id && s.image_version.as_deref() == Some(version))
+            })
+            .map(|r| format!("'{}'", r.pc.managed_device_name.unwrap_or_else(|| r.pc.id.to_string())))
+            .collect();
+        if !built_from.is_empty() {
+            return Err(Error::Conflict(format!(
+                "version {version} is used by Cloud PC {}; reprovision it onto another version first",
+                built_from.join(", ")
+            )));
+        }
+        let mut image = before.clone();
+        image.versions.retain(|v| v.version != version);
+        image.refresh_current();
+        if !image.versions.iter().any(|v| v.status == DeviceImageStatus::Ready) {
+            let policies: Vec<String> = self
+                .store
+                .list_policies()
+                .await?
+                .into_iter()
+                .filter(|p| p.image_type == ImageType::Custom && p.image_id == image_id)
+                .map(|p| format!("'{}'", p.display_name))
+                .collect();
+            if !policies.is_empty() {
+                return Err(Error::Conflict(format!(
+                    "version {version} is the image's last ready version and provisioning policy {} uses the image",
+                    policies.join(", ")
+                )));
+            }
+        }
+        let audit = image_change("Delete version of", AuditOperationType::Patch, &image).event(
+            actor,
+            Some(&before),
+            Some(&image),
+        );
+        self.store.update_device_image(&image, &audit).await?;
+        remove_quietly(&self.image_base(id, version)).await;
+        if gone.uploaded {
+            remove_quietly(Path::new(&gone.source_image_resource_id)).await;
         }
         Ok(())
     }

@@ -339,6 +339,12 @@ pub enum ImagesCmd {
     Delete {
         image: String,
     },
+    /// Delete one version of a custom image and its files (not one a Cloud PC is built from).
+    DeleteVersion {
+        image: String,
+        #[arg(long)]
+        version: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -410,6 +410,12 @@ async fn images(c: &Client, fmt: OutputFormat, cmd: ImagesCmd) -> Out {
             output::done(fmt, &format!("Deleted image {image}."));
             Ok(())
         }
+        ImagesCmd::DeleteVersion { image, version } => {
+            let path = format!("{VE}/deviceImages/{}/versions/{}", encode(&image), encode(&version));
+            c.call(Method::DELETE, &path, None).await?;
+            output::done(fmt, &format!("Deleted version {version} of image {image}."));
+            Ok(())
+        }
     }
 }
 

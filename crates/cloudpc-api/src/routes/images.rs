@@ -3,7 +3,7 @@
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use futures_util::TryStreamExt;
 
@@ -26,6 +26,7 @@ pub fn routes() -> Router<App> {
         .route("/deviceManagement/virtualEndpoint/deviceImages", get(list_device).post(create_device))
         .route("/deviceManagement/virtualEndpoint/deviceImages/{id}", get(get_device).delete(delete_device))
         .route("/deviceManagement/virtualEndpoint/deviceImages/{id}/versions", post(create_version))
+        .route("/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/{version}", delete(delete_version))
         // Uploads are streamed to disk, so the small-body limit of the other routes does not apply;
         // the app layer enforces the image size limit as the bytes arrive.
         .route(
@@ -104,6 +105,18 @@ pub async fn create_version(
         &app.create_device_image_version(&actor, &id, input).await?,
         StatusCode::CREATED,
     )
+}
+
+/// Deletes one version and its files; refused while a Cloud PC is built from it.
+#[utoipa::path(delete, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/{version}", tag = "images",
+    responses((status = 204), (status = 409, description = "in use, being checked, or the only version")))]
+pub async fn delete_version(
+    State(app): State<App>,
+    Caller(actor): Caller,
+    Path((id, version)): Path<(String, String)>,
+) -> Reply {
+    app.delete_device_image_version(&actor, &id, &version).await?;
+    no_content()
 }
 
 /// Adds a version from a qcow2 file streamed as the request body (`?version=…`).

@@ -418,16 +418,7 @@ async fn test_gallery_builds_superseded_and_gone() {
     assert_eq!(s.snapshot().await, before);
 
     // The policy made before still names it: its Cloud PC fails at once, saying why.
-    let group = s.group("G").await;
-    let user = s.user("a@contoso.com").await;
-    s.add_member(&group, &user).await;
-    let (code, v) = s
-        .post(
-            &format!("{VE}/provisioningPolicies/{}/assign", doomed["id"].as_str().unwrap()),
-            json!({"assignments": [{"target": {"groupId": group["id"]}}]}),
-        )
-        .await;
-    assert!(code.is_success(), "{v}");
+    s.user_targeted_by(&doomed, "a@contoso.com").await;
     let sku = s.sku("ONE", 1).await;
     let (code, v) = s
         .post(
@@ -458,4 +449,85 @@ async fn test_gallery_builds_superseded_and_gone() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(again["statusDetail"].as_str().unwrap().contains("no longer supported"), "{again}");
+}
+
+/// One version of an image can be deleted with its files, but not one a Cloud PC is built from,
+/// not the only version, and not the last ready one of an image a policy uses.
+#[tokio::test]
+async fn test_image_version_delete_rules() {
+    // A host too small for the license: the Cloud PC waits for capacity with its spec stored.
+    let s = Server::start_on_small_host(&[]).await;
+    let image = s.ready_image("Base").await;
+    let id = image["id"].as_str().unwrap().to_string();
+    let policy = s.policy("Uses Base", &image).await;
+    s.user_targeted_by(&policy, "a@contoso.com").await;
+    let sku = s.sku("TWO", 1).await;
+    s.post(
+        "/v1.0/users/a@contoso.com/assignLicense",
+        json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}),
+    )
+    .await;
+    let pc = s.wait_first_cloud_pc("pendingProvision").await;
+    assert_eq!(pc["imageVersion"], "1.0.0", "{pc}");
+
+    let dir = s.data_dir().to_path_buf();
+    let add = |v: &str, file: &std::path::Path| json!({"version": v, "sourceImageResourceId": file.to_str().unwrap().to_string()});
+    let versions = format!("{VE}/deviceImages/{id}/versions");
+    s.create(&versions, add("1.1.0", &qcow2(&dir, "v11.qcow2", "64M"))).await;
+    let junk = dir.join("junk.qcow2");
+    std::fs::write(&junk, [0x5a; 4096]).unwrap();
+    s.create(&versions, add("1.2.0", &junk)).await;
+    let status_of = |img: &serde_json::Value, v: &str| {
+        img["versions"].as_array().unwrap().iter().find(|e| e["version"] == v).map(|e| e["status"].clone())
+    };
+    let mut img = serde_json::Value::Null;
+    for _ in 0..200 {
+        img = s.get(&format!("{VE}/deviceImages/{id}")).await.1;
+        if status_of(&img, "1.1.0") == Some(json!("ready")) && status_of(&img, "1.2.0") == Some(json!("failed")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status_of(&img, "1.2.0"), Some(json!("failed")), "{img}");
+    let base = |v: &str| s.data_dir().join("images").join(format!("{id}-{v}.qcow2"));
+    assert!(base("1.0.0").exists() && base("1.1.0").exists());
+
+    let before = s.snapshot().await;
+    let (code, v) = s.delete(&format!("{versions}/1.0.0")).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("used by Cloud PC"), "{v}");
+    let (code, v) = s.delete(&format!("{versions}/9.9.9")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(s.snapshot().await, before, "refusals change nothing");
+    assert!(base("1.0.0").exists());
+
+    // The failed version through the CLI, then the newest ready one: 1.0.0 is current again.
+    let out = crate::cli::cli(&s, ADMIN_TOKEN, &["images", "delete-version", &id, "--version", "1.2.0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, v) = s.delete(&format!("{versions}/1.1.0")).await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{v}");
+    assert!(!base("1.1.0").exists(), "its base file is removed");
+    let (_, img) = s.get(&format!("{VE}/deviceImages/{id}")).await;
+    let left: Vec<_> = img["versions"].as_array().unwrap().iter().map(|e| e["version"].clone()).collect();
+    assert_eq!(left, vec![json!("1.0.0")], "{img}");
+    assert_eq!((&img["version"], &img["status"]), (&json!("1.0.0"), &json!("ready")), "{img}");
+    assert!(s.audit_activities().await.iter().any(|a| a == "Delete version of DeviceImage"));
+    let (code, v) = s.delete(&format!("{versions}/1.0.0")).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{v}");
+
+    // The last ready version of an image a policy uses (no Cloud PC on it).
+    let other = s.ready_image("Other").await;
+    let oid = other["id"].as_str().unwrap();
+    s.policy("Uses Other", &other).await;
+    s.create(&format!("{VE}/deviceImages/{oid}/versions"), add("2.0.0", &junk)).await;
+    s.wait_image(oid).await;
+    for _ in 0..200 {
+        if status_of(&s.get(&format!("{VE}/deviceImages/{oid}")).await.1, "2.0.0") == Some(json!("failed")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (code, v) = s.delete(&format!("{VE}/deviceImages/{oid}/versions/1.0.0")).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("last ready version") && message(&v).contains("Uses Other"), "{v}");
 }

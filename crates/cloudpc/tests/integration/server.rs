@@ -88,24 +88,10 @@ async fn test_openapi_document_lists_the_graph_paths() {
 
 #[tokio::test]
 async fn test_cloud_pc_waits_for_capacity_and_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("cloudpc.toml");
-    std::fs::write(
-        &config,
-        "[[hosts]]\nname = \"small\"\nuri = \"qemu:///system\"\nregion = \"local\"\nvcpus = 1\nmemory_mib = 1024\ndisk_gib = 10\n",
-    )
-    .unwrap();
-    let s = Server::start_with(&["--config", config.to_str().unwrap(), "--resync-secs", "1"], Some(ADMIN_TOKEN)).await;
+    let s = Server::start_on_small_host(&["--resync-secs", "1"]).await;
     let image = s.ready_image("Base").await;
     let policy = s.policy("Big", &image).await;
-    let group = s.group("G").await;
-    let user = s.user("a@contoso.com").await;
-    s.add_member(&group, &user).await;
-    s.post(
-        &format!("{VE}/provisioningPolicies/{}/assign", policy["id"].as_str().unwrap()),
-        serde_json::json!({"assignments": [{"target": {"groupId": group["id"]}}]}),
-    )
-    .await;
+    s.user_targeted_by(&policy, "a@contoso.com").await;
     // 2 vCPUs do not fit a host that offers 1: the Cloud PC waits and says why, and no VM is made.
     let sku = s.create("/v1.0/subscribedSkus", serde_json::json!({"skuPartNumber": "BIG", "prepaidUnits": {"enabled": 1}, "vCpuCount": 2, "ramInGB": 1, "storageInGB": 1})).await;
     s.post(

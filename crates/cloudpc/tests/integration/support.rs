@@ -99,6 +99,21 @@ impl Server {
         Server { child, url, data, banner, http: reqwest::Client::new(), prefix, sweep: true }
     }
 
+    /// A server whose only host offers 1 vCPU and 1 GiB: a bigger Cloud PC waits there for
+    /// capacity with its spec stored, and no VM is made.
+    pub async fn start_on_small_host(extra: &[&str]) -> Server {
+        let data = tempfile::tempdir().expect("temp dir");
+        let config = data.path().join("cloudpc.toml");
+        std::fs::write(
+            &config,
+            "[[hosts]]\nname = \"small\"\nuri = \"qemu:///system\"\nregion = \"local\"\nvcpus = 1\nmemory_mib = 1024\ndisk_gib = 10\n",
+        )
+        .expect("write the settings file");
+        let mut args = vec!["--config", config.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Self::start_in(data, &args, Some(ADMIN_TOKEN)).await
+    }
+
     /// The server's process id (the gateway benchmark reads its memory).
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
@@ -195,6 +210,21 @@ impl Server {
     pub async fn add_member(&self, group: &Value, user: &Value) -> (StatusCode, Value) {
         let body = json!({ "@odata.id": format!("https://graph.microsoft.com/v1.0/directoryObjects/{}", user["id"].as_str().unwrap()) });
         self.post(&format!("/v1.0/groups/{}/members/$ref", group["id"].as_str().unwrap()), body).await
+    }
+
+    /// A new user in a new group that `policy` is assigned to (no license yet).
+    pub async fn user_targeted_by(&self, policy: &Value, upn: &str) -> Value {
+        let group = self.group(&format!("Group of {upn}")).await;
+        let user = self.user(upn).await;
+        self.add_member(&group, &user).await;
+        let (status, v) = self
+            .post(
+                &format!("{VE}/provisioningPolicies/{}/assign", policy["id"].as_str().unwrap()),
+                json!({"assignments": [{"target": {"groupId": group["id"]}}]}),
+            )
+            .await;
+        assert!(status.is_success(), "{v}");
+        user
     }
 
     /// Waits up to 5 s for the first Cloud PC to reach `status`; returns it as last seen.

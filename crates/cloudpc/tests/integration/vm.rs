@@ -554,6 +554,10 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
     assert_eq!(uploaded["displayName"], "Uploaded in the browser");
     assert_eq!(uploaded["status"], "ready", "the browser's upload arrived whole: {uploaded}");
     assert_eq!(uploaded["sizeInGb"], 0.09);
+    let versions: Vec<_> = uploaded["versions"].as_array().unwrap().iter().map(|v| v["version"].clone()).collect();
+    assert_eq!(versions, vec![json!("1.1.0")], "the browser added 1.1.0 and deleted 1.0.0: {uploaded}");
+    let first_base = s.data_dir().join("images").join(format!("{}-1.0.0.qcow2", uploaded["id"].as_str().unwrap()));
+    assert!(!first_base.exists(), "the deleted version's base file is gone");
 }
 
 /// The quickstart on the desktop gallery image: the printed user signs in, the Cloud PC runs an X
