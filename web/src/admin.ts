@@ -216,7 +216,8 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       `${esc(v.version)}: ${esc(v.status)}${v.errorCode ? ` (${esc(v.errorCode)}: ${esc(v.statusDetails)})` : ""}` +
       (i.versions.length > 1 && v.status !== "pending"
         ? ` <button class="secondary write small" data-delver="${esc(i.id)}" data-version="${esc(v.version)}" title="Delete version ${esc(v.version)}">×</button>` : "")).join("<br>");
-    el.innerHTML = `<h2>Gallery</h2>` + table(gallery, [["Image", (i) => esc(i.displayName)], ["Id", (i) => esc(i.id)], ["Status", (i) => esc(i.status)], ["GB", (i) => esc(i.sizeInGb)]]) +
+    el.innerHTML = `<h2>Gallery</h2>` + table(gallery, [["Image", (i) => esc(i.displayName)], ["Id", (i) => esc(i.id)], ["Status", (i) => esc(i.status)], ["GB", (i) => esc(i.sizeInGb)],
+      ["", (i) => `<button class="secondary write" data-delgal="${esc(i.id)}">Delete</button>`]]) +
       `<h2>Custom images</h2>` +
       form("upimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
         <input name="file" type="file" accept=".qcow2" required>`, "Upload") +
@@ -238,6 +239,10 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       const version = (f.elements.namedItem("version") as HTMLInputElement).value;
       const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
       return upload(`${VE}/deviceImages/${f.dataset.newver}/versions/upload?version=${encodeURIComponent(version)}`, file);
+    })));
+    // A gallery build takes a minute or more to make again: ask first.
+    el.querySelectorAll<HTMLButtonElement>("button[data-delgal]").forEach((b) => b.addEventListener("click", act(async () => {
+      if (confirm(`Delete the gallery image ${b.dataset.delgal} and its files?`)) await api("DELETE", `${VE}/galleryImages/${encodeURIComponent(b.dataset.delgal!)}`);
     })));
     el.querySelectorAll<HTMLButtonElement>("button[data-delver]").forEach((b) => b.addEventListener("click", act(() =>
       api("DELETE", `${VE}/deviceImages/${b.dataset.delver}/versions/${encodeURIComponent(b.dataset.version!)}`))));

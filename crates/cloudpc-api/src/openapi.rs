@@ -15,7 +15,7 @@ use crate::routes::{cloud_pcs, directory, images, licensing, policies, tokens};
         directory::delete_group, directory::list_members, directory::add_member, directory::remove_member,
         licensing::list_skus, licensing::create_sku, licensing::get_sku, licensing::update_sku, licensing::delete_sku,
         licensing::assign_user_license, licensing::assign_group_license, licensing::license_details, licensing::group_licenses,
-        images::list_gallery, images::get_gallery, images::list_device, images::create_device, images::get_device, images::delete_device, images::upload_device, images::create_version, images::upload_version, images::delete_version,
+        images::list_gallery, images::get_gallery, images::delete_gallery, images::list_device, images::create_device, images::get_device, images::delete_device, images::upload_device, images::create_version, images::upload_version, images::delete_version,
         policies::list, policies::create, policies::read, policies::update, policies::remove, policies::assign, policies::assignments,
         cloud_pcs::list_cloud_pcs, cloud_pcs::get_cloud_pc, cloud_pcs::steps, cloud_pcs::reprovision, cloud_pcs::retry,
         cloud_pcs::reboot, cloud_pcs::power_off, cloud_pcs::power_on, cloud_pcs::rename, cloud_pcs::end_grace_period,

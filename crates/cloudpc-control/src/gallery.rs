@@ -11,6 +11,9 @@ use serde::Deserialize;
 use cloudpc_types::images::{GalleryImage, GalleryImageStatus};
 use cloudpc_types::provisioning::KernelBoot;
 
+use cloudpc_types::audit::AuditOperationType;
+
+use crate::audit::{Actor, Change};
 use crate::{App, Result};
 
 /// What an image build leaves next to its files.
@@ -85,6 +88,42 @@ impl App {
             tracing::warn!(image = %gone.id, "the files of a gallery image are gone; it is no longer supported");
         }
         Ok(builds.len())
+    }
+}
+
+impl App {
+    /// Deletes an image build nothing uses any more, to free its space: its registration, then
+    /// its directory (only one that lies directly inside the gallery directory). Without the
+    /// directory the build is not registered again at the next start.
+    pub async fn delete_gallery_image(&self, actor: &Actor, id: &str) -> Result<()> {
+        // Under the image lock: a Cloud PC that has read this image stores its spec first.
+        let _guard = self.image_updates.lock().await;
+        let image = self.store.get_gallery_image(id).await?;
+        let (disk, _) = self.store.gallery_image_files(id).await?;
+        let audit = Change {
+            component: "Images",
+            activity: "Delete GalleryImage".into(),
+            operation: AuditOperationType::Delete,
+            resource_type: "galleryImage",
+            resource_id: image.id.clone(),
+            resource_name: image.display_name.clone(),
+        }
+        .event(actor, Some(&image), None);
+        self.store.delete_gallery_image(id, &audit).await?;
+        let build = disk.parent().filter(|b| b.parent() == Some(self.config.gallery_dir.as_path()));
+        match build {
+            Some(build) => {
+                if let Err(e) = tokio::fs::remove_dir_all(build).await {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(dir = %build.display(), error = %e, "cannot remove a deleted gallery build");
+                    }
+                }
+            }
+            None => {
+                tracing::warn!(disk = %disk.display(), "a deleted gallery image's files are outside the gallery; left alone")
+            }
+        }
+        Ok(())
     }
 }
 

@@ -70,6 +70,8 @@ pub struct AppConfig {
     pub storage_dir: PathBuf,
     /// Where cloudpc keeps its own copy of each custom image, the base of its Cloud PCs' overlays.
     pub image_dir: PathBuf,
+    /// The gallery: one directory per image build, registered at start.
+    pub gallery_dir: PathBuf,
     /// How many Cloud PCs may be provisioned at the same time.
     pub max_parallel_provisioning: usize,
     /// Testing only: make the named step fail this many times ("step" → count).
@@ -94,6 +96,7 @@ impl Default for AppConfig {
             domain_prefix: "cloudpc-".into(),
             storage_dir: PathBuf::from("cloudpc-data/disks"),
             image_dir: PathBuf::from("cloudpc-data/images"),
+            gallery_dir: PathBuf::from("cloudpc-data/gallery"),
             max_parallel_provisioning: 4,
             injected_faults: HashMap::new(),
             console_ticket_ttl: Duration::from_secs(30),

@@ -124,6 +124,8 @@ pub trait Store: Send + Sync + 'static {
         disk: &std::path::Path,
         boot: Option<&KernelBoot>,
     ) -> Result<()>;
+    /// Removes a gallery image's registration; `Conflict` while a policy or a Cloud PC uses it.
+    async fn delete_gallery_image(&self, id: &str, audit: &AuditEvent) -> Result<()>;
     /// The base disk and kernel of a gallery image.
     async fn gallery_image_files(&self, id: &str) -> Result<(std::path::PathBuf, Option<KernelBoot>)>;
 

@@ -206,6 +206,27 @@ async fn assigned_policy_names(conn: &mut SqliteConnection, group: &str) -> Resu
     policy_names_using(conn, "id IN (SELECT policy_id FROM policy_assignments WHERE group_id = ?1)", group).await
 }
 
+/// Cloud PCs keep the image they were built from (their overlays sit on its files).
+async fn refuse_if_cloud_pcs_use(conn: &mut SqliteConnection, image_id: &str) -> Result<()> {
+    let pcs: Vec<String> = sqlx::query(
+        "SELECT COALESCE(json_extract(body, '$.managedDeviceName'), id) AS name FROM cloud_pcs
+         WHERE json_extract(state, '$.spec.imageId') = ?1",
+    )
+    .bind(image_id)
+    .fetch_all(conn)
+    .await?
+    .iter()
+    .map(|r| r.get::<String, _>("name"))
+    .collect();
+    if pcs.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Conflict(format!(
+        "the image is used by Cloud PC {}; reprovision it from another image or let it be removed first",
+        quoted(&pcs)
+    )))
+}
+
 fn quoted(names: &[String]) -> String {
     names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
 }
@@ -602,23 +623,7 @@ impl Store for SqliteStore {
                         quoted(&users)
                     )));
                 }
-                // Cloud PCs keep the image they were built from (their overlays sit on its copy).
-                let pcs: Vec<String> = sqlx::query(
-                    "SELECT COALESCE(json_extract(body, '$.managedDeviceName'), id) AS name FROM cloud_pcs
-                     WHERE json_extract(state, '$.spec.imageId') = ?1",
-                )
-                .bind(&id)
-                .fetch_all(&mut *c)
-                .await?
-                .iter()
-                .map(|r| r.get::<String, _>("name"))
-                .collect();
-                if !pcs.is_empty() {
-                    return Err(StoreError::Conflict(format!(
-                        "the image is used by Cloud PC {}; reprovision it from another image or let it be removed first",
-                        quoted(&pcs)
-                    )));
-                }
+                refuse_if_cloud_pcs_use(c, &id).await?;
                 delete_row(c, "device_images", "deviceImage", &id).await
             })
         })
@@ -775,6 +780,25 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn delete_gallery_image(&self, id: &str, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                require(c, "gallery_images", "galleryImage", &id).await?;
+                let users = policy_names_using(c, "image_type = 'gallery' AND image_id = ?1", &id).await?;
+                if !users.is_empty() {
+                    return Err(StoreError::Conflict(format!(
+                        "the image is used by provisioning policy {}; point the policy at another image first",
+                        quoted(&users)
+                    )));
+                }
+                refuse_if_cloud_pcs_use(c, &id).await?;
+                delete_row(c, "gallery_images", "galleryImage", &id).await
+            })
+        })
+        .await
     }
 
     async fn gallery_image_files(&self, id: &str) -> Result<(std::path::PathBuf, Option<KernelBoot>)> {

@@ -287,6 +287,10 @@ pub enum SkusCmd {
 pub enum ImagesCmd {
     /// List the built-in gallery images.
     Gallery(ListArgs),
+    /// Delete a gallery image build that no policy or Cloud PC uses, with its files.
+    GalleryDelete {
+        image: String,
+    },
     /// List custom images.
     List(ListArgs),
     Get {

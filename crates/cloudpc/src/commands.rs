@@ -371,6 +371,11 @@ async fn skus(c: &Client, fmt: OutputFormat, cmd: SkusCmd) -> Out {
 async fn images(c: &Client, fmt: OutputFormat, cmd: ImagesCmd) -> Out {
     match cmd {
         ImagesCmd::Gallery(a) => show_list(c, fmt, &format!("{VE}/galleryImages"), &a, GALLERY_COLUMNS).await,
+        ImagesCmd::GalleryDelete { image } => {
+            c.call(Method::DELETE, &format!("{VE}/galleryImages/{}", encode(&image)), None).await?;
+            output::done(fmt, &format!("Deleted gallery image {image}."));
+            Ok(())
+        }
         ImagesCmd::List(a) => show_list(c, fmt, &format!("{VE}/deviceImages"), &a, IMAGE_COLUMNS).await,
         ImagesCmd::Get { image } => {
             output::entity(fmt, &c.get(&format!("{VE}/deviceImages/{}", encode(&image))).await?);

@@ -133,10 +133,11 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
     if !(0.0..=8760.0).contains(&hours) {
         return Err(format!("grace period must be between 0 and 8760 hours, not {hours}"));
     }
+    let gallery_dir = args.gallery_dir.clone().or(file.gallery_dir).unwrap_or_else(|| data_dir.join("gallery"));
     Ok(Settings {
         web_dir: Some(args.web_dir.clone().or(file.web_dir).unwrap_or_else(|| PathBuf::from("web/dist"))),
         listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7365))),
-        gallery_dir: args.gallery_dir.clone().or(file.gallery_dir).unwrap_or_else(|| data_dir.join("gallery")),
+        gallery_dir: gallery_dir.clone(),
         log: args.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
         hosts,
         app: AppConfig {
@@ -165,6 +166,7 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             domain_prefix: args.domain_prefix.clone().or(file.domain_prefix).unwrap_or(defaults.domain_prefix),
             storage_dir,
             image_dir: data_dir.join("images"),
+            gallery_dir,
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_faults(&args.inject_fault)?,
             console_ticket_ttl: Duration::from_secs(

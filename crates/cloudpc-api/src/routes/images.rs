@@ -22,7 +22,7 @@ const VE: &str = "deviceManagement/virtualEndpoint";
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/deviceManagement/virtualEndpoint/galleryImages", get(list_gallery))
-        .route("/deviceManagement/virtualEndpoint/galleryImages/{id}", get(get_gallery))
+        .route("/deviceManagement/virtualEndpoint/galleryImages/{id}", get(get_gallery).delete(delete_gallery))
         .route("/deviceManagement/virtualEndpoint/deviceImages", get(list_device).post(create_device))
         .route("/deviceManagement/virtualEndpoint/deviceImages/{id}", get(get_device).delete(delete_device))
         .route("/deviceManagement/virtualEndpoint/deviceImages/{id}/versions", post(create_version))
@@ -147,6 +147,14 @@ pub async fn list_gallery(State(app): State<App>, g: GraphRequest) -> Reply {
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/galleryImages/{id}", tag = "images", responses((status = 200, body = GalleryImage)))]
 pub async fn get_gallery(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
     g.entity(&format!("{VE}/galleryImages"), &app.get_gallery_image(&id).await?, StatusCode::OK)
+}
+
+/// cloudpc extension: deletes an image build nothing uses (its registration and its directory).
+#[utoipa::path(delete, path = "/v1.0/deviceManagement/virtualEndpoint/galleryImages/{id}", tag = "images",
+    responses((status = 204), (status = 409, description = "a policy or a Cloud PC uses it")))]
+pub async fn delete_gallery(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+    app.delete_gallery_image(&actor, &id).await?;
+    no_content()
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages", tag = "images", responses((status = 200, body = Vec<DeviceImage>)))]

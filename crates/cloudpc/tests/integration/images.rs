@@ -460,14 +460,7 @@ async fn test_image_version_delete_rules() {
     let image = s.ready_image("Base").await;
     let id = image["id"].as_str().unwrap().to_string();
     let policy = s.policy("Uses Base", &image).await;
-    s.user_targeted_by(&policy, "a@contoso.com").await;
-    let sku = s.sku("TWO", 1).await;
-    s.post(
-        "/v1.0/users/a@contoso.com/assignLicense",
-        json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}),
-    )
-    .await;
-    let pc = s.wait_first_cloud_pc("pendingProvision").await;
+    let pc = s.waiting_cloud_pc(&policy).await;
     assert_eq!(pc["imageVersion"], "1.0.0", "{pc}");
 
     let dir = s.data_dir().to_path_buf();
@@ -530,4 +523,63 @@ async fn test_image_version_delete_rules() {
     let (code, v) = s.delete(&format!("{VE}/deviceImages/{oid}/versions/1.0.0")).await;
     assert_eq!(code, StatusCode::CONFLICT, "{v}");
     assert!(message(&v).contains("last ready version") && message(&v).contains("Uses Other"), "{v}");
+}
+
+/// A gallery build nothing uses can be deleted with its directory (and stays gone after a
+/// restart); one that a policy or a Cloud PC uses cannot.
+#[tokio::test]
+async fn test_gallery_build_delete_rules() {
+    let s = Server::start_on_small_host(&[]).await;
+    let gallery = s.data_dir().join("gallery");
+    let (code, v) = s.delete(&format!("{VE}/galleryImages/cloudpc_x-old")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{v}");
+    let data = s.stop();
+    gallery_build(&gallery, "x-old", "x", 3600);
+    gallery_build(&gallery, "x-new", "x", 0);
+    gallery_build(&gallery, "y-only", "y", 0);
+    let config = gallery.parent().unwrap().join("cloudpc.toml");
+    let s = Server::start_in(data, &["--config", config.to_str().unwrap()], Some(ADMIN_TOKEN)).await;
+    let gallery_policy = |name: &str, id: &str| json!({"displayName": name, "imageId": id, "imageType": "gallery", "cloudPcNamingTemplate": "CPC-%RAND:5%"});
+    let old_policy = s.create(&format!("{VE}/provisioningPolicies"), gallery_policy("Old", "cloudpc_x-old")).await;
+    let new_policy = s.create(&format!("{VE}/provisioningPolicies"), gallery_policy("New", "cloudpc_x-new")).await;
+    // A Cloud PC waiting for capacity on the new build has its spec stored.
+    s.waiting_cloud_pc(&new_policy).await;
+    let (code, v) = s.delete(&format!("{VE}/provisioningPolicies/{}", new_policy["id"].as_str().unwrap())).await;
+    assert!(code == StatusCode::CONFLICT, "the policy is assigned, so it stays: {v}");
+
+    let before = s.snapshot().await;
+    let (code, v) = s.delete(&format!("{VE}/galleryImages/cloudpc_x-old")).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("provisioning policy 'Old'"), "{v}");
+    let (code, v) = s.delete(&format!("{VE}/galleryImages/cloudpc_x-new")).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("provisioning policy 'New'"), "{v}");
+    assert_eq!(s.snapshot().await, before, "refusals change nothing");
+    assert!(gallery.join("x-old").join("disk.qcow2").exists());
+
+    // Once no policy names the old build, it goes, files and all (through the CLI).
+    let (code, v) = s.delete(&format!("{VE}/provisioningPolicies/{}", old_policy["id"].as_str().unwrap())).await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{v}");
+    let out = crate::cli::cli(&s, ADMIN_TOKEN, &["images", "gallery-delete", "cloudpc_x-old"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!gallery.join("x-old").exists(), "the build directory is removed");
+    assert!(s.audit_activities().await.iter().any(|a| a == "Delete GalleryImage"));
+    let (code, _) = s.get(&format!("{VE}/galleryImages/cloudpc_x-old")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+
+    // A deleted build cannot be picked; repointing the policy leaves the Cloud PC on the new build.
+    let policy_path = format!("{VE}/provisioningPolicies/{}", new_policy["id"].as_str().unwrap());
+    let (code, v) = s.patch(&policy_path, json!({"imageId": "cloudpc_x-old", "imageType": "gallery"})).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    let (code, v) = s.patch(&policy_path, json!({"imageId": "cloudpc_y-only", "imageType": "gallery"})).await;
+    assert!(code.is_success(), "{v}");
+    let data = s.stop();
+    let s = Server::start_in(data, &["--config", config.to_str().unwrap()], Some(ADMIN_TOKEN)).await;
+    let (_, v) = s.get(&format!("{VE}/galleryImages")).await;
+    let ids: Vec<_> = v["value"].as_array().unwrap().iter().map(|i| i["id"].clone()).collect();
+    assert_eq!(ids, vec![json!("cloudpc_x-new"), json!("cloudpc_y-only")], "not registered again after a restart");
+    let (code, v) = s.delete(&format!("{VE}/galleryImages/cloudpc_x-new")).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("used by Cloud PC"), "{v}");
+    assert!(gallery.join("x-new").join("disk.qcow2").exists());
 }

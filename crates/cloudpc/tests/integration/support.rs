@@ -227,6 +227,20 @@ impl Server {
         user
     }
 
+    /// On a server from [`Server::start_on_small_host`]: licenses a new user targeted by `policy`
+    /// and returns their Cloud PC, waiting for capacity with its spec (image, version) stored.
+    pub async fn waiting_cloud_pc(&self, policy: &Value) -> Value {
+        let upn = "waiting@contoso.com";
+        self.user_targeted_by(policy, upn).await;
+        let sku = self.sku("TWO_VCPU", 1).await;
+        let body = json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []});
+        let (status, v) = self.post(&format!("/v1.0/users/{upn}/assignLicense"), body).await;
+        assert!(status.is_success(), "{v}");
+        let pc = self.wait_first_cloud_pc("pendingProvision").await;
+        assert_eq!(pc["status"], "pendingProvision", "{pc}");
+        pc
+    }
+
     /// Waits up to 5 s for the first Cloud PC to reach `status`; returns it as last seen.
     pub async fn wait_first_cloud_pc(&self, status: &str) -> Value {
         let mut pc = Value::Null;
