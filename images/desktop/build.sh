@@ -11,9 +11,11 @@
 # session as that user. The files copied into the image are under rootfs/ beside this script.
 #
 # Usage: images/desktop/build.sh OUT_DIR
-# The result lands in OUT_DIR/desktop-<version>/ with manifest.json; a build whose inputs (this
-# script, rootfs/ and the candidate versions of the packages) did not change is reused.
-# Needs root, mmdebstrap, e2fsprogs, qemu-utils and a Debian mirror (apt-get update done).
+# The result lands in OUT_DIR/desktop-<version>/ with manifest.json, packages.lock (every package
+# in the image, dependencies included, with its version) and definition (a hash of this script and
+# rootfs/). A build is reused while its definition is unchanged and the archive still offers every
+# package in its packages.lock at the same version; a security update of any library rebuilds it.
+# Needs root, mmdebstrap, debian-archive-keyring, e2fsprogs, qemu-utils and a Debian mirror.
 set -euo pipefail
 umask 022
 
@@ -41,24 +43,67 @@ rootfs_files() {
     done
 }
 
-# The version: this script, the files it copies in, and what apt would install for each package.
-# Dependencies are not part of it (resolving them means a second mmdebstrap run): to pick up a
-# security update of a library alone, remove the build directory and run this again.
-versions=$(apt-cache policy "${packages[@]}" 2>/dev/null | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p, $2}')
-[ -n "$versions" ] || { echo "build.sh: apt-cache knows none of the packages (run apt-get update)" >&2; exit 1; }
-version=$( (cat "$here/build.sh"
-            rootfs_files | while read -r mode f; do echo "$mode $f"; cat "$here/rootfs/$f"; done
-            printf '%s\n' "$versions") | sha256sum | cut -c1-12)
-dest="$out_root/desktop-$version"
-if [ -f "$dest/manifest.json" ]; then
-    step "desktop image $version is up to date: $dest"
-    echo "$dest"
-    exit 0
+# The definition: this script and the files it copies in.
+definition=$( (cat "$here/build.sh"
+               rootfs_files | while read -r mode f; do echo "$mode $f"; cat "$here/rootfs/$f"; done) |
+              sha256sum | cut -c1-12)
+
+# A private apt view of the archive the image is built from (not the host's sources: an Ubuntu
+# host, or one with other mirrors, would see other versions). Kept under OUT_DIR/.apt-desktop so
+# that later runs only fetch what changed. It answers: would every package in a build (its
+# dependencies too, as recorded in its packages.lock) be installed at the same version today?
+keyring_file=/usr/share/keyrings/debian-archive-keyring.gpg
+apt_dir="$out_root/.apt-desktop"
+apt_opts=(-o "Dir::State=$apt_dir" -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::status=$apt_dir/status"
+          -o "Dir::Cache=$apt_dir/cache" -o "Dir::Etc::SourceList=$apt_dir/sources.list"
+          -o "Dir::Etc::SourceParts=$apt_dir/none" -o "Dir::Etc::PreferencesParts=$apt_dir/none"
+          -o "Dir::Etc::Preferences=$apt_dir/none" -o "APT::Architecture=amd64" -o "APT::Architectures=amd64"
+          -o "Acquire::Languages=none" -o "Debug::NoLocking=true")
+archive_view() {
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/none"
+    : > "$apt_dir/status"
+    local signed=""
+    [ -f "$keyring_file" ] && signed="[signed-by=$keyring_file] "
+    printf 'deb %s%s/debian %s main\ndeb %s%s/debian %s-updates main\ndeb %s%s/debian-security %s-security main\n' \
+        "$signed" "$mirror" "$suite" "$signed" "$mirror" "$suite" "$signed" "$mirror" "$suite" > "$apt_dir/sources.list"
+    apt-get "${apt_opts[@]}" -qq update >/dev/null 2>"$apt_dir/update.log"
+}
+# "name version" for each package named on stdin, as the archive offers them now.
+candidates() {
+    xargs apt-cache "${apt_opts[@]}" policy 2>/dev/null | awk '/^[^ ]/ {sub(":$", "", $1); p=$1} /Candidate:/ {print p, $2}' | LC_ALL=C sort
+}
+
+# Reuse the newest build of this definition whose every package is still current.
+builds=$(ls -1dt "$out_root"/desktop-*/ 2>/dev/null | while read -r d; do
+    [ -f "$d/manifest.json" ] && [ -f "$d/packages.lock" ] && [ "$(cat "$d/definition" 2>/dev/null)" = "$definition" ] && echo "${d%/}"
+done || true)
+if archive_view; then
+    while read -r d; do
+        [ -n "$d" ] || continue
+        if [ "$(cut -d' ' -f1 "$d/packages.lock" | candidates)" = "$(cat "$d/packages.lock")" ]; then
+            step "desktop image is up to date (definition $definition, $(wc -l < "$d/packages.lock") packages unchanged): $d"
+            echo "$d"
+            exit 0
+        fi
+        step "a package of $d has a newer version in the archive: building again"
+        break
+    done <<< "$builds"
+else
+    # Offline: keep what there is rather than fail the setup.
+    newest=$(echo "$builds" | head -1)
+    if [ -n "$newest" ]; then
+        step "cannot reach the archive to look for updates ($(tail -1 "$apt_dir/update.log")); using $newest"
+        echo "$newest"
+        exit 0
+    fi
+    echo "build.sh: cannot read the Debian archive at $mirror: $(tail -3 "$apt_dir/update.log")" >&2
+    exit 1
 fi
 
 work=$(mktemp -d)
 # --one-file-system: never follow a mount mmdebstrap might leave behind if it is killed.
 trap 'rm -rf --one-file-system "$work"' EXIT
+trap 'exit 130' INT TERM   # so that the clean-up above runs when the build is interrupted
 root="$work/rootfs"
 
 step "installing ${#packages[@]} packages and their dependencies with mmdebstrap ($suite)"
@@ -85,6 +130,11 @@ mmdebstrap --variant=minbase --mode=root "${keyring[@]}" \
     "deb $mirror/debian $suite main" \
     "deb $mirror/debian $suite-updates main" \
     "deb $mirror/debian-security $suite-security main" >&2
+
+# What the image holds, dependencies included: the cache key of later runs, and the version.
+chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' | LC_ALL=C sort > "$work/packages.lock"
+version=$( (echo "$definition"; cat "$work/packages.lock") | sha256sum | cut -c1-12)
+dest="$out_root/desktop-$version"
 
 kver=$(basename "$root"/usr/lib/modules/*)
 [ -f "$root/boot/vmlinuz-$kver" ] && [ -f "$root/boot/initrd.img-$kver" ] || { echo "build.sh: no kernel/initrd for $kver" >&2; exit 1; }
@@ -124,6 +174,8 @@ mkdir -p "$dest.tmp"
 # but then every boot to X took 1.4 s longer (QEMU decompresses each cluster the guest reads from
 # this base, for the whole life of every Cloud PC on it). Boots are many, builds and disks few.
 qemu-img convert -q -f raw -O qcow2 "$work/root.raw" "$dest.tmp/disk.qcow2"
+cp "$work/packages.lock" "$dest.tmp/packages.lock"
+echo "$definition" > "$dest.tmp/definition"
 cp "$root/boot/vmlinuz-$kver" "$dest.tmp/vmlinuz"
 cp "$root/boot/initrd.img-$kver" "$dest.tmp/initrd.img"
 size=$(stat -c %s "$dest.tmp/disk.qcow2")
