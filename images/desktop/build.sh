@@ -66,7 +66,7 @@ archive_view() {
     [ -f "$keyring_file" ] && signed="[signed-by=$keyring_file] "
     printf 'deb %s%s/debian %s main\ndeb %s%s/debian %s-updates main\ndeb %s%s/debian-security %s-security main\n' \
         "$signed" "$mirror" "$suite" "$signed" "$mirror" "$suite" "$signed" "$mirror" "$suite" > "$apt_dir/sources.list"
-    apt-get "${apt_opts[@]}" -qq update >/dev/null 2>"$apt_dir/update.log"
+    apt-get "${apt_opts[@]}" -qq --error-on=any update >/dev/null 2>"$apt_dir/update.log"
 }
 # "name version" for each package named on stdin, as the archive offers them now.
 candidates() {

@@ -13,11 +13,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds after which the same request may succeed (`Retry-After`), for 429s.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), retry_after: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -34,13 +36,19 @@ impl From<Error> for ApiError {
             Error::Conflict(_) => Self::new(StatusCode::CONFLICT, "Conflict", message),
             Error::Unauthenticated(_) => Self::new(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken", message),
             Error::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "Authorization_RequestDenied", message),
-            Error::TooManyAttempts { .. } => Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message),
+            Error::TooManyAttempts { retry_after } => Self {
+                retry_after: Some(retry_after),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message)
+            },
             Error::Internal(source) => {
                 // The cause is logged for the operator and never shown to the caller.
                 tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "internal error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", message)
             }
-            Error::Busy(_) => Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message),
+            // Uploads take a while; a few seconds is the soonest a place may be free.
+            Error::Busy(_) => {
+                Self { retry_after: Some(5), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message) }
+            }
             Error::TooLarge(_) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", message),
             Error::InsufficientStorage(_) => {
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage", message)
@@ -65,7 +73,11 @@ impl IntoResponse for ApiError {
                 }
             }
         });
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 

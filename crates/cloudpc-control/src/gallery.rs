@@ -14,7 +14,7 @@ use cloudpc_types::provisioning::KernelBoot;
 use cloudpc_types::audit::AuditOperationType;
 
 use crate::audit::{Actor, Change};
-use crate::{App, Result};
+use crate::{App, Error, Result};
 
 /// What an image build leaves next to its files.
 #[derive(Debug, Deserialize)]
@@ -38,6 +38,12 @@ impl App {
     /// (a newer build exists), as Windows 365 marks gallery images past their end date. A build
     /// registered before whose files are gone becomes `notSupported`: policies cannot pick it.
     pub async fn register_gallery(&self, dir: &Path) -> Result<usize> {
+        // Deletions a crash interrupted.
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "deleting") {
+                remove_build(&entry.path()).await;
+            }
+        }
         let builds = scan(dir);
         let mut newest: HashMap<&str, SystemTime> = HashMap::new();
         for b in &builds {
@@ -96,35 +102,72 @@ impl App {
     /// its directory (only one that lies directly inside the gallery directory). Without the
     /// directory the build is not registered again at the next start.
     pub async fn delete_gallery_image(&self, actor: &Actor, id: &str) -> Result<()> {
-        // Under the image lock: a Cloud PC that has read this image stores its spec first.
-        let _guard = self.image_updates.lock().await;
-        let image = self.store.get_gallery_image(id).await?;
-        let (disk, _) = self.store.gallery_image_files(id).await?;
-        let audit = Change {
-            component: "Images",
-            activity: "Delete GalleryImage".into(),
-            operation: AuditOperationType::Delete,
-            resource_type: "galleryImage",
-            resource_id: image.id.clone(),
-            resource_name: image.display_name.clone(),
-        }
-        .event(actor, Some(&image), None);
-        self.store.delete_gallery_image(id, &audit).await?;
-        let build = disk.parent().filter(|b| b.parent() == Some(self.config.gallery_dir.as_path()));
-        match build {
-            Some(build) => {
-                if let Err(e) = tokio::fs::remove_dir_all(build).await {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(dir = %build.display(), error = %e, "cannot remove a deleted gallery build");
+        let doomed = {
+            // Under the image lock: a Cloud PC that has read this image stores its spec first.
+            let _guard = self.image_updates.lock().await;
+            let image = self.store.get_gallery_image(id).await?;
+            let (disk, _) = self.store.gallery_image_files(id).await?;
+            let audit = Change {
+                component: "Images",
+                activity: "Delete GalleryImage".into(),
+                operation: AuditOperationType::Delete,
+                resource_type: "galleryImage",
+                resource_id: image.id.clone(),
+                resource_name: image.display_name.clone(),
+            }
+            .event(actor, Some(&image), None);
+            let build = disk
+                .parent()
+                .filter(|b| b.parent() == Some(self.config.gallery_dir.as_path()) && b.is_dir())
+                .map(Path::to_path_buf);
+            // Out of the scan's sight first (a rename is quick, the removal is not and happens
+            // after the lock): a crash or a failed removal never brings the build back.
+            let doomed = match &build {
+                Some(b) => {
+                    let mut to = b.clone().into_os_string();
+                    to.push(".deleting");
+                    let to = PathBuf::from(to);
+                    std::fs::rename(b, &to).map_err(|e| Error::HostIo(format!("cannot move {}: {e}", b.display())))?;
+                    Some(to)
+                }
+                None => {
+                    tracing::warn!(disk = %disk.display(), "a deleted gallery image's files are not a build in the gallery; left alone");
+                    None
+                }
+            };
+            if let Err(e) = self.store.delete_gallery_image(id, &audit).await {
+                if let (Some(b), Some(to)) = (&build, &doomed) {
+                    if let Err(e) = std::fs::rename(to, b) {
+                        tracing::error!(dir = %to.display(), error = %e, "cannot put back a gallery build that stays registered");
                     }
                 }
+                return Err(e.into());
             }
-            None => {
-                tracing::warn!(disk = %disk.display(), "a deleted gallery image's files are outside the gallery; left alone")
-            }
+            doomed
+        };
+        if let Some(dir) = doomed {
+            remove_build(&dir).await;
+        }
+        // The offer's other builds: the newest of them is now the current one.
+        if let Err(e) = self.register_gallery(&self.config.gallery_dir).await {
+            tracing::warn!(error = %e, "cannot refresh the gallery after a deletion");
         }
         Ok(())
     }
+}
+
+async fn remove_build(dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a deleted gallery build");
+        }
+    }
+}
+
+/// A manifest names its files inside its own build directory, nothing else.
+fn plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None))
 }
 
 /// One image build found in the gallery directory.
@@ -141,8 +184,9 @@ fn scan(dir: &Path) -> Vec<Build> {
     paths.sort();
     let mut out = Vec::new();
     for path in paths {
-        // A build in progress (or killed) writes into `<name>.tmp` before renaming it.
-        if path.extension().is_some_and(|e| e == "tmp") {
+        // A build in progress (or killed) writes into `<name>.tmp` before renaming it; a deleted
+        // one is renamed to `<name>.deleting` before its removal.
+        if path.extension().is_some_and(|e| e == "tmp" || e == "deleting") {
             continue;
         }
         let manifest_path = path.join("manifest.json");
@@ -154,6 +198,11 @@ fn scan(dir: &Path) -> Vec<Build> {
                 continue;
             }
         };
+        let names = [Some(&manifest.disk), manifest.kernel.as_ref(), manifest.initrd.as_ref()];
+        if !names.into_iter().flatten().all(|n| plain_file_name(n)) {
+            tracing::warn!(path = %manifest_path.display(), "skipping a gallery image whose manifest names files outside its directory");
+            continue;
+        }
         let Ok(built) = std::fs::metadata(path.join(&manifest.disk)).and_then(|m| m.modified()) else {
             tracing::warn!(path = %path.display(), "skipping a gallery image without its disk");
             continue;

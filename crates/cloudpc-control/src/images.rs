@@ -13,6 +13,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -151,14 +153,31 @@ impl App {
     /// until deleted, as their files and records do).
     async fn check_room_for_an_image(&self) -> Result<()> {
         let n = self.store.list_device_images().await?.len();
-        let max = self.config.max_custom_images;
-        if n >= max {
-            return Err(Error::Conflict(format!(
-                "there are already {n} custom images, the most this server keeps ({max}); delete one, or add a \
-                 version to an existing image"
-            )));
+        if n >= self.config.max_custom_images {
+            return Err(self.no_room_for_an_image(n, 0));
         }
         Ok(())
+    }
+
+    /// Before an upload of a new image streams: counts it until it ends, so that uploads in
+    /// flight cannot each pass the limit and all be refused after their bytes have arrived.
+    async fn reserve_room_for_an_image(&self) -> Result<UploadReservation> {
+        let n = self.store.list_device_images().await?.len();
+        let uploading = self.new_image_uploads.fetch_add(1, Ordering::SeqCst);
+        let reservation = UploadReservation(self.new_image_uploads.clone());
+        if n + uploading >= self.config.max_custom_images {
+            return Err(self.no_room_for_an_image(n, uploading));
+        }
+        Ok(reservation)
+    }
+
+    fn no_room_for_an_image(&self, images: usize, uploading: usize) -> Error {
+        let max = self.config.max_custom_images;
+        let also = if uploading > 0 { format!(" (and {uploading} being uploaded)") } else { String::new() };
+        Error::Conflict(format!(
+            "there are already {images} custom images{also}, the most this server keeps ({max}); delete one, or add \
+             a version to an existing image"
+        ))
     }
 
     /// Adds a new version from a file on the server's host. Existing Cloud PCs keep the version
@@ -207,16 +226,17 @@ impl App {
             return Err(self.too_large());
         }
         image_types::image_version(target.version())?;
-        match &target {
+        let _reservation = match &target {
             UploadTarget::NewImage { display_name, .. } => {
                 cloudpc_types::validate::display_name("displayName", display_name, 256)?;
                 // Before the bytes are streamed; checked again when the image is created.
-                self.check_room_for_an_image().await?;
+                Some(self.reserve_room_for_an_image().await?)
             }
             UploadTarget::NewVersion { image_id, version } => {
                 self.get_device_image(image_id).await?.check_new_version(version)?;
+                None
             }
-        }
+        };
         let Ok(_streaming) = self.uploads.clone().try_acquire_owned() else {
             return Err(Error::Busy(format!(
                 "the server is already receiving {} image upload(s), the most it takes at once; try again when one has finished",
@@ -318,7 +338,7 @@ impl App {
         if content_length.is_some_and(|n| free_bytes(&dir).is_some_and(|free| free < n + FREE_SPACE_RESERVE)) {
             return Err(self.no_space());
         }
-        match copy_capped(body, &done, self.max_source_bytes()).await {
+        match copy_capped(body, &done, self.max_source_bytes(), self.config.upload_idle_timeout).await {
             Ok(0) => {
                 remove_quietly(&done).await;
                 Err(Error::invalid("body", "the upload is empty"))
@@ -361,7 +381,9 @@ impl App {
         let dir = self.staging_dir();
         tokio::fs::create_dir_all(&dir).await.map_err(|e| reject(InternalServerError, e.to_string()))?;
         let staged = dir.join(format!("{id}-{version}.qcow2"));
-        match copy_capped(tokio::fs::File::from_std(file), &staged, self.max_source_bytes()).await {
+        // A local file never stalls the way a client can; the limit is only a backstop.
+        let idle = Duration::from_secs(3600);
+        match copy_capped(tokio::fs::File::from_std(file), &staged, self.max_source_bytes(), idle).await {
             Ok(_) => Ok(staged),
             Err(CopyFailure::TooLarge) => Err(reject(
                 SourceImageSizeExceedsLimitation,
@@ -415,16 +437,17 @@ impl App {
             )));
         }
         let image_id = id.to_string();
+        let base = self.image_base(id, version);
         let built_from: Vec<String> = self
             .store
             .list_cloud_pc_records()
             .await?
             .into_iter()
             .filter(|r| {
-                r.state
-                    .spec
-                    .as_ref()
-                    .is_some_and(|s| s.image_id == image_id && s.image_version.as_deref() == Some(version))
+                // By version, or by base file for specs written before versions existed.
+                r.state.spec.as_ref().is_some_and(|s| {
+                    s.image_id == image_id && (s.image_version.as_deref() == Some(version) || s.image_disk == base)
+                })
             })
             .map(|r| format!("'{}'", r.pc.managed_device_name.unwrap_or_else(|| r.pc.id.to_string())))
             .collect();
@@ -459,7 +482,7 @@ impl App {
             Some(&image),
         );
         self.store.update_device_image(&image, &audit).await?;
-        remove_quietly(&self.image_base(id, version)).await;
+        remove_quietly(&base).await;
         if gone.uploaded {
             remove_quietly(Path::new(&gone.source_image_resource_id)).await;
         }
@@ -879,8 +902,14 @@ enum CopyFailure {
 }
 
 /// Copies a stream into `dest` (through `dest.partial` and a rename), at most `limit` bytes;
-/// returns the size. Nothing stays behind when it fails.
-async fn copy_capped(mut from: impl AsyncRead + Unpin, dest: &Path, limit: u64) -> Result<u64, CopyFailure> {
+/// returns the size. A source that gives nothing for `idle` fails it. Nothing stays behind when it
+/// fails.
+async fn copy_capped(
+    mut from: impl AsyncRead + Unpin,
+    dest: &Path,
+    limit: u64,
+    idle: Duration,
+) -> Result<u64, CopyFailure> {
     let partial = dest.with_extension("qcow2.partial");
     let outcome = async {
         let mut file = tokio::fs::File::create(&partial).await.map_err(CopyFailure::Write)?;
@@ -888,7 +917,15 @@ async fn copy_capped(mut from: impl AsyncRead + Unpin, dest: &Path, limit: u64) 
         let mut total: u64 = 0;
         let dir = dest.parent().unwrap_or(Path::new("."));
         loop {
-            let n = from.read(&mut buf).await.map_err(CopyFailure::Read)?;
+            let n = tokio::time::timeout(idle, from.read(&mut buf))
+                .await
+                .map_err(|_| {
+                    CopyFailure::Read(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("nothing arrived for {} s", idle.as_secs()),
+                    ))
+                })?
+                .map_err(CopyFailure::Read)?;
             if n == 0 {
                 break;
             }
@@ -918,5 +955,14 @@ async fn remove_quietly(path: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %path.display(), error = %e, "could not remove a file");
         }
+    }
+}
+
+/// One upload of a new image in flight, counted against the image limit until it is dropped.
+struct UploadReservation(Arc<AtomicUsize>);
+
+impl Drop for UploadReservation {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -49,6 +49,9 @@ pub struct AppConfig {
     /// How many image uploads may stream at once; more are refused (429) rather than queued, so
     /// a burst of uploads cannot tie up the disk and the connections.
     pub max_concurrent_uploads: usize,
+    /// An upload that sends nothing for this long is dropped, so a stalled client cannot keep one
+    /// of the upload places forever.
+    pub upload_idle_timeout: Duration,
     /// How many custom images may exist (versions do not count); Windows 365 allows 20.
     pub max_custom_images: usize,
     /// Directories on the server's host that `sourceImageResourceId` paths may name. An API
@@ -88,6 +91,7 @@ impl Default for AppConfig {
             image_test_boot_timeout: Duration::from_secs(120),
             max_concurrent_uploads: 4,
             max_custom_images: 20,
+            upload_idle_timeout: Duration::from_secs(60),
             image_import_dirs: vec![PathBuf::from("cloudpc-data/import")],
             qemu_img: "qemu-img".into(),
             grace_period: Duration::from_secs(7 * 24 * 3600),
@@ -125,6 +129,8 @@ pub struct App {
     image_updates: Arc<tokio::sync::Mutex<()>>,
     /// One permit per upload streaming now.
     uploads: Arc<tokio::sync::Semaphore>,
+    /// Uploads of new images streaming now (they count against the image limit).
+    new_image_uploads: Arc<std::sync::atomic::AtomicUsize>,
     /// Custom-image test boots take turns.
     image_boots: Arc<tokio::sync::Mutex<()>>,
 }
@@ -147,6 +153,7 @@ impl App {
             sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
             image_updates: Arc::new(tokio::sync::Mutex::new(())),
             uploads: Arc::new(tokio::sync::Semaphore::new(uploads)),
+            new_image_uploads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
         }
     }

@@ -275,7 +275,7 @@ impl App {
         rec.state.requested_at = Utc::now();
         let images = self.image_updates.lock().await;
         if let Err(e) = self.start_generation(rec, policy).await {
-            crate::provisioning::could_not_start(rec, policy, &e);
+            self.could_not_start(rec, policy, &e).await;
         }
         self.store.save_cloud_pc(rec, None, None).await?;
         drop(images);

@@ -129,6 +129,9 @@ pub struct ServerArgs {
     /// Seconds a custom image's test boot waits for its guest agent [default: 120].
     #[arg(long, env = "CLOUDPC_IMAGE_BOOT_TIMEOUT_SECS")]
     pub image_boot_timeout_secs: Option<u64>,
+    /// Seconds an image upload may send nothing before it is dropped [default: 60].
+    #[arg(long, env = "CLOUDPC_UPLOAD_IDLE_TIMEOUT_SECS")]
+    pub upload_idle_timeout_secs: Option<u64>,
     /// How many custom images the server keeps at most (versions do not count) [default: 20].
     #[arg(long, env = "CLOUDPC_MAX_CUSTOM_IMAGES")]
     pub max_custom_images: Option<usize>,

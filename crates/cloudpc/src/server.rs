@@ -39,6 +39,7 @@ struct FileSettings {
     image_boot_timeout_secs: Option<u64>,
     max_concurrent_uploads: Option<usize>,
     max_custom_images: Option<usize>,
+    upload_idle_timeout_secs: Option<u64>,
     image_import_dirs: Option<Vec<PathBuf>>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
@@ -158,6 +159,11 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 .or(file.max_concurrent_uploads)
                 .unwrap_or(defaults.max_concurrent_uploads)
                 .max(1),
+            upload_idle_timeout: args
+                .upload_idle_timeout_secs
+                .or(file.upload_idle_timeout_secs)
+                .map(|s| Duration::from_secs(s.max(1)))
+                .unwrap_or(defaults.upload_idle_timeout),
             max_custom_images: args.max_custom_images.or(file.max_custom_images).unwrap_or(defaults.max_custom_images),
             qemu_img: args.qemu_img.clone().or(file.qemu_img).unwrap_or(defaults.qemu_img),
             grace_period: Duration::from_secs_f64(hours * 3600.0),

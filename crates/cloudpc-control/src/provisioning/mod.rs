@@ -127,6 +127,19 @@ impl App {
 
     /// Fixes what a new generation is built from (license size, policy, image) and resets its
     /// resources. Called when provisioning starts and on reprovision.
+    /// A generation that cannot start (its image is gone or not ready) fails at once with the
+    /// reason. The Cloud PC still names the policy, so the reconciler sees it as that policy's
+    /// (and leaves it be) and Retry can start it once the cause is fixed.
+    pub(crate) async fn could_not_start(&self, rec: &mut CloudPcRecord, policy: Uuid, e: &Error) {
+        rec.state.phase = Phase::Idle;
+        rec.pc.status = CloudPcStatus::Failed;
+        rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
+        rec.pc.provisioning_policy_id = Some(policy);
+        if let Ok(p) = self.store.get_policy(policy).await {
+            rec.pc.provisioning_policy_name = Some(p.display_name);
+        }
+    }
+
     /// Callers hold `image_updates` until the new spec is stored: the image it names cannot be
     /// deleted in between (deletion refuses images that a stored spec names).
     pub(crate) async fn start_generation(&self, rec: &mut CloudPcRecord, policy_id: Uuid) -> Result<()> {
@@ -372,7 +385,7 @@ impl App {
                 self.save(rec, Some(&record)).await?;
                 let _images = self.image_updates.lock().await;
                 if let Err(e) = self.start_generation(rec, policy).await {
-                    could_not_start(rec, policy, &e);
+                    self.could_not_start(rec, policy, &e).await;
                 }
                 rec.state.requested_at = Utc::now();
                 self.save(rec, None).await?;
@@ -423,14 +436,4 @@ impl App {
         rec.pc.power_state = PowerState::Unknown;
         Ok(())
     }
-}
-
-/// A generation that cannot start (its image is gone or not ready) fails at once with the reason.
-/// The Cloud PC still names the policy, so the reconciler sees it as that policy's (and leaves it
-/// be) and Retry can start it once the cause is fixed.
-pub(crate) fn could_not_start(rec: &mut CloudPcRecord, policy: Uuid, e: &Error) {
-    rec.state.phase = Phase::Idle;
-    rec.pc.status = CloudPcStatus::Failed;
-    rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
-    rec.pc.provisioning_policy_id = Some(policy);
 }

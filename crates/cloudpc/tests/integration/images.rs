@@ -275,59 +275,96 @@ async fn test_refused_upload_is_readable_while_the_client_is_still_sending() {
         assert!(answer.starts_with(status), "{answer}");
         assert!(answer.contains("connection: close"), "{answer}");
     }
+    // A client that asks leave to send (`Expect: 100-continue`) is refused without being asked
+    // for the body.
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {VE}/deviceImages/upload?displayName=Huge&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        2u64 << 30
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 413"), "{answer}");
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     assert_eq!(list["value"].as_array().unwrap().len(), 0);
     assert!(files_under(&s.data_dir().join("images")).is_empty());
+}
+
+/// Starts an upload to `path` that announces 64 MiB, sends 1 MiB and then sends nothing more.
+async fn stalled_upload(s: &Server, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        64u64 << 20
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&vec![0u8; 1 << 20]).await.unwrap();
+    conn
+}
+
+/// Waits until an upload is being written to the upload area.
+async fn wait_for_upload_file(s: &Server) {
+    let uploads = s.data_dir().join("images").join("uploads");
+    for _ in 0..200 {
+        if !files_under(&uploads).is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no upload is being written");
+}
+
+/// Sends an upload of a few bytes to `path` until it is not refused with `busy`; returns the answer.
+async fn upload_once_free(s: &Server, path: &str, busy: StatusCode) -> (StatusCode, serde_json::Value) {
+    for _ in 0..200 {
+        let answer =
+            s.raw(reqwest::Method::POST, path, Some(ADMIN_TOKEN), Some("QFI"), Some("application/octet-stream")).await;
+        if answer.0 != busy {
+            return answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{path} stayed refused with {busy}");
 }
 
 /// Uploads beyond `--max-concurrent-uploads` are refused with 429 while the others stream, and a
 /// client that breaks off frees its place and leaves no file.
 #[tokio::test]
 async fn test_uploads_beyond_the_concurrency_limit_get_429() {
-    use tokio::io::AsyncWriteExt;
     let s = Server::start_with(&["--max-concurrent-uploads", "1"], Some(ADMIN_TOKEN)).await;
-    let addr = s.url.trim_start_matches("http://").to_string();
     let up = format!("{VE}/deviceImages/upload?displayName=Second&version=1.0.0");
-    let octets = Some("application/octet-stream");
     // The first upload announces 64 MiB, sends 1 MiB and stalls.
-    let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST {VE}/deviceImages/upload?displayName=First&version=1.0.0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-        64u64 << 20
-    );
-    first.write_all(head.as_bytes()).await.unwrap();
-    first.write_all(&vec![0u8; 1 << 20]).await.unwrap();
-    let uploads = s.data_dir().join("images").join("uploads");
-    let streaming = || files_under(&uploads);
-    for _ in 0..200 {
-        if !streaming().is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(streaming().len(), 1, "the first upload is being written");
+    let first = stalled_upload(&s, &format!("{VE}/deviceImages/upload?displayName=First&version=1.0.0")).await;
+    wait_for_upload_file(&s).await;
 
-    let (status, v) = s.raw(reqwest::Method::POST, &up, Some(ADMIN_TOKEN), Some("QFI"), octets).await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    let refused = reqwest::Client::new()
+        .post(format!("{}{up}", s.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("Content-Type", "application/octet-stream")
+        .body("QFI")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("5".into()));
+    let v: serde_json::Value = refused.json().await.unwrap();
     assert!(message(&v).contains("already receiving 1 image upload"), "{v}");
 
     // Breaking off the first upload frees its place and removes its partial file.
     drop(first);
-    let mut answer = None;
-    for _ in 0..200 {
-        let (status, v) = s.raw(reqwest::Method::POST, &up, Some(ADMIN_TOKEN), Some("QFI"), octets).await;
-        if status != StatusCode::TOO_MANY_REQUESTS {
-            answer = Some((status, v));
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let (status, v) = answer.expect("the place was freed");
+    let (status, v) = upload_once_free(&s, &up, StatusCode::TOO_MANY_REQUESTS).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     let names: Vec<_> = list["value"].as_array().unwrap().iter().map(|i| i["displayName"].clone()).collect();
     assert_eq!(names, vec![json!("Second")], "the broken-off upload left no image");
-    assert!(!files_under(&uploads).iter().any(|f| f.metadata().map(|m| m.len() >= 1 << 20).unwrap_or(false)));
+    // The second upload is not a qcow2: once its check has refused it, nothing at all is left.
+    let second = list["value"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(s.wait_image(&second).await["status"], "failed");
+    assert_eq!(files_under(&s.data_dir().join("images")), Vec::<std::path::PathBuf>::new());
 }
 
 /// At most `--max-custom-images` images exist (Windows 365 keeps 20); failed ones count until
@@ -341,8 +378,13 @@ async fn test_custom_image_count_is_limited() {
     let (status, first) = s.post(&format!("{VE}/deviceImages"), body("One")).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
     let up = format!("{VE}/deviceImages/upload?displayName=Two&version=1.0.0");
-    let octets = Some("application/octet-stream");
-    let (status, v) = s.raw(reqwest::Method::POST, &up, Some(ADMIN_TOKEN), Some("not an image"), octets).await;
+    // A new image being uploaded holds the last place while it streams.
+    let streaming = stalled_upload(&s, &format!("{VE}/deviceImages/upload?displayName=Streaming&version=1.0.0")).await;
+    wait_for_upload_file(&s).await;
+    let answer = announce_upload_to(&s, &up, 1 << 20).await;
+    assert!(answer.starts_with("HTTP/1.1 409") && answer.contains("(and 1 being uploaded)"), "{answer}");
+    drop(streaming);
+    let (status, v) = upload_once_free(&s, &up, StatusCode::CONFLICT).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     let before = s.snapshot().await;
 
@@ -431,12 +473,16 @@ async fn test_gallery_builds_superseded_and_gone() {
     assert_eq!(pc["status"], "failed", "{pc}");
     assert!(pc["statusDetail"].as_str().unwrap().contains("no longer supported"), "{pc}");
     assert_eq!(pc["provisioningPolicyId"], doomed["id"], "{pc}");
-    // It stays that one failed Cloud PC across resyncs (not deprovisioned and made again), and
-    // Retry tries again and says the same.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(pc["provisioningPolicyName"], "Y", "{pc}");
+    // It stays that one failed Cloud PC across resyncs (every second here; a Cloud PC without its
+    // policy was deprovisioned at the first and made again at the next), and Retry tries again
+    // and says the same.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
     let (_, v) = s.get(&format!("{VE}/cloudPCs")).await;
     assert_eq!(v["value"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!((&v["value"][0]["id"], &v["value"][0]["status"]), (&pc["id"], &json!("failed")), "{v}");
+    let made: Vec<_> = s.audit_activities().await.into_iter().filter(|a| a.contains("CloudPc")).collect();
+    assert_eq!(made, vec!["Create CloudPc".to_string()], "made once, never deprovisioned");
     let (code, v) = s.post(&format!("{VE}/cloudPCs/{}/retry", pc["id"].as_str().unwrap()), json!({})).await;
     assert!(code.is_success(), "{v}");
     let mut again = serde_json::Value::Null;
@@ -537,8 +583,26 @@ async fn test_gallery_build_delete_rules() {
     gallery_build(&gallery, "x-old", "x", 3600);
     gallery_build(&gallery, "x-new", "x", 0);
     gallery_build(&gallery, "y-only", "y", 0);
+    gallery_build(&gallery, "z-old", "z", 3600);
+    gallery_build(&gallery, "z-new", "z", 0);
+    // A manifest that names a file outside its own directory is not registered.
+    gallery_build(&gallery, "evil", "e", 0);
+    let evil = json!({"id": "cloudpc_evil", "displayName": "evil", "publisherName": "p", "offerName": "e",
+        "skuName": "e", "disk": "../x-new/disk.qcow2", "diskBytes": 1});
+    std::fs::write(gallery.join("evil").join("manifest.json"), evil.to_string()).unwrap();
+    // What a deletion interrupted by a crash leaves is swept at start.
+    std::fs::create_dir_all(gallery.join("w-old.deleting")).unwrap();
     let config = gallery.parent().unwrap().join("cloudpc.toml");
     let s = Server::start_in(data, &["--config", config.to_str().unwrap()], Some(ADMIN_TOKEN)).await;
+    assert!(!gallery.join("w-old.deleting").exists(), "an interrupted deletion is finished at start");
+    let (code, _) = s.get(&format!("{VE}/galleryImages/cloudpc_evil")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "a manifest naming files elsewhere is skipped");
+    // Deleting the newest build of an offer makes the one before it current.
+    let (code, v) = s.delete(&format!("{VE}/galleryImages/cloudpc_z-new")).await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{v}");
+    let (_, z) = s.get(&format!("{VE}/galleryImages/cloudpc_z-old")).await;
+    assert_eq!(z["status"], "supported", "{z}");
+    assert!(!gallery.join("z-new").exists() && !gallery.join("z-new.deleting").exists());
     let gallery_policy = |name: &str, id: &str| json!({"displayName": name, "imageId": id, "imageType": "gallery", "cloudPcNamingTemplate": "CPC-%RAND:5%"});
     let old_policy = s.create(&format!("{VE}/provisioningPolicies"), gallery_policy("Old", "cloudpc_x-old")).await;
     let new_policy = s.create(&format!("{VE}/provisioningPolicies"), gallery_policy("New", "cloudpc_x-new")).await;
@@ -577,9 +641,45 @@ async fn test_gallery_build_delete_rules() {
     let s = Server::start_in(data, &["--config", config.to_str().unwrap()], Some(ADMIN_TOKEN)).await;
     let (_, v) = s.get(&format!("{VE}/galleryImages")).await;
     let ids: Vec<_> = v["value"].as_array().unwrap().iter().map(|i| i["id"].clone()).collect();
-    assert_eq!(ids, vec![json!("cloudpc_x-new"), json!("cloudpc_y-only")], "not registered again after a restart");
+    assert_eq!(
+        ids,
+        vec![json!("cloudpc_x-new"), json!("cloudpc_y-only"), json!("cloudpc_z-old")],
+        "not registered again after a restart"
+    );
     let (code, v) = s.delete(&format!("{VE}/galleryImages/cloudpc_x-new")).await;
     assert_eq!(code, StatusCode::CONFLICT, "{v}");
     assert!(message(&v).contains("used by Cloud PC"), "{v}");
     assert!(gallery.join("x-new").join("disk.qcow2").exists());
+}
+
+/// An upload that stops sending (its connection still open) is dropped after
+/// `--upload-idle-timeout-secs`, frees its place and leaves no file.
+#[tokio::test]
+async fn test_stalled_upload_is_dropped_and_frees_its_place() {
+    use tokio::io::AsyncReadExt;
+    let s =
+        Server::start_with(&["--max-concurrent-uploads", "1", "--upload-idle-timeout-secs", "1"], Some(ADMIN_TOKEN))
+            .await;
+    let mut stalled = stalled_upload(&s, &format!("{VE}/deviceImages/upload?displayName=Stalled&version=1.0.0")).await;
+    // The server gives up on it and says why, on the connection that is still open.
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(30), stalled.read(&mut answer))
+        .await
+        .expect("the stalled upload is answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("nothing arrived for 1 s"), "{answer}");
+    let up = format!("{VE}/deviceImages/upload?displayName=Next&version=1.0.0");
+    let (status, v) =
+        s.raw(reqwest::Method::POST, &up, Some(ADMIN_TOKEN), Some("QFI"), Some("application/octet-stream")).await;
+    assert_eq!(status, StatusCode::CREATED, "the place is free again: {v}");
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    let names: Vec<_> = list["value"].as_array().unwrap().iter().map(|i| i["displayName"].clone()).collect();
+    assert_eq!(names, vec![json!("Next")]);
+    let partial: Vec<_> = files_under(&s.data_dir().join("images"))
+        .into_iter()
+        .filter(|f| f.metadata().map(|m| m.len() >= 1 << 20).unwrap_or(false))
+        .collect();
+    assert!(partial.is_empty(), "the stalled upload's bytes are gone: {partial:?}");
+    drop(stalled);
 }

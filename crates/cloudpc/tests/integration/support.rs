@@ -241,10 +241,10 @@ impl Server {
         pc
     }
 
-    /// Waits up to 5 s for the first Cloud PC to reach `status`; returns it as last seen.
+    /// Waits up to 30 s for the first Cloud PC to reach `status`; returns it as last seen.
     pub async fn wait_first_cloud_pc(&self, status: &str) -> Value {
         let mut pc = Value::Null;
-        for _ in 0..100 {
+        for _ in 0..600 {
             let (_, v) = self.get(&format!("{VE}/cloudPCs")).await;
             pc = v["value"][0].clone();
             if pc["status"] == status {
