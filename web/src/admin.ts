@@ -211,6 +211,7 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
   },
   async images(el) {
     const [gallery, custom] = await Promise.all([list(`${VE}/galleryImages`), list(`${VE}/deviceImages`)]);
+    const formats = `<select name="format" title="File format"><option value="qcow2">qcow2</option><option value="raw">raw disk</option></select>`;
     // Each version but the only one gets a delete button; the server says why when it refuses.
     const versions = (i: any) => (i.versions ?? []).map((v: any) =>
       `${esc(v.version)}: ${esc(v.status)}${v.errorCode ? ` (${esc(v.errorCode)}: ${esc(v.statusDetails)})` : ""}` +
@@ -220,25 +221,26 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       ["", (i) => `<button class="secondary write" data-delgal="${esc(i.id)}">Delete</button>`]]) +
       `<h2>Custom images</h2>` +
       form("upimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
-        <input name="file" type="file" accept=".qcow2" required>`, "Upload") +
+        <input name="file" type="file" accept=".qcow2,.img,.raw" required>${formats}`, "Upload") +
       `<div id="upprogress" role="status"></div>` +
       form("newimg", `<input name="name" placeholder="Name" required><input name="version" placeholder="1.0.0" required>
-        <input name="path" placeholder="/path/on/server/image.qcow2" required>`, "Register a server file") +
+        <input name="path" placeholder="/path/on/server/image.qcow2" required>${formats}`, "Register a server file") +
       table(custom, [["Image", (i) => esc(i.displayName)], ["Current", (i) => esc(i.version)], ["Status", (i) => `${esc(i.status)} ${esc(i.errorCode)}`],
         ["OS", (i) => `${esc(i.operatingSystem)} ${esc(i.osBuildNumber)}`], ["Versions", versions],
-        ["", (i) => `<form class="write" data-newver="${i.id}" style="display:inline"><input name="version" placeholder="next version" size="9" required><input name="file" type="file" accept=".qcow2" required><button>Add version</button></form>
+        ["", (i) => `<form class="write" data-newver="${i.id}" style="display:inline"><input name="version" placeholder="next version" size="9" required><input name="file" type="file" accept=".qcow2,.img,.raw" required>${formats}<button>Add version</button></form>
           <button class="secondary write" data-delimg="${i.id}">Delete</button>`]]);
     el.querySelector("#upimg")!.addEventListener("submit", act(() => {
       const f = el.querySelector<HTMLFormElement>("#upimg")!;
       const v = values("upimg");
       const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
-      return upload(`${VE}/deviceImages/upload?displayName=${encodeURIComponent(v.name)}&version=${encodeURIComponent(v.version)}`, file);
+      return upload(`${VE}/deviceImages/upload?displayName=${encodeURIComponent(v.name)}&version=${encodeURIComponent(v.version)}&format=${v.format}`, file);
     }));
-    el.querySelector("#newimg")!.addEventListener("submit", act(() => { const v = values("newimg"); return api("POST", `${VE}/deviceImages`, { displayName: v.name, version: v.version, sourceImageResourceId: v.path }); }));
+    el.querySelector("#newimg")!.addEventListener("submit", act(() => { const v = values("newimg"); return api("POST", `${VE}/deviceImages`, { displayName: v.name, version: v.version, sourceImageResourceId: v.path, sourceImageFormat: v.format }); }));
     el.querySelectorAll<HTMLFormElement>("form[data-newver]").forEach((f) => f.addEventListener("submit", act(() => {
       const version = (f.elements.namedItem("version") as HTMLInputElement).value;
+      const format = (f.elements.namedItem("format") as HTMLSelectElement).value;
       const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
-      return upload(`${VE}/deviceImages/${f.dataset.newver}/versions/upload?version=${encodeURIComponent(version)}`, file);
+      return upload(`${VE}/deviceImages/${f.dataset.newver}/versions/upload?version=${encodeURIComponent(version)}&format=${format}`, file);
     })));
     // A gallery build takes a minute or more to make again: ask first.
     el.querySelectorAll<HTMLButtonElement>("button[data-delgal]").forEach((b) => b.addEventListener("click", act(async () => {

@@ -26,7 +26,7 @@ use cloudpc_hypervisor::{Boot, VmSpec};
 use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::images::{
     self as image_types, DeviceImage, DeviceImageCreate, DeviceImageErrorCode, DeviceImageStatus, DeviceImageVersion,
-    DeviceImageVersionCreate, GalleryImage,
+    DeviceImageVersionCreate, GalleryImage, SourceImageFormat,
 };
 use cloudpc_types::policy::ImageType;
 
@@ -134,6 +134,7 @@ impl App {
         let mut first = DeviceImageVersion::pending(input.version, input.source_image_resource_id, uploaded);
         first.operating_system = input.operating_system;
         first.os_build_number = input.os_build_number;
+        first.source_image_format = input.source_image_format;
         let image = DeviceImage::new_pending(Uuid::new_v4(), input.display_name, first);
         image.validate()?;
         if !uploaded {
@@ -190,8 +191,9 @@ impl App {
     ) -> Result<DeviceImage> {
         image_types::source_path(&input.source_image_resource_id)?;
         self.check_import_path(&input.source_image_resource_id)?;
-        self.add_version(actor, id, DeviceImageVersion::pending(input.version, input.source_image_resource_id, false))
-            .await
+        let mut version = DeviceImageVersion::pending(input.version, input.source_image_resource_id, false);
+        version.source_image_format = input.source_image_format;
+        self.add_version(actor, id, version).await
     }
 
     async fn add_version(&self, actor: &Actor, id: &str, version: DeviceImageVersion) -> Result<DeviceImage> {
@@ -212,12 +214,13 @@ impl App {
         Ok(image)
     }
 
-    /// Receives an uploaded image into the upload area, then registers it like a host file.
-    /// `target` is `None` for a new image, or the image that gets a new version.
+    /// Receives an uploaded image into the upload area, then registers it like a host file:
+    /// as a new image, or as a new version of one.
     pub async fn upload_device_image(
         &self,
         actor: &Actor,
         target: UploadTarget,
+        format: SourceImageFormat,
         content_length: Option<u64>,
         body: impl AsyncRead + Unpin + Send,
     ) -> Result<DeviceImage> {
@@ -254,11 +257,14 @@ impl App {
                     source_image_resource_id: source,
                     operating_system,
                     os_build_number: None,
+                    source_image_format: format,
                 };
                 self.create_image(actor, input, true).await
             }
             UploadTarget::NewVersion { image_id, version } => {
-                self.add_version(actor, &image_id, DeviceImageVersion::pending(version, source, true)).await
+                let mut version = DeviceImageVersion::pending(version, source, true);
+                version.source_image_format = format;
+                self.add_version(actor, &image_id, version).await
             }
         };
         if result.is_err() {
@@ -497,10 +503,10 @@ impl App {
 
     /// Copies a checked image into its base file (flattened by `qemu-img convert`, written under a
     /// temporary name and renamed, so a crash never leaves a half-copied base).
-    async fn take_copy(&self, source: &Path, base: &Path) -> Result<(), ImageRejection> {
+    async fn take_copy(&self, source: &Path, base: &Path, format: SourceImageFormat) -> Result<(), ImageRejection> {
         let partial = base.with_extension("qcow2.partial");
         let mut cmd = tokio::process::Command::new(&self.config.qemu_img);
-        cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]).arg(source).arg(&partial);
+        cmd.args(["convert", "-q", "-f", format.qemu_name(), "-O", "qcow2"]).arg(source).arg(&partial);
         let out = run_bounded(cmd, &self.config.qemu_img).await;
         let out = match out {
             Ok(out) => out,
@@ -632,8 +638,8 @@ impl App {
             } else {
                 staged.insert(self.stage_host_file(&source, id, version).await?).clone()
             };
-            let size = self.check_image_file(&file).await?;
-            self.take_copy(&file, &base).await?;
+            let size = self.check_image_file(&file, v.source_image_format).await?;
+            self.take_copy(&file, &base, v.source_image_format).await?;
             let os = self.test_boot(id, version, &base, size).await?;
             Ok::<_, ImageRejection>((size, os))
         }
@@ -704,10 +710,17 @@ impl App {
         true
     }
 
-    /// Checks a file cloudpc holds (an upload or a staged copy).
-    async fn check_image_file(&self, path: &Path) -> Result<u64, ImageRejection> {
+    /// Checks a file cloudpc holds (an upload or a staged copy); returns its virtual size.
+    async fn check_image_file(&self, path: &Path, format: SourceImageFormat) -> Result<u64, ImageRejection> {
         use DeviceImageErrorCode::*;
         let owned = path.to_path_buf();
+        if format == SourceImageFormat::Raw {
+            let size = tokio::task::spawn_blocking(move || inspect_raw(&owned))
+                .await
+                .map_err(|e| reject(InternalServerError, e.to_string()))??;
+            self.check_size(size)?;
+            return Ok(size);
+        }
         let header_size = tokio::task::spawn_blocking(move || inspect_qcow2_header(&owned))
             .await
             .map_err(|e| reject(InternalServerError, e.to_string()))??;
@@ -844,6 +857,26 @@ impl UploadTarget {
             UploadTarget::NewImage { version, .. } | UploadTarget::NewVersion { version, .. } => version,
         }
     }
+}
+
+/// A raw disk has no header to trust or distrust: its virtual size is its length. It must not be
+/// a qcow2 in disguise (converted as raw, that would become a disk holding a qcow2 file).
+fn inspect_raw(path: &Path) -> Result<u64, ImageRejection> {
+    use DeviceImageErrorCode::*;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| reject(SourceImageNotFound, format!("cannot read {}: {e}", path.display())))?;
+    let size = file.metadata().map_err(|e| reject(SourceImageNotFound, e.to_string()))?.len();
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_ok() && u32::from_be_bytes(magic) == QCOW2_MAGIC {
+        return Err(reject(SourceImageInvalid, "the file is a qcow2 image, not a raw disk; import it as qcow2"));
+    }
+    if size == 0 || size % 512 != 0 {
+        return Err(reject(
+            SourceImageInvalid,
+            format!("a raw disk image is a whole number of 512-byte sectors; this file has {size} bytes"),
+        ));
+    }
+    Ok(size)
 }
 
 /// The second look, with `qemu-img info`: a qcow2 without backing or data file; its virtual size.

@@ -50,6 +50,35 @@ pub enum DeviceImageStatus {
     Warning,
 }
 
+/// cloudpc extension: the format of an imported file. Either way cloudpc keeps a qcow2 copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceImageFormat {
+    #[default]
+    Qcow2,
+    /// A plain disk image (as `dd` makes): no header, its size is its length.
+    Raw,
+}
+
+impl SourceImageFormat {
+    /// The query-parameter form (`format=raw`).
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        match s {
+            "qcow2" => Ok(Self::Qcow2),
+            "raw" => Ok(Self::Raw),
+            _ => Err(ValidationError::new("format", format!("must be qcow2 or raw, not '{s}'"))),
+        }
+    }
+
+    /// The name `qemu-img -f` takes.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
+        }
+    }
+}
+
 /// Graph's `cloudPcDeviceImageErrorCode` values that cloudpc produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -92,6 +121,8 @@ pub struct DeviceImageVersion {
     /// The source was uploaded through the API into cloudpc's upload area (removed once checked).
     #[serde(default)]
     pub uploaded: bool,
+    #[serde(default)]
+    pub source_image_format: SourceImageFormat,
     pub status: DeviceImageStatus,
     pub error_code: Option<DeviceImageErrorCode>,
     pub status_details: Option<String>,
@@ -109,6 +140,7 @@ impl DeviceImageVersion {
             version,
             source_image_resource_id: source,
             uploaded,
+            source_image_format: SourceImageFormat::Qcow2,
             status: DeviceImageStatus::Pending,
             error_code: None,
             status_details: None,
@@ -203,6 +235,8 @@ pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
 pub struct DeviceImageVersionCreate {
     pub version: String,
     pub source_image_resource_id: String,
+    #[serde(default)]
+    pub source_image_format: SourceImageFormat,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -218,6 +252,8 @@ pub struct DeviceImageCreate {
     pub operating_system: Option<String>,
     #[serde(default)]
     pub os_build_number: Option<String>,
+    #[serde(default)]
+    pub source_image_format: SourceImageFormat,
 }
 
 impl DeviceImage {
@@ -228,12 +264,12 @@ impl DeviceImage {
     }
 }
 
-/// A source is a qcow2 file on the server's host, named by an absolute path.
+/// A source is a disk image file on the server's host, named by an absolute path.
 pub fn source_path(path: &str) -> Result<(), ValidationError> {
     if !path.starts_with('/') {
         return Err(ValidationError::new(
             "sourceImageResourceId",
-            "must be an absolute path to a qcow2 file on the server's host",
+            "must be an absolute path to a disk image file on the server's host",
         ));
     }
     validate::description("sourceImageResourceId", path, 4096)

@@ -306,17 +306,22 @@ pub enum ImagesCmd {
         /// Major.Minor.Patch
         #[arg(long)]
         version: String,
-        /// Absolute path of the qcow2 file on the server's host.
+        /// Absolute path of the image file on the server's host.
         #[arg(long)]
         file: String,
+        #[arg(long, value_enum, default_value_t = ImageFormat::Qcow2)]
+        format: ImageFormat,
         /// Wait until the image is checked, showing progress; exit non-zero if it failed.
         #[arg(long)]
         wait: bool,
     },
-    /// Upload a local qcow2 file as a new custom image (streamed, with progress).
+    /// Upload a local disk image (qcow2, or raw with --format raw) as a new custom image
+    /// (streamed, with progress).
     Upload {
-        /// The local qcow2 file.
+        /// The local image file.
         file: std::path::PathBuf,
+        #[arg(long, value_enum, default_value_t = ImageFormat::Qcow2)]
+        format: ImageFormat,
         #[arg(long)]
         name: String,
         /// Major.Minor.Patch
@@ -334,12 +339,14 @@ pub enum ImagesCmd {
         /// Major.Minor.Patch, higher than every version the image has.
         #[arg(long)]
         version: String,
-        /// Absolute path of the qcow2 file on the server's host.
+        /// Absolute path of the image file on the server's host.
         #[arg(long, conflicts_with = "upload", required_unless_present = "upload")]
         file: Option<String>,
-        /// A local qcow2 file to upload.
+        /// A local image file to upload.
         #[arg(long)]
         upload: Option<std::path::PathBuf>,
+        #[arg(long, value_enum, default_value_t = ImageFormat::Qcow2)]
+        format: ImageFormat,
         #[arg(long)]
         wait: bool,
     },
@@ -500,4 +507,21 @@ pub struct ListArgs {
     /// Return at most this many (otherwise every page is fetched).
     #[arg(long)]
     pub top: Option<usize>,
+}
+
+/// The format of an image file: qcow2, or raw (a plain disk image as `dd` makes). The server
+/// keeps a qcow2 copy either way.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
 }

@@ -381,29 +381,34 @@ async fn images(c: &Client, fmt: OutputFormat, cmd: ImagesCmd) -> Out {
             output::entity(fmt, &c.get(&format!("{VE}/deviceImages/{}", encode(&image))).await?);
             Ok(())
         }
-        ImagesCmd::Create { name, version, file, wait } => {
-            let body = json!({ "displayName": name, "version": version, "sourceImageResourceId": file });
+        ImagesCmd::Create { name, version, file, format, wait } => {
+            let body = json!({ "displayName": name, "version": version, "sourceImageResourceId": file, "sourceImageFormat": format.name() });
             let created = c.call(Method::POST, &format!("{VE}/deviceImages"), Some(&body)).await?;
             finish_image(c, fmt, created, &version, wait).await
         }
-        ImagesCmd::Upload { file, name, version, os, wait } => {
-            let mut path =
-                format!("{VE}/deviceImages/upload?displayName={}&version={}", encode(&name), encode(&version));
+        ImagesCmd::Upload { file, format, name, version, os, wait } => {
+            let mut path = format!(
+                "{VE}/deviceImages/upload?displayName={}&version={}&format={}",
+                encode(&name),
+                encode(&version),
+                format.name()
+            );
             if let Some(os) = os {
                 path.push_str(&format!("&operatingSystem={}", encode(&os)));
             }
             let created = c.upload(&path, &file, fmt == OutputFormat::Table).await?;
             finish_image(c, fmt, created, &version, wait).await
         }
-        ImagesCmd::AddVersion { image, version, file, upload, wait } => {
+        ImagesCmd::AddVersion { image, version, file, upload, format, wait } => {
             let base = format!("{VE}/deviceImages/{}/versions", encode(&image));
             let updated = match (file, upload) {
                 (_, Some(local)) => {
-                    c.upload(&format!("{base}/upload?version={}", encode(&version)), &local, fmt == OutputFormat::Table)
-                        .await?
+                    let path = format!("{base}/upload?version={}&format={}", encode(&version), format.name());
+                    c.upload(&path, &local, fmt == OutputFormat::Table).await?
                 }
                 (Some(f), None) => {
-                    let body = json!({ "version": version, "sourceImageResourceId": f });
+                    let body =
+                        json!({ "version": version, "sourceImageResourceId": f, "sourceImageFormat": format.name() });
                     c.call(Method::POST, &base, Some(&body)).await?
                 }
                 (None, None) => return Err(Failure::usage("give --file or --upload")),

@@ -9,7 +9,9 @@ use futures_util::TryStreamExt;
 
 use cloudpc_control::images::UploadTarget;
 use cloudpc_control::App;
-use cloudpc_types::images::{DeviceImage, DeviceImageCreate, DeviceImageVersionCreate, GalleryImage};
+use cloudpc_types::images::{
+    DeviceImage, DeviceImageCreate, DeviceImageVersionCreate, GalleryImage, SourceImageFormat,
+};
 
 use super::{no_content, Reply};
 use crate::error::ApiError;
@@ -59,6 +61,14 @@ fn required(params: &mut std::collections::HashMap<String, String>, key: &str) -
     params.remove(key).ok_or_else(|| ApiError::bad_request(format!("The query parameter '{key}' is required.")))
 }
 
+/// `format=qcow2` (the default) or `format=raw`.
+fn source_format(params: &mut std::collections::HashMap<String, String>) -> Result<SourceImageFormat, ApiError> {
+    match params.remove("format") {
+        None => Ok(SourceImageFormat::Qcow2),
+        Some(f) => SourceImageFormat::parse(&f).map_err(|e| ApiError::bad_request(e.to_string())),
+    }
+}
+
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
@@ -70,7 +80,8 @@ fn body_reader(body: Body) -> impl tokio::io::AsyncRead + Unpin + Send {
 /// Creates an image from a qcow2 file streamed as the request body
 /// (`?displayName=…&version=…[&operatingSystem=…]`); `pending` until checked.
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/upload", tag = "images",
-    params(("displayName" = String, Query), ("version" = String, Query), ("operatingSystem" = Option<String>, Query)),
+    params(("displayName" = String, Query), ("version" = String, Query), ("operatingSystem" = Option<String>, Query),
+        ("format" = Option<String>, Query, description = "qcow2 (default) or raw")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = DeviceImage), (status = 413, description = "larger than the image size limit")))]
 pub async fn upload_device(
@@ -81,13 +92,14 @@ pub async fn upload_device(
     headers: HeaderMap,
     body: Body,
 ) -> Reply {
-    let mut p = upload_params(&uri, &["displayName", "version", "operatingSystem"])?;
+    let mut p = upload_params(&uri, &["displayName", "version", "operatingSystem", "format"])?;
+    let format = source_format(&mut p)?;
     let target = UploadTarget::NewImage {
         display_name: required(&mut p, "displayName")?,
         version: required(&mut p, "version")?,
         operating_system: p.remove("operatingSystem"),
     };
-    let image = app.upload_device_image(&actor, target, content_length(&headers), body_reader(body)).await?;
+    let image = app.upload_device_image(&actor, target, format, content_length(&headers), body_reader(body)).await?;
     g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
 }
 
@@ -121,7 +133,7 @@ pub async fn delete_version(
 
 /// Adds a version from a qcow2 file streamed as the request body (`?version=…`).
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/upload", tag = "images",
-    params(("version" = String, Query)),
+    params(("version" = String, Query), ("format" = Option<String>, Query, description = "qcow2 (default) or raw")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = DeviceImage)))]
 pub async fn upload_version(
@@ -133,9 +145,10 @@ pub async fn upload_version(
     headers: HeaderMap,
     body: Body,
 ) -> Reply {
-    let mut p = upload_params(&uri, &["version"])?;
+    let mut p = upload_params(&uri, &["version", "format"])?;
+    let format = source_format(&mut p)?;
     let target = UploadTarget::NewVersion { image_id: id, version: required(&mut p, "version")? };
-    let image = app.upload_device_image(&actor, target, content_length(&headers), body_reader(body)).await?;
+    let image = app.upload_device_image(&actor, target, format, content_length(&headers), body_reader(body)).await?;
     g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
 }
 

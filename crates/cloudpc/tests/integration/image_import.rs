@@ -85,6 +85,31 @@ async fn test_vm_uploaded_image_is_test_booted_and_one_without_agent_is_refused(
     assert_eq!(files_under(&s.data_dir().join("images")), vec![base], "nothing of the refused image is kept");
     assert!(s.domains().is_empty(), "{:?}", s.domains());
 
+    // The same disk as a raw image (as `dd` would copy it) boots the same way.
+    let raw = s.data_dir().join("custom-bios.img");
+    qemu_img(&["convert", "-O", "raw", good.to_str().unwrap(), raw.to_str().unwrap()]);
+    let out = cli(
+        &s,
+        ADMIN_TOKEN,
+        &[
+            "images",
+            "upload",
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--name",
+            "Raw BIOS",
+            "--version",
+            "1.0.0",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "raw upload failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
+    let raw_img = list["value"].as_array().unwrap().iter().find(|i| i["displayName"] == "Raw BIOS").unwrap().clone();
+    assert_eq!((&raw_img["status"], &raw_img["versions"][0]["sourceImageFormat"]), (&json!("ready"), &json!("raw")));
+    assert!(raw_img["osBuildNumber"].as_str().unwrap_or("").contains("amd64"), "{raw_img}");
+
     // An upload over the size limit is cut off while streaming and leaves nothing.
     let small = Server::start_with(&["--max-image-size-gb", "1"], Some(ADMIN_TOKEN)).await;
     let big = small.data_dir().join("big.bin");

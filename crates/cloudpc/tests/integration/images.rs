@@ -683,3 +683,59 @@ async fn test_stalled_upload_is_dropped_and_frees_its_place() {
     assert!(partial.is_empty(), "the stalled upload's bytes are gone: {partial:?}");
     drop(stalled);
 }
+
+/// Raw disk images (`format=raw`) are taken as they are and kept as qcow2; a qcow2 declared raw,
+/// a size that is not whole sectors, and unknown formats are refused.
+#[tokio::test]
+async fn test_raw_disk_images() {
+    let s = Server::start().await;
+    let octets = Some("application/octet-stream");
+    let up =
+        |name: &str, format: &str| format!("{VE}/deviceImages/upload?displayName={name}&version=1.0.0&format={format}");
+    let sectors = "\0".repeat(1 << 20);
+    let (status, v) = s.raw(reqwest::Method::POST, &up("Raw", "raw"), Some(ADMIN_TOKEN), Some(&sectors), octets).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let raw = s.wait_image(v["id"].as_str().unwrap()).await;
+    assert_eq!(raw["status"], "ready", "{raw}");
+    assert_eq!(raw["versions"][0]["sourceImageFormat"], "raw", "{raw}");
+    let base = s.data_dir().join("images").join(format!("{}-1.0.0.qcow2", raw["id"].as_str().unwrap()));
+    let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&base).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!((info["format"].as_str(), info["virtual-size"].as_u64()), (Some("qcow2"), Some(1 << 20)), "{info}");
+
+    let (status, v) =
+        s.raw(reqwest::Method::POST, &up("Odd", "raw"), Some(ADMIN_TOKEN), Some("not whole sectors"), octets).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let odd = s.wait_image(v["id"].as_str().unwrap()).await;
+    assert_eq!(odd["status"], "failed", "{odd}");
+    assert!(odd["statusDetails"].as_str().unwrap().contains("512-byte sectors"), "{odd}");
+
+    let qcow = qcow2(s.data_dir(), "really.qcow2", "64M");
+    let (status, v) = s
+        .post(
+            &format!("{VE}/deviceImages"),
+            json!({"displayName": "Disguised", "version": "1.0.0", "sourceImageResourceId": qcow, "sourceImageFormat": "raw"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let disguised = s.wait_image(v["id"].as_str().unwrap()).await;
+    assert_eq!(disguised["status"], "failed", "{disguised}");
+    assert!(disguised["statusDetails"].as_str().unwrap().contains("is a qcow2 image"), "{disguised}");
+
+    let before = s.snapshot().await;
+    let (status, v) =
+        s.raw(reqwest::Method::POST, &up("Vmdk", "vmdk"), Some(ADMIN_TOKEN), Some(&sectors), octets).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(message(&v).contains("must be qcow2 or raw"), "{v}");
+    let (status, v) = s
+        .post(
+            &format!("{VE}/deviceImages"),
+            json!({"displayName": "Vhd", "version": "1.0.0", "sourceImageResourceId": qcow, "sourceImageFormat": "vhd"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(message(&v).contains("sourceImageFormat"), "{v}");
+    assert_eq!(s.snapshot().await, before, "refusals store nothing");
+    // Only the ready image's base is kept.
+    assert_eq!(files_under(&s.data_dir().join("images")), vec![base]);
+}
