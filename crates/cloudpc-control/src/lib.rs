@@ -79,6 +79,8 @@ pub struct AppConfig {
     pub max_parallel_provisioning: usize,
     /// Testing only: make the named step fail this many times ("step" → count).
     pub injected_faults: HashMap<String, u32>,
+    /// Testing only: pause at a named point ("startGeneration") to widen a race window.
+    pub injected_delays: HashMap<String, Duration>,
     /// How long a console ticket may wait to be used.
     pub console_ticket_ttl: Duration,
 }
@@ -103,6 +105,7 @@ impl Default for AppConfig {
             gallery_dir: PathBuf::from("cloudpc-data/gallery"),
             max_parallel_provisioning: 4,
             injected_faults: HashMap::new(),
+            injected_delays: HashMap::new(),
             console_ticket_ttl: Duration::from_secs(30),
         }
     }

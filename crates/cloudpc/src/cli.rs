@@ -126,6 +126,10 @@ pub struct ServerArgs {
     /// Testing only: make a provisioning step fail N times, as STEP:N (repeatable).
     #[arg(long = "inject-fault", hide = true)]
     pub inject_fault: Vec<String>,
+    /// Testing only: pause at a named point for MS milliseconds, as POINT:MS (repeatable); the
+    /// point is `startGeneration` (after a Cloud PC has read its policy's image).
+    #[arg(long = "inject-delay", hide = true)]
+    pub inject_delay: Vec<String>,
     /// Seconds a custom image's test boot waits for its guest agent [default: 120].
     #[arg(long, env = "CLOUDPC_IMAGE_BOOT_TIMEOUT_SECS")]
     pub image_boot_timeout_secs: Option<u64>,

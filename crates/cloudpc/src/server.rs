@@ -70,8 +70,8 @@ fn parse_faults(list: &[String]) -> Result<HashMap<String, u32>, String> {
     list.iter()
         .map(|f| {
             let (step, n) =
-                f.split_once(':').ok_or_else(|| format!("--inject-fault '{f}' must look like STEP:COUNT"))?;
-            let n: u32 = n.parse().map_err(|_| format!("--inject-fault '{f}': COUNT must be a number"))?;
+                f.split_once(':').ok_or_else(|| format!("testing flag '{f}' must look like NAME:NUMBER"))?;
+            let n: u32 = n.parse().map_err(|_| format!("testing flag '{f}': {n} is not a number"))?;
             Ok((step.to_string(), n))
         })
         .collect()
@@ -175,6 +175,10 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             gallery_dir,
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_faults(&args.inject_fault)?,
+            injected_delays: parse_faults(&args.inject_delay)?
+                .into_iter()
+                .map(|(point, ms)| (point, Duration::from_millis(u64::from(ms))))
+                .collect(),
             console_ticket_ttl: Duration::from_secs(
                 args.console_ticket_secs.or(file.console_ticket_secs).unwrap_or(30).max(1),
             ),

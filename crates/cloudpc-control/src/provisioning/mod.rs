@@ -170,6 +170,9 @@ impl App {
                 (self.image_base(id, &ready.version), None::<KernelBoot>)
             }
         };
+        if let Some(pause) = self.config.injected_delays.get("startGeneration") {
+            tokio::time::sleep(*pause).await;
+        }
         let template = policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());
         let name = NamingTemplate::parse(&template)?
             .expand(&user.mail_nickname, &mut || random_alnum(1).chars().next().unwrap_or('X'));

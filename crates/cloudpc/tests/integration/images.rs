@@ -739,3 +739,38 @@ async fn test_raw_disk_images() {
     // Only the ready image's base is kept.
     assert_eq!(files_under(&s.data_dir().join("images")), vec![base]);
 }
+
+/// An image cannot be deleted between a new Cloud PC reading it from its policy and storing the
+/// spec that names it, even if the policy is repointed in between (the window is widened here
+/// with a testing delay inside `start_generation`).
+#[tokio::test]
+async fn test_image_not_deleted_while_a_cloud_pc_starts_on_it() {
+    let s = Server::start_on_small_host(&["--inject-delay", "startGeneration:3000"]).await;
+    let first = s.ready_image("First").await;
+    let second = s.ready_image("Second").await;
+    let policy = s.policy("Repointed", &first).await;
+    s.user_targeted_by(&policy, "racer@contoso.com").await;
+    let sku = s.sku("RACE", 1).await;
+    let body = json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []});
+    let (status, v) = s.post("/v1.0/users/racer@contoso.com/assignLicense", body).await;
+    assert!(status.is_success(), "{v}");
+    // The Cloud PC exists as soon as its generation starts; the spec follows 3 s later.
+    let mut seen = false;
+    for _ in 0..100 {
+        let (_, v) = s.get(&format!("{VE}/cloudPCs")).await;
+        if !v["value"].as_array().unwrap().is_empty() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(seen, "no Cloud PC was made");
+    let policy_path = format!("{VE}/provisioningPolicies/{}", policy["id"].as_str().unwrap());
+    let (status, v) = s.patch(&policy_path, json!({"imageId": second["id"], "imageType": "custom"})).await;
+    assert!(status.is_success(), "{v}");
+    let (status, v) = s.delete(&format!("{VE}/deviceImages/{}", first["id"].as_str().unwrap())).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the image the new Cloud PC is built from stays: {v}");
+    assert!(message(&v).contains("used by Cloud PC"), "{v}");
+    let pc = s.wait_first_cloud_pc("pendingProvision").await;
+    assert_eq!(pc["imageDisplayName"], "First", "{pc}");
+}
