@@ -233,14 +233,14 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       const f = el.querySelector<HTMLFormElement>("#upimg")!;
       const v = values("upimg");
       const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
-      return upload(`${VE}/deviceImages/upload?displayName=${encodeURIComponent(v.name)}&version=${encodeURIComponent(v.version)}&format=${v.format}`, file);
+      return upload(`${VE}/deviceImages/upload?displayName=${encodeURIComponent(v.name)}&version=${encodeURIComponent(v.version)}&format=${encodeURIComponent(v.format)}`, file);
     }));
     el.querySelector("#newimg")!.addEventListener("submit", act(() => { const v = values("newimg"); return api("POST", `${VE}/deviceImages`, { displayName: v.name, version: v.version, sourceImageResourceId: v.path, sourceImageFormat: v.format }); }));
     el.querySelectorAll<HTMLFormElement>("form[data-newver]").forEach((f) => f.addEventListener("submit", act(() => {
       const version = (f.elements.namedItem("version") as HTMLInputElement).value;
       const format = (f.elements.namedItem("format") as HTMLSelectElement).value;
       const file = (f.elements.namedItem("file") as HTMLInputElement).files![0];
-      return upload(`${VE}/deviceImages/${f.dataset.newver}/versions/upload?version=${encodeURIComponent(version)}&format=${format}`, file);
+      return upload(`${VE}/deviceImages/${f.dataset.newver}/versions/upload?version=${encodeURIComponent(version)}&format=${encodeURIComponent(format)}`, file);
     })));
     // A gallery build takes a minute or more to make again: ask first.
     el.querySelectorAll<HTMLButtonElement>("button[data-delgal]").forEach((b) => b.addEventListener("click", act(async () => {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use cloudpc_guest::GuestAgent;
@@ -78,7 +78,10 @@ pub fn inspect_qcow2_header(path: &Path) -> Result<u64, ImageRejection> {
     let be32 = |o: usize| u32::from_be_bytes(header[o..o + 4].try_into().expect("4 bytes"));
     let be64 = |o: usize| u64::from_be_bytes(header[o..o + 8].try_into().expect("8 bytes"));
     if n < 72 || be32(0) != QCOW2_MAGIC {
-        return Err(reject(SourceImageInvalid, "the file is not a qcow2 image"));
+        return Err(reject(
+            SourceImageInvalid,
+            "the file is not a qcow2 image (a raw disk image is imported with format=raw, or --format raw)",
+        ));
     }
     let version = be32(4);
     if version != 2 && version != 3 {
@@ -859,16 +862,52 @@ impl UploadTarget {
     }
 }
 
+/// The container format a file's first bytes announce, if any (the signatures `qemu-img` probes).
+fn container_format(head: &[u8]) -> Option<&'static str> {
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, b"QFI\xfb") {
+        Some("qcow2")
+    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
+        Some("VMDK")
+    } else if at(0, b"vhdxfile") {
+        Some("VHDX")
+    } else if at(0, b"conectix") {
+        Some("VHD")
+    } else if at(0, b"QED\0") {
+        Some("QED")
+    } else if at(0x40, &[0x7f, 0x10, 0xda, 0xbe]) {
+        Some("VDI")
+    } else if at(0, b"LUKS\xba\xbe") {
+        Some("LUKS")
+    } else {
+        None
+    }
+}
+
 /// A raw disk has no header to trust or distrust: its virtual size is its length. It must not be
-/// a qcow2 in disguise (converted as raw, that would become a disk holding a qcow2 file).
+/// a container in disguise (converted as raw, that would become a disk holding the container
+/// file, and a VMDK descriptor can name other host files).
 fn inspect_raw(path: &Path) -> Result<u64, ImageRejection> {
     use DeviceImageErrorCode::*;
     let mut file = std::fs::File::open(path)
         .map_err(|e| reject(SourceImageNotFound, format!("cannot read {}: {e}", path.display())))?;
     let size = file.metadata().map_err(|e| reject(SourceImageNotFound, e.to_string()))?.len();
-    let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_ok() && u32::from_be_bytes(magic) == QCOW2_MAGIC {
-        return Err(reject(SourceImageInvalid, "the file is a qcow2 image, not a raw disk; import it as qcow2"));
+    let mut head = Vec::with_capacity(512);
+    (&mut file).take(512).read_to_end(&mut head).map_err(|e| reject(SourceImageInvalid, e.to_string()))?;
+    match container_format(&head) {
+        Some("qcow2") => {
+            return Err(reject(SourceImageInvalid, "the file is a qcow2 image, not a raw disk; import it as qcow2"));
+        }
+        Some(other) => {
+            return Err(reject(
+                SourceImageInvalid,
+                format!(
+                    "the file is a {other} image, not a raw disk; convert it first (qemu-img convert -O qcow2) and \
+                     import the result"
+                ),
+            ));
+        }
+        None => {}
     }
     if size == 0 || size % 512 != 0 {
         return Err(reject(
@@ -927,6 +966,7 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+#[derive(Debug)]
 enum CopyFailure {
     NoSpace,
     TooLarge,
@@ -970,8 +1010,14 @@ async fn copy_capped(
             if total % (64 << 20) < n as u64 && free_bytes(dir).is_some_and(|free| free < FREE_SPACE_RESERVE) {
                 return Err(CopyFailure::NoSpace);
             }
-            file.write_all(&buf[..n]).await.map_err(CopyFailure::Write)?;
+            // Runs of zeros become holes: a sparse disk image stays sparse in cloudpc's copies.
+            if buf[..n].iter().all(|&b| b == 0) {
+                file.seek(std::io::SeekFrom::Current(n as i64)).await.map_err(CopyFailure::Write)?;
+            } else {
+                file.write_all(&buf[..n]).await.map_err(CopyFailure::Write)?;
+            }
         }
+        file.set_len(total).await.map_err(CopyFailure::Write)?;
         file.sync_all().await.map_err(CopyFailure::Write)?;
         tokio::fs::rename(&partial, dest).await.map_err(CopyFailure::Write)?;
         Ok(total)
@@ -997,5 +1043,46 @@ struct UploadReservation(Arc<AtomicUsize>);
 impl Drop for UploadReservation {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[tokio::test]
+    async fn copies_keep_runs_of_zeros_as_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        // 32 MiB of zeros with 1 MiB of data in the middle, as a mostly empty disk image is.
+        let mut source = vec![0u8; 32 << 20];
+        source[(16 << 20)..(17 << 20)].fill(0xa5);
+        let dest = dir.path().join("copy.qcow2");
+        let n = copy_capped(&source[..], &dest, 64 << 20, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(n, 32 << 20);
+        let meta = std::fs::metadata(&dest).unwrap();
+        assert_eq!(meta.len(), 32 << 20, "the copy has the full length");
+        assert!(meta.blocks() * 512 < 4 << 20, "only the data takes space: {} bytes", meta.blocks() * 512);
+        assert_eq!(std::fs::read(&dest).unwrap(), source, "and the same bytes");
+    }
+
+    #[test]
+    fn container_signatures_are_recognized() {
+        let mut vdi = vec![0u8; 512];
+        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        for (head, format) in [
+            (&b"QFI\xfb\0\0\0\x03"[..], Some("qcow2")),
+            (b"# Disk DescriptorFile\nversion=1\n", Some("VMDK")),
+            (b"KDMV\x01\0\0\0", Some("VMDK")),
+            (b"vhdxfile", Some("VHDX")),
+            (b"conectix", Some("VHD")),
+            (b"QED\0", Some("QED")),
+            (&vdi[..], Some("VDI")),
+            (b"LUKS\xba\xbe\0\x01", Some("LUKS")),
+            (&[0u8; 512][..], None),
+            (b"\xeb\x63\x90", None),
+        ] {
+            assert_eq!(container_format(head), format, "{head:?}");
+        }
     }
 }

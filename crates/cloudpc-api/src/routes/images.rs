@@ -77,7 +77,7 @@ fn body_reader(body: Body) -> impl tokio::io::AsyncRead + Unpin + Send {
     tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other))
 }
 
-/// Creates an image from a qcow2 file streamed as the request body
+/// Creates an image from a disk image (qcow2, or raw with `format=raw`) streamed as the request body
 /// (`?displayName=…&version=…[&operatingSystem=…]`); `pending` until checked.
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/upload", tag = "images",
     params(("displayName" = String, Query), ("version" = String, Query), ("operatingSystem" = Option<String>, Query),
@@ -103,7 +103,7 @@ pub async fn upload_device(
     g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
 }
 
-/// Adds a version from a qcow2 file on the server's host; existing Cloud PCs keep theirs.
+/// Adds a version from a disk image file on the server's host; existing Cloud PCs keep theirs.
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions", tag = "images", request_body = DeviceImageVersionCreate, responses((status = 201, body = DeviceImage)))]
 pub async fn create_version(
     State(app): State<App>,
@@ -131,7 +131,7 @@ pub async fn delete_version(
     no_content()
 }
 
-/// Adds a version from a qcow2 file streamed as the request body (`?version=…`).
+/// Adds a version from a disk image streamed as the request body (`?version=…[&format=raw]`).
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/upload", tag = "images",
     params(("version" = String, Query), ("format" = Option<String>, Query, description = "qcow2 (default) or raw")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
@@ -175,7 +175,7 @@ pub async fn list_device(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page(&format!("{VE}/deviceImages"), app.list_device_images().await?)
 }
 
-/// Registers a qcow2 file on the server's host; the image is `pending` until checked.
+/// Registers a disk image file (qcow2 or raw) on the server's host; the image is `pending` until checked.
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages", tag = "images", request_body = DeviceImageCreate, responses((status = 201, body = DeviceImage)))]
 pub async fn create_device(
     State(app): State<App>,

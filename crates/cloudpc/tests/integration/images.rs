@@ -722,6 +722,46 @@ async fn test_raw_disk_images() {
     assert_eq!(disguised["status"], "failed", "{disguised}");
     assert!(disguised["statusDetails"].as_str().unwrap().contains("is a qcow2 image"), "{disguised}");
 
+    // A VMDK descriptor declared raw could name any host file as its data: refused as a VMDK.
+    let mut descriptor =
+        "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/shadow\" 0\n".to_string();
+    descriptor.push_str(&"\n".repeat(512 - descriptor.len()));
+    let (status, v) =
+        s.raw(reqwest::Method::POST, &up("Vmdk", "raw"), Some(ADMIN_TOKEN), Some(&descriptor), octets).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let vmdk = s.wait_image(v["id"].as_str().unwrap()).await;
+    assert_eq!(vmdk["status"], "failed", "{vmdk}");
+    assert!(vmdk["statusDetails"].as_str().unwrap().contains("is a VMDK image"), "{vmdk}");
+
+    // Versions take the format too: uploaded, and from a host file.
+    let raw_id = raw["id"].as_str().unwrap();
+    let versions = format!("{VE}/deviceImages/{raw_id}/versions");
+    let upload_version = format!("{versions}/upload?version=1.1.0&format=raw");
+    let (status, v) = s.raw(reqwest::Method::POST, &upload_version, Some(ADMIN_TOKEN), Some(&sectors), octets).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let host_raw = s.data_dir().join("disk.img");
+    std::fs::File::create(&host_raw).unwrap().set_len(2 << 20).unwrap();
+    let body = json!({"version": "1.2.0", "sourceImageResourceId": host_raw, "sourceImageFormat": "raw"});
+    let (status, v) = s.post(&versions, body).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let mut img = serde_json::Value::Null;
+    for _ in 0..200 {
+        img = s.get(&format!("{VE}/deviceImages/{raw_id}")).await.1;
+        let settled = img["versions"].as_array().unwrap().iter().all(|v| v["status"] != "pending");
+        if settled && img["version"] == "1.2.0" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let formats: Vec<_> = img["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].clone(), v["status"].clone(), v["sourceImageFormat"].clone()))
+        .collect();
+    let raw_ready = |v: &str| (json!(v), json!("ready"), json!("raw"));
+    assert_eq!(formats, vec![raw_ready("1.0.0"), raw_ready("1.1.0"), raw_ready("1.2.0")], "{img}");
+
     let before = s.snapshot().await;
     let (status, v) =
         s.raw(reqwest::Method::POST, &up("Vmdk", "vmdk"), Some(ADMIN_TOKEN), Some(&sectors), octets).await;
@@ -736,8 +776,15 @@ async fn test_raw_disk_images() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert!(message(&v).contains("sourceImageFormat"), "{v}");
     assert_eq!(s.snapshot().await, before, "refusals store nothing");
-    // Only the ready image's base is kept.
-    assert_eq!(files_under(&s.data_dir().join("images")), vec![base]);
+    // Only the ready versions' bases are kept.
+    let mut kept = files_under(&s.data_dir().join("images"));
+    kept.sort();
+    let want: Vec<_> = ["1.0.0", "1.1.0", "1.2.0"]
+        .iter()
+        .map(|v| s.data_dir().join("images").join(format!("{raw_id}-{v}.qcow2")))
+        .collect();
+    assert_eq!(kept, want);
+    assert_eq!(want[0], base);
 }
 
 /// An image cannot be deleted between a new Cloud PC reading it from its policy and storing the
