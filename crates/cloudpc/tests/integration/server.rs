@@ -78,6 +78,9 @@ async fn test_openapi_document_lists_the_graph_paths() {
         "/v1.0/users/{id}/assignLicense",
         "/v1.0/deviceManagement/virtualEndpoint/provisioningPolicies/{id}/assign",
         "/v1.0/deviceManagement/virtualEndpoint/deviceImages",
+        "/v1.0/deviceManagement/virtualEndpoint/deviceImages/upload",
+        "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/{version}",
+        "/v1.0/deviceManagement/virtualEndpoint/galleryImages/{id}",
         "/v1.0/deviceManagement/virtualEndpoint/auditEvents",
     ] {
         assert!(paths.contains_key(p), "missing {p}");
