@@ -602,6 +602,18 @@ async fn test_vm_quickstart_demo_gives_the_printed_user_a_desktop_in_the_browser
     for program in ["jwm", "xterm"] {
         assert!(procs.lines().any(|l| l == format!("demo {program}")), "{program} does not run as demo:\n{procs}");
     }
+    // The demo policy makes users local administrators: sudo works for them, and only for them.
+    let as_user = |user: &'static str| {
+        let domain = domain.clone();
+        async move {
+            let cmd = "sudo -n id -u 2>&1; echo exit=$?";
+            guest_output(&domain, "/bin/su", &["-s", "/bin/sh", user, "-c", cmd]).await
+        }
+    };
+    let admin = as_user("demo").await;
+    assert!(admin.contains("exit=0") && admin.lines().next() == Some("0"), "the demo user cannot sudo: {admin}");
+    let other = as_user("nobody").await;
+    assert!(!other.contains("exit=0"), "a user outside wheel can sudo: {other}");
     let steps = s.steps(&pc).await;
     let started = steps
         .iter()
