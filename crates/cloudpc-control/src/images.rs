@@ -121,11 +121,36 @@ impl App {
     }
 
     pub async fn list_device_images(&self) -> Result<Vec<DeviceImage>> {
-        Ok(self.store.list_device_images().await?)
+        let mut images = self.store.list_device_images().await?;
+        images.iter_mut().for_each(|i| self.show_check_steps(i));
+        Ok(images)
     }
 
     pub async fn get_device_image(&self, id: &str) -> Result<DeviceImage> {
-        Ok(self.store.get_device_image(parse_id("deviceImage", id)?).await?)
+        let mut image = self.store.get_device_image(parse_id("deviceImage", id)?).await?;
+        self.show_check_steps(&mut image);
+        Ok(image)
+    }
+
+    /// Adds what each pending version's check is doing now. Kept in memory rather than stored:
+    /// it changes every few seconds, is worth nothing after a restart (the check starts over),
+    /// and would otherwise fill the audit log.
+    fn show_check_steps(&self, image: &mut DeviceImage) {
+        let steps = self.image_check_steps.lock().unwrap_or_else(|e| e.into_inner());
+        for v in image.versions.iter_mut().filter(|v| v.status == DeviceImageStatus::Pending) {
+            if let Some((step, since)) = steps.get(&(image.id, v.version.clone())) {
+                v.check_step = Some((*step).to_string());
+                v.check_step_since = Some(*since);
+            }
+        }
+    }
+
+    fn enter_check_step(&self, id: Uuid, version: &str, step: Option<&'static str>) {
+        let mut steps = self.image_check_steps.lock().unwrap_or_else(|e| e.into_inner());
+        match step {
+            Some(step) => steps.insert((id, version.to_string()), (step, Utc::now())),
+            None => steps.remove(&(id, version.to_string())),
+        };
     }
 
     /// Registers the image with its first version `pending` and starts checking it in the background.
@@ -635,18 +660,24 @@ impl App {
         let source = PathBuf::from(&v.source_image_resource_id);
         let base = self.image_base(id, version);
         let mut staged = None;
+        let step = |name| self.enter_check_step(id, version, Some(name));
         let checked = async {
             let file = if v.uploaded {
                 source.clone()
             } else {
+                step("staging");
                 staged.insert(self.stage_host_file(&source, id, version).await?).clone()
             };
+            step("inspecting");
             let size = self.check_image_file(&file, v.source_image_format).await?;
+            step("copying");
             self.take_copy(&file, &base, v.source_image_format).await?;
+            step("testBoot");
             let os = self.test_boot(id, version, &base, size).await?;
             Ok::<_, ImageRejection>((size, os))
         }
         .await;
+        self.enter_check_step(id, version, None);
         if let Some(path) = &staged {
             remove_quietly(path).await;
         }

@@ -134,6 +134,9 @@ pub struct App {
     uploads: Arc<tokio::sync::Semaphore>,
     /// Uploads of new images streaming now (they count against the image limit).
     new_image_uploads: Arc<std::sync::atomic::AtomicUsize>,
+    /// What each running image check is doing: (image, version) → (step, since).
+    #[allow(clippy::type_complexity)]
+    image_check_steps: Arc<Mutex<HashMap<(Uuid, String), (&'static str, chrono::DateTime<chrono::Utc>)>>>,
     /// Custom-image test boots take turns.
     image_boots: Arc<tokio::sync::Mutex<()>>,
 }
@@ -157,6 +160,7 @@ impl App {
             image_updates: Arc::new(tokio::sync::Mutex::new(())),
             uploads: Arc::new(tokio::sync::Semaphore::new(uploads)),
             new_image_uploads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            image_check_steps: Arc::new(Mutex::new(HashMap::new())),
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
         }
     }

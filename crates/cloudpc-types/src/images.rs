@@ -131,6 +131,12 @@ pub struct DeviceImageVersion {
     pub os_build_number: Option<String>,
     pub size_in_gb: Option<f64>,
     pub last_modified_date_time: DateTime<Utc>,
+    /// While `pending`: the check running now (`staging`, `inspecting`, `copying`, `testBoot`)
+    /// and since when. Shown, never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_step_since: Option<DateTime<Utc>>,
 }
 
 impl DeviceImageVersion {
@@ -148,6 +154,8 @@ impl DeviceImageVersion {
             os_build_number: None,
             size_in_gb: None,
             last_modified_date_time: Utc::now(),
+            check_step: None,
+            check_step_since: None,
         }
     }
 }

@@ -470,7 +470,10 @@ async fn wait_for_image(c: &Client, fmt: OutputFormat, id: &str, version: &str) 
             return Ok((image, entry));
         }
         if fmt == OutputFormat::Table {
-            eprint!("\rchecking image {version} (format, test boot): pending ({:.0}s)", start.elapsed().as_secs_f64());
+            // The step the server is at (staging, inspecting, copying, testBoot), padded so that a
+            // shorter line overwrites a longer one.
+            let step = entry["checkStep"].as_str().unwrap_or("queued");
+            eprint!("\rchecking image {version}: {step:<10} ({:.0}s)   ", start.elapsed().as_secs_f64());
             let _ = std::io::stderr().flush();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -51,10 +51,12 @@ async fn test_vm_uploaded_image_is_test_booted_and_one_without_agent_is_refused(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "upload failed: {stderr}");
     assert!(stderr.contains("uploaded") && stderr.contains("checking image 1.0.0: ready"), "{stderr}");
+    assert!(stderr.contains("checking image 1.0.0: testBoot"), "the wait shows the check's steps: {stderr}");
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     let img = list["value"][0].clone();
     assert_eq!(img["status"], "ready", "{img}");
     assert_eq!(img["version"], "1.0.0");
+    assert!(img["versions"][0].get("checkStep").is_none(), "a finished check shows no step: {img}");
     assert!(
         img["osBuildNumber"].as_str().unwrap_or("").contains("amd64"),
         "the guest agent reported the kernel during the test boot: {img}"
