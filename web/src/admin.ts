@@ -214,7 +214,7 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
     const formats = `<select name="format" title="File format"><option value="qcow2">qcow2</option><option value="raw">raw disk</option></select>`;
     // Each version but the only one gets a delete button; the server says why when it refuses.
     const versions = (i: any) => (i.versions ?? []).map((v: any) =>
-      `${esc(v.version)}: ${esc(v.status)}${v.errorCode ? ` (${esc(v.errorCode)}: ${esc(v.statusDetails)})` : ""}` +
+      `${esc(v.version)}: ${esc(v.status)}${v.checkStep ? ` (${esc(v.checkStep)})` : ""}${v.errorCode ? ` (${esc(v.errorCode)}: ${esc(v.statusDetails)})` : ""}` +
       (i.versions.length > 1 && v.status !== "pending"
         ? ` <button class="secondary write small" data-delver="${esc(i.id)}" data-version="${esc(v.version)}" title="Delete version ${esc(v.version)}">×</button>` : "")).join("<br>");
     el.innerHTML = `<h2>Gallery</h2>` + table(gallery, [["Image", (i) => esc(i.displayName)], ["Id", (i) => esc(i.id)], ["Status", (i) => esc(i.status)], ["GB", (i) => esc(i.sizeInGb)],
@@ -229,6 +229,13 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
         ["OS", (i) => `${esc(i.operatingSystem)} ${esc(i.osBuildNumber)}`], ["Versions", versions],
         ["", (i) => `<form class="write" data-newver="${i.id}" style="display:inline"><input name="version" placeholder="next version" size="9" required><input name="file" type="file" accept=".qcow2,.img,.raw" required>${formats}<button>Add version</button></form>
           <button class="secondary write" data-delimg="${i.id}">Delete</button>`]]);
+    // While a check runs, redraw every 2 s to show its step, unless the admin is filling a form.
+    if (custom.some((i) => (i.versions ?? []).some((v: any) => v.status === "pending"))) {
+      window.setTimeout(() => {
+        const typing = [...el.querySelectorAll<HTMLInputElement>("input")].some((x) => x.value !== "");
+        if (tab === "images" && document.body.contains(el) && !typing) render();
+      }, 2000);
+    }
     el.querySelector("#upimg")!.addEventListener("submit", act(() => {
       const f = el.querySelector<HTMLFormElement>("#upimg")!;
       const v = values("upimg");
