@@ -77,6 +77,14 @@ candidates() {
 builds=$(ls -1dt "$out_root"/desktop-*/ 2>/dev/null | while read -r d; do
     [ -f "$d/manifest.json" ] && [ -f "$d/packages.lock" ] && [ "$(cat "$d/definition" 2>/dev/null)" = "$definition" ] && echo "${d%/}"
 done || true)
+# DESKTOP_IGNORE_UPDATES=1: rebuild only when the definition changes (an air-gapped host, or an
+# admin who takes package updates on their own schedule).
+if [ "${DESKTOP_IGNORE_UPDATES:-0}" = 1 ] && [ -n "$builds" ]; then
+    newest=$(echo "$builds" | head -1)
+    step "desktop image of definition $definition reused without looking for package updates: $newest"
+    echo "$newest"
+    exit 0
+fi
 if archive_view; then
     while read -r d; do
         [ -n "$d" ] || continue
