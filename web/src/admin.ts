@@ -229,12 +229,17 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
         ["OS", (i) => `${esc(i.operatingSystem)} ${esc(i.osBuildNumber)}`], ["Versions", versions],
         ["", (i) => `<form class="write" data-newver="${i.id}" style="display:inline"><input name="version" placeholder="next version" size="9" required><input name="file" type="file" accept=".qcow2,.img,.raw" required>${formats}<button>Add version</button></form>
           <button class="secondary write" data-delimg="${i.id}">Delete</button>`]]);
-    // While a check runs, redraw every 2 s to show its step, unless the admin is filling a form.
+    // While a check runs, redraw every 2 s to show its step; while the admin is filling a form,
+    // look again later instead of throwing their input away.
     if (custom.some((i) => (i.versions ?? []).some((v: any) => v.status === "pending"))) {
-      window.setTimeout(() => {
-        const typing = [...el.querySelectorAll<HTMLInputElement>("input")].some((x) => x.value !== "");
-        if (tab === "images" && document.body.contains(el) && !typing) render();
-      }, 2000);
+      const redraw = () => {
+        if (tab !== "images" || !document.body.contains(el)) return;
+        const typing = el.contains(document.activeElement) && document.activeElement !== document.body ||
+          [...el.querySelectorAll<HTMLInputElement>("input")].some((x) => x.value !== "");
+        if (typing) window.setTimeout(redraw, 2000);
+        else render();
+      };
+      window.setTimeout(redraw, 2000);
     }
     el.querySelector("#upimg")!.addEventListener("submit", act(() => {
       const f = el.querySelector<HTMLFormElement>("#upimg")!;

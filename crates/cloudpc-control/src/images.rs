@@ -145,7 +145,7 @@ impl App {
         }
     }
 
-    fn enter_check_step(&self, id: Uuid, version: &str, step: Option<&'static str>) {
+    pub(crate) fn enter_check_step(&self, id: Uuid, version: &str, step: Option<&'static str>) {
         let mut steps = self.image_check_steps.lock().unwrap_or_else(|e| e.into_inner());
         match step {
             Some(step) => steps.insert((id, version.to_string()), (step, Utc::now())),
@@ -437,7 +437,8 @@ impl App {
     pub async fn delete_device_image(&self, actor: &Actor, id: &str) -> Result<()> {
         // Under the image lock, so a version added meanwhile is not missed by the clean-up below.
         let _guard = self.image_updates.lock().await;
-        let image = self.get_device_image(id).await?;
+        // From the store, not the getter that adds check steps: the audit keeps what was stored.
+        let image = self.store.get_device_image(parse_id("deviceImage", id)?).await?;
         let audit = image_change("Delete", AuditOperationType::Delete, &image).event(actor, Some(&image), None);
         self.store.delete_device_image(image.id, &audit).await?;
         for v in &image.versions {
@@ -661,6 +662,8 @@ impl App {
         let base = self.image_base(id, version);
         let mut staged = None;
         let step = |name| self.enter_check_step(id, version, Some(name));
+        // Cleared however the check ends, a panic included.
+        let _clear = CheckStepGuard { app: self, id, version };
         let checked = async {
             let file = if v.uploaded {
                 source.clone()
@@ -672,12 +675,11 @@ impl App {
             let size = self.check_image_file(&file, v.source_image_format).await?;
             step("copying");
             self.take_copy(&file, &base, v.source_image_format).await?;
-            step("testBoot");
+            step("waitingForTestBoot");
             let os = self.test_boot(id, version, &base, size).await?;
             Ok::<_, ImageRejection>((size, os))
         }
         .await;
-        self.enter_check_step(id, version, None);
         if let Some(path) = &staged {
             remove_quietly(path).await;
         }
@@ -826,6 +828,7 @@ impl App {
         };
         // One test boot at a time: parallel boots under emulation could miss the agent's deadline.
         let _turn = self.image_boots.lock().await;
+        self.enter_check_step(id, version, Some("testBoot"));
         let dir = self.checks_dir();
         tokio::fs::create_dir_all(&dir).await.map_err(|e| reject(InternalServerError, e.to_string()))?;
         let name = format!("{}imagecheck-{}-{}", self.config.domain_prefix, &id.simple().to_string()[..12], version);
@@ -1065,6 +1068,19 @@ async fn remove_quietly(path: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %path.display(), error = %e, "could not remove a file");
         }
+    }
+}
+
+/// Clears a version's check step when dropped.
+struct CheckStepGuard<'a> {
+    app: &'a App,
+    id: Uuid,
+    version: &'a str,
+}
+
+impl Drop for CheckStepGuard<'_> {
+    fn drop(&mut self) {
+        self.app.enter_check_step(self.id, self.version, None);
     }
 }
 
