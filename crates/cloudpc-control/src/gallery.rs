@@ -8,10 +8,9 @@ use std::time::SystemTime;
 use chrono::{Datelike, Utc};
 use serde::Deserialize;
 
+use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::images::{GalleryImage, GalleryImageStatus};
 use cloudpc_types::provisioning::KernelBoot;
-
-use cloudpc_types::audit::AuditOperationType;
 
 use crate::audit::{Actor, Change};
 use crate::{App, Error, Result};
@@ -33,11 +32,12 @@ struct Manifest {
 }
 
 impl App {
-    /// Registers every image found under `dir` (one sub-directory per image build). The newest
+    /// Registers every image found in the gallery directory (one sub-directory per image build). The newest
     /// build of each offer is `supported`; older builds stay usable but say `supportedWithWarning`
     /// (a newer build exists), as Windows 365 marks gallery images past their end date. A build
     /// registered before whose files are gone becomes `notSupported`: policies cannot pick it.
-    pub async fn register_gallery(&self, dir: &Path) -> Result<usize> {
+    pub async fn register_gallery(&self) -> Result<usize> {
+        let dir = self.config.gallery_dir.as_path();
         // Deletions a crash interrupted.
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if entry.path().extension().is_some_and(|e| e == "deleting") {
@@ -95,9 +95,7 @@ impl App {
         }
         Ok(builds.len())
     }
-}
 
-impl App {
     /// Deletes an image build nothing uses any more, to free its space: its registration, then
     /// its directory (only one that lies directly inside the gallery directory). Without the
     /// directory the build is not registered again at the next start.
@@ -149,7 +147,7 @@ impl App {
             remove_build(&dir).await;
         }
         // The offer's other builds: the newest of them is now the current one.
-        if let Err(e) = self.register_gallery(&self.config.gallery_dir).await {
+        if let Err(e) = self.register_gallery().await {
             tracing::warn!(error = %e, "cannot refresh the gallery after a deletion");
         }
         Ok(())

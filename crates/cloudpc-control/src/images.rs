@@ -159,10 +159,14 @@ impl App {
     }
 
     async fn create_image(&self, actor: &Actor, input: DeviceImageCreate, uploaded: bool) -> Result<DeviceImage> {
-        let mut first = DeviceImageVersion::pending(input.version, input.source_image_resource_id, uploaded);
+        let mut first = DeviceImageVersion::pending(
+            input.version,
+            input.source_image_resource_id,
+            input.source_image_format,
+            uploaded,
+        );
         first.operating_system = input.operating_system;
         first.os_build_number = input.os_build_number;
-        first.source_image_format = input.source_image_format;
         let image = DeviceImage::new_pending(Uuid::new_v4(), input.display_name, first);
         image.validate()?;
         if !uploaded {
@@ -219,8 +223,12 @@ impl App {
     ) -> Result<DeviceImage> {
         image_types::source_path(&input.source_image_resource_id)?;
         self.check_import_path(&input.source_image_resource_id)?;
-        let mut version = DeviceImageVersion::pending(input.version, input.source_image_resource_id, false);
-        version.source_image_format = input.source_image_format;
+        let version = DeviceImageVersion::pending(
+            input.version,
+            input.source_image_resource_id,
+            input.source_image_format,
+            false,
+        );
         self.add_version(actor, id, version).await
     }
 
@@ -290,8 +298,7 @@ impl App {
                 self.create_image(actor, input, true).await
             }
             UploadTarget::NewVersion { image_id, version } => {
-                let mut version = DeviceImageVersion::pending(version, source, true);
-                version.source_image_format = format;
+                let version = DeviceImageVersion::pending(version, source, format, true);
                 self.add_version(actor, &image_id, version).await
             }
         };
@@ -608,7 +615,13 @@ impl App {
     async fn migrate_unversioned(&self, image: &mut DeviceImage) -> Result<()> {
         let before = image.clone();
         let mut first =
-            DeviceImageVersion::pending(image.version.clone(), image.source_image_resource_id.clone(), false);
+            // Images from before versions were all qcow2.
+            DeviceImageVersion::pending(
+                image.version.clone(),
+                image.source_image_resource_id.clone(),
+                SourceImageFormat::Qcow2,
+                false,
+            );
         first.status = image.status;
         first.error_code = image.error_code;
         first.status_details = image.status_details.clone();
@@ -899,7 +912,7 @@ impl UploadTarget {
 /// The container format a file's first bytes announce, if any (the signatures `qemu-img` probes).
 fn container_format(head: &[u8]) -> Option<&'static str> {
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
-    if at(0, b"QFI\xfb") {
+    if at(0, &QCOW2_MAGIC.to_be_bytes()) {
         Some("qcow2")
     } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
         Some("VMDK")

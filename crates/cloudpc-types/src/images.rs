@@ -141,12 +141,12 @@ pub struct DeviceImageVersion {
 
 impl DeviceImageVersion {
     /// A version just submitted, not checked yet.
-    pub fn pending(version: String, source: String, uploaded: bool) -> Self {
+    pub fn pending(version: String, source: String, format: SourceImageFormat, uploaded: bool) -> Self {
         DeviceImageVersion {
             version,
             source_image_resource_id: source,
             uploaded,
-            source_image_format: SourceImageFormat::Qcow2,
+            source_image_format: format,
             status: DeviceImageStatus::Pending,
             error_code: None,
             status_details: None,
@@ -300,7 +300,10 @@ mod tests {
     use super::*;
 
     fn version(v: &str, status: DeviceImageStatus) -> DeviceImageVersion {
-        DeviceImageVersion { status, ..DeviceImageVersion::pending(v.into(), format!("/src/{v}.qcow2"), false) }
+        DeviceImageVersion {
+            status,
+            ..DeviceImageVersion::pending(v.into(), format!("/src/{v}.qcow2"), SourceImageFormat::Qcow2, false)
+        }
     }
 
     #[test]

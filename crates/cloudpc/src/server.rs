@@ -66,7 +66,8 @@ struct Settings {
     app: AppConfig,
 }
 
-fn parse_faults(list: &[String]) -> Result<HashMap<String, u32>, String> {
+/// The hidden testing flags' `NAME:NUMBER` pairs (`--inject-fault`, `--inject-delay`).
+fn parse_testing_pairs(list: &[String]) -> Result<HashMap<String, u32>, String> {
     list.iter()
         .map(|f| {
             let (step, n) =
@@ -174,8 +175,8 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             image_dir: data_dir.join("images"),
             gallery_dir,
             max_parallel_provisioning: defaults.max_parallel_provisioning,
-            injected_faults: parse_faults(&args.inject_fault)?,
-            injected_delays: parse_faults(&args.inject_delay)?
+            injected_faults: parse_testing_pairs(&args.inject_fault)?,
+            injected_delays: parse_testing_pairs(&args.inject_delay)?
                 .into_iter()
                 .map(|(point, ms)| (point, Duration::from_millis(u64::from(ms))))
                 .collect(),
@@ -279,7 +280,7 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
         Bootstrap::FromEnvironment => tracing::info!("administrator token from CLOUDPC_ADMIN_TOKEN is registered"),
         Bootstrap::Existing => {}
     }
-    let n = app.register_gallery(&s.gallery_dir).await.map_err(|e| e.to_string())?;
+    let n = app.register_gallery().await.map_err(|e| e.to_string())?;
     tracing::info!(images = n, dir = %s.gallery_dir.display(), "gallery loaded");
     app.resume_image_validation().await.map_err(|e| e.to_string())?;
     let demo = if args.demo { app.set_up_demo().await.map_err(|e| format!("demo set-up failed: {e}"))? } else { None };

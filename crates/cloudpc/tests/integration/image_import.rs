@@ -20,22 +20,6 @@ fn import_disk(name: &str) -> PathBuf {
     path
 }
 
-fn version<'a>(image: &'a Value, v: &str) -> &'a Value {
-    image["versions"].as_array().unwrap().iter().find(|e| e["version"] == v).unwrap_or(&Value::Null)
-}
-
-async fn wait_version(s: &Server, id: &str, v: &str) -> Value {
-    let start = std::time::Instant::now();
-    loop {
-        let (_, image) = s.get(&format!("{VE}/deviceImages/{id}")).await;
-        if version(&image, v)["status"] != "pending" {
-            return image;
-        }
-        assert!(start.elapsed() < BOOT, "version {v} stayed pending: {image}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test]
 async fn test_vm_uploaded_image_is_test_booted_and_one_without_agent_is_refused() {
     let _turn = vm_turn().await;
@@ -139,15 +123,12 @@ async fn test_vm_new_image_version_reaches_a_cloud_pc_only_on_reprovision() {
         )
         .await;
     let id = created["id"].as_str().unwrap().to_string();
-    let img = wait_version(&s, &id, "1.0.0").await;
+    let img = s.wait_checks(&id).await;
     assert_eq!(img["status"], "ready", "{img}");
 
     let sku = s.tiny_sku("TINY", 1, 1, 2).await;
-    let user = s.user("megan@contoso.com").await;
-    let group = s.group("BIOS users").await;
-    s.add_member(&group, &user).await;
     let policy = s.policy("BIOS", &img).await;
-    s.assign(&policy, &[&group]).await;
+    s.user_targeted_by(&policy, "megan@contoso.com").await;
     s.license("megan@contoso.com", &sku, true).await;
     let pc = s.wait_all(1, &["provisioned"], BOOT).await.remove(0);
     let domain = format!("{}{}", s.prefix, pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase());
@@ -178,7 +159,7 @@ async fn test_vm_new_image_version_reaches_a_cloud_pc_only_on_reprovision() {
         .await;
     assert_eq!(status.as_u16(), 201, "{v}");
     assert_eq!(v["version"], "1.0.0", "the pending version is not current yet");
-    let img = wait_version(&s, &id, "1.1.0").await;
+    let img = s.wait_checks(&id).await;
     assert_eq!(img["version"], "1.1.0", "{img}");
     assert_eq!(img["versions"].as_array().unwrap().len(), 2);
 
@@ -219,7 +200,7 @@ async fn test_vm_image_check_killed_mid_test_boot_resumes_after_restart() {
     let s = s.crash_and_restart().await;
     let (_, list) = s.get(&format!("{VE}/deviceImages")).await;
     let id = list["value"][0]["id"].as_str().unwrap().to_string();
-    let img = wait_version(&s, &id, "2.0.0").await;
+    let img = s.wait_checks(&id).await;
     assert_eq!(img["status"], "ready", "{img}");
     assert!(s.domains().is_empty(), "no throwaway VM is left: {:?}", s.domains());
     assert_eq!(

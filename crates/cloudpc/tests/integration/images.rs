@@ -519,14 +519,7 @@ async fn test_image_version_delete_rules() {
     let status_of = |img: &serde_json::Value, v: &str| {
         img["versions"].as_array().unwrap().iter().find(|e| e["version"] == v).map(|e| e["status"].clone())
     };
-    let mut img = serde_json::Value::Null;
-    for _ in 0..200 {
-        img = s.get(&format!("{VE}/deviceImages/{id}")).await.1;
-        if status_of(&img, "1.1.0") == Some(json!("ready")) && status_of(&img, "1.2.0") == Some(json!("failed")) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let img = s.wait_checks(&id).await;
     assert_eq!(status_of(&img, "1.2.0"), Some(json!("failed")), "{img}");
     let base = |v: &str| s.data_dir().join("images").join(format!("{id}-{v}.qcow2"));
     assert!(base("1.0.0").exists() && base("1.1.0").exists());
@@ -559,13 +552,7 @@ async fn test_image_version_delete_rules() {
     let oid = other["id"].as_str().unwrap();
     s.policy("Uses Other", &other).await;
     s.create(&format!("{VE}/deviceImages/{oid}/versions"), add("2.0.0", &junk)).await;
-    s.wait_image(oid).await;
-    for _ in 0..200 {
-        if status_of(&s.get(&format!("{VE}/deviceImages/{oid}")).await.1, "2.0.0") == Some(json!("failed")) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    s.wait_checks(oid).await;
     let (code, v) = s.delete(&format!("{VE}/deviceImages/{oid}/versions/1.0.0")).await;
     assert_eq!(code, StatusCode::CONFLICT, "{v}");
     assert!(message(&v).contains("last ready version") && message(&v).contains("Uses Other"), "{v}");
@@ -744,15 +731,7 @@ async fn test_raw_disk_images() {
     let body = json!({"version": "1.2.0", "sourceImageResourceId": host_raw, "sourceImageFormat": "raw"});
     let (status, v) = s.post(&versions, body).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
-    let mut img = serde_json::Value::Null;
-    for _ in 0..200 {
-        img = s.get(&format!("{VE}/deviceImages/{raw_id}")).await.1;
-        let settled = img["versions"].as_array().unwrap().iter().all(|v| v["status"] != "pending");
-        if settled && img["version"] == "1.2.0" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let img = s.wait_checks(raw_id).await;
     let formats: Vec<_> = img["versions"]
         .as_array()
         .unwrap()

@@ -279,6 +279,20 @@ impl Server {
         }
     }
 
+    /// Waits until no version of the image is being checked; returns the image.
+    pub async fn wait_checks(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let (s, v) = self.get(&format!("{VE}/deviceImages/{id}")).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if v["versions"].as_array().is_some_and(|vs| vs.iter().all(|e| e["status"] != "pending")) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "image {id} kept a pending version: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A ready custom image backed by a fresh small qcow2 file.
     pub async fn ready_image(&self, name: &str) -> Value {
         let file = qcow2(self.data_dir(), &format!("{name}.qcow2"), "64M");

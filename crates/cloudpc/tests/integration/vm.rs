@@ -645,11 +645,8 @@ async fn test_license_disk_smaller_than_the_image_fails_with_the_reason() {
     let file = qcow2(s.data_dir(), "big.qcow2", "3G");
     let img = s.image("Three GiB", &file).await;
     let sku = s.tiny_sku("SMALL", 1, 1, 2).await;
-    let user = s.user("lee@contoso.com").await;
-    let group = s.group("Small disks").await;
-    s.add_member(&group, &user).await;
     let policy = s.policy("Big image", &img).await;
-    s.assign(&policy, &[&group]).await;
+    s.user_targeted_by(&policy, "lee@contoso.com").await;
     s.license("lee@contoso.com", &sku, true).await;
     let pc = s.wait_all(1, &["failed"], BOOT).await.remove(0);
     let detail = pc["statusDetail"].as_str().unwrap_or("");
