@@ -17,20 +17,64 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# Every command that setup, the service and the tests run, with the package that brings it. Checked
+# after installing: a package can be "installed" and still not give the command (a newer build
+# from elsewhere that apt swapped out, a diversion), and that must stop setup here, not later.
+CLOUDPC_COMMANDS="cc:build-essential pkg-config:pkg-config curl:curl qemu-img:qemu-utils
+qemu-system-x86_64:qemu-system-x86 virsh:libvirt-clients libvirtd:libvirt-daemon virtlogd:libvirt-daemon
+dnsmasq:dnsmasq-base iptables:iptables cpio:cpio mkfs.ext4:e2fsprogs syslinux:syslinux mcopy:mtools
+mkfs.vfat:dosfstools sfdisk:fdisk mmdebstrap:mmdebstrap chromium:chromium"
+
+# The one version the QEMU packages must share: the installed qemu-system-x86's, else the version
+# apt would install. qemu-utils from elsewhere (a backport) conflicts with Debian's QEMU, and apt
+# resolves that by removing qemu-utils: pinning both to one version in one apt call keeps qemu-img.
+qemu_version() {
+    local v
+    v=$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null | sed -n 's/^install ok installed //p')
+    [ -n "$v" ] || v=$(apt-cache policy qemu-system-x86 2>/dev/null | sed -n 's/^ *Candidate: //p')
+    [ "$v" = "(none)" ] && v=""
+    printf '%s' "$v"
+}
+
+is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
 ensure_packages() {
-    local missing=()
-    for p in $CLOUDPC_PACKAGES; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
+    local missing=() p
+    for p in $CLOUDPC_PACKAGES; do is_installed "$p" || missing+=("$p"); done
+    if [ ${#missing[@]} -gt 0 ] || ! check_commands quiet; then
         if ! command -v apt-get >/dev/null; then
             echo "cloudpc: please install: ${missing[*]} (this script knows apt-get only)" >&2
             exit 1
         fi
-        echo "cloudpc: installing system packages: ${missing[*]}"
+        echo "cloudpc: installing system packages: ${missing[*]:-(commands missing; reinstalling the set)}"
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        # The whole set in one resolution, so apt cannot satisfy one package by removing another.
+        local want=() qv
+        qv=$(qemu_version)
+        for p in $CLOUDPC_PACKAGES; do
+            case "$p" in qemu-utils | qemu-system-x86) [ -n "$qv" ] && p="$p=$qv" ;; esac
+            want+=("$p")
+        done
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            --allow-downgrades "${want[@]}"
     fi
+    check_commands
+}
+
+# Every command in CLOUDPC_COMMANDS is on the PATH (root's sbin directories included); names the
+# missing ones and their packages. `check_commands quiet` only answers.
+check_commands() {
+    local pair cmd pkg missing=()
+    for pair in $CLOUDPC_COMMANDS; do
+        cmd=${pair%%:*} pkg=${pair#*:}
+        PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd (package $pkg)")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "${1:-}" = quiet ] && return 1
+    echo "cloudpc: these commands are still missing after installing the system packages:" >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    echo "cloudpc: install those packages (apt-get install ...) and run this script again" >&2
+    exit 1
 }
 
 # Node.js builds the portal; an existing installation (of any origin) is kept.
@@ -76,35 +120,54 @@ setup_host() {
     image=$(as_root images/tiny/build.sh "$CLOUDPC_GALLERY_DIR" | tail -1)
 
     # /dev/kvm can exist while KVM guests hang (nested virtualization): boot the image's kernel under
-    # KVM, and if it does not power off in time, hide /dev/kvm so libvirt stops expecting KVM.
-    local restart_libvirt=no
-    if [ -e /dev/kvm ] && [ "$(cat /run/cloudpc/accelerator 2>/dev/null)" != kvm ]; then
+    # KVM; if it does not power off in time this host uses TCG, recorded for cloudpc in
+    # /run/cloudpc/accelerator. The device node is never touched (other users of the machine keep
+    # KVM): only libvirtd runs in a mount namespace where /dev/kvm is covered, because libvirt
+    # otherwise re-probes QEMU's capabilities on every call when KVM is present but unusable.
+    if [ -e /dev/kvm ] && [ ! -s /run/cloudpc/accelerator ]; then
+        as_root mkdir -p /run/cloudpc
         if timeout 8 qemu-system-x86_64 -accel kvm -machine pc -nodefaults -nographic -display none -serial none \
             -m 128 -no-reboot -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
             -append "rdinit=/bin/busybox panic=-1 quiet -- poweroff -f" >/dev/null 2>&1; then
-            as_root mkdir -p /run/cloudpc && echo kvm | as_root tee /run/cloudpc/accelerator >/dev/null
+            echo kvm | as_root tee /run/cloudpc/accelerator >/dev/null
         else
-            echo "cloudpc: KVM guests do not run on this machine; using TCG (software emulation) and hiding /dev/kvm from libvirt"
-            as_root rm -f /dev/kvm
-            as_root mkdir -p /run/cloudpc && echo tcg | as_root tee /run/cloudpc/accelerator >/dev/null
-            restart_libvirt=yes
+            echo tcg | as_root tee /run/cloudpc/accelerator >/dev/null
         fi
+    fi
+    local hide_kvm=no
+    if [ -e /dev/kvm ] && [ "$(cat /run/cloudpc/accelerator 2>/dev/null)" = tcg ]; then
+        hide_kvm=yes
+        echo "cloudpc: KVM guests do not run on this machine; this host uses TCG (software emulation)." \
+            "/dev/kvm stays; libvirtd runs with it hidden (see /run/cloudpc/accelerator)"
     fi
     if [ "${CLOUDPC_DESKTOP_IMAGE:-yes}" != no ]; then
         echo "cloudpc: building the desktop gallery image (cached; the first build takes a few minutes)"
         as_root images/desktop/build.sh "$CLOUDPC_GALLERY_DIR" >/dev/null
     fi
     if ! pgrep -x virtlogd >/dev/null; then as_root virtlogd -d; fi
-    if [ "$restart_libvirt" = yes ] && pgrep -x libvirtd >/dev/null; then
+    # A libvirtd started before this decision (or by the system) sees the wrong /dev/kvm: restart it.
+    local pid
+    pid=$(pgrep -xo libvirtd || true)
+    if [ -n "$pid" ] && [ "$hide_kvm" = yes ] && [ "$(as_root readlink "/proc/$pid/ns/mnt")" = "$(readlink /proc/1/ns/mnt)" ]; then
         as_root pkill -x libvirtd
         for _ in $(seq 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
-        as_root rm -f /var/run/libvirtd.pid
     fi
     if ! pgrep -x libvirtd >/dev/null; then
         as_root rm -f /var/run/libvirtd.pid
-        as_root libvirtd -d
+        start_libvirtd "$hide_kvm"
     fi
     for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.1; done
     echo "cloudpc: libvirtd did not come up (see /var/log/libvirt/libvirtd.log)" >&2
     return 1
+}
+
+# Starts libvirtd as a daemon; with "yes", in a private mount namespace where /dev/kvm is covered
+# by an empty file no one may open, so libvirt (and the QEMU it starts) sees no usable KVM.
+start_libvirtd() {
+    if [ "${1:-no}" = yes ]; then
+        as_root install -m 000 /dev/null /run/cloudpc/no-kvm
+        as_root unshare --mount --propagation private sh -c 'mount --bind /run/cloudpc/no-kvm /dev/kvm && exec libvirtd -d'
+    else
+        as_root libvirtd -d
+    fi
 }

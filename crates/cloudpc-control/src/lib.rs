@@ -19,6 +19,7 @@ pub mod policies;
 pub mod portal;
 pub mod provisioning;
 pub mod reconciler;
+pub(crate) mod supervise;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -81,6 +82,8 @@ pub struct AppConfig {
     pub injected_faults: HashMap<String, u32>,
     /// Testing only: pause at a named point ("startGeneration") to widen a race window.
     pub injected_delays: HashMap<String, Duration>,
+    /// Testing only: panic N times at a named point (a step name or `startGeneration`).
+    pub injected_panics: HashMap<String, u32>,
     /// How long a console ticket may wait to be used.
     pub console_ticket_ttl: Duration,
 }
@@ -106,6 +109,7 @@ impl Default for AppConfig {
             max_parallel_provisioning: 4,
             injected_faults: HashMap::new(),
             injected_delays: HashMap::new(),
+            injected_panics: HashMap::new(),
             console_ticket_ttl: Duration::from_secs(30),
         }
     }
@@ -125,6 +129,7 @@ pub struct App {
     allocation: Arc<tokio::sync::Mutex<()>>,
     slots: Arc<tokio::sync::Semaphore>,
     faults: Arc<Mutex<HashMap<String, u32>>>,
+    panics: Arc<Mutex<HashMap<String, u32>>>,
     consoles: Arc<console::Consoles>,
     sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
     /// Serializes read-modify-write of device images (versions are checked concurrently), and
@@ -144,6 +149,7 @@ pub struct App {
 impl App {
     pub fn new(store: Arc<dyn Store>, config: AppConfig, hosts: Vec<Arc<dyn Hypervisor>>) -> Self {
         let faults = config.injected_faults.clone();
+        let panics = config.injected_panics.clone();
         let slots = config.max_parallel_provisioning.max(1);
         let uploads = config.max_concurrent_uploads.max(1);
         Self {
@@ -155,6 +161,7 @@ impl App {
             allocation: Arc::new(tokio::sync::Mutex::new(())),
             slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             faults: Arc::new(Mutex::new(faults)),
+            panics: Arc::new(Mutex::new(panics)),
             consoles: Arc::new(console::Consoles::default()),
             sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
             image_updates: Arc::new(tokio::sync::Mutex::new(())),

@@ -131,11 +131,22 @@ pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
 }
 
 impl App {
-    /// Runs the reconciler until the process ends.
+    /// Runs the reconciler until the process ends. Each pass runs supervised: a panic in one
+    /// (say, while reading the world) is logged and the next event or resync runs a new pass.
     pub async fn run_reconciler(self) {
         loop {
-            if let Err(e) = self.reconcile().await {
-                tracing::warn!(error = %e, "reconciler pass failed; trying again at the next event or resync");
+            let app = self.clone();
+            match crate::supervise::supervised(async move { app.reconcile().await }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reconciler pass failed; trying again at the next event or resync")
+                }
+                Err(panic) => {
+                    tracing::error!(
+                        panic,
+                        "reconciler pass hit an internal error; trying again at the next event or resync"
+                    )
+                }
             }
             tokio::select! {
                 _ = self.changed.notified() => {}
@@ -179,62 +190,79 @@ impl App {
         Ok((World { licensed, memberships, assignments, pcs }, records))
     }
 
-    /// One pass: read the world, plan, act.
+    /// One pass: read the world, plan, act. Each action runs supervised, on its own: a panic
+    /// while acting for one Cloud PC marks that Cloud PC failed with the reason and the pass goes
+    /// on with the others.
     pub async fn reconcile(&self) -> Result<()> {
+        self.maybe_inject_panic("reconcile");
         let (world, mut records) = self.world().await?;
         let now = Utc::now();
         for action in plan(&world, now) {
-            let result = match action {
-                Action::Create { user, sku, policy } => self.create_cloud_pc(user, sku, policy).await,
-                Action::Provision { pc, policy } => match records.remove(&pc) {
-                    Some(mut rec) => self.begin_provisioning(&mut rec, policy).await,
-                    None => Ok(()),
-                },
-                Action::EnterGrace { pc } => {
-                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.enter_grace(rec))).await
-                }
-                Action::LeaveGrace { pc } => {
-                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.leave_grace(rec))).await
-                }
-                Action::Deprovision { pc } => {
-                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.deprovision(rec))).await
-                }
-                Action::Forget { pc } => match records.remove(&pc) {
-                    Some(rec) => {
-                        let audit = crate::cloud_pcs::system_event("Delete CloudPc", &rec);
-                        self.store.delete_cloud_pc(pc, Some(&audit)).await.map_err(Into::into)
+            let app = self.clone();
+            let policy = match &action {
+                Action::Create { policy, .. } => *policy,
+                Action::Provision { policy, .. } => Some(*policy),
+                _ => None,
+            };
+            let (pc, during) = match &action {
+                Action::Create { .. } => (None, "creating a Cloud PC"),
+                Action::Provision { pc, .. } => (Some(*pc), "starting provisioning"),
+                Action::EnterGrace { pc } => (Some(*pc), "starting the grace period"),
+                Action::LeaveGrace { pc } => (Some(*pc), "ending the grace period"),
+                Action::Deprovision { pc } => (Some(*pc), "deprovisioning"),
+                Action::Forget { pc } => (Some(*pc), "removing a Cloud PC that is no longer licensed"),
+                Action::CleanUp { pc } => (Some(*pc), "cleaning up"),
+                Action::Resume { pc } => (Some(*pc), "resuming provisioning"),
+            };
+            let rec = pc.and_then(|id| records.remove(&id));
+            let created = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let created_in_task = created.clone();
+            let work = async move {
+                match (action, rec) {
+                    (Action::Create { user, sku, policy }, _) => {
+                        app.create_cloud_pc(user, sku, policy, &created_in_task).await
                     }
-                    None => Ok(()),
-                },
-                Action::CleanUp { pc } => {
-                    self.with_record(&mut records, pc, |app, rec| Box::pin(app.clean_up(rec))).await
-                }
-                Action::Resume { pc } => {
-                    self.drive(pc);
-                    Ok(())
+                    (Action::Provision { policy, .. }, Some(mut rec)) => app.begin_provisioning(&mut rec, policy).await,
+                    (Action::EnterGrace { .. }, Some(mut rec)) => app.enter_grace(&mut rec).await,
+                    (Action::LeaveGrace { .. }, Some(mut rec)) => app.leave_grace(&mut rec).await,
+                    (Action::Deprovision { .. }, Some(mut rec)) => app.deprovision(&mut rec).await,
+                    (Action::Forget { pc }, Some(rec)) => {
+                        let audit = crate::cloud_pcs::system_event("Delete CloudPc", &rec);
+                        app.store.delete_cloud_pc(pc, Some(&audit)).await.map_err(Into::into)
+                    }
+                    (Action::CleanUp { .. }, Some(mut rec)) => app.clean_up(&mut rec).await,
+                    (Action::Resume { pc }, _) => {
+                        app.drive(pc);
+                        Ok(())
+                    }
+                    // Another action of this pass took the record already.
+                    (_, None) => Ok(()),
                 }
             };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "reconciler action failed");
+            match crate::supervise::supervised(work).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "reconciler action failed"),
+                Err(panic) => {
+                    let created_pc = *created.lock().expect("created id");
+                    match pc.or(created_pc) {
+                        Some(id) => self.report_internal_error(id, policy, during, &panic).await,
+                        None => tracing::error!(panic, during, "reconciler action hit an internal error"),
+                    }
+                }
             }
         }
         Ok(())
     }
 
-    async fn with_record<F>(&self, records: &mut HashMap<Uuid, CloudPcRecord>, id: Uuid, f: F) -> Result<()>
-    where
-        F: for<'a> FnOnce(
-            &'a App,
-            &'a mut CloudPcRecord,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>,
-    {
-        match records.get_mut(&id) {
-            Some(rec) => f(self, rec).await,
-            None => Ok(()),
-        }
-    }
-
-    async fn create_cloud_pc(&self, user: Uuid, sku: Uuid, policy: Option<Uuid>) -> Result<()> {
+    /// `created` gets the new Cloud PC's id as soon as it is stored, so an internal error after
+    /// that can be shown on it.
+    async fn create_cloud_pc(
+        &self,
+        user: Uuid,
+        sku: Uuid,
+        policy: Option<Uuid>,
+        created: &std::sync::Mutex<Option<Uuid>>,
+    ) -> Result<()> {
         let u = self.store.get_user(user).await?;
         let s = self.store.get_sku(sku).await?;
         let now = Utc::now();
@@ -265,6 +293,7 @@ impl App {
         };
         let audit = crate::cloud_pcs::system_event("Create CloudPc", &rec);
         self.store.insert_cloud_pc(&rec, Some(&audit)).await?;
+        *created.lock().expect("created id") = Some(rec.pc.id);
         if let Some(p) = policy {
             self.begin_provisioning(&mut rec, p).await?;
         }

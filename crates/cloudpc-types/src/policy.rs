@@ -207,11 +207,20 @@ enum TemplatePart {
 }
 
 const TEMPLATE_FIELD: &str = "cloudPcNamingTemplate";
+/// A Cloud PC name (a NetBIOS computer name) has at most 15 characters.
+const MAX_NAME_LEN: usize = 15;
+/// Longer than any valid template (15 characters of name plus two placeholders' markup).
+const MAX_TEMPLATE_LEN: usize = 64;
 
 impl NamingTemplate {
     /// Parses and checks a template so that every expansion is a valid Cloud PC name.
     pub fn parse(template: &str) -> Result<Self, ValidationError> {
         let err = |m: String| ValidationError::new(TEMPLATE_FIELD, m);
+        // Bounded before anything is parsed: every width below is then small, and no sum or
+        // allocation can grow with hostile numbers.
+        if template.len() > MAX_TEMPLATE_LEN {
+            return Err(err(format!("is {} characters long; at most {MAX_TEMPLATE_LEN} are allowed", template.len())));
+        }
         let mut parts = Vec::new();
         let mut rest = template;
         while !rest.is_empty() {
@@ -225,6 +234,11 @@ impl NamingTemplate {
                 })?;
                 let n: usize =
                     count.parse().map_err(|_| err(format!("placeholder %{token}% needs a whole number after ':'")))?;
+                if n > MAX_NAME_LEN {
+                    return Err(err(format!(
+                        "placeholder %{token}% is wider than a Cloud PC name ({MAX_NAME_LEN} characters)"
+                    )));
+                }
                 match name.to_ascii_uppercase().as_str() {
                     "USERNAME" if n >= 1 => parts.push(TemplatePart::Username(n)),
                     "USERNAME" => return Err(err("%USERNAME:x% needs x of at least 1".into())),
@@ -256,14 +270,14 @@ impl NamingTemplate {
         if count(|p| matches!(p, TemplatePart::Username(_))) > 1 {
             return Err(err("may contain %USERNAME:x% only once".into()));
         }
-        let max_len: usize = parts
+        let max_len = parts
             .iter()
             .map(|p| match p {
                 TemplatePart::Literal(s) => s.len(),
                 TemplatePart::Username(n) | TemplatePart::Rand(n) => *n,
             })
-            .sum();
-        if max_len > 15 {
+            .fold(0usize, usize::saturating_add);
+        if max_len > MAX_NAME_LEN {
             return Err(err(format!("expands to up to {max_len} characters; a Cloud PC name has 5 to 15")));
         }
         let has_letter = parts.iter().any(|p| match p {
@@ -329,7 +343,15 @@ mod tests {
             ("CPC-%RAND:5", "never ends"),
             ("%RAND:5%", "digits only"),
             ("A%RAND:x%", "whole number"),
+            ("%USERNAME:13835058055282163712%%RAND:4611686018427387904%", "wider than a Cloud PC name"),
+            ("%RAND:99999999999999999999999%", "whole number"),
+            ("A%RAND:4611686018427387904%", "wider than a Cloud PC name"),
+            ("%RAND:18446744073709551614%ab", "wider than a Cloud PC name"),
+            ("%USERNAME:9%%RAND:9%", "up to 18"),
         ];
+        let long = format!("A{}%RAND:5%", "-".repeat(100));
+        let err = NamingTemplate::parse(&long).unwrap_err();
+        assert!(err.to_string().contains("at most 64"), "{err}");
         for (template, expected) in cases {
             let err = NamingTemplate::parse(template).unwrap_err();
             assert_eq!(err.field, "cloudPcNamingTemplate");

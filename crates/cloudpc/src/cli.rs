@@ -130,6 +130,10 @@ pub struct ServerArgs {
     /// point is `startGeneration` (after a Cloud PC has read its policy's image).
     #[arg(long = "inject-delay", hide = true)]
     pub inject_delay: Vec<String>,
+    /// Testing only: panic N times at a named point, as POINT:N (repeatable): a step name,
+    /// `startGeneration` or `reconcile` (the start of a reconciler pass).
+    #[arg(long = "inject-panic", hide = true)]
+    pub inject_panic: Vec<String>,
     /// Seconds a custom image's test boot waits for its guest agent [default: 120].
     #[arg(long, env = "CLOUDPC_IMAGE_BOOT_TIMEOUT_SECS")]
     pub image_boot_timeout_secs: Option<u64>,

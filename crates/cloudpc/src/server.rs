@@ -176,6 +176,7 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             gallery_dir,
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_testing_pairs(&args.inject_fault)?,
+            injected_panics: parse_testing_pairs(&args.inject_panic)?,
             injected_delays: parse_testing_pairs(&args.inject_delay)?
                 .into_iter()
                 .map(|(point, ms)| (point, Duration::from_millis(u64::from(ms))))

@@ -99,8 +99,14 @@ impl App {
         tokio::spawn(async move {
             let _guard = RunningGuard { app: app.clone(), id };
             let _slot = app.slots.clone().acquire_owned().await;
-            if let Err(e) = app.run_workflow(id).await {
-                tracing::warn!(cloud_pc = %id, error = %e, "provisioning workflow stopped; the reconciler will resume it");
+            let task = app.clone();
+            // Supervised: a panic outside a step (steps catch their own) fails this Cloud PC only.
+            match crate::supervise::supervised(async move { task.run_workflow(id).await }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(cloud_pc = %id, error = %e, "provisioning workflow stopped; the reconciler will resume it")
+                }
+                Err(panic) => app.report_internal_error(id, None, "running its provisioning workflow", &panic).await,
             }
         });
     }
@@ -170,6 +176,7 @@ impl App {
                 (self.image_base(id, &ready.version), None::<KernelBoot>)
             }
         };
+        self.maybe_inject_panic("startGeneration");
         if let Some(pause) = self.config.injected_delays.get("startGeneration") {
             tokio::time::sleep(*pause).await;
         }
@@ -280,7 +287,21 @@ impl App {
         let outcome = if self.take_fault(step.name()) {
             Outcome::Failed(format!("injected fault in {} (testing)", step.name()))
         } else {
-            self.run_step(step, rec).await
+            // A panic inside a step is that step's failure (undo, retry, attempts as usual), not
+            // the end of the workflow task.
+            let (app, mut work) = (self.clone(), rec.clone());
+            let run = async move {
+                app.maybe_inject_panic(step.name());
+                let outcome = app.run_step(step, &mut work).await;
+                (outcome, work)
+            };
+            match crate::supervise::supervised(run).await {
+                Ok((outcome, work)) => {
+                    *rec = work;
+                    outcome
+                }
+                Err(panic) => Outcome::Failed(format!("cloudpc hit an internal error in this step: {panic}")),
+            }
         };
         match outcome {
             Outcome::Done { detail } => {
