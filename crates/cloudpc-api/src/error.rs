@@ -36,7 +36,7 @@ impl From<Error> for ApiError {
             Error::Conflict(_) => Self::new(StatusCode::CONFLICT, "Conflict", message),
             Error::Unauthenticated(_) => Self::new(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken", message),
             Error::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "Authorization_RequestDenied", message),
-            Error::TooManyAttempts { retry_after } => Self {
+            Error::TooManyAttempts { retry_after } | Error::RateLimited { retry_after, .. } => Self {
                 retry_after: Some(retry_after),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message)
             },

@@ -43,7 +43,8 @@ pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
     let portal = portal::routes(app.clone())
         .fallback(error::not_found_route)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(linger::drain_refused_bodies));
     let router = Router::new()
         .nest("/v1.0", graph)
         .nest("/cloudpc", own)

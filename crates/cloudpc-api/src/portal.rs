@@ -23,6 +23,7 @@ use crate::extract::ApiJson;
 
 const COOKIE: &str = "cloudpc_session";
 const CSRF_HEADER: &str = "x-cloudpc-portal";
+const SIGN_IN_MAX_BODY: usize = 4096;
 
 #[derive(Clone)]
 struct PortalUser(Actor);
@@ -78,7 +79,9 @@ async fn gate(State(app): State<App>, mut req: Request, next: Next) -> Response 
 
 pub fn routes(app: App) -> Router<App> {
     Router::new()
-        .route("/signIn", post(sign_in))
+        // A sign-in is a name of at most 113 characters and a password of at most 256: a few KiB
+        // is plenty, and nothing larger is read from an unauthenticated caller.
+        .route("/signIn", post(sign_in).layer(axum::extract::DefaultBodyLimit::max(SIGN_IN_MAX_BODY)))
         .route("/signOut", post(sign_out))
         .route("/me", get(me))
         .route("/cloudPCs", get(list))

@@ -74,7 +74,10 @@ impl App {
         };
         user.validate()?;
         let hash = match &input.password_profile {
-            Some(p) => Some(crate::portal::hash_password(&p.password)?),
+            Some(p) => {
+                let password = p.password.clone();
+                Some(self.hash_work(move || crate::portal::hash_password(&password)).await??)
+            }
             None => None,
         };
         let audit = user_change("Create", AuditOperationType::Create, &user).event(actor, None, Some(&user));
@@ -86,7 +89,10 @@ impl App {
         let before = self.get_user(id).await?;
         let mut user = before.clone();
         let hash = match &input.password_profile {
-            Some(p) => Some(crate::portal::hash_password(&p.password)?),
+            Some(p) => {
+                let password = p.password.clone();
+                Some(self.hash_work(move || crate::portal::hash_password(&password)).await??)
+            }
             None => None,
         };
         if let Some(v) = input.user_principal_name {

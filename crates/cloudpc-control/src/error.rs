@@ -19,6 +19,9 @@ pub enum Error {
     Forbidden(String),
     #[error("too many failed sign-ins; try again in {retry_after} seconds")]
     TooManyAttempts { retry_after: u64 },
+    /// A caller is over a rate limit (`what` says which); the same request may succeed later.
+    #[error("{what}; try again in {retry_after} seconds")]
+    RateLimited { what: String, retry_after: u64 },
     /// The service is at a limit of concurrent work; the same request may succeed later.
     #[error("{0}")]
     Busy(String),

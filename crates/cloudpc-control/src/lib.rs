@@ -15,6 +15,7 @@ pub mod error;
 pub mod gallery;
 pub mod images;
 pub mod licensing;
+pub mod limits;
 pub mod policies;
 pub mod portal;
 pub mod provisioning;
@@ -132,6 +133,10 @@ pub struct App {
     panics: Arc<Mutex<HashMap<String, u32>>>,
     consoles: Arc<console::Consoles>,
     sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
+    /// Sign-in attempts per client address.
+    sign_in_rate: Arc<limits::KeyedLimiter>,
+    /// argon2 runs, at most a few at once.
+    hash_slots: Arc<tokio::sync::Semaphore>,
     /// Serializes read-modify-write of device images (versions are checked concurrently), and
     /// keeps an image from being deleted between a Cloud PC reading it and storing its spec.
     image_updates: Arc<tokio::sync::Mutex<()>>,
@@ -164,6 +169,12 @@ impl App {
             panics: Arc::new(Mutex::new(panics)),
             consoles: Arc::new(console::Consoles::default()),
             sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
+            sign_in_rate: Arc::new(limits::KeyedLimiter::new(
+                portal::SIGN_IN_BURST,
+                portal::SIGN_IN_EVERY,
+                portal::MAX_TRACKED_ADDRESSES,
+            )),
+            hash_slots: Arc::new(tokio::sync::Semaphore::new(portal::MAX_CONCURRENT_HASHES)),
             image_updates: Arc::new(tokio::sync::Mutex::new(())),
             uploads: Arc::new(tokio::sync::Semaphore::new(uploads)),
             new_image_uploads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),

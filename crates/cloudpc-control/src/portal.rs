@@ -31,12 +31,27 @@ pub const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 const FREE_FAILURES: u32 = 5;
 const BASE_LOCK: Duration = Duration::from_secs(30);
 const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
+/// Accounts whose failures are remembered at once; an entry is forgotten once it is unlocked and
+/// has seen no failure for `MAX_LOCK`, and past the cap the stalest goes first. The names come
+/// from unauthenticated callers, so the table must not grow with them.
+const MAX_TRACKED_ACCOUNTS: usize = 10_000;
+/// Sign-in attempts one client address may make: a burst, then one every few seconds.
+pub const SIGN_IN_BURST: u32 = 20;
+pub const SIGN_IN_EVERY: Duration = Duration::from_secs(3);
+/// Client addresses whose sign-in rate is tracked at once.
+pub const MAX_TRACKED_ADDRESSES: usize = 10_000;
+/// argon2 checks that run at once (each takes about 19 MiB and tens of milliseconds of a core);
+/// more wait, off the async runtime, so a burst of sign-ins cannot stall consoles or the reconciler.
+pub const MAX_CONCURRENT_HASHES: usize = 2;
+/// The longest password accepted (as in Entra).
+const MAX_PASSWORD_LEN: usize = 256;
 
 /// Wrong passwords for one account, and how long it is locked.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Failures {
     count: u32,
     locked_until: Option<Instant>,
+    last: Instant,
 }
 
 /// Checks the password rules, then hashes it with argon2 (the crate's default parameters).
@@ -75,34 +90,76 @@ pub struct Session {
 }
 
 impl App {
-    /// Checks the password; wrong ones lock the account for longer and longer after five in a row.
-    pub async fn sign_in(&self, upn: &str, password: &str, ip: Option<String>) -> Result<Session> {
-        let key = upn.to_ascii_lowercase();
-        if let Some(until) = self.sign_in_failures.lock().expect("failures").get(&key).and_then(|f| f.locked_until) {
-            let left = until.saturating_duration_since(Instant::now());
+    /// Runs argon2 on the blocking pool, at most `MAX_CONCURRENT_HASHES` at once.
+    pub(crate) async fn hash_work<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let _permit = self.hash_slots.acquire().await.map_err(|_| Error::Busy("the server is shutting down".into()))?;
+        tokio::task::spawn_blocking(work).await.map_err(|e| Error::HostIo(format!("password hashing failed: {e}")))
+    }
+
+    /// Counts the attempt as a failure before the password is checked (and takes it back if the
+    /// password is right), so parallel guesses cannot all pass the check before any is counted.
+    fn reserve_attempt(&self, key: &str) -> Result<()> {
+        let now = Instant::now();
+        let mut all = self.sign_in_failures.lock().expect("failures");
+        if let Some(until) = all.get(key).and_then(|f| f.locked_until) {
+            let left = until.saturating_duration_since(now);
             if !left.is_zero() {
                 return Err(Error::TooManyAttempts { retry_after: left.as_secs().max(1) });
             }
         }
+        if !all.contains_key(key) && all.len() >= MAX_TRACKED_ACCOUNTS {
+            all.retain(|_, f| f.locked_until.is_some_and(|u| u > now) || now.duration_since(f.last) < MAX_LOCK);
+            if all.len() >= MAX_TRACKED_ACCOUNTS {
+                if let Some(oldest) = all.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| k.clone()) {
+                    all.remove(&oldest);
+                }
+            }
+        }
+        let f = all.entry(key.to_string()).or_insert(Failures { count: 0, locked_until: None, last: now });
+        f.count += 1;
+        f.last = now;
+        if f.count >= FREE_FAILURES {
+            let lock = BASE_LOCK.saturating_mul(1 << (f.count - FREE_FAILURES).min(5)).min(MAX_LOCK);
+            f.locked_until = Some(now + lock);
+        }
+        Ok(())
+    }
+
+    /// Accounts whose failed sign-ins are remembered now (tests read it through the memory bound).
+    pub fn tracked_sign_in_accounts(&self) -> usize {
+        self.sign_in_failures.lock().expect("failures").len()
+    }
+
+    /// Checks the password; wrong ones lock the account for longer and longer after five in a row.
+    pub async fn sign_in(&self, upn: &str, password: &str, ip: Option<String>) -> Result<Session> {
+        // Bounded first: nothing below keeps or hashes more than these few bytes.
+        if upn.len() > 113 {
+            return Err(Error::invalid("userPrincipalName", "is longer than 113 characters"));
+        }
+        if password.len() > MAX_PASSWORD_LEN {
+            return Err(Error::invalid("password", format!("is longer than {MAX_PASSWORD_LEN} characters")));
+        }
+        if let Some(addr) = &ip {
+            self.sign_in_rate.check(addr).map_err(|retry_after| Error::RateLimited {
+                what: "too many sign-in attempts from this address".into(),
+                retry_after,
+            })?;
+        }
+        let key = upn.to_ascii_lowercase();
+        self.reserve_attempt(&key)?;
         let creds = self.store.user_credentials(upn).await?;
         // Verify against something even for unknown users, so timing does not tell who exists.
         static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let ok = match &creds {
-            Some((user, Some(hash))) => verify(password, hash) && user.account_enabled,
+        let (password, hash, enabled) = match &creds {
+            Some((user, Some(hash))) => (password.to_string(), hash.clone(), user.account_enabled),
             _ => {
-                let dummy = DUMMY.get_or_init(|| hash_password("Dummy-password-1").unwrap_or_default());
-                verify(password, dummy);
-                false
+                let dummy = DUMMY.get_or_init(|| hash_password("Dummy-password-1").unwrap_or_default()).clone();
+                (password.to_string(), dummy, false)
             }
         };
+        let ok = self.hash_work(move || verify(&password, &hash)).await? && enabled;
         let Some((user, _)) = creds.filter(|_| ok) else {
-            let mut all = self.sign_in_failures.lock().expect("failures");
-            let f = all.entry(key).or_default();
-            f.count += 1;
-            if f.count >= FREE_FAILURES {
-                let lock = BASE_LOCK.saturating_mul(1 << (f.count - FREE_FAILURES).min(5)).min(MAX_LOCK);
-                f.locked_until = Some(Instant::now() + lock);
-            }
+            self.audit_failed_sign_in(upn, ip).await;
             return Err(Error::Unauthenticated(
                 "the user name or password is not right, or the account is disabled".into(),
             ));
@@ -124,6 +181,24 @@ impl App {
         .event_with(&user_actor(&user, ip), vec![property("session", None, Some("started".into()))]);
         self.store.record_audit_event(&audit).await?;
         Ok(Session { secret, expires, user })
+    }
+
+    /// A failed sign-in is audited under the name that was tried (bounded above, and rate-limited
+    /// per address, so this cannot flood the log faster than sign-ins are allowed).
+    async fn audit_failed_sign_in(&self, upn: &str, ip: Option<String>) {
+        let actor = Actor { id: None, name: upn.to_string(), role: Role::CloudPcUser, ip_address: ip, system: false };
+        let audit = Change {
+            component: "Portal",
+            activity: "Sign in failed User".into(),
+            operation: AuditOperationType::Other,
+            resource_type: "user",
+            resource_id: String::new(),
+            resource_name: upn.to_string(),
+        }
+        .event_with(&actor, vec![property("session", None, Some("refused".into()))]);
+        if let Err(e) = self.store.record_audit_event(&audit).await {
+            tracing::warn!(error = %e, "could not record a failed sign-in");
+        }
     }
 
     /// The signed-in user behind a session cookie; disabled accounts lose their sessions.
