@@ -30,6 +30,8 @@ use crate::{App, Error, Result};
 
 struct Pending {
     cloud_pc: Uuid,
+    /// The Cloud PC's generation when the ticket was issued: a reprovision ends it.
+    generation: u32,
     actor: Actor,
     expires: Instant,
 }
@@ -72,7 +74,10 @@ impl App {
         let mut tickets = self.consoles.tickets.lock().expect("tickets");
         let now = Instant::now();
         tickets.retain(|_, p| p.expires > now);
-        tickets.insert(digest(&ticket), Pending { cloud_pc: rec.pc.id, actor: actor.clone(), expires: now + ttl });
+        tickets.insert(
+            digest(&ticket),
+            Pending { cloud_pc: rec.pc.id, generation: rec.state.generation, actor: actor.clone(), expires: now + ttl },
+        );
         Ok(ConsoleTicket {
             url: format!("/gateway/console?ticket={ticket}"),
             ticket,
@@ -81,18 +86,38 @@ impl App {
         })
     }
 
-    /// Takes a ticket (it cannot be used again) and finds the console it opens.
+    /// Takes a ticket (it cannot be used again) and finds the console it opens. Everything the
+    /// ticket was issued on is checked again, since seconds may have passed: the user still
+    /// exists, is enabled and is still the Cloud PC's user, and the Cloud PC was not reprovisioned.
     pub async fn redeem_console_ticket(&self, ticket: &str) -> Result<(Actor, CloudPcRecord, SocketAddr)> {
         let refused = || {
             Error::Unauthenticated("the console ticket is not valid: it is unknown, used already, or expired".into())
         };
+        // Tickets are 43 characters; anything far longer is not one, and is not hashed.
+        if ticket.len() > 128 {
+            return Err(refused());
+        }
         let pending = self.consoles.tickets.lock().expect("tickets").remove(&digest(ticket)).ok_or_else(refused)?;
         if pending.expires <= Instant::now() {
             return Err(refused());
         }
-        let rec = self.store.get_cloud_pc_record(pending.cloud_pc).await?;
-        if pending.actor.role == Role::CloudPcUser && pending.actor.id != Some(rec.state.user_id) {
-            return Err(refused());
+        let rec = self.store.get_cloud_pc_record(pending.cloud_pc).await.map_err(|_| refused())?;
+        if rec.state.generation != pending.generation {
+            return Err(Error::Unauthenticated(
+                "the console ticket is not valid any more: the Cloud PC was reprovisioned".into(),
+            ));
+        }
+        if pending.actor.role == Role::CloudPcUser {
+            let revoked =
+                || Error::Unauthenticated("the console ticket is not valid any more: access was revoked".into());
+            let id = pending.actor.id.ok_or_else(revoked)?;
+            if Some(rec.state.user_id) != pending.actor.id {
+                return Err(revoked());
+            }
+            match self.store.get_user(id).await {
+                Ok(user) if user.account_enabled => {}
+                _ => return Err(revoked()),
+            }
         }
         if !usable(&rec) {
             return Err(Error::Conflict("the Cloud PC is not running any more".into()));
@@ -101,14 +126,14 @@ impl App {
         else {
             return Err(Error::Conflict("the Cloud PC has no VM".into()));
         };
-        let port = self
-            .host(host)?
+        let hv = self.host(host)?;
+        let port = hv
             .vnc_port(domain)
             .await
             .map_err(|e| Error::Conflict(e.to_string()))?
             .ok_or_else(|| Error::Conflict("the Cloud PC's console is not listening".into()))?;
-        // TODO-correctness: for remote hosts the console is on their loopback; relay through the host.
-        Ok((pending.actor, rec, SocketAddr::from(([127, 0, 0, 1], port))))
+        let addr = console_address(&hv.config().uri, host, port)?;
+        Ok((pending.actor, rec, addr))
     }
 
     /// Resolves when the Cloud PC's console connections must close.
@@ -116,15 +141,19 @@ impl App {
         self.consoles.open.lock().expect("consoles").entry(cloud_pc).or_default().clone()
     }
 
-    /// Closes every open console of the Cloud PC (deprovision, reprovision, power off).
+    /// Closes every open console of the Cloud PC (deprovision, reprovision, power off) and
+    /// refuses the tickets issued for it.
     pub(crate) fn close_consoles(&self, cloud_pc: Uuid) {
+        self.consoles.tickets.lock().expect("tickets").retain(|_, p| p.cloud_pc != cloud_pc);
         if let Some(n) = self.consoles.open.lock().expect("consoles").get(&cloud_pc) {
             n.notify_waiters();
         }
     }
 
-    /// Closes the consoles of every Cloud PC of a user who lost access (disabled or deleted).
+    /// Closes the consoles of every Cloud PC of a user who lost access (disabled or deleted), and
+    /// refuses every ticket issued to that user.
     pub(crate) async fn close_consoles_of_user(&self, user: Uuid) {
+        self.consoles.tickets.lock().expect("tickets").retain(|_, p| p.actor.id != Some(user));
         if let Ok(records) = self.store.list_cloud_pc_records().await {
             for r in records.iter().filter(|r| r.state.user_id == user) {
                 self.close_consoles(r.pc.id);
@@ -156,6 +185,36 @@ impl App {
         );
         if let Err(e) = self.store.record_audit_event(&audit).await {
             tracing::warn!(error = %e, "could not record a console audit event");
+        }
+    }
+}
+
+/// Where the gateway connects for a console on `host`. Consoles listen on their host's loopback,
+/// so only a host on this machine (a libvirt URI without a host name, like `qemu:///system`) can
+/// be reached; for any other the loopback port would be a different Cloud PC's console.
+// TODO-correctness: relay through the host's agent once hosts have one (issue 11).
+fn console_address(uri: &str, host: &str, port: u16) -> Result<SocketAddr> {
+    let local = uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'));
+    if !local {
+        return Err(Error::Conflict(format!(
+            "the Cloud PC runs on host '{host}' ({uri}), whose consoles this gateway cannot reach yet: consoles are \
+             relayed only for hosts on the gateway's own machine"
+        )));
+    }
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_console_address_only_for_hosts_on_this_machine() {
+        assert_eq!(console_address("qemu:///system", "local", 5900).unwrap().to_string(), "127.0.0.1:5900");
+        assert!(console_address("qemu:///session", "local", 5901).is_ok());
+        for remote in ["qemu+ssh://root@hv2/system", "qemu+tls://hv3.example/system", "qemu://hv4/system", "bogus"] {
+            let err = console_address(remote, "hv", 5900).unwrap_err().to_string();
+            assert!(err.contains("cannot reach"), "{remote}: {err}");
         }
     }
 }

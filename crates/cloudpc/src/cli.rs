@@ -77,7 +77,7 @@ pub struct ServerArgs {
     /// Address and port to listen on [default: 127.0.0.1:7365]. Port 0 picks a free port.
     #[arg(long, env = "CLOUDPC_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Directory for the database and other state; created if missing [default: ./cloudpc-data].
+    /// Directory for the database and other state; created if missing; QEMU's user must be able to reach it [default: /var/lib/cloudpc/data].
     #[arg(long, env = "CLOUDPC_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Largest virtual disk size accepted for a custom image, in GiB [default: 256].

@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod commands;
 mod output;
+mod preflight;
 mod server;
 
 use std::process::ExitCode;

@@ -19,6 +19,9 @@ use cloudpc_store::SqliteStore;
 
 use crate::cli::ServerArgs;
 
+/// Where the state lives unless a setting says otherwise (a place QEMU's user can reach).
+const DEFAULT_DATA_DIR: &str = "/var/lib/cloudpc/data";
+
 /// The settings file; every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,7 +115,10 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
         None => FileSettings::default(),
     };
     let defaults = AppConfig::default();
-    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("cloudpc-data"));
+    // Absolute, so the state does not depend on where the server was started from.
+    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let data_dir = std::path::absolute(&data_dir)
+        .map_err(|e| format!("cannot resolve the data directory {}: {e}", data_dir.display()))?;
     let storage_dir = data_dir.join("disks");
     let hosts = match file.hosts {
         Some(list) => list
@@ -255,6 +261,15 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     let store = open_store(&s.data_dir).await?;
     for dir in [&s.app.storage_dir, &s.app.image_dir] {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    // QEMU on this machine must reach the disks and images, else every VM would fail later.
+    if s.hosts.iter().any(|h| h.uri == "qemu:///system") {
+        let gallery = s.gallery_dir.exists().then_some(s.gallery_dir.as_path());
+        let dirs: Vec<&Path> = [Some(s.app.storage_dir.as_path()), Some(s.app.image_dir.as_path()), gallery]
+            .into_iter()
+            .flatten()
+            .collect();
+        crate::preflight::check_qemu_can_reach(&dirs, "/etc/libvirt/qemu.conf")?;
     }
     // The default import directory exists, so an operator sees where to put files.
     if args.image_import_dirs.is_empty() {

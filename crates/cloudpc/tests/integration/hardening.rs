@@ -217,3 +217,39 @@ async fn test_parallel_wrong_passwords_cannot_pass_the_lockout_together() {
     // The right password is refused too while the lock holds.
     assert_eq!(sign_in_status(&http, &s.url, "target@contoso.com", "Right-password-1").await, 429);
 }
+
+#[tokio::test]
+async fn test_data_dir_qemu_cannot_reach_is_refused_at_start() {
+    // A mktemp-style directory (mode 0700): QEMU's user cannot enter it.
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let data = private.path().join("data");
+    let mut child = std::process::Command::new(bin())
+        .args(["server", "--listen", "127.0.0.1:0", "--skip-image-test-boot", "--data-dir"])
+        .arg(&data)
+        .env("CLOUDPC_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A server that starts anyway would run forever: give it 20 s, then stop it and fail.
+    for _ in 0..200 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the server must not start: {stderr}");
+    assert!(
+        stderr.contains("cannot enter")
+            && stderr.contains(&private.path().display().to_string())
+            && stderr.contains("chmod o+x"),
+        "{stderr}"
+    );
+}

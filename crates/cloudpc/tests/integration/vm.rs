@@ -504,6 +504,31 @@ async fn test_vm_user_signs_in_and_opens_their_cloud_pc_in_chromium() {
         "{acts:?}"
     );
 
+    // A ticket issued before the user is disabled opens nothing after it (the revocation is
+    // remembered for outstanding tickets, and redeeming checks the user again).
+    let grady_http = reqwest::Client::builder().cookie_store(true).build().unwrap();
+    let signed = grady_http
+        .post(format!("{}/portal/api/signIn", s.url))
+        .header("X-CloudPC-Portal", "1")
+        .json(&json!({"userPrincipalName": "grady@contoso.com", "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status().as_u16(), 200);
+    let ticket: Value = grady_http
+        .post(format!("{}/portal/api/cloudPCs/{id}/getConsoleTicket", s.url))
+        .header("X-CloudPC-Portal", "1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (status, v) = s.patch("/v1.0/users/grady@contoso.com", json!({"accountEnabled": false})).await;
+    assert!(status.is_success(), "{v}");
+    let ws = format!("{}{}", s.url.replace("http://", "ws://"), ticket["url"].as_str().unwrap());
+    assert!(tokio_tungstenite::connect_async(ws).await.is_err(), "a ticket of a disabled user is refused");
+
     // Wrong passwords lock the account for a while.
     let http2 = reqwest::Client::new();
     let mut last = 0;
