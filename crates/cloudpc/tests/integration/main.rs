@@ -12,6 +12,7 @@ mod image_import;
 mod images;
 mod licensing;
 mod odata;
+mod openapi;
 mod policies;
 mod server;
 mod vm;
