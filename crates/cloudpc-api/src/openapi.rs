@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use axum::Json;
+use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn, PathItem};
 use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -41,7 +43,7 @@ use crate::routes::{cloud_pcs, directory, images, licensing, policies, tokens};
         tokens::list, tokens::create,
     ),
     components(schemas(ODataError)),
-    modifiers(&BearerAuth, &GraphConventions),
+    modifiers(&BearerAuth, &GraphConventions, &CreatedLinks),
     security(("bearer" = []))
 )]
 pub struct ApiDoc;
@@ -158,6 +160,54 @@ impl Modify for GraphConventions {
                     }
                     text.push_str(COLLECTION_OPTIONS);
                 }
+            }
+        }
+    }
+}
+
+/// OpenAPI links from each create (`POST` on a collection, `201`) to the operations on the
+/// created item (`{collection}/{id}…`), its `id` taken from the answer: a client (and
+/// schemathesis's stateful phase) learns where the new resource's id goes. An upload creates in
+/// the collection above it (`deviceImages/upload` → `deviceImages/{id}`).
+struct CreatedLinks;
+
+impl Modify for CreatedLinks {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let targets = |collection: &str| -> Vec<(String, String)> {
+            let prefix = format!("{collection}/{{");
+            let mut out = Vec::new();
+            for (path, item) in openapi.paths.paths.iter() {
+                let Some(rest) = path.strip_prefix(&prefix) else { continue };
+                let Some((param, _)) = rest.split_once('}') else { continue };
+                let ops = [&item.get, &item.put, &item.post, &item.delete, &item.patch];
+                for id in ops.into_iter().flatten().filter_map(|op| op.operation_id.clone()) {
+                    out.push((id, param.to_string()));
+                }
+            }
+            out
+        };
+        let mut links = Vec::new();
+        for (path, item) in openapi.paths.paths.iter() {
+            let creates = item.post.as_ref().is_some_and(|op| op.responses.responses.contains_key("201"));
+            if !creates || path.contains('{') {
+                continue;
+            }
+            let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or_default();
+            let found = [path.as_str(), parent].into_iter().map(targets).find(|t| !t.is_empty());
+            links.push((path.clone(), found.unwrap_or_default()));
+        }
+        for (path, found) in links {
+            let Some(op) = openapi.paths.paths.get_mut(&path).and_then(|i| i.post.as_mut()) else { continue };
+            let Some(RefOr::T(created)) = op.responses.responses.get_mut("201") else { continue };
+            for (operation_id, param) in found {
+                // utoipa 5.5 writes `Link::operation_id` as "operation_id", a key OpenAPI does not
+                // know; the extensions map is written flat, so the field goes in there by its name.
+                let link = LinkBuilder::new()
+                    .extensions(Some(Extensions::from_iter([("operationId", operation_id.clone())])))
+                    .parameter(param, "$response.body#/id")
+                    .description("The created item's id.")
+                    .build();
+                created.links.insert(operation_id, RefOr::T(link));
             }
         }
     }
@@ -348,6 +398,26 @@ mod tests {
         let params = doc["paths"]["/v1.0/users"]["get"]["parameters"].as_array().unwrap();
         for name in ["$top", "$skiptoken", "$count"] {
             assert!(params.iter().any(|p| p["name"] == name), "{name} is documented on collections");
+        }
+    }
+
+    #[test]
+    fn test_creates_link_to_the_operations_on_what_they_created() {
+        let doc = document();
+        let links = &doc["paths"]["/v1.0/users"]["post"]["responses"]["201"]["links"];
+        assert_eq!(links["get_user"]["operationId"], "get_user", "{links}");
+        assert_eq!(links["get_user"]["parameters"]["id"], "$response.body#/id");
+        assert!(links["get_user"].get("operation_id").is_none(), "{links}");
+        let upload = &doc["paths"]["/v1.0/deviceManagement/virtualEndpoint/deviceImages/upload"]["post"];
+        assert_eq!(upload["responses"]["201"]["links"]["get_device"]["operationId"], "get_device");
+        let ids: Vec<&str> = operations_of(&doc).iter().filter_map(|(_, _, op)| op["operationId"].as_str()).collect();
+        for (_, path, op) in operations_of(&doc) {
+            for response in op["responses"].as_object().unwrap().values() {
+                for (name, link) in response["links"].as_object().into_iter().flatten() {
+                    let target = link["operationId"].as_str().unwrap_or_default();
+                    assert!(ids.contains(&target), "{path}: link {name} points at no operation");
+                }
+            }
         }
     }
 
