@@ -17,3 +17,4 @@ cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 # Tests that boot VMs take turns inside the one integration binary; the rest run in parallel.
 cargo test --locked --workspace
+./scripts/schemathesis.sh

@@ -3,7 +3,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use cloudpc_control::Error;
 
@@ -61,18 +62,44 @@ impl From<Error> for ApiError {
     }
 }
 
+/// Graph's error body, `{"error": {"code", "message", "innerError"}}`: the type every error answer
+/// is serialized from and the OpenAPI document's `ODataError` schema, so the two cannot differ.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ODataError {
+    pub error: MainError,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MainError {
+    /// A Graph error code, such as `BadRequest`, `ResourceNotFound` or `Conflict`.
+    pub code: String,
+    /// A sentence saying what was wrong, naming the field or option when there is one.
+    pub message: String,
+    #[serde(rename = "innerError")]
+    pub inner_error: InnerError,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InnerError {
+    /// When the error was answered.
+    pub date: chrono::DateTime<chrono::Utc>,
+    /// A fresh id for this answer, to quote when asking about it.
+    #[serde(rename = "request-id")]
+    pub request_id: uuid::Uuid,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "error": {
-                "code": self.code,
-                "message": self.message,
-                "innerError": {
-                    "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    "request-id": uuid::Uuid::new_v4().to_string(),
-                }
-            }
-        });
+        let body = ODataError {
+            error: MainError {
+                code: self.code.to_string(),
+                message: self.message,
+                inner_error: InnerError {
+                    date: chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap_or_default(),
+                    request_id: uuid::Uuid::new_v4(),
+                },
+            },
+        };
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());

@@ -1,6 +1,6 @@
 //! Request extractors that turn axum's plain-text rejections into Graph error bodies.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -55,6 +55,36 @@ fn json_rejection(r: JsonRejection) -> ApiError {
             format!("The request body could not be read: {}", other.body_text()),
         ),
     }
+}
+
+/// `Path<T>` whose failures (an id that is not valid UTF-8 once percent-decoded) are Graph error
+/// bodies like every other answer, instead of axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(r: PathRejection) -> ApiError {
+    let status = r.status();
+    let text = r.body_text();
+    if status.is_server_error() {
+        // A route whose parameters do not fit its handler: a mistake in cloudpc, not the caller's.
+        tracing::error!(error = %text, "path parameters do not fit the handler");
+        return ApiError::new(status, "InternalServerError", "An internal error occurred.");
+    }
+    ApiError::bad_request(format!("The URL's id is not valid: {text}"))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {

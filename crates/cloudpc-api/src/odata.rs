@@ -12,11 +12,30 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 
 const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 999;
+pub(crate) const MAX_PAGE: usize = 999;
+
+// The one type both the answers and the OpenAPI document use, so the document cannot describe a
+// shape the API does not send.
+/// A Graph collection: one page of items, with where it came from and how to get the next page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Collection<T> {
+    /// Where the collection's type is described (Graph's metadata URL for the entity set).
+    #[serde(rename = "@odata.context")]
+    pub context: String,
+    /// How many items match, over all pages; only with `$count=true`.
+    #[serde(rename = "@odata.count", skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+    /// The next page's URL, while more items remain; follow it as it is.
+    #[serde(rename = "@odata.nextLink", skip_serializing_if = "Option::is_none")]
+    pub next_link: Option<String>,
+    /// This page's items.
+    pub value: Vec<T>,
+}
 
 /// One `field eq value` term of a `$filter`.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +129,11 @@ fn percent_decode(s: &str) -> Option<String> {
 impl Options {
     pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
         let mut o = Options::default();
+        let mut seen = std::collections::HashSet::new();
         for (k, v) in pairs {
+            if k.starts_with('$') && !seen.insert(k.as_str()) {
+                return Err(ApiError::bad_request(format!("Query option '{k}' is given more than once.")));
+            }
             match k.as_str() {
                 "$top" => {
                     let n: usize = v
@@ -122,9 +145,12 @@ impl Options {
                     o.top = Some(n);
                 }
                 "$skiptoken" => {
+                    // A whole number from 0 to i64::MAX, as the OpenAPI document says.
                     o.skip = v
-                        .parse()
-                        .map_err(|_| ApiError::bad_request("$skiptoken is not one that this server issued."))?;
+                        .parse::<i64>()
+                        .ok()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| ApiError::bad_request("$skiptoken is not one that this server issued."))?;
                 }
                 "$filter" => {
                     o.filter = parse_filter(v)?;
@@ -135,10 +161,17 @@ impl Options {
                     o.raw_select = Some(v.clone());
                 }
                 "$expand" => {
-                    o.expand = split_list(v);
+                    // Taken exactly (no blanks, no spaces): each name is checked by `expand_only`.
+                    o.expand = v.split(',').map(str::to_string).collect();
                     o.raw_expand = Some(v.clone());
                 }
-                "$count" => o.count = v == "true",
+                "$count" => {
+                    o.count = match v.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(ApiError::bad_request(format!("$count must be true or false, not '{v}'."))),
+                    }
+                }
                 k if k.starts_with('$') => {
                     return Err(ApiError::new(
                         StatusCode::BAD_REQUEST,
@@ -154,7 +187,7 @@ impl Options {
         Ok(o)
     }
 
-    /// Refuses `$expand` values a resource does not offer.
+    /// Refuses `$expand` values a resource does not offer (an empty one included).
     pub fn expand_only(&self, allowed: &[&str]) -> Result<bool, ApiError> {
         for e in &self.expand {
             if !allowed.contains(&e.as_str()) {
@@ -312,17 +345,15 @@ impl GraphRequest {
         let total = values.len();
         let size = o.top.unwrap_or(DEFAULT_PAGE);
         let page: Vec<Value> = values.into_iter().skip(o.skip).take(size).map(|v| select(v, &o.select)).collect();
-        let mut body = Map::new();
-        body.insert("@odata.context".into(), Value::String(self.context(set)));
-        if o.count {
-            body.insert("@odata.count".into(), Value::from(total));
-        }
-        let next = o.skip + size;
-        if next < total {
-            body.insert("@odata.nextLink".into(), Value::String(self.next_link(size, next)));
-        }
-        body.insert("value".into(), Value::Array(page));
-        Ok(Json(Value::Object(body)).into_response())
+        // A $skiptoken near the top of usize must not overflow into a panic.
+        let next = o.skip.saturating_add(size);
+        let body = Collection {
+            context: self.context(set),
+            count: o.count.then_some(total),
+            next_link: (next < total).then(|| self.next_link(size, next)),
+            value: page,
+        };
+        Ok(Json(body).into_response())
     }
 
     fn next_link(&self, size: usize, skip: usize) -> String {
@@ -390,6 +421,27 @@ mod tests {
         assert!(matches(&item, &term).unwrap());
         let missing = parse_filter("nope eq 'abc'").unwrap().remove(0);
         assert!(matches(&item, &missing).is_err());
+    }
+
+    #[test]
+    fn test_options_outside_their_documented_range_refused() {
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        for bad in [
+            vec![("$count", "yes")],
+            vec![("$skiptoken", "-1")],
+            vec![("$skiptoken", "9223372036854775808")],
+            vec![("$top", "0")],
+            vec![("$top", "1000")],
+            vec![("$top", "5"), ("$top", "6")],
+        ] {
+            assert!(Options::parse(&pairs(&bad)).is_err(), "{bad:?}");
+        }
+        let o = Options::parse(&pairs(&[("$count", "false"), ("$skiptoken", "9223372036854775807"), ("top", "x")]))
+            .unwrap();
+        assert!(!o.count);
+        assert_eq!(o.skip, 9223372036854775807);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `/deviceManagement/virtualEndpoint/cloudPCs` with its remote actions, `/auditEvents`, and the
 //! device records provisioning makes (`/devices`, `/deviceManagement/managedDevices`).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
@@ -13,8 +13,8 @@ use cloudpc_types::cloud_pc::{
 };
 
 use super::{no_content, Reply};
-use crate::extract::ApiJson;
-use crate::odata::GraphRequest;
+use crate::extract::{ApiJson, ApiPath};
+use crate::odata::{Collection, GraphRequest};
 use crate::Caller;
 
 const PCS: &str = "deviceManagement/virtualEndpoint/cloudPCs";
@@ -39,50 +39,50 @@ pub fn routes() -> Router<App> {
         .route("/deviceManagement/managedDevices", get(list_managed_devices))
 }
 
-#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs", tag = "cloudPCs", responses((status = 200, body = Vec<CloudPc>)))]
+#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs", tag = "cloudPCs", responses((status = 200, body = Collection<CloudPc>)))]
 pub async fn list_cloud_pcs(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page(PCS, app.list_cloud_pcs().await?)
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}", tag = "cloudPCs", responses((status = 200, body = CloudPc)))]
-pub async fn get_cloud_pc(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+pub async fn get_cloud_pc(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.entity(PCS, &app.get_cloud_pc(&id).await?, StatusCode::OK)
 }
 
 /// cloudpc extension: each provisioning step with its times and error.
-#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/provisioningSteps", tag = "cloudPCs", responses((status = 200, body = Vec<ProvisioningStepRecord>)))]
-pub async fn steps(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/provisioningSteps", tag = "cloudPCs", responses((status = 200, body = Collection<ProvisioningStepRecord>)))]
+pub async fn steps(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.page(&format!("{PCS}('{id}')/provisioningSteps"), app.provisioning_steps(&id).await?)
 }
 
 /// Deletes and recreates the Cloud PC from its user's current policy (provisioned or failed only).
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/reprovision", tag = "cloudPCs", responses((status = 204), (status = 409, description = "not provisioned or failed")))]
-pub async fn reprovision(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+pub async fn reprovision(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.reprovision(&actor, &id).await?;
     no_content()
 }
 
 /// cloudpc extension: the Retry of a failed Cloud PC.
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/retry", tag = "cloudPCs", responses((status = 204), (status = 409, description = "not failed")))]
-pub async fn retry(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+pub async fn retry(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.retry(&actor, &id).await?;
     no_content()
 }
 
-#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/reboot", tag = "cloudPCs", responses((status = 204)))]
-pub async fn reboot(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/reboot", tag = "cloudPCs", responses((status = 204), (status = 409, description = "The Cloud PC is not provisioned, or its VM refused the action.")))]
+pub async fn reboot(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.reboot(&actor, &id).await?;
     no_content()
 }
 
-#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOff", tag = "cloudPCs", responses((status = 204)))]
-pub async fn power_off(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOff", tag = "cloudPCs", responses((status = 204), (status = 409, description = "The Cloud PC is not provisioned, or its VM refused the action.")))]
+pub async fn power_off(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.power_off(&actor, &id).await?;
     no_content()
 }
 
-#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOn", tag = "cloudPCs", responses((status = 204)))]
-pub async fn power_on(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOn", tag = "cloudPCs", responses((status = 204), (status = 409, description = "The Cloud PC is not provisioned, or its VM refused the action.")))]
+pub async fn power_on(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.power_on(&actor, &id).await?;
     no_content()
 }
@@ -91,15 +91,15 @@ pub async fn power_on(State(app): State<App>, Caller(actor): Caller, Path(id): P
 pub async fn rename(
     State(app): State<App>,
     Caller(actor): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<RenameRequest>,
 ) -> Reply {
     app.rename(&actor, &id, &input.display_name).await?;
     no_content()
 }
 
-#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/endGracePeriod", tag = "cloudPCs", responses((status = 204)))]
-pub async fn end_grace_period(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/endGracePeriod", tag = "cloudPCs", responses((status = 204), (status = 409, description = "The Cloud PC is not in its grace period.")))]
+pub async fn end_grace_period(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.end_grace_period(&actor, &id).await?;
     no_content()
 }
@@ -110,7 +110,7 @@ pub async fn initial_password(
     State(app): State<App>,
     Caller(actor): Caller,
     g: GraphRequest,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Reply {
     g.entity("initialPassword", &app.take_initial_password(&actor, &id).await?, StatusCode::OK)
 }
@@ -122,28 +122,28 @@ pub async fn console_ticket(
     State(app): State<App>,
     Caller(actor): Caller,
     g: GraphRequest,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Reply {
     g.entity("consoleTicket", &app.issue_console_ticket(&actor, &id).await?, StatusCode::OK)
 }
 
 /// Audit events are read-only: no route changes or deletes them.
-#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/auditEvents", tag = "audit", responses((status = 200, body = Vec<AuditEvent>)))]
+#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/auditEvents", tag = "audit", responses((status = 200, body = Collection<AuditEvent>)))]
 pub async fn list_audit(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page("deviceManagement/virtualEndpoint/auditEvents", app.list_audit_events().await?)
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/auditEvents/{id}", tag = "audit", responses((status = 200, body = AuditEvent)))]
-pub async fn get_audit(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+pub async fn get_audit(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.entity("deviceManagement/virtualEndpoint/auditEvents", &app.get_audit_event(&id).await?, StatusCode::OK)
 }
 
-#[utoipa::path(get, path = "/v1.0/devices", tag = "devices", responses((status = 200, body = Vec<Device>)))]
+#[utoipa::path(get, path = "/v1.0/devices", tag = "devices", responses((status = 200, body = Collection<Device>)))]
 pub async fn list_devices(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page("devices", app.list_devices().await?)
 }
 
-#[utoipa::path(get, path = "/v1.0/deviceManagement/managedDevices", tag = "devices", responses((status = 200, body = Vec<ManagedDevice>)))]
+#[utoipa::path(get, path = "/v1.0/deviceManagement/managedDevices", tag = "devices", responses((status = 200, body = Collection<ManagedDevice>)))]
 pub async fn list_managed_devices(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page("deviceManagement/managedDevices", app.list_managed_devices().await?)
 }

@@ -1,6 +1,6 @@
 //! `/users`, `/groups` and group membership.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -9,8 +9,8 @@ use cloudpc_control::App;
 use cloudpc_types::directory::{Group, GroupCreate, GroupUpdate, MemberRef, User, UserCreate, UserUpdate};
 
 use super::{no_content, Reply};
-use crate::extract::ApiJson;
-use crate::odata::GraphRequest;
+use crate::extract::{ApiJson, ApiPath};
+use crate::odata::{Collection, GraphRequest};
 use crate::Caller;
 
 pub fn routes() -> Router<App> {
@@ -25,12 +25,12 @@ pub fn routes() -> Router<App> {
         .route("/groups/{id}/members/{member}/$ref", delete(remove_member))
 }
 
-#[utoipa::path(get, path = "/v1.0/users", tag = "directory", responses((status = 200, body = Vec<User>)))]
+#[utoipa::path(get, path = "/v1.0/users", tag = "directory", responses((status = 200, body = Collection<User>)))]
 pub async fn list_users(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page("users", app.list_users().await?)
 }
 
-#[utoipa::path(post, path = "/v1.0/users", tag = "directory", request_body = UserCreate, responses((status = 201, body = User)))]
+#[utoipa::path(post, path = "/v1.0/users", tag = "directory", request_body = UserCreate, responses((status = 201, body = User), (status = 409, description = "A user with this userPrincipalName exists.")))]
 pub async fn create_user(
     State(app): State<App>,
     Caller(actor): Caller,
@@ -41,15 +41,15 @@ pub async fn create_user(
 }
 
 #[utoipa::path(get, path = "/v1.0/users/{id}", tag = "directory", params(("id" = String, Path, description = "id or userPrincipalName")), responses((status = 200, body = User)))]
-pub async fn get_user(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+pub async fn get_user(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.entity("users", &app.get_user(&id).await?, StatusCode::OK)
 }
 
-#[utoipa::path(patch, path = "/v1.0/users/{id}", tag = "directory", request_body = UserUpdate, responses((status = 204)))]
+#[utoipa::path(patch, path = "/v1.0/users/{id}", tag = "directory", request_body = UserUpdate, responses((status = 204), (status = 409, description = "A user with this userPrincipalName exists.")))]
 pub async fn update_user(
     State(app): State<App>,
     Caller(actor): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<UserUpdate>,
 ) -> Reply {
     app.update_user(&actor, &id, input).await?;
@@ -57,17 +57,17 @@ pub async fn update_user(
 }
 
 #[utoipa::path(delete, path = "/v1.0/users/{id}", tag = "directory", responses((status = 204)))]
-pub async fn delete_user(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+pub async fn delete_user(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.delete_user(&actor, &id).await?;
     no_content()
 }
 
-#[utoipa::path(get, path = "/v1.0/users/{id}/memberOf", tag = "directory", responses((status = 200, body = Vec<Group>)))]
-pub async fn member_of(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+#[utoipa::path(get, path = "/v1.0/users/{id}/memberOf", tag = "directory", responses((status = 200, body = Collection<Group>)))]
+pub async fn member_of(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.page("directoryObjects", app.list_member_of(&id).await?)
 }
 
-#[utoipa::path(get, path = "/v1.0/groups", tag = "directory", responses((status = 200, body = Vec<Group>)))]
+#[utoipa::path(get, path = "/v1.0/groups", tag = "directory", responses((status = 200, body = Collection<Group>)))]
 pub async fn list_groups(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page("groups", app.list_groups().await?)
 }
@@ -83,7 +83,7 @@ pub async fn create_group(
 }
 
 #[utoipa::path(get, path = "/v1.0/groups/{id}", tag = "directory", responses((status = 200, body = Group)))]
-pub async fn get_group(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+pub async fn get_group(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.entity("groups", &app.get_group(&id).await?, StatusCode::OK)
 }
 
@@ -91,7 +91,7 @@ pub async fn get_group(State(app): State<App>, g: GraphRequest, Path(id): Path<S
 pub async fn update_group(
     State(app): State<App>,
     Caller(actor): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<GroupUpdate>,
 ) -> Reply {
     app.update_group(&actor, &id, input).await?;
@@ -99,13 +99,13 @@ pub async fn update_group(
 }
 
 #[utoipa::path(delete, path = "/v1.0/groups/{id}", tag = "directory", responses((status = 204), (status = 409, description = "a policy targets the group")))]
-pub async fn delete_group(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+pub async fn delete_group(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.delete_group(&actor, &id).await?;
     no_content()
 }
 
-#[utoipa::path(get, path = "/v1.0/groups/{id}/members", tag = "directory", responses((status = 200, body = Vec<User>)))]
-pub async fn list_members(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+#[utoipa::path(get, path = "/v1.0/groups/{id}/members", tag = "directory", responses((status = 200, body = Collection<User>)))]
+pub async fn list_members(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.page("directoryObjects", app.list_members(&id).await?)
 }
 
@@ -113,7 +113,7 @@ pub async fn list_members(State(app): State<App>, g: GraphRequest, Path(id): Pat
 pub async fn add_member(
     State(app): State<App>,
     Caller(actor): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<MemberRef>,
 ) -> Reply {
     let member = input.member_id().map_err(cloudpc_control::Error::from)?;
@@ -125,7 +125,7 @@ pub async fn add_member(
 pub async fn remove_member(
     State(app): State<App>,
     Caller(actor): Caller,
-    Path((id, member)): Path<(String, String)>,
+    ApiPath((id, member)): ApiPath<(String, String)>,
 ) -> Reply {
     app.remove_member(&actor, &id, &member).await?;
     no_content()

@@ -1,7 +1,7 @@
 //! `/deviceManagement/virtualEndpoint/galleryImages` and `/deviceImages`.
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -15,8 +15,9 @@ use cloudpc_types::images::{
 
 use super::{no_content, Reply};
 use crate::error::ApiError;
-use crate::extract::ApiJson;
-use crate::odata::{form_pairs, GraphRequest};
+use crate::extract::{ApiJson, ApiPath};
+use crate::odata::{form_pairs, Collection, GraphRequest};
+use crate::openapi::ImageBytes;
 use crate::Caller;
 
 const VE: &str = "deviceManagement/virtualEndpoint";
@@ -80,10 +81,16 @@ fn body_reader(body: Body) -> impl tokio::io::AsyncRead + Unpin + Send {
 /// Creates an image from a disk image (qcow2, or raw with `format=raw`) streamed as the request body
 /// (`?displayName=…&version=…[&operatingSystem=…]`); `pending` until checked.
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/upload", tag = "images",
-    params(("displayName" = String, Query), ("version" = String, Query), ("operatingSystem" = Option<String>, Query),
-        ("format" = Option<String>, Query, description = "qcow2 (default) or raw")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 201, body = DeviceImage), (status = 413, description = "larger than the image size limit")))]
+    params(("displayName" = String, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("version" = String, Query, pattern = r"^[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}$", description = "Major.Minor.Patch"),
+        ("operatingSystem" = Option<String>, Query),
+        ("format" = Option<SourceImageFormat>, Query, description = "qcow2 (default) or raw")),
+    request_body(content = ImageBytes, content_type = "application/octet-stream"),
+    responses((status = 201, body = DeviceImage),
+        (status = 409, description = "The server keeps as many custom images as it may."),
+        (status = 413, description = "Larger than an image of the size limit can be."),
+        (status = 429, description = "As many uploads as the server takes at once are streaming; try again after Retry-After."),
+        (status = 507, description = "The server has too little free space for the image.")))]
 pub async fn upload_device(
     State(app): State<App>,
     Caller(actor): Caller,
@@ -104,12 +111,13 @@ pub async fn upload_device(
 }
 
 /// Adds a version from a disk image file on the server's host; existing Cloud PCs keep theirs.
-#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions", tag = "images", request_body = DeviceImageVersionCreate, responses((status = 201, body = DeviceImage)))]
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions", tag = "images", request_body = DeviceImageVersionCreate,
+    responses((status = 201, body = DeviceImage)))]
 pub async fn create_version(
     State(app): State<App>,
     Caller(actor): Caller,
     g: GraphRequest,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<DeviceImageVersionCreate>,
 ) -> Reply {
     g.entity(
@@ -125,7 +133,7 @@ pub async fn create_version(
 pub async fn delete_version(
     State(app): State<App>,
     Caller(actor): Caller,
-    Path((id, version)): Path<(String, String)>,
+    ApiPath((id, version)): ApiPath<(String, String)>,
 ) -> Reply {
     app.delete_device_image_version(&actor, &id, &version).await?;
     no_content()
@@ -133,14 +141,18 @@ pub async fn delete_version(
 
 /// Adds a version from a disk image streamed as the request body (`?version=…[&format=raw]`).
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}/versions/upload", tag = "images",
-    params(("version" = String, Query), ("format" = Option<String>, Query, description = "qcow2 (default) or raw")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 201, body = DeviceImage)))]
+    params(("version" = String, Query, pattern = r"^[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}$", description = "Major.Minor.Patch, higher than the image's newest version"),
+        ("format" = Option<SourceImageFormat>, Query, description = "qcow2 (default) or raw")),
+    request_body(content = ImageBytes, content_type = "application/octet-stream"),
+    responses((status = 201, body = DeviceImage),
+        (status = 413, description = "Larger than an image of the size limit can be."),
+        (status = 429, description = "As many uploads as the server takes at once are streaming; try again after Retry-After."),
+        (status = 507, description = "The server has too little free space for the image.")))]
 pub async fn upload_version(
     State(app): State<App>,
     Caller(actor): Caller,
     g: GraphRequest,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -152,31 +164,32 @@ pub async fn upload_version(
     g.entity(&format!("{VE}/deviceImages"), &image, StatusCode::CREATED)
 }
 
-#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/galleryImages", tag = "images", responses((status = 200, body = Vec<GalleryImage>)))]
+#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/galleryImages", tag = "images", responses((status = 200, body = Collection<GalleryImage>)))]
 pub async fn list_gallery(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page(&format!("{VE}/galleryImages"), app.list_gallery_images().await?)
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/galleryImages/{id}", tag = "images", responses((status = 200, body = GalleryImage)))]
-pub async fn get_gallery(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+pub async fn get_gallery(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.entity(&format!("{VE}/galleryImages"), &app.get_gallery_image(&id).await?, StatusCode::OK)
 }
 
 /// cloudpc extension: deletes an image build nothing uses (its registration and its directory).
 #[utoipa::path(delete, path = "/v1.0/deviceManagement/virtualEndpoint/galleryImages/{id}", tag = "images",
     responses((status = 204), (status = 409, description = "a policy or a Cloud PC uses it")))]
-pub async fn delete_gallery(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+pub async fn delete_gallery(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.delete_gallery_image(&actor, &id).await?;
     no_content()
 }
 
-#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages", tag = "images", responses((status = 200, body = Vec<DeviceImage>)))]
+#[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages", tag = "images", responses((status = 200, body = Collection<DeviceImage>)))]
 pub async fn list_device(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page(&format!("{VE}/deviceImages"), app.list_device_images().await?)
 }
 
 /// Registers a disk image file (qcow2 or raw) on the server's host; the image is `pending` until checked.
-#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages", tag = "images", request_body = DeviceImageCreate, responses((status = 201, body = DeviceImage)))]
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages", tag = "images", request_body = DeviceImageCreate,
+    responses((status = 201, body = DeviceImage), (status = 409, description = "The server keeps as many custom images as it may.")))]
 pub async fn create_device(
     State(app): State<App>,
     Caller(actor): Caller,
@@ -187,12 +200,12 @@ pub async fn create_device(
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}", tag = "images", responses((status = 200, body = DeviceImage)))]
-pub async fn get_device(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+pub async fn get_device(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.entity(&format!("{VE}/deviceImages"), &app.get_device_image(&id).await?, StatusCode::OK)
 }
 
 #[utoipa::path(delete, path = "/v1.0/deviceManagement/virtualEndpoint/deviceImages/{id}", tag = "images", responses((status = 204), (status = 409, description = "a policy uses the image")))]
-pub async fn delete_device(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+pub async fn delete_device(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.delete_device_image(&actor, &id).await?;
     no_content()
 }

@@ -1,6 +1,6 @@
 //! `/subscribedSkus`, `assignLicense` and `licenseDetails`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
@@ -9,8 +9,8 @@ use cloudpc_control::App;
 use cloudpc_types::licensing::{AssignLicenseRequest, LicenseDetails, SkuCreate, SkuUpdate, SubscribedSku};
 
 use super::{no_content, Reply};
-use crate::extract::ApiJson;
-use crate::odata::GraphRequest;
+use crate::extract::{ApiJson, ApiPath};
+use crate::odata::{Collection, GraphRequest};
 use crate::Caller;
 
 pub fn routes() -> Router<App> {
@@ -23,12 +23,12 @@ pub fn routes() -> Router<App> {
         .route("/groups/{id}/assignedLicenses", get(group_licenses))
 }
 
-#[utoipa::path(get, path = "/v1.0/subscribedSkus", tag = "licensing", responses((status = 200, body = Vec<SubscribedSku>)))]
+#[utoipa::path(get, path = "/v1.0/subscribedSkus", tag = "licensing", responses((status = 200, body = Collection<SubscribedSku>)))]
 pub async fn list_skus(State(app): State<App>, g: GraphRequest) -> Reply {
     g.page("subscribedSkus", app.list_skus().await?)
 }
 
-#[utoipa::path(post, path = "/v1.0/subscribedSkus", tag = "licensing", request_body = SkuCreate, responses((status = 201, body = SubscribedSku)))]
+#[utoipa::path(post, path = "/v1.0/subscribedSkus", tag = "licensing", request_body = SkuCreate, responses((status = 201, body = SubscribedSku), (status = 409, description = "A SKU with this skuPartNumber exists.")))]
 pub async fn create_sku(
     State(app): State<App>,
     Caller(actor): Caller,
@@ -39,15 +39,15 @@ pub async fn create_sku(
 }
 
 #[utoipa::path(get, path = "/v1.0/subscribedSkus/{id}", tag = "licensing", responses((status = 200, body = SubscribedSku)))]
-pub async fn get_sku(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+pub async fn get_sku(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.entity("subscribedSkus", &app.get_sku(&id).await?, StatusCode::OK)
 }
 
-#[utoipa::path(patch, path = "/v1.0/subscribedSkus/{id}", tag = "licensing", request_body = SkuUpdate, responses((status = 204)))]
+#[utoipa::path(patch, path = "/v1.0/subscribedSkus/{id}", tag = "licensing", request_body = SkuUpdate, responses((status = 204), (status = 409, description = "A SKU with this skuPartNumber exists, or fewer seats than are assigned.")))]
 pub async fn update_sku(
     State(app): State<App>,
     Caller(actor): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<SkuUpdate>,
 ) -> Reply {
     app.update_sku(&actor, &id, input).await?;
@@ -55,7 +55,7 @@ pub async fn update_sku(
 }
 
 #[utoipa::path(delete, path = "/v1.0/subscribedSkus/{id}", tag = "licensing", responses((status = 204), (status = 409, description = "still assigned")))]
-pub async fn delete_sku(State(app): State<App>, Caller(actor): Caller, Path(id): Path<String>) -> Reply {
+pub async fn delete_sku(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.delete_sku(&actor, &id).await?;
     no_content()
 }
@@ -65,7 +65,7 @@ pub async fn assign_user_license(
     State(app): State<App>,
     Caller(actor): Caller,
     g: GraphRequest,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<AssignLicenseRequest>,
 ) -> Reply {
     g.entity("users", &app.assign_user_license(&actor, &id, input).await?, StatusCode::OK)
@@ -76,19 +76,19 @@ pub async fn assign_group_license(
     State(app): State<App>,
     Caller(actor): Caller,
     g: GraphRequest,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(input): ApiJson<AssignLicenseRequest>,
 ) -> Reply {
     g.entity("groups", &app.assign_group_license(&actor, &id, input).await?, StatusCode::OK)
 }
 
-#[utoipa::path(get, path = "/v1.0/users/{id}/licenseDetails", tag = "licensing", responses((status = 200, body = Vec<LicenseDetails>)))]
-pub async fn license_details(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+#[utoipa::path(get, path = "/v1.0/users/{id}/licenseDetails", tag = "licensing", responses((status = 200, body = Collection<LicenseDetails>)))]
+pub async fn license_details(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.page("licenseDetails", app.license_details(&id).await?)
 }
 
 /// cloudpc's view of a group's licenses (Graph shows them as the group's `assignedLicenses`).
-#[utoipa::path(get, path = "/v1.0/groups/{id}/assignedLicenses", tag = "licensing", responses((status = 200, body = Vec<SubscribedSku>)))]
-pub async fn group_licenses(State(app): State<App>, g: GraphRequest, Path(id): Path<String>) -> Reply {
+#[utoipa::path(get, path = "/v1.0/groups/{id}/assignedLicenses", tag = "licensing", responses((status = 200, body = Collection<SubscribedSku>)))]
+pub async fn group_licenses(State(app): State<App>, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
     g.page("subscribedSkus", app.group_license_skus(&id).await?)
 }

@@ -13,6 +13,7 @@ mod image_import;
 mod images;
 mod licensing;
 mod odata;
+mod openapi;
 mod policies;
 mod server;
 mod vm;
