@@ -5,10 +5,10 @@
 # overlays), QEMU and libvirt (the hypervisor; libvirt-dev to build the binding), dnsmasq and
 # iptables (hosted NAT networks, nwfilter), cpio and e2fsprogs (building the tiny test image),
 # syslinux, mtools, dosfstools and fdisk (its BIOS-bootable import disks), mmdebstrap (the desktop
-# gallery image). chromium runs the browser tests of the portal.
+# gallery image). chromium runs the browser tests of the portal; python3 and python3-venv run schemathesis against the OpenAPI document.
 CLOUDPC_PACKAGES="build-essential pkg-config ca-certificates curl qemu-utils qemu-system-x86 libvirt-daemon
 libvirt-daemon-driver-qemu libvirt-clients libvirt-dev dnsmasq-base iptables cpio e2fsprogs chromium
-syslinux syslinux-common mtools dosfstools fdisk mmdebstrap debian-archive-keyring"
+syslinux syslinux-common mtools dosfstools fdisk mmdebstrap debian-archive-keyring python3 python3-venv"
 
 # Where gallery images are built (shared by the service and the tests; builds are cached there).
 CLOUDPC_GALLERY_DIR=${CLOUDPC_GALLERY_DIR:-/var/lib/cloudpc/gallery}
@@ -23,7 +23,7 @@ as_root() {
 CLOUDPC_COMMANDS="cc:build-essential pkg-config:pkg-config curl:curl qemu-img:qemu-utils
 qemu-system-x86_64:qemu-system-x86 virsh:libvirt-clients libvirtd:libvirt-daemon virtlogd:libvirt-daemon
 dnsmasq:dnsmasq-base iptables:iptables cpio:cpio mkfs.ext4:e2fsprogs syslinux:syslinux mcopy:mtools
-mkfs.vfat:dosfstools sfdisk:fdisk mmdebstrap:mmdebstrap chromium:chromium"
+mkfs.vfat:dosfstools sfdisk:fdisk mmdebstrap:mmdebstrap chromium:chromium python3:python3"
 
 # The one version the QEMU packages must share: the installed qemu-system-x86's, else the version
 # apt would install. qemu-utils from elsewhere (a backport) conflicts with Debian's QEMU, and apt
