@@ -356,6 +356,32 @@ impl GraphRequest {
         Ok(Json(body).into_response())
     }
 
+    /// The page size this request asks for.
+    pub fn page_size(&self) -> usize {
+        self.options.top.unwrap_or(DEFAULT_PAGE)
+    }
+
+    /// A Graph collection whose filtering and paging the store did: `items` is this page
+    /// already, `total` how many match over all pages.
+    pub fn page_from_store<T: Serialize>(&self, set: &str, items: Vec<T>, total: usize) -> Result<Response, ApiError> {
+        let o = &self.options;
+        let size = self.page_size();
+        let mut page = Vec::with_capacity(items.len());
+        for item in items {
+            let v = serde_json::to_value(item)
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", e.to_string()))?;
+            page.push(select(v, &o.select));
+        }
+        let next = o.skip.saturating_add(size);
+        let body = Collection {
+            context: self.context(set),
+            count: o.count.then_some(total),
+            next_link: (next < total).then(|| self.next_link(size, next)),
+            value: page,
+        };
+        Ok(Json(body).into_response())
+    }
+
     fn next_link(&self, size: usize, skip: usize) -> String {
         let enc = |s: &str| {
             s.bytes()

@@ -163,6 +163,5 @@ async fn rename(
 
 async fn ticket(State(app): State<App>, Path(id): Path<String>, req: Request) -> Reply {
     let actor = user(req.extensions())?;
-    app.my_cloud_pc(&actor, &id).await?;
-    Ok(Json(app.issue_console_ticket(&actor, &id).await?).into_response())
+    Ok(Json(app.my_console_ticket(&actor, &id).await?).into_response())
 }

@@ -49,6 +49,18 @@ impl App {
             return Err(refused());
         }
         let token = self.store.find_token(&hash(secret)).await?.ok_or_else(refused)?;
+        let now = Utc::now();
+        if token.expiration_date_time.is_some_and(|t| t <= now) {
+            return Err(Error::Unauthenticated(
+                "the access token has expired; ask an administrator for a new one".into(),
+            ));
+        }
+        // To the minute: a write per request would cost more than knowing the second is worth.
+        if token.last_used_date_time.is_none_or(|t| now - t >= chrono::Duration::minutes(1)) {
+            if let Err(e) = self.store.touch_token(token.id, now).await {
+                tracing::warn!(error = %e, "could not record a token's last use");
+            }
+        }
         Ok(Actor { id: Some(token.id), name: token.display_name, role: token.role, ip_address, system: false })
     }
 
@@ -63,8 +75,14 @@ impl App {
                 ));
             }
             if self.store.find_token(&hash(secret)).await?.is_none() {
-                self.insert_token("bootstrap administrator", Role::CloudPcAdministrator, secret, &Actor::system())
-                    .await?;
+                self.insert_token(
+                    "bootstrap administrator",
+                    Role::CloudPcAdministrator,
+                    secret,
+                    None,
+                    &Actor::system(),
+                )
+                .await?;
             }
             return Ok(Bootstrap::FromEnvironment);
         }
@@ -72,7 +90,8 @@ impl App {
             return Ok(Bootstrap::Existing);
         }
         let secret = new_secret();
-        self.insert_token("bootstrap administrator", Role::CloudPcAdministrator, &secret, &Actor::system()).await?;
+        self.insert_token("bootstrap administrator", Role::CloudPcAdministrator, &secret, None, &Actor::system())
+            .await?;
         Ok(Bootstrap::Created(secret))
     }
 
@@ -84,17 +103,63 @@ impl App {
                 "tokens are for cloudPcAdministrator or cloudPcReader; users sign in to the portal",
             ));
         }
+        if let Some(at) = input.expiration_date_time {
+            if at <= Utc::now() {
+                return Err(Error::invalid("expirationDateTime", "must be in the future"));
+            }
+        }
         let secret = new_secret();
-        let token = self.insert_token(&input.display_name, input.role, &secret, actor).await?;
+        let token =
+            self.insert_token(&input.display_name, input.role, &secret, input.expiration_date_time, actor).await?;
         Ok(ApiTokenCreated { token, secret })
+    }
+
+    pub async fn get_token(&self, id: &str) -> Result<ApiToken> {
+        let id = crate::directory::parse_id("apiToken", id)?;
+        self.store
+            .list_tokens()
+            .await?
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| Error::NotFound { kind: "apiToken", id: id.to_string() })
+    }
+
+    /// Revokes a token: it is refused from the next request on.
+    pub async fn revoke_token(&self, actor: &Actor, id: &str) -> Result<()> {
+        let token = self.get_token(id).await?;
+        let audit = Change {
+            component: "Access",
+            activity: "Delete ApiToken".into(),
+            operation: AuditOperationType::Delete,
+            resource_type: "apiToken",
+            resource_id: token.id.to_string(),
+            resource_name: token.display_name.clone(),
+        }
+        .event(actor, Some(&token), None);
+        self.store.revoke_token(token.id, &audit).await?;
+        Ok(())
     }
 
     pub async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
         Ok(self.store.list_tokens().await?)
     }
 
-    async fn insert_token(&self, name: &str, role: Role, secret: &str, actor: &Actor) -> Result<ApiToken> {
-        let token = ApiToken { id: Uuid::new_v4(), display_name: name.into(), role, created_date_time: Utc::now() };
+    async fn insert_token(
+        &self,
+        name: &str,
+        role: Role,
+        secret: &str,
+        expires: Option<chrono::DateTime<Utc>>,
+        actor: &Actor,
+    ) -> Result<ApiToken> {
+        let token = ApiToken {
+            id: Uuid::new_v4(),
+            display_name: name.into(),
+            role,
+            created_date_time: Utc::now(),
+            expiration_date_time: expires,
+            last_used_date_time: None,
+        };
         let audit = Change {
             component: "Access",
             activity: "Create ApiToken".into(),

@@ -238,13 +238,29 @@ impl App {
         Ok(self.store.list_audit_events().await?)
     }
 
+    /// One page of the audit log (in time order), matching `filter`, and the number matching.
+    pub async fn audit_events_page(
+        &self,
+        filter: &[cloudpc_store::FieldEquals],
+        skip: usize,
+        top: usize,
+    ) -> Result<(Vec<AuditEvent>, usize)> {
+        Ok(self.store.audit_events_page(filter, skip, top).await?)
+    }
+
     pub async fn get_audit_event(&self, id: &str) -> Result<AuditEvent> {
         let id = parse_id("auditEvent", id)?;
-        self.list_audit_events()
-            .await?
-            .into_iter()
-            .find(|e| e.id == id)
-            .ok_or(Error::NotFound { kind: "auditEvent", id: id.to_string() })
+        Ok(self.store.get_audit_event(id).await?)
+    }
+
+    /// Deletes audit events older than the retention setting (run at start and every hour).
+    pub async fn prune_audit_log(&self) -> Result<u64> {
+        let days = self.config.audit_retention_days;
+        let n = self.store.prune_audit_events(days).await?;
+        if n > 0 {
+            tracing::info!(events = n, days, "audit events older than the retention period were deleted");
+        }
+        Ok(n)
     }
 
     pub async fn list_devices(&self) -> Result<Vec<cloudpc_types::cloud_pc::Device>> {

@@ -34,6 +34,7 @@ use cloudpc_hypervisor::Hypervisor;
 use cloudpc_store::Store;
 
 pub use audit::Actor;
+pub use cloudpc_store::FieldEquals;
 pub use error::Error;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -83,6 +84,8 @@ pub struct AppConfig {
     pub injected_faults: HashMap<String, u32>,
     /// Testing only: pause at a named point ("startGeneration") to widen a race window.
     pub injected_delays: HashMap<String, Duration>,
+    /// Audit events are kept this many days (Intune keeps its audit logs a year).
+    pub audit_retention_days: u32,
     /// Testing only: panic N times at a named point (a step name or `startGeneration`).
     pub injected_panics: HashMap<String, u32>,
     /// How long a console ticket may wait to be used.
@@ -111,6 +114,7 @@ impl Default for AppConfig {
             injected_faults: HashMap::new(),
             injected_delays: HashMap::new(),
             injected_panics: HashMap::new(),
+            audit_retention_days: 365,
             console_ticket_ttl: Duration::from_secs(30),
         }
     }
@@ -135,6 +139,8 @@ pub struct App {
     sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
     /// Sign-in attempts per client address.
     sign_in_rate: Arc<limits::KeyedLimiter>,
+    /// Portal actions per user.
+    portal_actions: Arc<limits::KeyedLimiter>,
     /// argon2 runs, at most a few at once.
     hash_slots: Arc<tokio::sync::Semaphore>,
     /// Serializes read-modify-write of device images (versions are checked concurrently), and
@@ -172,6 +178,11 @@ impl App {
             sign_in_rate: Arc::new(limits::KeyedLimiter::new(
                 portal::SIGN_IN_BURST,
                 portal::SIGN_IN_EVERY,
+                portal::MAX_TRACKED_ADDRESSES,
+            )),
+            portal_actions: Arc::new(limits::KeyedLimiter::new(
+                portal::PORTAL_ACTION_BURST,
+                portal::PORTAL_ACTION_EVERY,
                 portal::MAX_TRACKED_ADDRESSES,
             )),
             hash_slots: Arc::new(tokio::sync::Semaphore::new(portal::MAX_CONCURRENT_HASHES)),

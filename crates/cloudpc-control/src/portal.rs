@@ -43,6 +43,10 @@ pub const MAX_TRACKED_ADDRESSES: usize = 10_000;
 /// argon2 checks that run at once (each takes about 19 MiB and tens of milliseconds of a core);
 /// more wait, off the async runtime, so a burst of sign-ins cannot stall consoles or the reconciler.
 pub const MAX_CONCURRENT_HASHES: usize = 2;
+/// Portal actions (restart, rename, console ticket) one user may take: a burst, then one every
+/// few seconds.
+pub const PORTAL_ACTION_BURST: u32 = 10;
+pub const PORTAL_ACTION_EVERY: Duration = Duration::from_secs(6);
 /// The longest password accepted (as in Entra).
 const MAX_PASSWORD_LEN: usize = 256;
 
@@ -246,14 +250,32 @@ impl App {
         Ok(rec.pc)
     }
 
+    /// Portal actions write audit events (and some start work on the host): a user gets a few at
+    /// once, then one every few seconds, so a script in a browser tab cannot flood the log.
+    fn portal_action(&self, actor: &Actor) -> Result<()> {
+        let key = actor.id.map(|u| u.to_string()).unwrap_or_default();
+        self.portal_actions.check(&key).map_err(|retry_after| Error::RateLimited {
+            what: "too many actions on your Cloud PCs in a short time".into(),
+            retry_after,
+        })
+    }
+
     pub async fn my_reboot(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
         self.my_cloud_pc(actor, id).await?;
+        self.portal_action(actor)?;
         self.reboot(actor, id).await
     }
 
     pub async fn my_rename(&self, actor: &Actor, id: &str, name: &str) -> Result<CloudPc> {
         self.my_cloud_pc(actor, id).await?;
+        self.portal_action(actor)?;
         self.rename(actor, id, name).await
+    }
+
+    pub async fn my_console_ticket(&self, actor: &Actor, id: &str) -> Result<cloudpc_types::cloud_pc::ConsoleTicket> {
+        self.my_cloud_pc(actor, id).await?;
+        self.portal_action(actor)?;
+        self.issue_console_ticket(actor, id).await
     }
 }
 

@@ -157,6 +157,17 @@ pub trait Store: Send + Sync + 'static {
 
     // Audit.
     async fn list_audit_events(&self) -> Result<Vec<AuditEvent>>;
+    /// One page of events in time order, those matching every term of `filter`, and how many
+    /// match in all; the database pages, so a large log is never read whole.
+    async fn audit_events_page(
+        &self,
+        filter: &[FieldEquals],
+        skip: usize,
+        top: usize,
+    ) -> Result<(Vec<AuditEvent>, usize)>;
+    async fn get_audit_event(&self, id: Uuid) -> Result<AuditEvent>;
+    /// Deletes events older than `days`; returns how many went.
+    async fn prune_audit_events(&self, days: u32) -> Result<u64>;
     /// Records an event that goes with no stored change (console connections).
     async fn record_audit_event(&self, audit: &AuditEvent) -> Result<()>;
 
@@ -164,6 +175,18 @@ pub trait Store: Send + Sync + 'static {
     async fn create_token(&self, token: &ApiToken, secret_sha256: &str, audit: Option<&AuditEvent>) -> Result<()>;
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<ApiToken>>;
     async fn list_tokens(&self) -> Result<Vec<ApiToken>>;
+    /// Deletes a token; refused when it is the last administrator token (no one could get in).
+    async fn revoke_token(&self, id: Uuid, audit: &AuditEvent) -> Result<ApiToken>;
+    /// Records when a token was last used.
+    async fn touch_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<()>;
+}
+
+/// One `field eq value` condition on a stored resource's JSON body: `path` names nested fields
+/// (`actor`, `userPrincipalName`); strings compare without regard to case, as Graph's do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldEquals {
+    pub path: Vec<String>,
+    pub value: serde_json::Value,
 }
 
 /// Which table an image reference points into.

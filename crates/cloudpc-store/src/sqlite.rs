@@ -26,7 +26,7 @@ use cloudpc_types::licensing::SubscribedSku;
 use cloudpc_types::policy::ProvisioningPolicy;
 use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot, ProvisioningState};
 
-use crate::{image_table, LicenseGrant, Result, Store, StoreError, StoredAssignment};
+use crate::{image_table, FieldEquals, LicenseGrant, Result, Store, StoreError, StoredAssignment};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -946,6 +946,112 @@ impl Store for SqliteStore {
 
     async fn list_audit_events(&self) -> Result<Vec<AuditEvent>> {
         self.list_bodies("SELECT body FROM audit_events ORDER BY seq").await
+    }
+
+    async fn audit_events_page(
+        &self,
+        filter: &[FieldEquals],
+        skip: usize,
+        top: usize,
+    ) -> Result<(Vec<AuditEvent>, usize)> {
+        let mut clause = String::from("1 = 1");
+        let mut binds: Vec<(String, serde_json::Value)> = Vec::new();
+        for term in filter {
+            // The path is bound, not spliced: field names come from the caller.
+            let path = format!(
+                "$.{}",
+                term.path.iter().map(|p| format!("\"{}\"", p.replace('"', ""))).collect::<Vec<_>>().join(".")
+            );
+            match &term.value {
+                serde_json::Value::String(_) => clause.push_str(" AND lower(json_extract(body, ?)) = lower(?)"),
+                serde_json::Value::Null => clause.push_str(" AND json_extract(body, ?) IS ?"),
+                _ => clause.push_str(" AND json_extract(body, ?) = ?"),
+            }
+            binds.push((path, term.value.clone()));
+        }
+        let count_sql = format!("SELECT COUNT(*) AS n FROM audit_events WHERE {clause}");
+        let page_sql = format!("SELECT body FROM audit_events WHERE {clause} ORDER BY seq LIMIT ? OFFSET ?");
+        fn bind_all<'q>(
+            sql: &'q str,
+            binds: &[(String, serde_json::Value)],
+        ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+            let mut q = sqlx::query(sql);
+            for (path, value) in binds {
+                q = q.bind(path.clone());
+                q = match value {
+                    serde_json::Value::String(s) => q.bind(s.clone()),
+                    serde_json::Value::Bool(b) => q.bind(i64::from(*b)),
+                    serde_json::Value::Number(n) => match n.as_i64() {
+                        Some(i) => q.bind(i),
+                        None => q.bind(n.as_f64().unwrap_or_default()),
+                    },
+                    serde_json::Value::Null => q.bind(None::<String>),
+                    other => q.bind(other.to_string()),
+                };
+            }
+            q
+        }
+        let total: i64 = bind_all(&count_sql, &binds).fetch_one(&self.pool).await?.get("n");
+        let limit = i64::try_from(top).unwrap_or(i64::MAX);
+        let offset = i64::try_from(skip).unwrap_or(i64::MAX);
+        let rows = bind_all(&page_sql, &binds).bind(limit).bind(offset).fetch_all(&self.pool).await?;
+        let events = rows.iter().map(|r| decode(r.get::<&str, _>("body"))).collect::<Result<Vec<_>>>()?;
+        Ok((events, usize::try_from(total).unwrap_or(0)))
+    }
+
+    async fn get_audit_event(&self, id: Uuid) -> Result<AuditEvent> {
+        self.get_body("audit_events", "auditEvent", &id.to_string()).await
+    }
+
+    async fn prune_audit_events(&self, days: u32) -> Result<u64> {
+        let days = i64::from(days.max(1));
+        self.write(None, move |c| {
+            Box::pin(async move {
+                sqlx::query("UPDATE audit_retention SET days = ?1 WHERE id = 1").bind(days).execute(&mut *c).await?;
+                let done = sqlx::query("DELETE FROM audit_events WHERE julianday(at) < julianday('now') - ?1")
+                    .bind(days)
+                    .execute(&mut *c)
+                    .await?;
+                Ok(done.rows_affected())
+            })
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: Uuid, audit: &AuditEvent) -> Result<ApiToken> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                let row =
+                    sqlx::query("SELECT body FROM api_tokens WHERE id = ?1").bind(&id).fetch_optional(&mut *c).await?;
+                let Some(row) = row else { return Err(StoreError::not_found("apiToken", &id)) };
+                let token: ApiToken = decode(row.get::<&str, _>("body"))?;
+                sqlx::query("DELETE FROM api_tokens WHERE id = ?1").bind(&id).execute(&mut *c).await?;
+                let admins: i64 = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM api_tokens WHERE json_extract(body, '$.role') = 'cloudPcAdministrator'",
+                )
+                .fetch_one(&mut *c)
+                .await?
+                .get("n");
+                if admins == 0 {
+                    return Err(StoreError::Conflict(
+                        "this is the last administrator token; create another administrator token before revoking it"
+                            .into(),
+                    ));
+                }
+                Ok(token)
+            })
+        })
+        .await
+    }
+
+    async fn touch_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE api_tokens SET body = json_set(body, '$.lastUsedDateTime', ?1) WHERE id = ?2")
+            .bind(ts(at))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn create_token(&self, token: &ApiToken, secret_sha256: &str, audit: Option<&AuditEvent>) -> Result<()> {

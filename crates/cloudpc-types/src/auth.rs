@@ -37,6 +37,12 @@ pub struct ApiToken {
     pub display_name: String,
     pub role: Role,
     pub created_date_time: DateTime<Utc>,
+    /// When the token stops working; `null` for a token that does not expire.
+    #[serde(default)]
+    pub expiration_date_time: Option<DateTime<Utc>>,
+    /// When the token was last used (to the minute), to find unused ones.
+    #[serde(default)]
+    pub last_used_date_time: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -44,6 +50,9 @@ pub struct ApiToken {
 pub struct ApiTokenCreate {
     pub display_name: String,
     pub role: Role,
+    /// When the token stops working (in the future); without it the token lasts until revoked.
+    #[serde(default)]
+    pub expiration_date_time: Option<DateTime<Utc>>,
 }
 
 /// The answer to creating a token: the only time the secret is shown.

@@ -130,6 +130,9 @@ pub struct ServerArgs {
     /// point is `startGeneration` (after a Cloud PC has read its policy's image).
     #[arg(long = "inject-delay", hide = true)]
     pub inject_delay: Vec<String>,
+    /// Days audit events are kept; older ones are deleted every hour [default: 365].
+    #[arg(long, env = "CLOUDPC_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u32>,
     /// Testing only: panic N times at a named point, as POINT:N (repeatable): a step name,
     /// `startGeneration` or `reconcile` (the start of a reconciler pass).
     #[arg(long = "inject-panic", hide = true)]
@@ -498,6 +501,13 @@ pub enum TokensCmd {
         name: String,
         #[arg(long, value_enum)]
         role: RoleArg,
+        /// The token stops working after this many days (without it, it lasts until revoked).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        expires_in_days: Option<u32>,
+    },
+    /// Revoke a token: it is refused from the next request on.
+    Revoke {
+        id: String,
     },
 }
 

@@ -57,7 +57,7 @@ const CLOUD_PC_COLUMNS: &[Column] = &[
 const AUDIT_COLUMNS: &[Column] = &[
     ("WHEN", "/activityDateTime"),
     ("ACTIVITY", "/activity"),
-    ("BY", "/actor/userPrincipalName"),
+    ("BY", "/actor/userPrincipalName|/actor/applicationDisplayName"),
     ("RESOURCE", "/resources/0/displayName"),
 ];
 const STEP_COLUMNS: &[Column] = &[
@@ -69,8 +69,14 @@ const STEP_COLUMNS: &[Column] = &[
     ("MS", "/durationInMilliseconds"),
     ("ERROR / DETAIL", "/message"),
 ];
-const TOKEN_COLUMNS: &[Column] =
-    &[("ID", "/id"), ("DISPLAY NAME", "/displayName"), ("ROLE", "/role"), ("CREATED", "/createdDateTime")];
+const TOKEN_COLUMNS: &[Column] = &[
+    ("ID", "/id"),
+    ("DISPLAY NAME", "/displayName"),
+    ("ROLE", "/role"),
+    ("CREATED", "/createdDateTime"),
+    ("EXPIRES", "/expirationDateTime"),
+    ("LAST USED", "/lastUsedDateTime"),
+];
 const LICENSE_COLUMNS: &[Column] = &[
     ("SKU", "/skuId"),
     ("PART NUMBER", "/skuPartNumber"),
@@ -189,14 +195,14 @@ async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
                 output::list(fmt, &c.list("/cloudpc/tokens", None).await?, TOKEN_COLUMNS);
                 Ok(())
             }
-            TokensCmd::Create { name, role } => {
+            TokensCmd::Create { name, role, expires_in_days } => {
                 let role = match role {
                     RoleArg::Administrator => "cloudPcAdministrator",
                     RoleArg::Reader => "cloudPcReader",
                 };
-                let t = c
-                    .call(Method::POST, "/cloudpc/tokens", Some(&json!({ "displayName": name, "role": role })))
-                    .await?;
+                let expires = expires_in_days.map(|d| chrono::Utc::now() + chrono::Duration::days(i64::from(d)));
+                let body = json!({ "displayName": name, "role": role, "expirationDateTime": expires });
+                let t = c.call(Method::POST, "/cloudpc/tokens", Some(&body)).await?;
                 if fmt == OutputFormat::Json {
                     output::entity(fmt, &t);
                 } else {
@@ -205,6 +211,13 @@ async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
                         t["displayName"].as_str().unwrap_or_default()
                     );
                     println!("{}", t["secret"].as_str().unwrap_or_default());
+                }
+                Ok(())
+            }
+            TokensCmd::Revoke { id } => {
+                c.call(Method::DELETE, &format!("/cloudpc/tokens/{id}"), None).await?;
+                if fmt != OutputFormat::Json {
+                    println!("Token {id} revoked.");
                 }
                 Ok(())
             }

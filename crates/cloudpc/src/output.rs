@@ -6,8 +6,13 @@ use serde_json::Value;
 
 use crate::cli::OutputFormat;
 
-/// A column: its heading and a JSON pointer into each item.
+/// A column: its heading and a JSON pointer into each item; `a|b` shows `b` where `a` is empty
+/// (an audit event's actor is a user or, for cloudpc's own changes, an application).
 pub type Column = (&'static str, &'static str);
+
+fn lookup<'a>(item: &'a Value, pointers: &str) -> Option<&'a Value> {
+    pointers.split('|').filter_map(|p| item.pointer(p)).find(|v| !v.is_null() && *v != "")
+}
 
 fn cell(v: Option<&Value>) -> String {
     match v {
@@ -27,7 +32,7 @@ pub fn list(format: OutputFormat, items: &[Value], columns: &[Column]) {
     t.load_preset(UTF8_BORDERS_ONLY);
     t.set_header(columns.iter().map(|c| c.0));
     for item in items {
-        t.add_row(columns.iter().map(|c| cell(item.pointer(c.1))));
+        t.add_row(columns.iter().map(|c| cell(lookup(item, c.1))));
     }
     println!("{t}");
 }

@@ -43,6 +43,7 @@ struct FileSettings {
     max_concurrent_uploads: Option<usize>,
     max_custom_images: Option<usize>,
     upload_idle_timeout_secs: Option<u64>,
+    audit_retention_days: Option<u32>,
     image_import_dirs: Option<Vec<PathBuf>>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
@@ -183,6 +184,11 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_testing_pairs(&args.inject_fault)?,
             injected_panics: parse_testing_pairs(&args.inject_panic)?,
+            audit_retention_days: match args.audit_retention_days.or(file.audit_retention_days) {
+                Some(0) => return Err("the audit retention must be at least 1 day".into()),
+                Some(d) => d,
+                None => defaults.audit_retention_days,
+            },
             injected_delays: parse_testing_pairs(&args.inject_delay)?
                 .into_iter()
                 .map(|(point, ms)| (point, Duration::from_millis(u64::from(ms))))
@@ -301,6 +307,15 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     app.resume_image_validation().await.map_err(|e| e.to_string())?;
     let demo = if args.demo { app.set_up_demo().await.map_err(|e| format!("demo set-up failed: {e}"))? } else { None };
     tokio::spawn(app.clone().run_reconciler());
+    let pruner = app.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = pruner.prune_audit_log().await {
+                tracing::warn!(error = %e, "could not delete expired audit events");
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
     let listener =
         tokio::net::TcpListener::bind(s.listen).await.map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

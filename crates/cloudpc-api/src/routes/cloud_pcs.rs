@@ -7,6 +7,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use cloudpc_control::App;
+use cloudpc_control::FieldEquals;
 use cloudpc_types::audit::AuditEvent;
 use cloudpc_types::cloud_pc::{
     CloudPc, ConsoleTicket, Device, InitialPassword, ManagedDevice, ProvisioningStepRecord, RenameRequest,
@@ -130,7 +131,11 @@ pub async fn console_ticket(
 /// Audit events are read-only: no route changes or deletes them.
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/auditEvents", tag = "audit", responses((status = 200, body = Collection<AuditEvent>)))]
 pub async fn list_audit(State(app): State<App>, g: GraphRequest) -> Reply {
-    g.page("deviceManagement/virtualEndpoint/auditEvents", app.list_audit_events().await?)
+    // Paged and filtered by the database: the log grows without bound, so it is never read whole.
+    let filter: Vec<FieldEquals> =
+        g.options.filter.iter().map(|t| FieldEquals { path: t.path.clone(), value: t.value.clone() }).collect();
+    let (items, total) = app.audit_events_page(&filter, g.options.skip, g.page_size()).await?;
+    g.page_from_store("deviceManagement/virtualEndpoint/auditEvents", items, total)
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/auditEvents/{id}", tag = "audit", responses((status = 200, body = AuditEvent)))]

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
@@ -10,12 +11,26 @@ use cloudpc_types::auth::{ApiToken, ApiTokenCreate, ApiTokenCreated};
 
 use super::Reply;
 use crate::auth::require_admin;
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiPath};
 use crate::odata::{Collection, GraphRequest};
 use crate::Caller;
 
 pub fn routes() -> Router<App> {
-    Router::new().route("/tokens", get(list).post(create))
+    Router::new().route("/tokens", get(list).post(create)).route("/tokens/{id}", get(read).delete(revoke))
+}
+
+#[utoipa::path(get, path = "/cloudpc/tokens/{id}", tag = "access", operation_id = "get_token", responses((status = 200, body = ApiToken)))]
+pub async fn read(State(app): State<App>, caller: Caller, g: GraphRequest, ApiPath(id): ApiPath<String>) -> Reply {
+    require_admin(&caller)?;
+    g.entity("tokens", &app.get_token(&id).await?, StatusCode::OK)
+}
+
+/// Revokes a token: requests that carry it are refused from now on.
+#[utoipa::path(delete, path = "/cloudpc/tokens/{id}", tag = "access", operation_id = "revoke_token", responses((status = 204), (status = 409, description = "the last administrator token cannot be revoked")))]
+pub async fn revoke(State(app): State<App>, caller: Caller, ApiPath(id): ApiPath<String>) -> Reply {
+    require_admin(&caller)?;
+    app.revoke_token(&caller.0, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[utoipa::path(get, path = "/cloudpc/tokens", tag = "access", operation_id = "list_tokens", responses((status = 200, body = Collection<ApiToken>)))]

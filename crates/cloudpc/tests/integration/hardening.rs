@@ -253,3 +253,147 @@ async fn test_data_dir_qemu_cannot_reach_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn test_tokens_revoke_expire_and_record_last_use() {
+    let s = Server::start().await;
+    // A token used once shows when.
+    let (_, t) = s.post("/cloudpc/tokens", json!({"displayName": "ci", "role": "cloudPcReader"})).await;
+    let (secret, id) = (t["secret"].as_str().unwrap().to_string(), t["id"].as_str().unwrap().to_string());
+    assert_eq!(s.call_as(&secret, reqwest::Method::GET, "/v1.0/users", None).await.0.as_u16(), 200);
+    let (_, read) = s.get(&format!("/cloudpc/tokens/{id}")).await;
+    assert!(read["lastUsedDateTime"].is_string(), "{read}");
+    assert!(read["expirationDateTime"].is_null(), "{read}");
+    // Revoked: refused from the next request on, and audited.
+    assert_eq!(s.delete(&format!("/cloudpc/tokens/{id}")).await.0.as_u16(), 204);
+    let (status, v) = s.call_as(&secret, reqwest::Method::GET, "/v1.0/users", None).await;
+    assert_eq!(status.as_u16(), 401, "{v}");
+    assert_eq!(s.get(&format!("/cloudpc/tokens/{id}")).await.0.as_u16(), 404);
+    assert!(s.audit_activities().await.iter().any(|a| a == "Delete ApiToken"));
+
+    // An expiry in the past is refused; one two seconds ahead works until then.
+    let past = (chrono::Utc::now() - chrono::Duration::seconds(5)).to_rfc3339();
+    let (status, v) = s
+        .post("/cloudpc/tokens", json!({"displayName": "x", "role": "cloudPcReader", "expirationDateTime": past}))
+        .await;
+    assert_eq!(status.as_u16(), 400, "{v}");
+    assert!(message(&v).contains("expirationDateTime"), "{v}");
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let (_, t) = s
+        .post("/cloudpc/tokens", json!({"displayName": "short", "role": "cloudPcReader", "expirationDateTime": soon}))
+        .await;
+    let short = t["secret"].as_str().unwrap().to_string();
+    assert_eq!(s.call_as(&short, reqwest::Method::GET, "/v1.0/users", None).await.0.as_u16(), 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, v) = s.call_as(&short, reqwest::Method::GET, "/v1.0/users", None).await;
+    assert_eq!(status.as_u16(), 401, "{v}");
+    assert!(message(&v).contains("expired"), "{v}");
+
+    // The last administrator token cannot be revoked: no one could get in again.
+    let (_, list) = s.get("/cloudpc/tokens").await;
+    let admin = list["value"].as_array().unwrap().iter().find(|t| t["role"] == "cloudPcAdministrator").unwrap().clone();
+    let (status, v) = s.delete(&format!("/cloudpc/tokens/{}", admin["id"].as_str().unwrap())).await;
+    assert_eq!(status.as_u16(), 409, "{v}");
+    assert_eq!(s.get("/v1.0/users").await.0.as_u16(), 200, "the administrator token still works");
+
+    // The CLI: create with an expiry, list shows it, revoke.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(["--url", &s.url])
+            .args(args)
+            .env("CLOUDPC_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap()
+    };
+    let out =
+        cli(&["--output", "json", "tokens", "create", "--name", "cli", "--role", "reader", "--expires-in-days", "30"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(created["expirationDateTime"].is_string(), "{created}");
+    let out = cli(&["tokens", "revoke", created["id"].as_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["tokens", "revoke", created["id"].as_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "revoking twice: not found");
+}
+
+#[tokio::test]
+async fn test_audit_log_is_paged_by_the_database_and_names_cloudpc_as_actor() {
+    let s = Server::start_on_small_host(&["--resync-secs", "1"]).await;
+    for i in 0..12 {
+        s.group(&format!("G{i}")).await;
+    }
+    // Paging follows nextLink, and the filter and count carry over.
+    let (_, first) = s.get(&format!("{VE}/auditEvents?$filter=activity eq 'create group'&$top=5&$count=true")).await;
+    assert_eq!(first["value"].as_array().unwrap().len(), 5);
+    assert_eq!(first["@odata.count"], 12, "{first}");
+    let next = first["@odata.nextLink"].as_str().unwrap();
+    let path = &next[next.find("/v1.0").unwrap()..];
+    let (_, second) = s.get(path).await;
+    assert_eq!(second["value"][0]["resources"][0]["displayName"], "G5", "{second}");
+    assert_eq!(second["@odata.count"], 12);
+    let (_, filtered) = s.get(&format!("{VE}/auditEvents?$filter=activity eq 'Create Group'&$top=1")).await;
+    let id = filtered["value"][0]["id"].as_str().unwrap();
+    let (status, one) = s.get(&format!("{VE}/auditEvents/{id}")).await;
+    assert_eq!((status.as_u16(), one["id"].as_str()), (200, Some(id)));
+
+    // cloudpc's own changes name it as the actor, in the API and in the CLI's table.
+    let image = s.ready_image("Base").await;
+    let policy = s.policy("P", &image).await;
+    s.user_targeted_by(&policy, "a@contoso.com").await;
+    license(&s, "a@contoso.com", "A").await;
+    wait_cloud_pc_of(&s, "a@contoso.com", "pendingProvision").await;
+    let (_, created) = s.get(&format!("{VE}/auditEvents?$filter=activity eq 'Create CloudPc'")).await;
+    let actor = &created["value"][0]["actor"];
+    assert_eq!(actor["applicationDisplayName"], "cloudpc", "{actor}");
+    assert_eq!(actor["type"], "application");
+    let out = std::process::Command::new(bin())
+        .args(["--url", &s.url, "audit", "list", "--filter", "activity eq 'Create CloudPc'"])
+        .env("CLOUDPC_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.contains("cloudpc"), "{table}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn test_portal_actions_are_rate_limited_per_user() {
+    let s = Server::start_on_small_host(&["--resync-secs", "1"]).await;
+    let image = s.ready_image("Base").await;
+    let policy = s.policy("P", &image).await;
+    let group = s.group("Users").await;
+    let user = s
+        .create("/v1.0/users", json!({"userPrincipalName": "u@contoso.com", "displayName": "U", "passwordProfile": {"password": "Portal-Pass-42"}}))
+        .await;
+    s.add_member(&group, &user).await;
+    s.post(
+        &format!("{VE}/provisioningPolicies/{}/assign", policy["id"].as_str().unwrap()),
+        json!({"assignments": [{"target": {"groupId": group["id"]}}]}),
+    )
+    .await;
+    license(&s, "u@contoso.com", "U").await;
+    let pc = wait_cloud_pc_of(&s, "u@contoso.com", "pendingProvision").await;
+    let http = reqwest::Client::builder().cookie_store(true).build().unwrap();
+    let signed = http
+        .post(format!("{}/portal/api/signIn", s.url))
+        .header("X-CloudPC-Portal", "1")
+        .json(&json!({"userPrincipalName": "u@contoso.com", "password": "Portal-Pass-42"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status().as_u16(), 200);
+    let mut codes = Vec::new();
+    for i in 0..12 {
+        let r = http
+            .post(format!("{}/portal/api/cloudPCs/{}/rename", s.url, pc["id"].as_str().unwrap()))
+            .header("X-CloudPC-Portal", "1")
+            .json(&json!({"displayName": format!("Mine {i}")}))
+            .send()
+            .await
+            .unwrap();
+        codes.push(r.status().as_u16());
+    }
+    assert!(codes[..10].iter().all(|c| *c == 200), "{codes:?}");
+    assert!(codes[10..].iter().all(|c| *c == 429), "{codes:?}");
+    let renames = s.audit_activities().await.iter().filter(|a| a.starts_with("Rename") || a.contains("rename")).count();
+    assert_eq!(renames, 10, "only the allowed actions wrote audit events");
+}
