@@ -46,13 +46,27 @@ pub async fn console(State(app): State<App>, Query(q): Query<TicketQuery>, ws: W
     ws.protocols(["binary"]).on_upgrade(move |socket| relay(app, actor, rec, socket, vnc))
 }
 
-async fn relay(app: App, actor: Actor, rec: CloudPcRecord, mut ws: WebSocket, mut vnc: TcpStream) {
+async fn relay(app: App, actor: Actor, rec: CloudPcRecord, ws: WebSocket, vnc: TcpStream) {
+    // Listening for a close starts before anything else, so none is missed.
     let closer = app.console_closer(rec.pc.id);
-    let closed = closer.notified();
-    tokio::pin!(closed);
+    let mut closed = Box::pin(closer.notified());
     closed.as_mut().enable();
     app.audit_console(&actor, &rec, true, None).await;
     let started = Instant::now();
+    pump(closed.as_mut(), ws, vnc).await;
+    drop(closed);
+    drop(closer);
+    // The relay's notifier is gone now: the registry forgets the Cloud PC if none is left open.
+    app.console_released(rec.pc.id);
+    app.audit_console(&actor, &rec, false, Some(started.elapsed())).await;
+}
+
+/// Moves bytes both ways until either side closes or the Cloud PC's consoles are closed.
+async fn pump(
+    mut closed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    mut ws: WebSocket,
+    mut vnc: TcpStream,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
@@ -84,5 +98,4 @@ async fn relay(app: App, actor: Actor, rec: CloudPcRecord, mut ws: WebSocket, mu
             },
         }
     }
-    app.audit_console(&actor, &rec, false, Some(started.elapsed())).await;
 }

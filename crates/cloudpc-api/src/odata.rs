@@ -18,6 +18,9 @@ use crate::error::ApiError;
 
 const DEFAULT_PAGE: usize = 100;
 pub(crate) const MAX_PAGE: usize = 999;
+/// `$filter` and `$select` are bounded: every term costs work on every item of the collection.
+const MAX_OPTION_LEN: usize = 2048;
+const MAX_TERMS: usize = 16;
 
 // The one type both the answers and the OpenAPI document use, so the document cannot describe a
 // shape the API does not send.
@@ -153,11 +156,35 @@ impl Options {
                         .ok_or_else(|| ApiError::bad_request("$skiptoken is not one that this server issued."))?;
                 }
                 "$filter" => {
+                    if v.len() > MAX_OPTION_LEN {
+                        return Err(ApiError::bad_request(format!(
+                            "$filter is {} characters long; at most {MAX_OPTION_LEN} are accepted.",
+                            v.len()
+                        )));
+                    }
                     o.filter = parse_filter(v)?;
+                    if o.filter.len() > MAX_TERMS {
+                        return Err(ApiError::bad_request(format!(
+                            "$filter has {} terms; at most {MAX_TERMS} are accepted.",
+                            o.filter.len()
+                        )));
+                    }
                     o.raw_filter = Some(v.clone());
                 }
                 "$select" => {
+                    if v.len() > MAX_OPTION_LEN {
+                        return Err(ApiError::bad_request(format!(
+                            "$select is {} characters long; at most {MAX_OPTION_LEN} are accepted.",
+                            v.len()
+                        )));
+                    }
                     o.select = split_list(v);
+                    if o.select.len() > MAX_TERMS {
+                        return Err(ApiError::bad_request(format!(
+                            "$select names {} properties; at most {MAX_TERMS} are accepted.",
+                            o.select.len()
+                        )));
+                    }
                     o.raw_select = Some(v.clone());
                 }
                 "$expand" => {
@@ -431,6 +458,19 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!(f[0].value, json!("O'Brien"));
         assert_eq!(f[1].value, json!(true));
+    }
+
+    #[test]
+    fn test_filter_and_select_are_bounded() {
+        let pairs = |k: &str, v: String| vec![(k.to_string(), v)];
+        let many = (0..17).map(|i| format!("a{i} eq 'x'")).collect::<Vec<_>>().join(" and ");
+        let err = Options::parse(&pairs("$filter", many)).unwrap_err();
+        assert!(format!("{err:?}").contains("at most 16"), "{err:?}");
+        let long = format!("a eq '{}'", "x".repeat(5000));
+        assert!(format!("{:?}", Options::parse(&pairs("$filter", long)).unwrap_err()).contains("at most 2048"));
+        let select = (0..40).map(|i| format!("p{i}")).collect::<Vec<_>>().join(",");
+        assert!(format!("{:?}", Options::parse(&pairs("$select", select)).unwrap_err()).contains("at most 16"));
+        assert!(Options::parse(&pairs("$filter", "a eq 'x' and b eq 2".into())).is_ok());
     }
 
     #[test]

@@ -22,6 +22,20 @@ use crate::error::ApiError;
 use crate::extract::ApiJson;
 
 const COOKIE: &str = "cloudpc_session";
+/// Behind https the cookie carries the `__Host-` prefix: the browser then keeps it only if it is
+/// Secure, for this host alone (no Domain) and for every path, so no sibling host can set it.
+const HOST_COOKIE: &str = "__Host-cloudpc_session";
+
+/// The session cookie's name and attributes for this server: Secure whenever the public URL is
+/// https (`--public-url`), or a proxy in front says the request came over https.
+fn cookie_policy(app: &App, headers: &HeaderMap) -> (&'static str, &'static str) {
+    let https_public = app.config().public_url.as_deref().is_some_and(|u| u.starts_with("https://"));
+    if https_public {
+        (HOST_COOKIE, "; Secure")
+    } else {
+        (COOKIE, secure(headers))
+    }
+}
 const CSRF_HEADER: &str = "x-cloudpc-portal";
 const SIGN_IN_MAX_BODY: usize = 4096;
 
@@ -31,10 +45,11 @@ struct PortalUser(Actor);
 #[derive(Clone)]
 struct ClientIp(Option<String>);
 
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
+fn session_cookie(app: &App, headers: &HeaderMap) -> Option<String> {
+    let (name, _) = cookie_policy(app, headers);
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
         let (k, v) = c.trim().split_once('=')?;
-        (k == COOKIE).then(|| v.to_string())
+        (k == name).then(|| v.to_string())
     })
 }
 
@@ -65,7 +80,7 @@ async fn gate(State(app): State<App>, mut req: Request, next: Next) -> Response 
     if req.uri().path().ends_with("/signIn") {
         return next.run(req).await;
     }
-    let Some(secret) = session_cookie(req.headers()) else {
+    let Some(secret) = session_cookie(&app, req.headers()) else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Sign in first.").into_response();
     };
     match app.session_actor(&secret, ip).await {
@@ -102,10 +117,11 @@ async fn sign_in(
 ) -> Reply {
     let session = app.sign_in(&body.user_principal_name, &body.password, ip.0 .0.clone()).await?;
     let cookie = format!(
-        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        cookie_policy(&app, &headers).0,
         session.secret,
         SESSION_LIFETIME.as_secs(),
-        secure(&headers)
+        cookie_policy(&app, &headers).1
     );
     let mut resp = Json(serde_json::json!({
         "userPrincipalName": session.user.user_principal_name,
@@ -119,14 +135,14 @@ async fn sign_in(
 }
 
 async fn sign_out(State(app): State<App>, headers: HeaderMap) -> Reply {
-    if let Some(secret) = session_cookie(&headers) {
+    if let Some(secret) = session_cookie(&app, &headers) {
         app.sign_out(&secret).await?;
     }
+    let (name, secure) = cookie_policy(&app, &headers);
     let mut resp = StatusCode::NO_CONTENT.into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("cloudpc_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
-    );
+    let clear = format!("{name}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}");
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, HeaderValue::from_str(&clear).map_err(|e| ApiError::bad_request(e.to_string()))?);
     Ok(resp)
 }
 

@@ -39,7 +39,37 @@ struct Pending {
 #[derive(Default)]
 pub(crate) struct Consoles {
     tickets: std::sync::Mutex<HashMap<String, Pending>>,
-    open: std::sync::Mutex<HashMap<Uuid, Arc<Notify>>>,
+    open: OpenConsoles,
+}
+
+/// The open console connections, per Cloud PC: each relay holds its Cloud PC's notifier while it
+/// runs, and the entry goes when the last relay of that Cloud PC ends, so the map holds only
+/// Cloud PCs with a console open now.
+#[derive(Default)]
+pub(crate) struct OpenConsoles(std::sync::Mutex<HashMap<Uuid, Arc<Notify>>>);
+
+impl OpenConsoles {
+    fn closer(&self, cloud_pc: Uuid) -> Arc<Notify> {
+        self.0.lock().expect("consoles").entry(cloud_pc).or_default().clone()
+    }
+
+    /// Called by a relay that ended, after dropping its notifier.
+    fn release(&self, cloud_pc: Uuid) {
+        let mut open = self.0.lock().expect("consoles");
+        if open.get(&cloud_pc).is_some_and(|n| Arc::strong_count(n) == 1) {
+            open.remove(&cloud_pc);
+        }
+    }
+
+    fn close(&self, cloud_pc: Uuid) {
+        if let Some(n) = self.0.lock().expect("consoles").get(&cloud_pc) {
+            n.notify_waiters();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().expect("consoles").len()
+    }
 }
 
 fn digest(ticket: &str) -> String {
@@ -138,16 +168,24 @@ impl App {
 
     /// Resolves when the Cloud PC's console connections must close.
     pub fn console_closer(&self, cloud_pc: Uuid) -> Arc<Notify> {
-        self.consoles.open.lock().expect("consoles").entry(cloud_pc).or_default().clone()
+        self.consoles.open.closer(cloud_pc)
+    }
+
+    /// A relay ended (it dropped its closer first): forgets the Cloud PC once none is open.
+    pub fn console_released(&self, cloud_pc: Uuid) {
+        self.consoles.open.release(cloud_pc);
+    }
+
+    /// Cloud PCs with a console open now.
+    pub fn open_console_count(&self) -> usize {
+        self.consoles.open.len()
     }
 
     /// Closes every open console of the Cloud PC (deprovision, reprovision, power off) and
     /// refuses the tickets issued for it.
     pub(crate) fn close_consoles(&self, cloud_pc: Uuid) {
         self.consoles.tickets.lock().expect("tickets").retain(|_, p| p.cloud_pc != cloud_pc);
-        if let Some(n) = self.consoles.open.lock().expect("consoles").get(&cloud_pc) {
-            n.notify_waiters();
-        }
+        self.consoles.open.close(cloud_pc);
     }
 
     /// Closes the consoles of every Cloud PC of a user who lost access (disabled or deleted), and
@@ -207,6 +245,26 @@ fn console_address(uri: &str, host: &str, port: u16) -> Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_open_consoles_forget_a_cloud_pc_when_its_last_relay_ends() {
+        let open = OpenConsoles::default();
+        let pc = Uuid::new_v4();
+        let (a, b) = (open.closer(pc), open.closer(pc));
+        assert_eq!(open.len(), 1);
+        drop(a);
+        open.release(pc);
+        assert_eq!(open.len(), 1, "one relay is still open");
+        drop(b);
+        open.release(pc);
+        assert_eq!(open.len(), 0);
+        for _ in 0..1000 {
+            let other = Uuid::new_v4();
+            drop(open.closer(other));
+            open.release(other);
+        }
+        assert_eq!(open.len(), 0, "the map does not grow with consoles that came and went");
+    }
 
     #[test]
     fn test_console_address_only_for_hosts_on_this_machine() {

@@ -84,6 +84,9 @@ pub struct AppConfig {
     pub injected_faults: HashMap<String, u32>,
     /// Testing only: pause at a named point ("startGeneration") to widen a race window.
     pub injected_delays: HashMap<String, Duration>,
+    /// The address users reach cloudpc at (`https://…` behind a TLS proxy): session cookies are
+    /// then Secure with the `__Host-` prefix. `None`: as the request arrived.
+    pub public_url: Option<String>,
     /// Audit events are kept this many days (Intune keeps its audit logs a year).
     pub audit_retention_days: u32,
     /// Testing only: panic N times at a named point (a step name or `startGeneration`).
@@ -115,6 +118,7 @@ impl Default for AppConfig {
             injected_delays: HashMap::new(),
             injected_panics: HashMap::new(),
             audit_retention_days: 365,
+            public_url: None,
             console_ticket_ttl: Duration::from_secs(30),
         }
     }

@@ -104,9 +104,10 @@ impl App {
         sku.service_plans = vec![service_plan(&sku)];
         sku.validate()?;
         if sku.prepaid_units.enabled < before.consumed_units {
+            let n = before.consumed_units;
             return Err(Error::Conflict(format!(
-                "prepaidUnits.enabled cannot go below the {} seats in use; remove licenses first",
-                before.consumed_units
+                "prepaidUnits.enabled cannot go below the {n} seat{} in use; remove licenses first",
+                if n == 1 { "" } else { "s" }
             )));
         }
         let audit = sku_change("Update", AuditOperationType::Patch, &sku).event(actor, Some(&before), Some(&sku));

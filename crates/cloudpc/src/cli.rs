@@ -130,6 +130,10 @@ pub struct ServerArgs {
     /// point is `startGeneration` (after a Cloud PC has read its policy's image).
     #[arg(long = "inject-delay", hide = true)]
     pub inject_delay: Vec<String>,
+    /// The address users reach cloudpc at, such as https://cloudpc.contoso.com (behind a TLS
+    /// proxy): with https, session cookies are Secure and __Host- prefixed.
+    #[arg(long, env = "CLOUDPC_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Days audit events are kept; older ones are deleted every hour [default: 365].
     #[arg(long, env = "CLOUDPC_AUDIT_RETENTION_DAYS")]
     pub audit_retention_days: Option<u32>,

@@ -44,6 +44,7 @@ struct FileSettings {
     max_custom_images: Option<usize>,
     upload_idle_timeout_secs: Option<u64>,
     audit_retention_days: Option<u32>,
+    public_url: Option<String>,
     image_import_dirs: Option<Vec<PathBuf>>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
@@ -184,6 +185,10 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_testing_pairs(&args.inject_fault)?,
             injected_panics: parse_testing_pairs(&args.inject_panic)?,
+            public_url: match args.public_url.clone().or(file.public_url) {
+                Some(u) => Some(check_public_url(&u)?),
+                None => None,
+            },
             audit_retention_days: match args.audit_retention_days.or(file.audit_retention_days) {
                 Some(0) => return Err("the audit retention must be at least 1 day".into()),
                 Some(d) => d,
@@ -199,6 +204,21 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
         },
         data_dir,
     })
+}
+
+/// `--public-url`: a scheme and an authority only (`https://cloudpc.contoso.com`), without a
+/// trailing slash.
+fn check_public_url(u: &str) -> Result<String, String> {
+    let bad = || format!("--public-url '{u}' must look like https://host[:port] (no path)");
+    let (scheme, rest) = u.split_once("://").ok_or_else(bad)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let host_ok = !rest.is_empty()
+        && rest.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        && !rest.starts_with(':');
+    if !(scheme == "https" || scheme == "http") || !host_ok {
+        return Err(bad());
+    }
+    Ok(format!("{scheme}://{rest}"))
 }
 
 fn init_logging(filter: &str) {

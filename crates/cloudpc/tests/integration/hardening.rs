@@ -397,3 +397,95 @@ async fn test_portal_actions_are_rate_limited_per_user() {
     let renames = s.audit_activities().await.iter().filter(|a| a.starts_with("Rename") || a.contains("rename")).count();
     assert_eq!(renames, 10, "only the allowed actions wrote audit events");
 }
+
+#[tokio::test]
+async fn test_lowering_seats_below_those_in_use_is_refused_with_the_number() {
+    let s = Server::start().await;
+    let sku = s.sku("SEATS", 2).await;
+    s.user("a@contoso.com").await;
+    let (status, v) = s
+        .post(
+            "/v1.0/users/a@contoso.com/assignLicense",
+            json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}),
+        )
+        .await;
+    assert!(status.is_success(), "{v}");
+    for body in
+        [json!({"prepaidUnits": {"enabled": 0}}), json!({"prepaidUnits": {"enabled": 0, "suspended": 0, "warning": 0}})]
+    {
+        let (status, v) = s.patch(&format!("/v1.0/subscribedSkus/{}", sku["id"].as_str().unwrap()), body).await;
+        assert_eq!(status.as_u16(), 409, "{v}");
+        assert!(message(&v).contains("1 seat"), "{v}");
+    }
+    let (_, after) = s.get(&format!("/v1.0/subscribedSkus/{}", sku["id"].as_str().unwrap())).await;
+    assert_eq!(after["prepaidUnits"]["enabled"], 2, "nothing changed");
+    // The same through a group's license.
+    let sku2 = s.sku("GROUPSEATS", 2).await;
+    let group = s.group("Licensed").await;
+    let b = s.user("b@contoso.com").await;
+    s.add_member(&group, &b).await;
+    let (status, v) = s
+        .post(
+            &format!("/v1.0/groups/{}/assignLicense", group["id"].as_str().unwrap()),
+            json!({"addLicenses": [{"skuId": sku2["skuId"]}], "removeLicenses": []}),
+        )
+        .await;
+    assert!(status.is_success(), "{v}");
+    let (status, v) = s
+        .patch(
+            &format!("/v1.0/subscribedSkus/{}", sku2["id"].as_str().unwrap()),
+            json!({"prepaidUnits": {"enabled": 0}}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 409, "{v}");
+}
+
+#[tokio::test]
+async fn test_session_cookie_is_secure_and_host_prefixed_behind_an_https_public_url() {
+    let sign_in = |s: &Server| {
+        let url = s.url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{url}/portal/api/signIn"))
+                .header("X-CloudPC-Portal", "1")
+                .json(&json!({"userPrincipalName": "c@contoso.com", "password": "Cookie-Pass-42"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let user = json!({"userPrincipalName": "c@contoso.com", "displayName": "C", "passwordProfile": {"password": "Cookie-Pass-42"}});
+    let s = Server::start_with(&["--public-url", "https://cloudpc.contoso.com"], Some(ADMIN_TOKEN)).await;
+    s.create("/v1.0/users", user.clone()).await;
+    let r = sign_in(&s).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.starts_with("__Host-cloudpc_session=") && cookie.contains("; Secure") && cookie.contains("Path=/"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains("Domain"), "{cookie}");
+    // The prefixed cookie is the one the server reads back.
+    let pair = cookie.split(';').next().unwrap();
+    let me =
+        reqwest::Client::new().get(format!("{}/portal/api/me", s.url)).header("cookie", pair).send().await.unwrap();
+    assert_eq!(me.status().as_u16(), 200);
+    let plain = pair.replacen("__Host-", "", 1);
+    let me =
+        reqwest::Client::new().get(format!("{}/portal/api/me", s.url)).header("cookie", plain).send().await.unwrap();
+    assert_eq!(me.status().as_u16(), 401, "the unprefixed name is not accepted behind https");
+
+    // Without a public URL (plain http on loopback) the cookie is not Secure, or it would be lost.
+    let s = Server::start().await;
+    s.create("/v1.0/users", user).await;
+    let cookie = sign_in(&s).await.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.starts_with("cloudpc_session=") && !cookie.contains("Secure"), "{cookie}");
+
+    // A public URL that is not one is refused at start.
+    let out = std::process::Command::new(bin())
+        .args(["server", "--listen", "127.0.0.1:0", "--public-url", "https://x/path"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--public-url"));
+}
