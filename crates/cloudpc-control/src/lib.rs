@@ -87,6 +87,9 @@ pub struct AppConfig {
     /// The address users reach cloudpc at (`https://…` behind a TLS proxy): session cookies are
     /// then Secure with the `__Host-` prefix. `None`: as the request arrived.
     pub public_url: Option<String>,
+    /// Virtual disk a host may promise per GiB it has (disks are thin qcow2 overlays that grow
+    /// as guests write). 1.0 reserves every license's full size.
+    pub disk_overcommit: f64,
     /// Audit events are kept this many days (Intune keeps its audit logs a year).
     pub audit_retention_days: u32,
     /// Testing only: panic N times at a named point (a step name or `startGeneration`).
@@ -118,6 +121,7 @@ impl Default for AppConfig {
             injected_delays: HashMap::new(),
             injected_panics: HashMap::new(),
             audit_retention_days: 365,
+            disk_overcommit: 4.0,
             public_url: None,
             console_ticket_ttl: Duration::from_secs(30),
         }

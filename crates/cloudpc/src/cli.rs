@@ -130,6 +130,11 @@ pub struct ServerArgs {
     /// point is `startGeneration` (after a Cloud PC has read its policy's image).
     #[arg(long = "inject-delay", hide = true)]
     pub inject_delay: Vec<String>,
+    /// Virtual disk a host may promise per GiB of disk it has: Cloud PC disks are thin overlays
+    /// that grow as they are written, so licenses' sizes are counted against the host's disk times
+    /// this ratio [default: 4]; 1 reserves every license's full size.
+    #[arg(long, env = "CLOUDPC_DISK_OVERCOMMIT")]
+    pub disk_overcommit: Option<f64>,
     /// The address users reach cloudpc at, such as https://cloudpc.contoso.com (behind a TLS
     /// proxy): with https, session cookies are Secure and __Host- prefixed.
     #[arg(long, env = "CLOUDPC_PUBLIC_URL")]

@@ -45,6 +45,7 @@ struct FileSettings {
     upload_idle_timeout_secs: Option<u64>,
     audit_retention_days: Option<u32>,
     public_url: Option<String>,
+    disk_overcommit: Option<f64>,
     image_import_dirs: Option<Vec<PathBuf>>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
@@ -185,6 +186,13 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             max_parallel_provisioning: defaults.max_parallel_provisioning,
             injected_faults: parse_testing_pairs(&args.inject_fault)?,
             injected_panics: parse_testing_pairs(&args.inject_panic)?,
+            disk_overcommit: match args.disk_overcommit.or(file.disk_overcommit) {
+                Some(r) if !(1.0..=100.0).contains(&r) => {
+                    return Err(format!("--disk-overcommit must be between 1 and 100, not {r}"))
+                }
+                Some(r) => r,
+                None => defaults.disk_overcommit,
+            },
             public_url: match args.public_url.clone().or(file.public_url) {
                 Some(u) => Some(check_public_url(&u)?),
                 None => None,

@@ -349,9 +349,13 @@ impl App {
             .filter_map(|h| {
                 let c = h.config().capacity;
                 let u = used.get(&h.config().name).copied().unwrap_or_default();
+                // Disks are thin overlays: a license's size is what the guest may grow into,
+                // not what it takes at once, so the host promises its disk times the overcommit
+                // ratio (as OpenStack's disk_allocation_ratio does).
+                let disk = (c.disk_gib as f64 * self.config.disk_overcommit).floor() as u64;
                 let fits = u.0 + u64::from(spec.vcpus) <= u64::from(c.vcpus)
                     && u.1 + spec.memory_mib <= c.memory_mib
-                    && u.2 + spec.storage_gib <= c.disk_gib;
+                    && u.2 + spec.storage_gib <= disk;
                 fits.then(|| (c.memory_mib - u.1, h.config().name.clone()))
             })
             .max();
@@ -363,8 +367,9 @@ impl App {
                 Outcome::Done { detail: Some(format!("host {name}")) }
             }
             None => Outcome::Wait(format!(
-                "waiting for capacity: no host in region '{}' has {} vCPU, {} MiB RAM and {} GiB disk free",
-                spec.region, spec.vcpus, spec.memory_mib, spec.storage_gib
+                "waiting for capacity: no host in region '{}' has {} vCPU, {} MiB RAM and {} GiB of (thin, {}x \
+                 overcommitted) disk free",
+                spec.region, spec.vcpus, spec.memory_mib, spec.storage_gib, self.config.disk_overcommit
             )),
         }
     }

@@ -15,5 +15,6 @@ mod licensing;
 mod odata;
 mod openapi;
 mod policies;
+mod readme;
 mod server;
 mod vm;
