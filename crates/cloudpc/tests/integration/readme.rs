@@ -57,12 +57,13 @@ async fn test_vm_readme_cli_walk_through_runs_as_written() {
             .kill_on_drop(true)
             .output();
         // A Cloud PC that never gets capacity would keep `cloudpcs wait` waiting for 15 minutes.
-        let out = tokio::time::timeout(Duration::from_secs(240), run)
-            .await
-            .unwrap_or_else(|_| {
-                panic!("README line did not finish in 240 s: {line}; {:?}", s.get(&format!("{VE}/cloudPCs")).await.1)
-            })
-            .unwrap();
+        let out = match tokio::time::timeout(Duration::from_secs(240), run).await {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                let (_, pcs) = s.get(&format!("{VE}/cloudPCs")).await;
+                panic!("README line did not finish in 240 s: {line}; {pcs}")
+            }
+        };
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "README line failed: {line}\n{text}");
         outputs.push((line, text));
