@@ -97,7 +97,7 @@ async function start() {
 
 const TABS: [string, string][] = [
   ["cloudpcs", "Cloud PCs"], ["users", "Users"], ["groups", "Groups"], ["licenses", "Licenses"],
-  ["images", "Images"], ["policies", "Provisioning policies"], ["audit", "Audit log"],
+  ["images", "Images"], ["policies", "Provisioning policies"], ["audit", "Audit log"], ["tokens", "API tokens"],
 ];
 
 async function render() {
@@ -308,6 +308,37 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       await api("PATCH", `${VE}/provisioningPolicies/${p.id}`, { displayName, cloudPcNamingTemplate: template });
     })));
     el.querySelectorAll<HTMLButtonElement>("button[data-delp]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/provisioningPolicies/${b.dataset.delp}`))));
+  },
+  async tokens(el) {
+    if (!isAdmin) {
+      el.textContent = "Only a Cloud PC Administrator sees and manages API tokens.";
+      return;
+    }
+    const tokens = await list("/cloudpc/tokens");
+    el.innerHTML = form("newtoken", `<input name="name" placeholder="Token name" required>
+        <select name="role"><option value="cloudPcReader">Reader</option><option value="cloudPcAdministrator">Administrator</option></select>
+        <input name="days" type="number" min="1" max="3650" placeholder="Expires in days (empty: never)">`, "Create token") +
+      `<p id="secret" class="secret"></p>` +
+      table(tokens, [
+        ["Name", (t) => esc(t.displayName)], ["Role", (t) => esc(t.role)], ["Created", (t) => esc(t.createdDateTime)],
+        ["Expires", (t) => esc(t.expirationDateTime ?? "never")], ["Last used", (t) => esc(t.lastUsedDateTime ?? "")],
+        ["", (t) => `<button class="secondary write" data-revoke="${t.id}">Revoke</button>`],
+      ]);
+    el.querySelector("#newtoken")!.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const v = values("newtoken");
+      const body: any = { displayName: v.name, role: v.role };
+      if (v.days) body.expirationDateTime = new Date(Date.now() + Number(v.days) * 86400000).toISOString();
+      try {
+        const made = await api("POST", "/cloudpc/tokens", body);
+        await render();
+        // Shown once, after the redraw, and never again.
+        app.querySelector("#secret")!.textContent = `Token '${made.displayName}' created. Its secret, shown only now: ${made.secret}`;
+      } catch (err: any) {
+        app.querySelector("#err")!.textContent = err.message;
+      }
+    });
+    el.querySelectorAll<HTMLButtonElement>("button[data-revoke]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `/cloudpc/tokens/${b.dataset.revoke}`))));
   },
   async audit(el) {
     const events = (await list(`${VE}/auditEvents`)).reverse();

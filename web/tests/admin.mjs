@@ -70,6 +70,19 @@ try {
   }
   await deleteFirst.click().catch(() => fail("version 1.0.0 has no delete button"));
   await page.locator("tr", { hasText: "1.0.0:" }).waitFor({ state: "detached", timeout: 10000 }).catch(() => fail("version 1.0.0 is still listed"));
+
+  // API tokens: one is made with an expiry, its secret shown once, then it is revoked.
+  await page.click("nav button[data-tab=tokens]");
+  await page.waitForSelector("#newtoken");
+  await page.fill("#newtoken input[name=name]", "made-in-the-browser");
+  await page.fill("#newtoken input[name=days]", "30");
+  await page.click("#newtoken button");
+  await page.locator("#secret", { hasText: "cpc_" }).waitFor({ timeout: 10000 }).catch(() => fail("the new token's secret is not shown"));
+  const tokenRow = page.locator("tr", { hasText: "made-in-the-browser" });
+  await tokenRow.waitFor({ timeout: 10000 }).catch(() => fail("the new token is not listed"));
+  if ((await tokenRow.textContent()).includes("never")) fail("the token's expiry is not shown");
+  await tokenRow.locator("button[data-revoke]").click();
+  await tokenRow.waitFor({ state: "detached", timeout: 10000 }).catch(() => fail("the revoked token is still listed"));
 } finally {
   await admin.close();
 }

@@ -581,6 +581,11 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
     assert_eq!(uploaded["sizeInGb"], 0.09);
     let versions: Vec<_> = uploaded["versions"].as_array().unwrap().iter().map(|v| v["version"].clone()).collect();
     assert_eq!(versions, vec![json!("1.1.0")], "the browser added 1.1.0 and deleted 1.0.0: {uploaded}");
+    // The browser made a token and revoked it: it is gone, and both are audited.
+    let (_, tokens) = s.get("/cloudpc/tokens").await;
+    assert!(!tokens.to_string().contains("made-in-the-browser"), "{tokens}");
+    let (_, revoked) = s.get(&format!("{VE}/auditEvents?$filter=activity eq 'Delete ApiToken'")).await;
+    assert_eq!(revoked["value"][0]["resources"][0]["displayName"], "made-in-the-browser", "{revoked}");
     let first_base = s.data_dir().join("images").join(format!("{}-1.0.0.qcow2", uploaded["id"].as_str().unwrap()));
     assert!(!first_base.exists(), "the deleted version's base file is gone");
 }
