@@ -17,4 +17,5 @@ mod openapi;
 mod policies;
 mod readme;
 mod server;
+mod setup_script;
 mod vm;
