@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod directory;
+mod hypervisor;
 mod image_import;
 mod images;
 mod licensing;

@@ -1,0 +1,149 @@
+//! The host under a Cloud PC misbehaving, with real VMs of the tiny image: libvirtd restarting,
+//! guests powering off by themselves, a guest flooding its serial console, guests attacking
+//! their neighbours on the hosted network.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::vm_support::*;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+/// A licensed user in a group that a tiny-image policy targets.
+async fn targeted_user(s: &VmServer, upn: &str, sku: &Value) {
+    let user = s.user(upn).await;
+    let group = s.group(&format!("group of {upn}")).await;
+    s.add_member(&group, &user).await;
+    let policy = s.tiny_policy(&format!("policy of {upn}"), json!({})).await;
+    s.assign(&policy, &[&group]).await;
+    s.license(upn, sku, true).await;
+}
+
+fn domain_of(pc: &Value, prefix: &str) -> String {
+    format!("{prefix}{}", pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase())
+}
+
+async fn cloud_pc_of(s: &VmServer, upn: &str) -> Option<Value> {
+    s.cloud_pcs().await.into_iter().find(|p| p["userPrincipalName"] == upn)
+}
+
+/// Waits until the user's Cloud PC has a step `name` in `status`; returns the Cloud PC.
+async fn wait_step(s: &VmServer, upn: &str, name: &str, status: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(pc) = cloud_pc_of(s, upn).await {
+            if s.steps(&pc).await.iter().any(|st| st["name"] == name && st["status"] == status) {
+                return pc;
+            }
+        }
+        assert!(start.elapsed() < BOOT, "{upn}'s Cloud PC never had {name} {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the user's Cloud PC is in `status`; returns it.
+async fn wait_status(s: &VmServer, upn: &str, status: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let pc = cloud_pc_of(s, upn).await;
+        if let Some(pc) = pc.as_ref().filter(|p| p["status"] == status) {
+            return pc.clone();
+        }
+        assert!(start.elapsed() < limit, "waited {limit:?} for {upn}'s Cloud PC to be {status}: {pc:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Restarts libvirtd as a package upgrade does (SIGTERM, then a new daemon), started the way
+/// scripts/lib.sh starts it: under TCG in a mount namespace where /dev/kvm is an unusable file.
+/// QEMU processes live on. Returns once the new daemon answers.
+fn restart_libvirtd() -> Duration {
+    let started = Instant::now();
+    sh("pkill -x libvirtd");
+    for _ in 0..100 {
+        if !sh("pgrep -x libvirtd >/dev/null") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!sh("pgrep -x libvirtd >/dev/null"), "libvirtd did not stop");
+    sh("rm -f /var/run/libvirtd.pid");
+    let tcg = std::fs::read_to_string("/run/cloudpc/accelerator").map(|a| a.trim() == "tcg").unwrap_or(false);
+    let ok = if tcg && std::path::Path::new("/dev/kvm").exists() {
+        sh("[ -e /run/cloudpc/no-kvm ] || install -m 000 /dev/null /run/cloudpc/no-kvm")
+            && sh("unshare --mount --propagation private sh -c 'mount --bind /run/cloudpc/no-kvm /dev/kvm && exec libvirtd -d'")
+    } else {
+        sh("libvirtd -d")
+    };
+    assert!(ok, "libvirtd did not start again");
+    for _ in 0..300 {
+        if sh("virsh -c qemu:///system version >/dev/null 2>&1") {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("libvirtd did not answer after its restart (see /var/log/libvirt/libvirtd.log)");
+}
+
+fn failed_steps(steps: &[Value]) -> Vec<String> {
+    steps
+        .iter()
+        .filter(|st| st["status"] == "failed")
+        .map(|st| format!("{}: {}", st["name"], st["error"].as_str().unwrap_or("")))
+        .collect()
+}
+
+/// libvirtd restarts (as a package upgrade does) while a core step waits for the guest agent,
+/// during post-provisioning, and while both Cloud PCs are idle: every Cloud PC ends
+/// `provisioned` without a failed step, and remote actions work afterwards.
+#[tokio::test]
+async fn test_vm_libvirtd_restarts_in_core_post_and_idle_phases_cloud_pcs_end_provisioned() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+
+    // During a core step: joinDirectory is waiting for the freshly started guest's agent.
+    targeted_user(&s, "ava@contoso.com", &sku).await;
+    wait_step(&s, "ava@contoso.com", "joinDirectory", "running").await;
+    let t = Instant::now();
+    let down = restart_libvirtd();
+    let ava = wait_status(&s, "ava@contoso.com", "provisioned", BOOT).await;
+    println!("core phase: libvirtd back in {down:?}; provisioned {:?} after the restart began", t.elapsed());
+    assert_eq!(failed_steps(&s.steps(&ava).await), Vec::<String>::new(), "no step failed");
+
+    // During post-provisioning: the core steps are done, the steps inside the guest run.
+    targeted_user(&s, "ben@contoso.com", &sku).await;
+    wait_step(&s, "ben@contoso.com", "setPrimaryUser", "succeeded").await;
+    let t = Instant::now();
+    let down = restart_libvirtd();
+    let ben = wait_status(&s, "ben@contoso.com", "provisioned", BOOT).await;
+    println!(
+        "post-provisioning phase: libvirtd back in {down:?}; provisioned {:?} after the restart began",
+        t.elapsed()
+    );
+    assert_eq!(failed_steps(&s.steps(&ben).await), Vec::<String>::new(), "no step failed");
+
+    // While idle: both VMs survive, and the next hypervisor calls (remote actions) work.
+    let down = restart_libvirtd();
+    println!("idle phase: libvirtd back in {down:?}");
+    let mut want = vec![domain_of(&ava, &s.prefix), domain_of(&ben, &s.prefix)];
+    want.sort();
+    assert_eq!(s.domains(), want);
+    let t = Instant::now();
+    assert_eq!(s.action(&ava, "powerOff").await.0, 204);
+    assert_eq!(virsh(&["domstate", &domain_of(&ava, &s.prefix)]).trim(), "shut off");
+    assert_eq!(s.action(&ava, "powerOn").await.0, 204);
+    assert_eq!(virsh(&["domstate", &domain_of(&ava, &s.prefix)]).trim(), "running");
+    assert_eq!(s.action(&ben, "reboot").await.0, 204);
+    println!("idle phase: powerOff, powerOn and reboot answered {:?} after the restart", t.elapsed());
+    for upn in ["ava@contoso.com", "ben@contoso.com"] {
+        let pc = cloud_pc_of(&s, upn).await.unwrap();
+        assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");
+    }
+}
