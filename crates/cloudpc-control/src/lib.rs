@@ -17,6 +17,7 @@ pub mod images;
 pub mod licensing;
 pub mod policies;
 pub mod portal;
+pub mod power;
 pub mod provisioning;
 pub mod reconciler;
 

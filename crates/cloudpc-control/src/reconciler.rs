@@ -218,6 +218,7 @@ impl App {
                 tracing::warn!(error = %e, "reconciler action failed");
             }
         }
+        self.resync_power().await;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::support::*;
 use crate::vm_support::*;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -146,4 +147,84 @@ async fn test_vm_libvirtd_restarts_in_core_post_and_idle_phases_cloud_pcs_end_pr
         let pc = cloud_pc_of(&s, upn).await.unwrap();
         assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");
     }
+}
+
+async fn wait_domstate(domain: &str, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if virsh(&["domstate", domain]).trim() == want {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{domain} was not {want} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_agent(domain: &str, limit: Duration) {
+    let start = Instant::now();
+    while agent(domain, json!({"execute": "guest-ping"})) != json!({}) {
+        assert!(start.elapsed() < limit, "the guest agent of {domain} did not answer within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Power-on events that cloudpc made by itself (not an admin).
+async fn system_power_ons(s: &VmServer) -> usize {
+    let (_, v) = s.get(&format!("{VE}/auditEvents?$top=999")).await;
+    v["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["activityType"] == "powerOn CloudPc" && e["actor"]["applicationDisplayName"] == "cloudpc")
+        .count()
+}
+
+/// A guest that shuts itself down, and a VM killed under it (a host crash), are started again;
+/// one an admin powered off stays off; Restart of a shut-off VM starts it; after a server restart
+/// with the VM down (a host reboot), the Cloud PC comes back running.
+#[tokio::test]
+async fn test_vm_power_state_follows_libvirt_and_stopped_cloud_pcs_start_again() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "cleo@contoso.com", &sku).await;
+    let pc = wait_status(&s, "cleo@contoso.com", "provisioned", BOOT).await;
+    let domain = domain_of(&pc, &s.prefix);
+    assert_eq!(system_power_ons(&s).await, 0);
+
+    // The guest shuts itself down: cloudpc starts it again, as cloudpc.
+    agent(&domain, json!({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}));
+    let off = wait_domstate(&domain, "shut off", Duration::from_secs(30)).await;
+    let back = wait_domstate(&domain, "running", Duration::from_secs(15)).await;
+    println!("guest shutdown: shut off after {off:?}, running again {back:?} later");
+    wait_agent(&domain, BOOT).await;
+    assert_eq!(system_power_ons(&s).await, 1, "an audit event by cloudpc itself");
+    assert_eq!(cloud_pc_of(&s, "cleo@contoso.com").await.unwrap()["powerState"], "running");
+
+    // The VM is killed (as in a host crash); Restart right away starts it rather than failing.
+    virsh(&["destroy", &domain]);
+    assert_eq!(s.action(&pc, "reboot").await.0, 204, "Restart of a shut-off Cloud PC starts it");
+    wait_domstate(&domain, "running", Duration::from_secs(15)).await;
+    wait_agent(&domain, BOOT).await;
+
+    // An admin's power off is respected; powerState says so.
+    assert_eq!(s.action(&pc, "powerOff").await.0, 204);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off", "an admin's power off stays");
+    assert_eq!(cloud_pc_of(&s, "cleo@contoso.com").await.unwrap()["powerState"], "poweredOff");
+    assert_eq!(s.action(&pc, "powerOn").await.0, 204);
+    wait_agent(&domain, BOOT).await;
+
+    // A host reboot: the server and the VM go down; when the server is back, so is the Cloud PC.
+    let ons = system_power_ons(&s).await;
+    // Frozen, so it cannot start the VM before it is killed too.
+    assert!(sh(&format!("kill -STOP {}", s.pid())));
+    virsh(&["destroy", &domain]);
+    let s = s.crash_and_restart().await;
+    let back = wait_domstate(&domain, "running", Duration::from_secs(20)).await;
+    println!("host reboot: running {back:?} after the server started");
+    wait_agent(&domain, BOOT).await;
+    assert_eq!(system_power_ons(&s).await, ons + 1);
+    let pc = cloud_pc_of(&s, "cleo@contoso.com").await.unwrap();
+    assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");
 }
