@@ -49,7 +49,8 @@ pub struct VmSpec {
     pub memory_mib: u64,
     pub disk: PathBuf,
     pub boot: Boot,
-    /// File that receives the serial console, for diagnosing boots.
+    /// File that receives the serial console, for diagnosing boots. Written through virtlogd,
+    /// which caps it (see [`xml::domain`]).
     pub console_log: PathBuf,
 }
 
@@ -104,7 +105,7 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// A copy-on-write overlay of `base` with a virtual size of `size_gib`; kept if it exists.
     async fn create_overlay(&self, base: &Path, overlay: &Path, size_gib: u64) -> Result<()>;
-    /// Removes a file; a missing file is fine.
+    /// Removes a file and the copies log rotation made of it (`<file>.0`, …); a missing file is fine.
     async fn remove_file(&self, path: &Path) -> Result<()>;
 
     /// Defines the VM (not started); an existing definition is kept.

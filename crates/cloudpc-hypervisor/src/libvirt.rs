@@ -179,6 +179,24 @@ impl LibvirtHost {
     }
 }
 
+/// The copies virtlogd rotated out of a log file (`<file>.0`, `<file>.1`, …): they belong to the
+/// file, and go with it.
+async fn rotated_copies(path: &Path) -> Vec<std::path::PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return Vec::new() };
+    let mut copies = Vec::new();
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let file = entry.file_name();
+        let suffix = file.to_str().and_then(|f| f.strip_prefix(name)).and_then(|f| f.strip_prefix('.'));
+        if suffix.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            copies.push(entry.path());
+        }
+    }
+    copies
+}
+
 fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, virt::error::Error> {
     match Domain::lookup_by_name(conn, name) {
         Ok(d) => Ok(Some(d)),
@@ -263,11 +281,17 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn remove_file(&self, path: &Path) -> Result<()> {
-        match tokio::fs::remove_file(path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(HypervisorError::Io(format!("removing {}: {e}", path.display()))),
+        let remove = |p: std::path::PathBuf| async move {
+            match tokio::fs::remove_file(&p).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(HypervisorError::Io(format!("removing {}: {e}", p.display()))),
+            }
+        };
+        for rotated in rotated_copies(path).await {
+            remove(rotated).await?;
         }
+        remove(path.to_path_buf()).await
     }
 
     async fn define_vm(&self, spec: &VmSpec) -> Result<()> {

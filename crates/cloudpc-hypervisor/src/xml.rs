@@ -12,6 +12,10 @@ pub fn escape(s: &str) -> String {
 
 /// The VNC console listens on loopback only, with a port libvirt picks; the gateway is the way in.
 /// A USB tablet gives the browser console an absolute pointer (a PS/2 mouse alone drifts).
+/// The serial console goes to a file that the guest (whose local admin is the user) can fill at
+/// will: libvirt hands QEMU a pipe to virtlogd for it (`stdio_handler = "logd"`, the default in
+/// qemu.conf), not the file, and virtlogd rotates it at `max_size` keeping `max_backups` copies
+/// (2 MiB and 3 by default: at most 8 MiB per Cloud PC). The rotated copies go with the file.
 pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
     let os = match &spec.boot {
         Boot::Kernel { kernel, initrd, cmdline } => format!(

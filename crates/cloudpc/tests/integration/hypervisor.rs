@@ -228,3 +228,63 @@ async fn test_vm_power_state_follows_libvirt_and_stopped_cloud_pcs_start_again()
     let pc = cloud_pc_of(&s, "cleo@contoso.com").await.unwrap();
     assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");
 }
+
+/// The console log and the copies rotated out of it, with their sizes.
+fn console_logs(s: &VmServer, domain: &str) -> Vec<(String, u64)> {
+    let mut logs: Vec<(String, u64)> = std::fs::read_dir(s.data_dir().join("disks"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{domain}.console.log")))
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
+    logs
+}
+
+/// A local admin writes 10 MiB to the serial console from inside the guest: the console log on
+/// the host stays within virtlogd's cap (2 MiB a file, 3 rotated copies), and when the Cloud PC
+/// is removed, its rotated copies go with it.
+#[tokio::test]
+async fn test_vm_serial_console_flood_stays_bounded_and_is_removed_with_the_cloud_pc() {
+    const MIB: u64 = 1 << 20;
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--cleanup-delay-secs", "1"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "dora@contoso.com", &sku).await;
+    let pc = wait_status(&s, "dora@contoso.com", "provisioned", BOOT).await;
+    let domain = domain_of(&pc, &s.prefix);
+
+    let t = Instant::now();
+    let started = agent(
+        &domain,
+        json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", "dd if=/dev/zero bs=64k count=160 > /dev/ttyS0"]}}),
+    );
+    let pid = started["pid"].as_i64().expect("guest-exec started");
+    loop {
+        let st = agent(&domain, json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}));
+        if st["exited"] == true {
+            assert_eq!(st["exitcode"], 0, "{st}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(180), "10 MiB to the serial console took over 3 minutes");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // virtlogd writes what it read from the pipe; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = console_logs(&s, &domain);
+    let total: u64 = logs.iter().map(|(_, n)| n).sum();
+    println!("10 MiB written to ttyS0 in {:?}; on the host: {logs:?}", t.elapsed());
+    assert!(logs.iter().all(|(_, n)| *n <= 2 * MIB + 64 * 1024), "every file within the cap: {logs:?}");
+    assert!(total <= 8 * MIB + 64 * 1024, "at most 8 MiB in all: {logs:?}");
+    assert!(total >= 6 * MIB && logs.len() == 4, "the flood did reach the log (and was rotated): {logs:?}");
+
+    // Removing the Cloud PC removes every copy.
+    s.license("dora@contoso.com", &sku, false).await;
+    wait_status(&s, "dora@contoso.com", "inGracePeriod", Duration::from_secs(10)).await;
+    assert_eq!(s.action(&pc, "endGracePeriod").await.0, 204);
+    s.wait_all(0, &["provisioned"], Duration::from_secs(60)).await;
+    assert_eq!(console_logs(&s, &domain), vec![], "no console log left");
+    assert!(s.disks().is_empty(), "{:?}", s.disks());
+}
