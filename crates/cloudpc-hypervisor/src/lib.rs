@@ -59,7 +59,8 @@ pub struct VmSpec {
 pub struct NicSpec {
     pub network: String,
     pub mac: String,
-    /// nwfilter applied to the NIC (for example the one that blocks inbound remote desktop).
+    /// nwfilter applied to the NIC: one of cloudpc's ([`Hypervisor::ensure_isolation_filter`],
+    /// [`Hypervisor::ensure_block_rdp_filter`]), whose parameters the hypervisor fills in.
     pub filter: Option<String>,
 }
 
@@ -123,7 +124,10 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Creates and starts the region's NAT network if it does not run yet.
     async fn ensure_network(&self, spec: &NetworkSpec) -> Result<()>;
-    /// Defines the filter that drops inbound remote-desktop traffic; returns its name.
+    /// Defines the filter that keeps a Cloud PC from its neighbours and the host (anti-spoofing,
+    /// only DHCP and DNS to the host); returns its name.
+    async fn ensure_isolation_filter(&self) -> Result<String>;
+    /// Defines the isolation filter plus a drop of inbound remote-desktop traffic; returns its name.
     async fn ensure_block_rdp_filter(&self) -> Result<String>;
     /// Adds the NIC to the VM's definition (and the running VM); a NIC with that MAC is kept.
     async fn attach_nic(&self, vm: &str, nic: &NicSpec) -> Result<()>;

@@ -179,6 +179,63 @@ impl LibvirtHost {
     }
 }
 
+/// Defines a filter of cloudpc's unless it exists. Redefining makes libvirt rebuild the rules of
+/// every NIC using it, so it is not done on every call.
+fn define_filter(c: &Connect, name: &str, doc: &str) -> Result<(), virt::error::Error> {
+    match NWFilter::lookup_by_name(c, name) {
+        Ok(_) => Ok(()),
+        Err(e) if is_missing(&e) => NWFilter::define_xml(c, doc).map(|_| ()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The parameters of cloudpc's NIC filters (see [`xml::isolation_filter`]): the gateway of the
+/// NIC's network, learn the NIC's address from that DHCP server only, and the host's other
+/// addresses.
+fn filter_params(
+    c: &Connect,
+    nic: &NicSpec,
+    host_ips: &[String],
+) -> Result<Vec<(&'static str, String)>, virt::error::Error> {
+    if nic.filter.is_none() {
+        return Ok(Vec::new());
+    }
+    let net = Network::lookup_by_name(c, &nic.network)?.get_xml_desc(0)?;
+    let gateway = xml::network_gateway(&net).unwrap_or_default();
+    let mut params =
+        vec![("GATEWAY", gateway.clone()), ("DHCPSERVER", gateway.clone()), ("CTRL_IP_LEARNING", "dhcp".to_string())];
+    let others: Vec<&String> = host_ips.iter().filter(|ip| **ip != gateway).collect();
+    if others.is_empty() {
+        // The filter needs at least one value; the gateway is dropped by the network rule anyway.
+        params.push(("HOST_IP", gateway));
+    }
+    params.extend(others.into_iter().map(|ip| ("HOST_IP", ip.clone())));
+    Ok(params)
+}
+
+/// The host's IPv4 addresses outside loopback (`ip -j -4 addr`). Addresses in the Cloud PC
+/// networks are left out: the filter drops those networks as a whole.
+async fn host_addresses() -> Vec<String> {
+    let Ok(out) = tokio::process::Command::new("ip").args(["-j", "-4", "addr", "show"]).output().await else {
+        tracing::warn!(
+            "cannot list the host's addresses (ip -j -4 addr); Cloud PCs are kept only from their networks' host"
+        );
+        return Vec::new();
+    };
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut ips: Vec<String> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .filter(|ip| !ip.starts_with("127.") && !ip.starts_with("10.213."))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// The copies virtlogd rotated out of a log file (`<file>.0`, `<file>.1`, …): they belong to the
 /// file, and go with it.
 async fn rotated_copies(path: &Path) -> Vec<std::path::PathBuf> {
@@ -403,27 +460,29 @@ impl Hypervisor for LibvirtHost {
         .await
     }
 
+    async fn ensure_isolation_filter(&self) -> Result<String> {
+        self.call("defining the Cloud PC isolation filter".into(), |c| {
+            define_filter(c, xml::ISOLATION_FILTER, &xml::isolation_filter())?;
+            Ok(xml::ISOLATION_FILTER.to_string())
+        })
+        .await
+    }
+
     async fn ensure_block_rdp_filter(&self) -> Result<String> {
-        self.call("defining the remote-desktop filter".into(), move |c| {
-            // Redefining a filter makes libvirt rebuild the rules of every NIC using it: only define
-            // it when it is missing.
-            match NWFilter::lookup_by_name(c, xml::BLOCK_RDP_FILTER) {
-                Ok(_) => {}
-                Err(e) if is_missing(&e) => {
-                    NWFilter::define_xml(c, &xml::block_rdp_filter())?;
-                }
-                Err(e) => return Err(e),
-            }
+        self.call("defining the remote-desktop filter".into(), |c| {
+            define_filter(c, xml::ISOLATION_FILTER, &xml::isolation_filter())?;
+            define_filter(c, xml::BLOCK_RDP_FILTER, &xml::block_rdp_filter())?;
             Ok(xml::BLOCK_RDP_FILTER.to_string())
         })
         .await
     }
 
     async fn attach_nic(&self, vm: &str, nic: &NicSpec) -> Result<()> {
-        let (vm, mac, doc) = (vm.to_string(), nic.mac.clone(), xml::nic(nic));
+        let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
         self.call(format!("attaching a NIC to {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
-            if !has_mac(&d, &mac)? {
+            if !has_mac(&d, &nic.mac)? {
+                let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips)?);
                 d.attach_device_flags(&doc, config_and_live(&d)?)?;
             }
             Ok(())
@@ -445,9 +504,10 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn set_nic_filter(&self, vm: &str, nic: &NicSpec) -> Result<()> {
-        let (vm, doc) = (vm.to_string(), xml::nic(nic));
+        let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
         self.call(format!("updating the NIC filter of {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
+            let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips)?);
             d.update_device_flags(&doc, config_and_live(&d)?).map(|_| ())
         })
         .await

@@ -288,3 +288,144 @@ async fn test_vm_serial_console_flood_stays_bounded_and_is_removed_with_the_clou
     assert_eq!(console_logs(&s, &domain), vec![], "no console log left");
     assert!(s.disks().is_empty(), "{:?}", s.disks());
 }
+
+/// A network namespace standing for the internet, reached from the host over a veth pair: a TCP
+/// server at 198.51.100.2:8080 answers with the address it saw the client as. Removed on drop.
+struct Outside {
+    ns: String,
+    server: std::process::Child,
+}
+
+const OUTSIDE_HOST: &str = "198.51.100.1";
+const OUTSIDE: &str = "198.51.100.2";
+
+impl Outside {
+    fn start() -> Outside {
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        let (ns, host_if, peer) = (format!("cpcout{id}"), format!("cpo{id}h"), format!("cpo{id}n"));
+        for cmd in [
+            format!("ip netns add {ns}"),
+            format!("ip link add {host_if} type veth peer name {peer}"),
+            format!("ip link set {peer} netns {ns}"),
+            format!("ip addr add {OUTSIDE_HOST}/24 dev {host_if}"),
+            format!("ip link set {host_if} up"),
+            format!("ip netns exec {ns} ip addr add {OUTSIDE}/24 dev {peer}"),
+            format!("ip netns exec {ns} ip link set {peer} up"),
+            format!("ip netns exec {ns} ip link set lo up"),
+        ] {
+            assert!(sh(&cmd), "{cmd}");
+        }
+        let script = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(16)\nwhile True:\n    c,a=s.accept()\n    c.sendall(('seen-as %s\\n'%a[0]).encode())\n    c.close()\n";
+        let server = Command::new("ip").args(["netns", "exec", &ns, "/usr/bin/python3", "-c", script]).spawn().unwrap();
+        Outside { ns, server }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        // Deleting the namespace deletes its end of the veth pair, and with it the host's end.
+        sh(&format!("ip netns del {}", self.ns));
+    }
+}
+
+/// Runs a shell command line in the guest; returns what it printed.
+async fn in_guest(domain: &str, cmd: &str) -> String {
+    guest_output(domain, "/bin/sh", &["-c", &format!("{cmd} 2>&1")]).await
+}
+
+async fn guest_ip(domain: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let out = in_guest(domain, "ip -4 -o addr show dev eth0").await;
+        if let Some(ip) = out.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
+            return ip.split('/').next().unwrap().to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{domain} got no address by DHCP: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Two Cloud PCs on one region network, driven from inside through the guest agent: neither
+/// reaches the other (directly or routed through the host), a spoofed source address is
+/// dropped, the host answers nothing but DHCP (and DNS), and traffic to the outside still goes
+/// out through NAT (the outside sees the host's address).
+#[tokio::test]
+async fn test_vm_cloud_pcs_are_isolated_from_each_other_and_the_host_but_reach_the_outside() {
+    let _turn = vm_turn().await;
+    let outside = Outside::start();
+    // A service on every host address, which no Cloud PC may reach.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let host_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = c.write_all(b"host-service\n").await;
+        }
+    });
+
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "gina@contoso.com", &sku).await;
+    targeted_user(&s, "hugo@contoso.com", &sku).await;
+    let a = domain_of(&wait_status(&s, "gina@contoso.com", "provisioned", BOOT).await, &s.prefix);
+    let b = domain_of(&wait_status(&s, "hugo@contoso.com", "provisioned", BOOT).await, &s.prefix);
+    let t = Instant::now();
+    let (a_ip, b_ip) = (guest_ip(&a).await, guest_ip(&b).await);
+    let gateway = format!("{}.1", a_ip.rsplitn(2, '.').nth(1).unwrap());
+    println!("A {a_ip}, B {b_ip}, gateway {gateway}");
+    let seen = in_guest(&b, &format!("nc -w 3 {OUTSIDE} 8080 </dev/null")).await;
+    assert_eq!(seen.trim(), format!("seen-as {OUTSIDE_HOST}"), "B is up on the network");
+
+    // The outside, through NAT: it sees the host's address, not the Cloud PC's.
+    let seen = in_guest(&a, &format!("nc -w 3 {OUTSIDE} 8080 </dev/null")).await;
+    assert_eq!(seen.trim(), format!("seen-as {OUTSIDE_HOST}"), "NAT to the outside works");
+    assert!(in_guest(&a, &format!("ping -c 1 -W 3 {OUTSIDE} >/dev/null; echo rc=$?")).await.contains("rc=0"));
+
+    // Every check runs, and all that fail are reported together.
+    let mut leaks = Vec::new();
+    // Not the neighbour: neither on the bridge nor routed through the host.
+    let direct = in_guest(&a, &format!("ping -c 1 -W 2 {b_ip}; echo rc=$?")).await;
+    if !direct.contains("rc=1") {
+        leaks.push(format!("A reached B directly: {direct}"));
+    }
+    let routed = in_guest(
+        &a,
+        &format!("ip route add {b_ip}/32 via {gateway}; ping -c 1 -W 2 {b_ip}; echo rc=$?; ip route del {b_ip}/32"),
+    )
+    .await;
+    if !routed.contains("rc=1") {
+        leaks.push(format!("A reached B through the host: {routed}"));
+    }
+
+    // A spoofed source address (here another address in the subnet) is dropped.
+    let net = a_ip.rsplitn(2, '.').nth(1).unwrap();
+    let spoofed =
+        [format!("{net}.249"), format!("{net}.248")].into_iter().find(|ip| *ip != a_ip && *ip != b_ip).unwrap();
+    let out = in_guest(
+        &a,
+        &format!("ip addr add {spoofed}/24 dev eth0; ping -c 2 -W 2 -I {spoofed} {OUTSIDE}; echo rc=$?; ip addr del {spoofed}/24 dev eth0"),
+    )
+    .await;
+    // "0 packets received" tells a dropped packet from a ping that could not even start.
+    if !(out.contains("rc=1") && out.contains("0 packets received")) {
+        leaks.push(format!("a packet from a spoofed address got out: {out}"));
+    }
+
+    // Not the host: neither its address on the Cloud PC network nor any other of its addresses.
+    for addr in [gateway.as_str(), OUTSIDE_HOST] {
+        let out = in_guest(&a, &format!("nc -w 2 {addr} {host_port} </dev/null; echo rc=$?")).await;
+        if out.contains("host-service") {
+            leaks.push(format!("A reached a host service at {addr}: {out}"));
+        }
+    }
+    assert!(leaks.is_empty(), "{leaks:#?}");
+    // The address A learned by DHCP still works after all this.
+    assert_eq!(
+        in_guest(&a, &format!("nc -w 3 {OUTSIDE} 8080 </dev/null")).await.trim(),
+        format!("seen-as {OUTSIDE_HOST}")
+    );
+    println!("network checks took {:?}", t.elapsed());
+    drop(outside);
+}
