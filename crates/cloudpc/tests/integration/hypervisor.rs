@@ -373,7 +373,8 @@ async fn test_vm_cloud_pcs_are_isolated_from_each_other_and_the_host_but_reach_t
     let b = domain_of(&wait_status(&s, "hugo@contoso.com", "provisioned", BOOT).await, &s.prefix);
     let t = Instant::now();
     let (a_ip, b_ip) = (guest_ip(&a).await, guest_ip(&b).await);
-    let gateway = format!("{}.1", a_ip.rsplitn(2, '.').nth(1).unwrap());
+    let net = a_ip.rsplit_once('.').unwrap().0.to_string();
+    let gateway = format!("{net}.1");
     println!("A {a_ip}, B {b_ip}, gateway {gateway}");
     let seen = in_guest(&b, &format!("nc -w 3 {OUTSIDE} 8080 </dev/null")).await;
     assert_eq!(seen.trim(), format!("seen-as {OUTSIDE_HOST}"), "B is up on the network");
@@ -400,7 +401,6 @@ async fn test_vm_cloud_pcs_are_isolated_from_each_other_and_the_host_but_reach_t
     }
 
     // A spoofed source address (here another address in the subnet) is dropped.
-    let net = a_ip.rsplitn(2, '.').nth(1).unwrap();
     let spoofed =
         [format!("{net}.249"), format!("{net}.248")].into_iter().find(|ip| *ip != a_ip && *ip != b_ip).unwrap();
     let out = in_guest(
