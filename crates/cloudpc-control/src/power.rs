@@ -21,13 +21,26 @@ use crate::{App, Error, Result};
 
 /// Held while power is changed (remote actions) or compared with the VM (the resync), so the
 /// resync never mistakes a VM that an action just powered off for one that stopped by itself.
-/// A static because there is one app per process and the power actions and the resync live in
-/// different modules.
+/// A static rather than a field of `App`: there is one app per process, and the lock stays next
+/// to the code that needs it.
 static POWER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Waits for the power lock; remote actions that change power hold it while they do.
 pub(crate) async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
     POWER.lock().await
+}
+
+/// Why one Cloud PC's power state was not brought in line.
+enum Unchecked {
+    /// Its host did not tell the VM's state; its other Cloud PCs wait for the next pass.
+    HostUnreachable(String),
+    Failed(Error),
+}
+
+impl<E: Into<Error>> From<E> for Unchecked {
+    fn from(e: E) -> Self {
+        Unchecked::Failed(e.into())
+    }
 }
 
 /// Whether the Cloud PC has a VM whose power the user expects cloudpc to keep.
@@ -52,14 +65,28 @@ impl App {
                 return;
             }
         };
+        // A host that did not answer is not asked again in this pass: each call to an unreachable
+        // libvirtd waits for it, and the reconciler's pass waits for this.
+        let mut unreachable = std::collections::HashSet::new();
         for rec in records.iter().filter(|r| watched(r)) {
-            if let Err(e) = self.resync_power_of(rec.pc.id).await {
-                tracing::warn!(cloud_pc = %rec.pc.id, error = %e, "could not check the Cloud PC's power state");
+            let host = rec.state.resources.host.clone().unwrap_or_default();
+            if unreachable.contains(&host) {
+                continue;
+            }
+            match self.resync_power_of(rec.pc.id).await {
+                Ok(()) => {}
+                Err(Unchecked::HostUnreachable(e)) => {
+                    tracing::warn!(cloud_pc = %rec.pc.id, %host, error = %e, "could not read the Cloud PC's power state");
+                    unreachable.insert(host);
+                }
+                Err(Unchecked::Failed(e)) => {
+                    tracing::warn!(cloud_pc = %rec.pc.id, error = %e, "could not bring the Cloud PC's power state in line");
+                }
             }
         }
     }
 
-    async fn resync_power_of(&self, id: Uuid) -> Result<()> {
+    async fn resync_power_of(&self, id: Uuid) -> Result<(), Unchecked> {
         let _power = lock().await;
         // Read under the lock: a power action that finished before holds what it saved.
         let mut rec = self.store.get_cloud_pc_record(id).await?;
@@ -70,7 +97,7 @@ impl App {
             return Ok(());
         };
         let hv = self.host(&host)?;
-        let observed = hv.state(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        let observed = hv.state(&domain).await.map_err(|e| Unchecked::HostUnreachable(e.to_string()))?;
         let was = rec.pc.power_state;
         match observed {
             VmState::Running if was != PowerState::Running => {
@@ -120,7 +147,8 @@ impl App {
                         }
                         return Err(Error::Conflict(format!(
                             "the VM {domain} is shut off and could not be started again: {e}"
-                        )));
+                        ))
+                        .into());
                     }
                 }
             }
