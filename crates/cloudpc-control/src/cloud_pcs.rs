@@ -6,6 +6,7 @@
 
 use chrono::Utc;
 
+use cloudpc_hypervisor::VmState;
 use cloudpc_types::audit::{AuditEvent, AuditOperationType};
 use cloudpc_types::cloud_pc::{
     CloudPc, CloudPcStatus, InitialPassword, PowerState, ProvisioningStepRecord, RemoteActionResult,
@@ -95,6 +96,7 @@ impl App {
 
     /// Deletes and recreates the Cloud PC from the policy that targets its user now.
     pub async fn reprovision(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         let ok = matches!(
             rec.pc.status,
@@ -157,13 +159,16 @@ impl App {
     }
 
     pub async fn reboot(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "restart")?;
         let hv = self.host(&host)?;
-        if rec.pc.power_state == PowerState::PoweredOff {
-            hv.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
-        } else {
+        // Asks the VM, not the stored powerState: a guest may have shut itself down since.
+        let state = hv.state(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        if state == VmState::Running {
             hv.reboot(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        } else {
+            hv.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         }
         rec.pc.power_state = PowerState::Running;
         self.save_action(actor, &mut rec, "reboot", None).await?;
@@ -171,6 +176,7 @@ impl App {
     }
 
     pub async fn power_off(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "power off")?;
         self.close_consoles(rec.pc.id);
@@ -181,6 +187,7 @@ impl App {
     }
 
     pub async fn power_on(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "power on")?;
         self.host(&host)?.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
@@ -204,6 +211,8 @@ impl App {
     }
 
     pub async fn end_grace_period(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        // Deprovisioning powers the VM off: not to be mistaken for a VM that stopped by itself.
+        let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         if rec.pc.status != CloudPcStatus::InGracePeriod {
             return Err(refuse(&rec, "endGracePeriod", "in its grace period"));

@@ -18,6 +18,7 @@ pub mod licensing;
 pub mod limits;
 pub mod policies;
 pub mod portal;
+pub mod power;
 pub mod provisioning;
 pub mod reconciler;
 pub(crate) mod supervise;

@@ -251,6 +251,7 @@ impl App {
                 }
             }
         }
+        self.resync_power().await;
         Ok(())
     }
 

@@ -49,7 +49,8 @@ pub struct VmSpec {
     pub memory_mib: u64,
     pub disk: PathBuf,
     pub boot: Boot,
-    /// File that receives the serial console, for diagnosing boots.
+    /// File that receives the serial console, for diagnosing boots. Written through virtlogd,
+    /// which caps it (see [`xml::domain`]).
     pub console_log: PathBuf,
 }
 
@@ -58,7 +59,8 @@ pub struct VmSpec {
 pub struct NicSpec {
     pub network: String,
     pub mac: String,
-    /// nwfilter applied to the NIC (for example the one that blocks inbound remote desktop).
+    /// nwfilter applied to the NIC: one of cloudpc's ([`Hypervisor::ensure_isolation_filter`],
+    /// [`Hypervisor::ensure_block_rdp_filter`]), whose parameters the hypervisor fills in.
     pub filter: Option<String>,
 }
 
@@ -104,7 +106,7 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// A copy-on-write overlay of `base` with a virtual size of `size_gib`; kept if it exists.
     async fn create_overlay(&self, base: &Path, overlay: &Path, size_gib: u64) -> Result<()>;
-    /// Removes a file; a missing file is fine.
+    /// Removes a file and the copies log rotation made of it (`<file>.0`, …); a missing file is fine.
     async fn remove_file(&self, path: &Path) -> Result<()>;
 
     /// Defines the VM (not started); an existing definition is kept.
@@ -122,7 +124,10 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Creates and starts the region's NAT network if it does not run yet.
     async fn ensure_network(&self, spec: &NetworkSpec) -> Result<()>;
-    /// Defines the filter that drops inbound remote-desktop traffic; returns its name.
+    /// Defines the filter that keeps a Cloud PC from its neighbours and the host (anti-spoofing,
+    /// only DHCP and DNS to the host); returns its name.
+    async fn ensure_isolation_filter(&self) -> Result<String>;
+    /// Defines the isolation filter plus a drop of inbound remote-desktop traffic; returns its name.
     async fn ensure_block_rdp_filter(&self) -> Result<String>;
     /// Adds the NIC to the VM's definition (and the running VM); a NIC with that MAC is kept.
     async fn attach_nic(&self, vm: &str, nic: &NicSpec) -> Result<()>;

@@ -1,21 +1,46 @@
 //! The libvirt backend: one connection per host, calls made on blocking threads.
+//!
+//! libvirtd can go away under cloudpc (a package upgrade restarts it); its client connection is
+//! then closed for good and every later call fails. So every call goes through [`LibvirtHost::with_conn`],
+//! which notices a dead connection, opens a new one with backoff, and runs the call again. QEMU
+//! keeps running while libvirtd restarts, so the call finds what it left. Calls are idempotent,
+//! which makes running one again safe even when the first try got through before the connection died.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use virt::connect::Connect;
 use virt::domain::Domain;
-use virt::error::ErrorNumber;
+use virt::error::{ErrorDomain, ErrorNumber};
 use virt::network::Network;
 use virt::nwfilter::NWFilter;
 use virt::sys;
 
 use crate::{xml, Accelerator, HostConfig, Hypervisor, HypervisorError, NetworkSpec, NicSpec, Result, VmSpec, VmState};
 
+/// How long one call keeps trying to reach a libvirtd that went away before it gives up (a
+/// restart takes a second or two; the next call tries again anyway).
+const RECONNECT_LIMIT: Duration = Duration::from_secs(30);
+/// How often a call runs again after its connection was lost (libvirtd restarted in between).
+const MAX_RECONNECTS: u32 = 3;
+
+/// A libvirt connection, closed when the last call that uses it is done (`Connect` has no `Drop`).
+struct Conn(Connect);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _ = self.0.close();
+    }
+}
+
 pub struct LibvirtHost {
     config: HostConfig,
-    conn: Arc<Connect>,
+    /// The current connection; replaced when it is found dead.
+    conn: Mutex<Arc<Conn>>,
+    /// Lets one call at a time reconnect, so a restart does not open a connection per waiting call.
+    reconnecting: tokio::sync::Mutex<()>,
     accel: Accelerator,
     qemu_img: String,
 }
@@ -28,28 +53,205 @@ fn is_missing(e: &virt::error::Error) -> bool {
     matches!(e.code(), ErrorNumber::NoDomain | ErrorNumber::NoNetwork | ErrorNumber::NoNwfilter)
 }
 
+/// Whether an error says the connection to libvirtd is gone (rather than the request refused).
+fn is_connection_error(e: &virt::error::Error) -> bool {
+    matches!(e.code(), ErrorNumber::InvalidConn)
+        || (matches!(e.code(), ErrorNumber::SystemError)
+            && matches!(e.domain(), ErrorDomain::Rpc | ErrorDomain::Remote))
+        || e.message().contains("client socket is closed")
+}
+
+/// Whether the connection can still carry calls. The remote driver answers from its own state,
+/// without a round trip.
+fn alive(conn: &Conn) -> bool {
+    conn.0.is_alive().unwrap_or(false)
+}
+
+/// What a call through [`LibvirtHost::with_conn`] failed with.
+enum CallError {
+    /// libvirt answered with an error.
+    Libvirt(virt::error::Error),
+    /// libvirtd could not be reached, or the blocking task died.
+    Unreachable(String),
+}
+
 impl LibvirtHost {
     pub fn open(config: HostConfig, accel: Accelerator, qemu_img: &str) -> Result<Self> {
         // libvirt prints every error to stderr by default; cloudpc reports them itself.
         virt::error::clear_error_callback();
         let conn =
             Connect::open(Some(&config.uri)).map_err(|e| libvirt_err(&format!("connecting to {}", config.uri), e))?;
-        Ok(Self { config, conn: Arc::new(conn), accel, qemu_img: qemu_img.to_string() })
+        Ok(Self {
+            config,
+            conn: Mutex::new(Arc::new(Conn(conn))),
+            reconnecting: tokio::sync::Mutex::new(()),
+            accel,
+            qemu_img: qemu_img.to_string(),
+        })
     }
 
-    /// Runs a libvirt call on a blocking thread, since libvirt's API is synchronous.
+    fn current(&self) -> Arc<Conn> {
+        self.conn.lock().expect("libvirt connection").clone()
+    }
+
+    /// A live connection: the current one, or a new one if the current one is dead (or is `lost`,
+    /// the one a call just failed on). Tries with backoff for [`RECONNECT_LIMIT`].
+    async fn live_connection(&self, lost: Option<&Arc<Conn>>) -> Result<Arc<Conn>, String> {
+        let usable = |c: &Arc<Conn>| alive(c) && !lost.is_some_and(|l| Arc::ptr_eq(c, l));
+        let conn = self.current();
+        if usable(&conn) {
+            return Ok(conn);
+        }
+        let _one_at_a_time = self.reconnecting.lock().await;
+        // Another call may have reconnected while this one waited.
+        let conn = self.current();
+        if usable(&conn) {
+            return Ok(conn);
+        }
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let uri = self.config.uri.clone();
+            let opened =
+                tokio::task::spawn_blocking(move || Connect::open(Some(&uri))).await.map_err(|e| e.to_string())?;
+            match opened {
+                Ok(c) => {
+                    let conn = Arc::new(Conn(c));
+                    *self.conn.lock().expect("libvirt connection") = conn.clone();
+                    tracing::info!(host = %self.config.name, uri = %self.config.uri, waited_ms = started.elapsed().as_millis() as u64, "reconnected to libvirt");
+                    return Ok(conn);
+                }
+                Err(e) if started.elapsed() >= RECONNECT_LIMIT => {
+                    return Err(format!(
+                        "libvirt at {} could not be reached for {} s: {}",
+                        self.config.uri,
+                        RECONNECT_LIMIT.as_secs(),
+                        e.message()
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(uri = %self.config.uri, error = %e.message(), "libvirt not reachable yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Runs a libvirt call on a blocking thread (libvirt's API is synchronous), on a live
+    /// connection; when the connection turns out to be dead, reconnects and runs it again.
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, CallError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connect) -> Result<T, virt::error::Error> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let mut reconnects = 0;
+        let mut lost: Option<Arc<Conn>> = None;
+        loop {
+            let conn = self.live_connection(lost.as_ref()).await.map_err(CallError::Unreachable)?;
+            let (g, c) = (f.clone(), conn.clone());
+            let result = tokio::task::spawn_blocking(move || g(&c.0))
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            match result {
+                Err(e) if reconnects < MAX_RECONNECTS && (is_connection_error(&e) || !alive(&conn)) => {
+                    reconnects += 1;
+                    tracing::warn!(host = %self.config.name, error = %e.message(), "the libvirt connection was lost; reconnecting");
+                    lost = Some(conn);
+                }
+                Err(e) => return Err(CallError::Libvirt(e)),
+                Ok(v) => return Ok(v),
+            }
+        }
+    }
+
+    /// The libvirt call `f`, its errors reported as refusals of `action`.
     async fn call<T, F>(&self, action: String, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+        F: Fn(&Connect) -> Result<T, virt::error::Error> + Send + Sync + 'static,
     {
-        let conn = self.conn.clone();
-        let act = action.clone();
-        tokio::task::spawn_blocking(move || f(&conn))
-            .await
-            .map_err(|e| HypervisorError::Io(format!("{act}: {e}")))?
-            .map_err(|e| libvirt_err(&action, e))
+        self.with_conn(f).await.map_err(|e| match e {
+            CallError::Libvirt(e) => libvirt_err(&action, e),
+            CallError::Unreachable(message) => HypervisorError::Libvirt { action, message },
+        })
     }
+}
+
+/// Defines a filter of cloudpc's unless it exists. Redefining makes libvirt rebuild the rules of
+/// every NIC using it, so it is not done on every call.
+fn define_filter(c: &Connect, name: &str, doc: &str) -> Result<(), virt::error::Error> {
+    match NWFilter::lookup_by_name(c, name) {
+        Ok(_) => Ok(()),
+        Err(e) if is_missing(&e) => NWFilter::define_xml(c, doc).map(|_| ()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The parameters of cloudpc's NIC filters (see [`xml::isolation_filter`]): the gateway of the
+/// NIC's network, learn the NIC's address from that DHCP server only, and the host's other
+/// addresses.
+fn filter_params(
+    c: &Connect,
+    nic: &NicSpec,
+    host_ips: &[String],
+) -> Result<Vec<(&'static str, String)>, virt::error::Error> {
+    if nic.filter.is_none() {
+        return Ok(Vec::new());
+    }
+    let net = Network::lookup_by_name(c, &nic.network)?.get_xml_desc(0)?;
+    let gateway = xml::network_gateway(&net).unwrap_or_default();
+    let mut params =
+        vec![("GATEWAY", gateway.clone()), ("DHCPSERVER", gateway.clone()), ("CTRL_IP_LEARNING", "dhcp".to_string())];
+    let others: Vec<&String> = host_ips.iter().filter(|ip| **ip != gateway).collect();
+    if others.is_empty() {
+        // The filter needs at least one value; the gateway is dropped by the network rule anyway.
+        params.push(("HOST_IP", gateway));
+    }
+    params.extend(others.into_iter().map(|ip| ("HOST_IP", ip.clone())));
+    Ok(params)
+}
+
+/// The host's IPv4 addresses outside loopback (`ip -j -4 addr`). Addresses in the Cloud PC
+/// networks are left out: the filter drops those networks as a whole.
+async fn host_addresses() -> Vec<String> {
+    let Ok(out) = tokio::process::Command::new("ip").args(["-j", "-4", "addr", "show"]).output().await else {
+        tracing::warn!(
+            "cannot list the host's addresses (ip -j -4 addr); Cloud PCs are kept only from their networks' host"
+        );
+        return Vec::new();
+    };
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut ips: Vec<String> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .filter(|ip| !ip.starts_with("127.") && !ip.starts_with("10.213."))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// The copies virtlogd rotated out of a log file (`<file>.0`, `<file>.1`, …): they belong to the
+/// file, and go with it.
+async fn rotated_copies(path: &Path) -> Vec<std::path::PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return Vec::new() };
+    let mut copies = Vec::new();
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let file = entry.file_name();
+        let suffix = file.to_str().and_then(|f| f.strip_prefix(name)).and_then(|f| f.strip_prefix('.'));
+        if suffix.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            copies.push(entry.path());
+        }
+    }
+    copies
 }
 
 fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, virt::error::Error> {
@@ -136,11 +338,17 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn remove_file(&self, path: &Path) -> Result<()> {
-        match tokio::fs::remove_file(path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(HypervisorError::Io(format!("removing {}: {e}", path.display()))),
+        let remove = |p: std::path::PathBuf| async move {
+            match tokio::fs::remove_file(&p).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(HypervisorError::Io(format!("removing {}: {e}", p.display()))),
+            }
+        };
+        for rotated in rotated_copies(path).await {
+            remove(rotated).await?;
         }
+        remove(path.to_path_buf()).await
     }
 
     async fn define_vm(&self, spec: &VmSpec) -> Result<()> {
@@ -252,27 +460,29 @@ impl Hypervisor for LibvirtHost {
         .await
     }
 
+    async fn ensure_isolation_filter(&self) -> Result<String> {
+        self.call("defining the Cloud PC isolation filter".into(), |c| {
+            define_filter(c, xml::ISOLATION_FILTER, &xml::isolation_filter())?;
+            Ok(xml::ISOLATION_FILTER.to_string())
+        })
+        .await
+    }
+
     async fn ensure_block_rdp_filter(&self) -> Result<String> {
-        self.call("defining the remote-desktop filter".into(), move |c| {
-            // Redefining a filter makes libvirt rebuild the rules of every NIC using it: only define
-            // it when it is missing.
-            match NWFilter::lookup_by_name(c, xml::BLOCK_RDP_FILTER) {
-                Ok(_) => {}
-                Err(e) if is_missing(&e) => {
-                    NWFilter::define_xml(c, &xml::block_rdp_filter())?;
-                }
-                Err(e) => return Err(e),
-            }
+        self.call("defining the remote-desktop filter".into(), |c| {
+            define_filter(c, xml::ISOLATION_FILTER, &xml::isolation_filter())?;
+            define_filter(c, xml::BLOCK_RDP_FILTER, &xml::block_rdp_filter())?;
             Ok(xml::BLOCK_RDP_FILTER.to_string())
         })
         .await
     }
 
     async fn attach_nic(&self, vm: &str, nic: &NicSpec) -> Result<()> {
-        let (vm, mac, doc) = (vm.to_string(), nic.mac.clone(), xml::nic(nic));
+        let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
         self.call(format!("attaching a NIC to {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
-            if !has_mac(&d, &mac)? {
+            if !has_mac(&d, &nic.mac)? {
+                let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips)?);
                 d.attach_device_flags(&doc, config_and_live(&d)?)?;
             }
             Ok(())
@@ -294,9 +504,10 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn set_nic_filter(&self, vm: &str, nic: &NicSpec) -> Result<()> {
-        let (vm, doc) = (vm.to_string(), xml::nic(nic));
+        let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
         self.call(format!("updating the NIC filter of {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
+            let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips)?);
             d.update_device_flags(&doc, config_and_live(&d)?).map(|_| ())
         })
         .await
@@ -310,18 +521,19 @@ impl Hypervisor for LibvirtHost {
     async fn agent(&self, vm: &str, command: &serde_json::Value, timeout_secs: i32) -> Result<serde_json::Value> {
         let (name, cmd) = (vm.to_string(), command.to_string());
         let what = command.get("execute").and_then(|v| v.as_str()).unwrap_or("?").to_string();
-        let conn = self.conn.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            let d = Domain::lookup_by_name(&conn, &name)?;
-            d.qemu_agent_command(&cmd, timeout_secs, 0)
-        })
-        .await
-        .map_err(|e| HypervisorError::Io(e.to_string()))?
-        .map_err(|e| HypervisorError::Agent {
-            vm: vm.to_string(),
-            command: what.clone(),
-            message: e.message().to_string(),
-        })?;
+        // A dead connection fails the command at once (no waiting out its timeout); it then runs
+        // again on a new connection, as libvirtd reattaches to the guest's agent when it starts.
+        let answer = self
+            .with_conn(move |c| Domain::lookup_by_name(c, &name)?.qemu_agent_command(&cmd, timeout_secs, 0))
+            .await
+            .map_err(|e| HypervisorError::Agent {
+                vm: vm.to_string(),
+                command: what.clone(),
+                message: match e {
+                    CallError::Libvirt(e) => e.message().to_string(),
+                    CallError::Unreachable(m) => m,
+                },
+            })?;
         let v: serde_json::Value = serde_json::from_str(&answer).map_err(|e| HypervisorError::Agent {
             vm: vm.to_string(),
             command: what.clone(),

@@ -12,6 +12,10 @@ pub fn escape(s: &str) -> String {
 
 /// The VNC console listens on loopback only, with a port libvirt picks; the gateway is the way in.
 /// A USB tablet gives the browser console an absolute pointer (a PS/2 mouse alone drifts).
+/// The serial console goes to a file that the guest (whose local admin is the user) can fill at
+/// will: libvirt hands QEMU a pipe to virtlogd for it (`stdio_handler = "logd"`, the default in
+/// qemu.conf), not the file, and virtlogd rotates it at `max_size` keeping `max_backups` copies
+/// (2 MiB and 3 by default: at most 8 MiB per Cloud PC). The rotated copies go with the file.
 pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
     let os = match &spec.boot {
         Boot::Kernel { kernel, initrd, cmdline } => format!(
@@ -55,13 +59,33 @@ pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
     )
 }
 
-pub fn nic(nic: &NicSpec) -> String {
-    let filter = nic.filter.as_deref().map(|f| format!("<filterref filter='{}'/>", escape(f))).unwrap_or_default();
+/// The NIC's port on the bridge is isolated: the bridge forwards nothing between two Cloud PCs'
+/// ports (their filters also drop what they would send through the host). `params` are the
+/// filter's parameters (see [`isolation_filter`]).
+pub fn nic(nic: &NicSpec, params: &[(&str, String)]) -> String {
+    let filter = nic
+        .filter
+        .as_deref()
+        .map(|f| {
+            let params: String = params
+                .iter()
+                .map(|(k, v)| format!("<parameter name='{}' value='{}'/>", escape(k), escape(v)))
+                .collect();
+            format!("<filterref filter='{}'>{params}</filterref>", escape(f))
+        })
+        .unwrap_or_default();
     format!(
-        "<interface type='network'><mac address='{}'/><source network='{}'/><model type='virtio'/>{filter}</interface>",
+        "<interface type='network'><mac address='{}'/><source network='{}'/><model type='virtio'/><port isolated='yes'/>{filter}</interface>",
         escape(&nic.mac),
         escape(&nic.network)
     )
+}
+
+/// The gateway (host) address of a network, from its definition (`<ip address='…'`).
+pub fn network_gateway(network_xml: &str) -> Option<String> {
+    let start = network_xml.find("<ip ")?;
+    let element = &network_xml[start..start + network_xml[start..].find('>')?];
+    Some(element.split("address='").nth(1)?.split('\'').next()?.to_string())
 }
 
 /// The `<interface>` element of a domain definition that has this MAC address.
@@ -101,14 +125,51 @@ pub fn network(spec: &NetworkSpec) -> String {
     )
 }
 
-pub const BLOCK_RDP_FILTER: &str = "cloudpc-block-rdp";
+/// Every region network is a /24 inside this /16 (see `region_network`).
+pub const CLOUD_PC_NETWORKS: (&str, u8) = ("10.213.0.0", 16);
 
-/// Drops inbound remote-desktop traffic (TCP and UDP 3389) to a Cloud PC. The fixed UUID lets a
-/// redefinition update the live filter instead of creating a second one.
+pub const ISOLATION_FILTER: &str = "cloudpc-isolation";
+
+/// What a Cloud PC may send, so that its user (who may be a local admin) cannot reach other
+/// users' Cloud PCs or the host. Parameters: `MAC` (libvirt fills it in), `IP` (learned from
+/// the network's DHCP server only: `CTRL_IP_LEARNING=dhcp`, `DHCPSERVER`), `GATEWAY` (the
+/// host on the Cloud PC's network) and `HOST_IP` (each of the host's other addresses).
+///
+/// Layer 2 (ebtables): frames only from the NIC's own MAC, IPv4 only from its own address (or
+/// a DHCP request), ARP only about itself, and nothing but IPv4 and ARP. Layer 3 (iptables):
+/// DHCP and DNS to the host; nothing else to any Cloud PC network (neighbours, the host's
+/// side) or to the host's other addresses; the rest (the internet, through NAT) passes.
+/// The fixed UUID lets a redefinition update the live filter instead of creating a second one.
+pub fn isolation_filter() -> String {
+    let (net, mask) = CLOUD_PC_NETWORKS;
+    format!(
+        "<filter name='{ISOLATION_FILTER}' chain='root'>
+  <uuid>0b6f3c1e-7d2a-4f55-8e0c-c10dbc0a1501</uuid>
+  <rule action='drop' direction='out' priority='-900'><mac match='no' srcmacaddr='$MAC'/></rule>
+  <rule action='accept' direction='out' priority='-850'><ip srcipaddr='0.0.0.0' protocol='udp' srcportstart='68' srcportend='68' dstportstart='67' dstportend='67'/></rule>
+  <rule action='drop' direction='out' priority='-800'><ip match='no' srcipaddr='$IP'/></rule>
+  <rule action='drop' direction='out' priority='-750'><arp match='no' arpsrcmacaddr='$MAC'/></rule>
+  <rule action='drop' direction='out' priority='-740'><arp match='no' arpsrcipaddr='$IP'/></rule>
+  <rule action='accept' direction='inout' priority='-500'><mac protocolid='arp'/></rule>
+  <rule action='accept' direction='inout' priority='-500'><mac protocolid='ipv4'/></rule>
+  <rule action='drop' direction='inout' priority='-400'/>
+  <rule action='accept' direction='out' priority='100'><udp dstportstart='67' dstportend='67'/></rule>
+  <rule action='accept' direction='out' priority='110'><udp dstipaddr='$GATEWAY' dstportstart='53' dstportend='53'/></rule>
+  <rule action='accept' direction='out' priority='110'><tcp dstipaddr='$GATEWAY' dstportstart='53' dstportend='53'/></rule>
+  <rule action='drop' direction='out' priority='200'><all dstipaddr='{net}' dstipmask='{mask}'/></rule>
+  <rule action='drop' direction='out' priority='210'><all dstipaddr='$HOST_IP'/></rule>
+</filter>"
+    )
+}
+
+pub const BLOCK_RDP_FILTER: &str = "cloudpc-block-rdp-isolated";
+
+/// The isolation filter plus: inbound remote-desktop traffic (TCP and UDP 3389) dropped.
 pub fn block_rdp_filter() -> String {
     format!(
         "<filter name='{BLOCK_RDP_FILTER}' chain='root'>
-  <uuid>4f0c5a8e-2c4b-4d7e-9a55-c10dbc0a3389</uuid>
+  <uuid>4f0c5a8e-2c4b-4d7e-9a55-c10dbc0a3390</uuid>
+  <filterref filter='{ISOLATION_FILTER}'/>
   <rule action='drop' direction='in' priority='500'><tcp dstportstart='3389'/></rule>
   <rule action='drop' direction='in' priority='500'><udp dstportstart='3389'/></rule>
 </filter>"
@@ -133,6 +194,16 @@ mod tests {
         let found = interface_with_mac(xml, "52:54:00:00:00:02").unwrap();
         assert!(found.contains("network='b'") && !found.contains("network='a'"));
         assert_eq!(interface_with_mac(xml, "52:54:00:00:00:03"), None);
+    }
+
+    #[test]
+    fn test_nic_is_isolated_and_carries_filter_parameters() {
+        let spec = NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), filter: Some("f".into()) };
+        let x = nic(&spec, &[("GATEWAY", "10.213.20.1".into()), ("HOST_IP", "192.0.2.7".into())]);
+        assert!(x.contains("<port isolated='yes'/>"), "{x}");
+        assert!(x.contains("<filterref filter='f'><parameter name='GATEWAY' value='10.213.20.1'/><parameter name='HOST_IP' value='192.0.2.7'/></filterref>"), "{x}");
+        let gw = network_gateway("<network><ip address='10.213.20.1' netmask='255.255.255.0'><dhcp/></ip></network>");
+        assert_eq!(gw.as_deref(), Some("10.213.20.1"));
     }
 
     #[test]

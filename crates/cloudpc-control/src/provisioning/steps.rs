@@ -174,9 +174,14 @@ impl App {
                 let net = region_network(&region);
                 tri!(hv.ensure_network(&net).await);
                 let mac = r.mac.clone().unwrap_or_default();
+                // Isolated from the first packet: the guest boots onto the network right after.
+                let filter = tri!(hv.ensure_isolation_filter().await);
                 tri!(
-                    hv.attach_nic(&domain, &NicSpec { network: net.name.clone(), mac: mac.clone(), filter: None })
-                        .await
+                    hv.attach_nic(
+                        &domain,
+                        &NicSpec { network: net.name.clone(), mac: mac.clone(), filter: Some(filter) }
+                    )
+                    .await
                 );
                 rec.state.resources.network = Some(net.name.clone());
                 tri!(hv.start(&domain).await);

@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod directory;
 mod hardening;
+mod hypervisor;
 mod image_import;
 mod images;
 mod licensing;

@@ -1,0 +1,169 @@
+//! Power state read back from the hypervisor, so `powerState` says what the VM really does.
+//!
+//! A guest can shut itself down, QEMU can die, and a host reboot leaves every VM shut off; none of
+//! that goes through cloudpc. Each reconciler pass therefore reads the state of every provisioned
+//! Cloud PC's VM and updates `powerState` to match. A Cloud PC is a dedicated PC that its user
+//! expects to be on: one whose VM is shut off although nobody powered it off through cloudpc
+//! (`powerOff` records `poweredOff`) is started again, with an audit event by cloudpc itself.
+//! That is also what happens after a host reboot. Cloud PCs an admin powered off stay off.
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use cloudpc_hypervisor::VmState;
+use cloudpc_types::audit::AuditOperationType;
+use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState};
+use cloudpc_types::provisioning::{CloudPcRecord, Phase};
+
+use crate::audit::{property, Actor, Change};
+use crate::provisioning::steps::region_network;
+use crate::{App, Error, Result};
+
+/// Held while power is changed (remote actions) or compared with the VM (the resync), so the
+/// resync never mistakes a VM that an action just powered off for one that stopped by itself.
+/// A static rather than a field of `App`: there is one app per process, and the lock stays next
+/// to the code that needs it.
+static POWER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits for the power lock; remote actions that change power hold it while they do.
+pub(crate) async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
+    POWER.lock().await
+}
+
+/// Why one Cloud PC's power state was not brought in line.
+enum Unchecked {
+    /// Its host did not tell the VM's state; its other Cloud PCs wait for the next pass.
+    HostUnreachable(String),
+    Failed(Error),
+}
+
+impl<E: Into<Error>> From<E> for Unchecked {
+    fn from(e: E) -> Self {
+        Unchecked::Failed(e.into())
+    }
+}
+
+/// Whether the Cloud PC has a VM whose power the user expects cloudpc to keep.
+fn watched(rec: &CloudPcRecord) -> bool {
+    rec.state.phase == Phase::Idle
+        && matches!(
+            rec.pc.status,
+            CloudPcStatus::Provisioned | CloudPcStatus::ProvisionedWithWarnings | CloudPcStatus::InGracePeriod
+        )
+        && rec.state.resources.host.is_some()
+        && rec.state.resources.domain.is_some()
+}
+
+impl App {
+    /// Brings `powerState` of every provisioned Cloud PC in line with its VM, and starts again
+    /// the VMs that stopped without a `powerOff`. Called at the end of each reconciler pass.
+    pub(crate) async fn resync_power(&self) {
+        let records = match self.store.list_cloud_pc_records().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the Cloud PCs to check their power state");
+                return;
+            }
+        };
+        // A host that did not answer is not asked again in this pass: each call to an unreachable
+        // libvirtd waits for it, and the reconciler's pass waits for this.
+        let mut unreachable = std::collections::HashSet::new();
+        for rec in records.iter().filter(|r| watched(r)) {
+            let host = rec.state.resources.host.clone().unwrap_or_default();
+            if unreachable.contains(&host) {
+                continue;
+            }
+            match self.resync_power_of(rec.pc.id).await {
+                Ok(()) => {}
+                Err(Unchecked::HostUnreachable(e)) => {
+                    tracing::warn!(cloud_pc = %rec.pc.id, %host, error = %e, "could not read the Cloud PC's power state");
+                    unreachable.insert(host);
+                }
+                Err(Unchecked::Failed(e)) => {
+                    tracing::warn!(cloud_pc = %rec.pc.id, error = %e, "could not bring the Cloud PC's power state in line");
+                }
+            }
+        }
+    }
+
+    async fn resync_power_of(&self, id: Uuid) -> Result<(), Unchecked> {
+        let _power = lock().await;
+        // Read under the lock: a power action that finished before holds what it saved.
+        let mut rec = self.store.get_cloud_pc_record(id).await?;
+        if !watched(&rec) {
+            return Ok(());
+        }
+        let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {
+            return Ok(());
+        };
+        let hv = self.host(&host)?;
+        let observed = hv.state(&domain).await.map_err(|e| Unchecked::HostUnreachable(e.to_string()))?;
+        let was = rec.pc.power_state;
+        match observed {
+            VmState::Running if was != PowerState::Running => {
+                self.save_power(&mut rec, PowerState::Running).await?;
+            }
+            VmState::ShutOff if was != PowerState::PoweredOff => {
+                // The region's network is not started again by a host reboot; the VM needs it.
+                if let Some(spec) = &rec.state.spec {
+                    let region =
+                        if spec.region == "automatic" { hv.config().region.clone() } else { spec.region.clone() };
+                    let net = region_network(&region);
+                    if rec.state.resources.network.as_deref() == Some(net.name.as_str()) {
+                        hv.ensure_network(&net).await.map_err(|e| Error::Conflict(e.to_string()))?;
+                    }
+                }
+                match hv.start(&domain).await {
+                    Ok(()) => {
+                        tracing::info!(cloud_pc = %id, %domain, "the Cloud PC's VM was shut off without a powerOff; started it again");
+                        rec.pc.power_state = PowerState::Running;
+                        rec.pc.last_modified_date_time = Utc::now();
+                        let audit = Change {
+                            component: "CloudPC",
+                            activity: "powerOn CloudPc".into(),
+                            operation: AuditOperationType::Other,
+                            resource_type: "cloudPC",
+                            resource_id: rec.pc.id.to_string(),
+                            resource_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
+                        }
+                        .event_with(
+                            &Actor::system(),
+                            vec![
+                                property("powerState", Some("poweredOff".into()), Some("running".into())),
+                                property(
+                                    "reason",
+                                    None,
+                                    Some("the VM stopped without a powerOff action (shut down from inside, crashed, or the host restarted)".into()),
+                                ),
+                            ],
+                        );
+                        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
+                    }
+                    Err(e) => {
+                        // Unknown, not poweredOff: poweredOff means "an admin wants it off", and the
+                        // next pass must try again.
+                        if was != PowerState::Unknown {
+                            self.save_power(&mut rec, PowerState::Unknown).await?;
+                        }
+                        return Err(Error::Conflict(format!(
+                            "the VM {domain} is shut off and could not be started again: {e}"
+                        ))
+                        .into());
+                    }
+                }
+            }
+            VmState::Missing | VmState::Other if was != PowerState::Unknown => {
+                self.save_power(&mut rec, PowerState::Unknown).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Records what libvirt reports; no audit event, since nothing was changed, only observed.
+    async fn save_power(&self, rec: &mut CloudPcRecord, state: PowerState) -> Result<()> {
+        rec.pc.power_state = state;
+        rec.pc.last_modified_date_time = Utc::now();
+        Ok(self.store.save_cloud_pc(rec, None, None).await?)
+    }
+}

@@ -1,0 +1,433 @@
+//! The host under a Cloud PC misbehaving, with real VMs of the tiny image: libvirtd restarting,
+//! guests powering off by themselves, a guest flooding its serial console, guests attacking
+//! their neighbours on the hosted network.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+use crate::vm_support::*;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+/// A licensed user in a group that a tiny-image policy targets.
+async fn targeted_user(s: &VmServer, upn: &str, sku: &Value) {
+    let user = s.user(upn).await;
+    let group = s.group(&format!("group of {upn}")).await;
+    s.add_member(&group, &user).await;
+    let policy = s.tiny_policy(&format!("policy of {upn}"), json!({})).await;
+    s.assign(&policy, &[&group]).await;
+    s.license(upn, sku, true).await;
+}
+
+fn domain_of(pc: &Value, prefix: &str) -> String {
+    format!("{prefix}{}", pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase())
+}
+
+async fn cloud_pc_of(s: &VmServer, upn: &str) -> Option<Value> {
+    s.cloud_pcs().await.into_iter().find(|p| p["userPrincipalName"] == upn)
+}
+
+/// Waits until the user's Cloud PC has a step `name` in `status`; returns the Cloud PC.
+async fn wait_step(s: &VmServer, upn: &str, name: &str, status: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(pc) = cloud_pc_of(s, upn).await {
+            if s.steps(&pc).await.iter().any(|st| st["name"] == name && st["status"] == status) {
+                return pc;
+            }
+        }
+        assert!(start.elapsed() < BOOT, "{upn}'s Cloud PC never had {name} {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the user's Cloud PC is in `status`; returns it.
+async fn wait_status(s: &VmServer, upn: &str, status: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let pc = cloud_pc_of(s, upn).await;
+        if let Some(pc) = pc.as_ref().filter(|p| p["status"] == status) {
+            return pc.clone();
+        }
+        assert!(start.elapsed() < limit, "waited {limit:?} for {upn}'s Cloud PC to be {status}: {pc:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Restarts libvirtd as a package upgrade does (SIGTERM, then a new daemon), started the way
+/// scripts/lib.sh starts it: under TCG in a mount namespace where /dev/kvm is an unusable file.
+/// QEMU processes live on. Returns once the new daemon answers.
+fn restart_libvirtd() -> Duration {
+    let started = Instant::now();
+    sh("pkill -x libvirtd");
+    for _ in 0..100 {
+        if !sh("pgrep -x libvirtd >/dev/null") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!sh("pgrep -x libvirtd >/dev/null"), "libvirtd did not stop");
+    sh("rm -f /var/run/libvirtd.pid");
+    let tcg = std::fs::read_to_string("/run/cloudpc/accelerator").map(|a| a.trim() == "tcg").unwrap_or(false);
+    let ok = if tcg && std::path::Path::new("/dev/kvm").exists() {
+        sh("[ -e /run/cloudpc/no-kvm ] || install -m 000 /dev/null /run/cloudpc/no-kvm")
+            && sh("unshare --mount --propagation private sh -c 'mount --bind /run/cloudpc/no-kvm /dev/kvm && exec libvirtd -d'")
+    } else {
+        sh("libvirtd -d")
+    };
+    assert!(ok, "libvirtd did not start again");
+    for _ in 0..300 {
+        if sh("virsh -c qemu:///system version >/dev/null 2>&1") {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("libvirtd did not answer after its restart (see /var/log/libvirt/libvirtd.log)");
+}
+
+fn failed_steps(steps: &[Value]) -> Vec<String> {
+    steps
+        .iter()
+        .filter(|st| st["status"] == "failed")
+        .map(|st| format!("{}: {}", st["name"], st["error"].as_str().unwrap_or("")))
+        .collect()
+}
+
+/// libvirtd restarts (as a package upgrade does) while a core step waits for the guest agent,
+/// during post-provisioning, and while both Cloud PCs are idle: every Cloud PC ends
+/// `provisioned` without a failed step, and remote actions work afterwards.
+#[tokio::test]
+async fn test_vm_libvirtd_restarts_in_core_post_and_idle_phases_cloud_pcs_end_provisioned() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+
+    // During a core step: joinDirectory is waiting for the freshly started guest's agent.
+    targeted_user(&s, "ava@contoso.com", &sku).await;
+    wait_step(&s, "ava@contoso.com", "joinDirectory", "running").await;
+    let t = Instant::now();
+    let down = restart_libvirtd();
+    let ava = wait_status(&s, "ava@contoso.com", "provisioned", BOOT).await;
+    println!("core phase: libvirtd back in {down:?}; provisioned {:?} after the restart began", t.elapsed());
+    assert_eq!(failed_steps(&s.steps(&ava).await), Vec::<String>::new(), "no step failed");
+
+    // During post-provisioning: the core steps are done, the steps inside the guest run.
+    targeted_user(&s, "ben@contoso.com", &sku).await;
+    wait_step(&s, "ben@contoso.com", "setPrimaryUser", "succeeded").await;
+    let t = Instant::now();
+    let down = restart_libvirtd();
+    let ben = wait_status(&s, "ben@contoso.com", "provisioned", BOOT).await;
+    println!(
+        "post-provisioning phase: libvirtd back in {down:?}; provisioned {:?} after the restart began",
+        t.elapsed()
+    );
+    assert_eq!(failed_steps(&s.steps(&ben).await), Vec::<String>::new(), "no step failed");
+
+    // While idle: both VMs survive, and the next hypervisor calls (remote actions) work.
+    let down = restart_libvirtd();
+    println!("idle phase: libvirtd back in {down:?}");
+    let mut want = vec![domain_of(&ava, &s.prefix), domain_of(&ben, &s.prefix)];
+    want.sort();
+    assert_eq!(s.domains(), want);
+    let t = Instant::now();
+    assert_eq!(s.action(&ava, "powerOff").await.0, 204);
+    assert_eq!(virsh(&["domstate", &domain_of(&ava, &s.prefix)]).trim(), "shut off");
+    assert_eq!(s.action(&ava, "powerOn").await.0, 204);
+    assert_eq!(virsh(&["domstate", &domain_of(&ava, &s.prefix)]).trim(), "running");
+    assert_eq!(s.action(&ben, "reboot").await.0, 204);
+    println!("idle phase: powerOff, powerOn and reboot answered {:?} after the restart", t.elapsed());
+    for upn in ["ava@contoso.com", "ben@contoso.com"] {
+        let pc = cloud_pc_of(&s, upn).await.unwrap();
+        assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");
+    }
+}
+
+async fn wait_domstate(domain: &str, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if virsh(&["domstate", domain]).trim() == want {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{domain} was not {want} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_agent(domain: &str, limit: Duration) {
+    let start = Instant::now();
+    while agent(domain, json!({"execute": "guest-ping"})) != json!({}) {
+        assert!(start.elapsed() < limit, "the guest agent of {domain} did not answer within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Power-on events that cloudpc made by itself (not an admin).
+async fn system_power_ons(s: &VmServer) -> usize {
+    let (_, v) = s.get(&format!("{VE}/auditEvents?$top=999")).await;
+    v["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["activityType"] == "powerOn CloudPc" && e["actor"]["applicationDisplayName"] == "cloudpc")
+        .count()
+}
+
+/// A guest that shuts itself down, and a VM killed under it (a host crash), are started again;
+/// one an admin powered off stays off; Restart of a shut-off VM starts it; after a server restart
+/// with the VM down (a host reboot), the Cloud PC comes back running.
+#[tokio::test]
+async fn test_vm_power_state_follows_libvirt_and_stopped_cloud_pcs_start_again() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "cleo@contoso.com", &sku).await;
+    let pc = wait_status(&s, "cleo@contoso.com", "provisioned", BOOT).await;
+    let domain = domain_of(&pc, &s.prefix);
+    assert_eq!(system_power_ons(&s).await, 0);
+
+    // The guest shuts itself down: cloudpc starts it again, as cloudpc. (poweroff through
+    // guest-exec rather than guest-shutdown, which leaves an agent command waiting while the
+    // agent goes away: libvirtd 9.0 crashed here, twice, soon after an agent command failed so.)
+    agent(&domain, json!({"execute": "guest-exec", "arguments": {"path": "/bin/busybox", "arg": ["poweroff"]}}));
+    let off = wait_domstate(&domain, "shut off", Duration::from_secs(30)).await;
+    let back = wait_domstate(&domain, "running", Duration::from_secs(15)).await;
+    println!("guest shutdown: shut off after {off:?}, running again {back:?} later");
+    wait_agent(&domain, BOOT).await;
+    assert_eq!(system_power_ons(&s).await, 1, "an audit event by cloudpc itself");
+    assert_eq!(cloud_pc_of(&s, "cleo@contoso.com").await.unwrap()["powerState"], "running");
+
+    // The VM is killed (as in a host crash); Restart right away starts it rather than failing.
+    virsh(&["destroy", &domain]);
+    assert_eq!(s.action(&pc, "reboot").await.0, 204, "Restart of a shut-off Cloud PC starts it");
+    wait_domstate(&domain, "running", Duration::from_secs(15)).await;
+    wait_agent(&domain, BOOT).await;
+
+    // An admin's power off is respected; powerState says so.
+    assert_eq!(s.action(&pc, "powerOff").await.0, 204);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off", "an admin's power off stays");
+    assert_eq!(cloud_pc_of(&s, "cleo@contoso.com").await.unwrap()["powerState"], "poweredOff");
+    assert_eq!(s.action(&pc, "powerOn").await.0, 204);
+    wait_agent(&domain, BOOT).await;
+
+    // A host reboot: the server and the VM go down; when the server is back, so is the Cloud PC.
+    let ons = system_power_ons(&s).await;
+    // Frozen, so it cannot start the VM before it is killed too.
+    assert!(sh(&format!("kill -STOP {}", s.pid())));
+    virsh(&["destroy", &domain]);
+    let s = s.crash_and_restart().await;
+    let back = wait_domstate(&domain, "running", Duration::from_secs(20)).await;
+    println!("host reboot: running {back:?} after the server started");
+    wait_agent(&domain, BOOT).await;
+    assert_eq!(system_power_ons(&s).await, ons + 1);
+    let pc = cloud_pc_of(&s, "cleo@contoso.com").await.unwrap();
+    assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");
+}
+
+/// The console log and the copies rotated out of it, with their sizes.
+fn console_logs(s: &VmServer, domain: &str) -> Vec<(String, u64)> {
+    let mut logs: Vec<(String, u64)> = std::fs::read_dir(s.data_dir().join("disks"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{domain}.console.log")))
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
+    logs
+}
+
+/// A local admin writes 10 MiB to the serial console from inside the guest: the console log on
+/// the host stays within virtlogd's cap (2 MiB a file, 3 rotated copies), and when the Cloud PC
+/// is removed, its rotated copies go with it.
+#[tokio::test]
+async fn test_vm_serial_console_flood_stays_bounded_and_is_removed_with_the_cloud_pc() {
+    const MIB: u64 = 1 << 20;
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--cleanup-delay-secs", "1"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "dora@contoso.com", &sku).await;
+    let pc = wait_status(&s, "dora@contoso.com", "provisioned", BOOT).await;
+    let domain = domain_of(&pc, &s.prefix);
+
+    let t = Instant::now();
+    let started = agent(
+        &domain,
+        json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", "dd if=/dev/zero bs=64k count=160 > /dev/ttyS0"]}}),
+    );
+    let pid = started["pid"].as_i64().expect("guest-exec started");
+    loop {
+        let st = agent(&domain, json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}));
+        if st["exited"] == true {
+            assert_eq!(st["exitcode"], 0, "{st}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(180), "10 MiB to the serial console took over 3 minutes");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // virtlogd writes what it read from the pipe; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = console_logs(&s, &domain);
+    let total: u64 = logs.iter().map(|(_, n)| n).sum();
+    println!("10 MiB written to ttyS0 in {:?}; on the host: {logs:?}", t.elapsed());
+    assert!(logs.iter().all(|(_, n)| *n <= 2 * MIB + 64 * 1024), "every file within the cap: {logs:?}");
+    assert!(total <= 8 * MIB + 64 * 1024, "at most 8 MiB in all: {logs:?}");
+    assert!(total >= 6 * MIB && logs.len() == 4, "the flood did reach the log (and was rotated): {logs:?}");
+
+    // Removing the Cloud PC removes every copy.
+    s.license("dora@contoso.com", &sku, false).await;
+    wait_status(&s, "dora@contoso.com", "inGracePeriod", Duration::from_secs(10)).await;
+    assert_eq!(s.action(&pc, "endGracePeriod").await.0, 204);
+    s.wait_all(0, &["provisioned"], Duration::from_secs(60)).await;
+    assert_eq!(console_logs(&s, &domain), vec![], "no console log left");
+    assert!(s.disks().is_empty(), "{:?}", s.disks());
+}
+
+/// A network namespace standing for the internet, reached from the host over a veth pair: a TCP
+/// server at 198.51.100.2:8080 answers with the address it saw the client as. Removed on drop.
+struct Outside {
+    ns: String,
+    server: std::process::Child,
+}
+
+const OUTSIDE_HOST: &str = "198.51.100.1";
+const OUTSIDE: &str = "198.51.100.2";
+
+impl Outside {
+    fn start() -> Outside {
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        let (ns, host_if, peer) = (format!("cpcout{id}"), format!("cpo{id}h"), format!("cpo{id}n"));
+        for cmd in [
+            format!("ip netns add {ns}"),
+            format!("ip link add {host_if} type veth peer name {peer}"),
+            format!("ip link set {peer} netns {ns}"),
+            format!("ip addr add {OUTSIDE_HOST}/24 dev {host_if}"),
+            format!("ip link set {host_if} up"),
+            format!("ip netns exec {ns} ip addr add {OUTSIDE}/24 dev {peer}"),
+            format!("ip netns exec {ns} ip link set {peer} up"),
+            format!("ip netns exec {ns} ip link set lo up"),
+        ] {
+            assert!(sh(&cmd), "{cmd}");
+        }
+        let script = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(16)\nwhile True:\n    c,a=s.accept()\n    c.sendall(('seen-as %s\\n'%a[0]).encode())\n    c.close()\n";
+        let server = Command::new("ip").args(["netns", "exec", &ns, "/usr/bin/python3", "-c", script]).spawn().unwrap();
+        Outside { ns, server }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        // Deleting the namespace deletes its end of the veth pair, and with it the host's end.
+        sh(&format!("ip netns del {}", self.ns));
+    }
+}
+
+/// Runs a shell command line in the guest; returns what it printed.
+async fn in_guest(domain: &str, cmd: &str) -> String {
+    guest_output(domain, "/bin/sh", &["-c", &format!("{cmd} 2>&1")]).await
+}
+
+async fn guest_ip(domain: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let out = in_guest(domain, "ip -4 -o addr show dev eth0").await;
+        if let Some(ip) = out.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
+            return ip.split('/').next().unwrap().to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{domain} got no address by DHCP: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Two Cloud PCs on one region network, driven from inside through the guest agent: neither
+/// reaches the other (directly or routed through the host), a spoofed source address is
+/// dropped, the host answers nothing but DHCP (and DNS), and traffic to the outside still goes
+/// out through NAT (the outside sees the host's address).
+#[tokio::test]
+async fn test_vm_cloud_pcs_are_isolated_from_each_other_and_the_host_but_reach_the_outside() {
+    let _turn = vm_turn().await;
+    let outside = Outside::start();
+    // A service on every host address, which no Cloud PC may reach.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let host_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = c.write_all(b"host-service\n").await;
+        }
+    });
+
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "gina@contoso.com", &sku).await;
+    targeted_user(&s, "hugo@contoso.com", &sku).await;
+    let a = domain_of(&wait_status(&s, "gina@contoso.com", "provisioned", BOOT).await, &s.prefix);
+    let b = domain_of(&wait_status(&s, "hugo@contoso.com", "provisioned", BOOT).await, &s.prefix);
+    let t = Instant::now();
+    let (a_ip, b_ip) = (guest_ip(&a).await, guest_ip(&b).await);
+    let net = a_ip.rsplit_once('.').unwrap().0.to_string();
+    let gateway = format!("{net}.1");
+    println!("A {a_ip}, B {b_ip}, gateway {gateway}");
+    let seen = in_guest(&b, &format!("nc -w 3 {OUTSIDE} 8080 </dev/null")).await;
+    assert_eq!(seen.trim(), format!("seen-as {OUTSIDE_HOST}"), "B is up on the network");
+
+    // The outside, through NAT: it sees the host's address, not the Cloud PC's.
+    let seen = in_guest(&a, &format!("nc -w 3 {OUTSIDE} 8080 </dev/null")).await;
+    assert_eq!(seen.trim(), format!("seen-as {OUTSIDE_HOST}"), "NAT to the outside works");
+    assert!(in_guest(&a, &format!("ping -c 1 -W 3 {OUTSIDE} >/dev/null; echo rc=$?")).await.contains("rc=0"));
+
+    // Every check runs, and all that fail are reported together.
+    let mut leaks = Vec::new();
+    // Not the neighbour: neither on the bridge nor routed through the host.
+    let direct = in_guest(&a, &format!("ping -c 1 -W 2 {b_ip}; echo rc=$?")).await;
+    if !direct.contains("rc=1") {
+        leaks.push(format!("A reached B directly: {direct}"));
+    }
+    let routed = in_guest(
+        &a,
+        &format!("ip route add {b_ip}/32 via {gateway}; ping -c 1 -W 2 {b_ip}; echo rc=$?; ip route del {b_ip}/32"),
+    )
+    .await;
+    if !routed.contains("rc=1") {
+        leaks.push(format!("A reached B through the host: {routed}"));
+    }
+
+    // A spoofed source address (here another address in the subnet) is dropped.
+    let spoofed =
+        [format!("{net}.249"), format!("{net}.248")].into_iter().find(|ip| *ip != a_ip && *ip != b_ip).unwrap();
+    let out = in_guest(
+        &a,
+        &format!("ip addr add {spoofed}/24 dev eth0; ping -c 2 -W 2 -I {spoofed} {OUTSIDE}; echo rc=$?; ip addr del {spoofed}/24 dev eth0"),
+    )
+    .await;
+    // "0 packets received" tells a dropped packet from a ping that could not even start.
+    if !(out.contains("rc=1") && out.contains("0 packets received")) {
+        leaks.push(format!("a packet from a spoofed address got out: {out}"));
+    }
+
+    // Not the host: neither its address on the Cloud PC network nor any other of its addresses.
+    for addr in [gateway.as_str(), OUTSIDE_HOST] {
+        let out = in_guest(&a, &format!("nc -w 2 {addr} {host_port} </dev/null; echo rc=$?")).await;
+        if out.contains("host-service") {
+            leaks.push(format!("A reached a host service at {addr}: {out}"));
+        }
+    }
+    assert!(leaks.is_empty(), "{leaks:#?}");
+    // The address A learned by DHCP still works after all this.
+    assert_eq!(
+        in_guest(&a, &format!("nc -w 3 {OUTSIDE} 8080 </dev/null")).await.trim(),
+        format!("seen-as {OUTSIDE_HOST}")
+    );
+    println!("network checks took {:?}", t.elapsed());
+    drop(outside);
+}
