@@ -29,10 +29,13 @@ if ! "$venv/bin/st" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; th
 fi
 
 echo "== cargo build (the server schemathesis talks to)"
-cargo build --locked -p cloudpc
+# The same selection as the test suite's `cargo test --workspace`, so the build is reused.
+cargo build --locked --workspace --all-targets
 bin="$target/debug/cloudpc"
 
 work=$(mktemp -d)
+# QEMU's unprivileged user must be able to enter the data directory (the server checks).
+chmod 755 "$work"
 server_pid=""
 # Its own domain prefix, so any VM this server might start is found and removed below.
 prefix="cpcst$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')-"
