@@ -175,12 +175,16 @@ setup_host() {
     return 1
 }
 
-# Starts libvirtd as a daemon; with "yes", in a private mount namespace where /dev/kvm is covered
-# by an empty file no one may open, so libvirt (and the QEMU it starts) sees no usable KVM.
+# Starts libvirtd as a daemon; with "yes", in its own mount namespace where /dev/kvm is covered
+# by an empty file no one may open, so libvirt (and the QEMU it starts) sees no usable KVM. The
+# namespace is a slave of the host's: file systems mounted later (a data directory on another
+# disk) still reach libvirtd and QEMU. That needs the host's mounts to be shared, which systemd
+# makes them at boot; where nothing did (containers, minimal init), setup does the same.
 start_libvirtd() {
     if [ "${1:-no}" = yes ]; then
         as_root install -m 000 /dev/null /run/cloudpc/no-kvm
-        as_root unshare --mount --propagation private sh -c 'mount --bind /run/cloudpc/no-kvm /dev/kvm && exec libvirtd -d'
+        if ! grep -q ' / / .*shared:' /proc/self/mountinfo; then as_root mount --make-rshared /; fi
+        as_root unshare --mount --propagation slave sh -c 'mount --bind /run/cloudpc/no-kvm /dev/kvm && exec libvirtd -d'
     else
         as_root libvirtd -d
     fi
