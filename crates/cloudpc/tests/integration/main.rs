@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod directory;
+mod disk_space;
 mod guest_steps;
 mod hardening;
 mod image_import;
