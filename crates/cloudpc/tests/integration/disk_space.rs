@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::{json, Value};
+
 use crate::support::*;
+use crate::vm_support::*;
 
 /// A small ext4 file system mounted on a fresh directory; unmounted (and its loop device freed)
 /// when dropped, even when the test fails. Declare it before the server using it, so the server
@@ -23,7 +26,8 @@ impl LoopFs {
         let backing = tempfile::tempdir().expect("temp dir");
         let file = backing.path().join("fs.img");
         run("truncate", &["-s", size, file.to_str().unwrap()]);
-        run("mkfs.ext4", &["-q", file.to_str().unwrap()]);
+        // No blocks reserved for root: the server runs as root and would use them.
+        run("mkfs.ext4", &["-q", "-m", "0", file.to_str().unwrap()]);
         let dir = tempfile::tempdir().expect("temp dir");
         run("mount", &["-o", "loop", file.to_str().unwrap(), dir.path().to_str().unwrap()]);
         LoopFs { backing, mount: dir.path().to_path_buf(), dir: Some(dir) }
@@ -133,4 +137,92 @@ async fn test_compressed_image_that_would_expand_past_the_free_space_fails_befor
         .filter(|p| p.extension().is_some_and(|e| e != "db"))
         .collect();
     assert!(leftovers.is_empty(), "no copies left behind: {leftovers:?}");
+}
+
+/// The data directory's file system fills up: provisioning fails saying the disk is full, the
+/// database (on the same full file system) keeps every record, and Retry works once there is
+/// space again.
+#[tokio::test]
+async fn test_vm_full_disk_fails_provisioning_with_the_reason_and_retry_works_once_freed() {
+    let _turn = vm_turn().await;
+    let settings = tempfile::tempdir().unwrap();
+    let config = roomy_host_settings(settings.path());
+    let mut fs = LoopFs::new("64M");
+    let s = VmServer::start_in(fs.take_dir(), &["--config", &config]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    let upn = "megan@contoso.com";
+    let user = s.user(upn).await;
+    let group = s.group("full disk").await;
+    s.add_member(&group, &user).await;
+    let policy = s.tiny_policy("full disk", json!({})).await;
+    s.assign(&policy, &[&group]).await;
+    // Records that must all survive; enough writes that SQLite's write-ahead log has wrapped
+    // once, as on any server that has run a while, so its next writes reuse the log's space.
+    const OTHERS: usize = 400;
+    for i in 0..OTHERS {
+        s.user(&format!("user{i}@contoso.com")).await;
+    }
+    let audit_before = s.audit_activities().await.len();
+
+    // Fill the file system, leaving less than a Cloud PC disk (an overlay of about 200 KiB) needs.
+    let filler = fs.path().join("filler");
+    let leave = 160u64 << 10;
+    let size = free_bytes(fs.path()).saturating_sub(leave);
+    run("fallocate", &["-l", &size.to_string(), filler.to_str().unwrap()]);
+    eprintln!("filled: {} bytes free", free_bytes(fs.path()));
+    s.license(upn, &sku, true).await;
+    let started = std::time::Instant::now();
+    let failed = s.wait_all(1, &["failed", "provisioned"], Duration::from_secs(60)).await.remove(0);
+    eprintln!("failed after {:?}: {}", started.elapsed(), failed["statusDetail"]);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let detail = failed["statusDetail"].as_str().unwrap();
+    assert!(detail.contains("disk of the host is full") && detail.contains("Retry"), "{detail}");
+    assert!(s.domains().is_empty(), "no VM without a disk: {:?}", s.domains());
+
+    // Nothing lost: every record reads back, and the database passes SQLite's own check.
+    let (_, users) = s.get("/v1.0/users?$count=true&$top=1").await;
+    assert_eq!(users["@odata.count"], json!(OTHERS + 1), "{users}");
+    assert!(s.audit_activities().await.len() > audit_before);
+    let db = s.data_dir().join("cloudpc.db");
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(check, "ok");
+    drop(conn);
+
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(s.action(&failed, "retry").await.0, 204);
+    let started = std::time::Instant::now();
+    if qemu_sees_our_mounts() {
+        let pc: Value = s.wait_all(1, &["provisioned"], Duration::from_secs(180)).await.remove(0);
+        eprintln!("provisioned {:?} after Retry", started.elapsed());
+        assert_eq!(s.domains().len(), 1, "{:?}", s.domains());
+        assert_eq!(pc["userPrincipalName"], upn);
+    } else {
+        // libvirtd (and so QEMU) runs in another mount namespace and cannot see this test's
+        // file system: the retry can only be followed until its disk is made.
+        eprintln!("libvirtd runs in another mount namespace: following the retry up to its disk");
+        loop {
+            let steps = s.steps(&failed).await;
+            let attempt = steps.iter().filter_map(|st| st["attempt"].as_u64()).max().unwrap_or(0);
+            if steps
+                .iter()
+                .any(|st| st["name"] == "createVm" && st["status"] == "succeeded" && st["attempt"] == attempt)
+            {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the retry made no disk: {steps:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(s.disks().iter().any(|d| d.ends_with(".qcow2")), "{:?}", s.disks());
+    }
+}
+
+/// Whether QEMU, started by libvirtd, sees the mounts this test makes (libvirtd runs in this
+/// process's mount namespace).
+fn qemu_sees_our_mounts() -> bool {
+    let Ok(out) = Command::new("pidof").arg("libvirtd").output() else { return false };
+    let pid = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string();
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
+    !pid.is_empty() && ns(&pid).is_some() && ns(&pid) == ns("self")
 }

@@ -9,17 +9,6 @@ use crate::vm_support::*;
 
 const BOOT: Duration = Duration::from_secs(120);
 
-/// A host of fixed capacity, so a large thin disk is accepted whatever the machine has free.
-fn host_settings(dir: &std::path::Path) -> String {
-    let path = dir.join("cloudpc.toml");
-    std::fs::write(
-        &path,
-        "[[hosts]]\nname = \"local\"\nuri = \"qemu:///system\"\nregion = \"local\"\nvcpus = 8\nmemory_mib = 8192\ndisk_gib = 500\n",
-    )
-    .expect("write the settings file");
-    path.to_string_lossy().into_owned()
-}
-
 async fn provisioning_pc(s: &VmServer, upn: &str, storage_gb: u32) -> Value {
     let sku = s.tiny_sku("TINY", 1, 1, storage_gb).await;
     let user = s.user(upn).await;
@@ -45,7 +34,7 @@ async fn provisioning_pc(s: &VmServer, upn: &str, storage_gb: u32) -> Value {
 async fn test_vm_grow_disk_rerun_after_kill9_waits_for_the_first_run_in_the_guest() {
     let _turn = vm_turn().await;
     let settings = tempfile::tempdir().unwrap();
-    let config = host_settings(settings.path());
+    let config = roomy_host_settings(settings.path());
     let s = VmServer::start(&["--config", &config]).await;
     // 64 GiB: growing the tiny image's 1 KiB-block ext4 online takes seconds under TCG.
     let pc = provisioning_pc(&s, "isaiah@contoso.com", 64).await;
