@@ -4,12 +4,15 @@
 //! safest check first: the qcow2 header is read by hand, so that a file naming a backing file or
 //! an external data file (which could make QEMU read any host file) is refused before any QEMU tool
 //! opens it; `qemu-img info` confirms the format and virtual size, `qemu-img check` looks for
-//! corruption and truncation; the file is copied into cloudpc's own base file; and a throwaway VM
+//! corruption and truncation; `qemu-img measure` tells how much the copy will write (compressed
+//! clusters expand), which must fit in the free space beyond the reserve before any of it is
+//! written; the file is copied into cloudpc's own base file; and a throwaway VM
 //! boots an overlay of that copy through firmware and must have its guest agent answer in time,
 //! since provisioning configures every Cloud PC through that agent. Pending versions are checked
 //! again after a restart. Sources come from an upload streamed through the API into the upload
 //! area, or from a path in an import directory on the server's host, which is first copied into
-//! the staging area so that every check reads the same bytes (both removed once checked).
+//! the staging area so that every check reads the same bytes (both removed once checked). Every
+//! `qemu-img` runs under memory, CPU-time and wall-time limits ([`crate::bounded`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,7 @@ use cloudpc_types::images::{
 use cloudpc_types::policy::ImageType;
 
 use crate::audit::{Actor, Change};
+use crate::bounded::{self, BoundedError, Limits};
 use crate::directory::parse_id;
 use crate::{App, Error, Result};
 
@@ -352,8 +356,8 @@ impl App {
 
     fn no_space(&self) -> Error {
         Error::InsufficientStorage(format!(
-            "the server has too little free space for this image (it keeps {} GiB free for its Cloud PCs)",
-            FREE_SPACE_RESERVE >> 30
+            "the server has too little free space for this image (it keeps {} free for its Cloud PCs)",
+            human_bytes(self.config.image_free_space_reserve)
         ))
     }
 
@@ -376,10 +380,11 @@ impl App {
             .map_err(|e| Error::HostIo(format!("cannot create {}: {e}", dir.display())))?;
         let dir = std::path::absolute(&dir).map_err(|e| Error::HostIo(e.to_string()))?;
         let done = dir.join(format!("{}.qcow2", Uuid::new_v4()));
-        if content_length.is_some_and(|n| free_bytes(&dir).is_some_and(|free| free < n + FREE_SPACE_RESERVE)) {
+        let reserve = self.config.image_free_space_reserve;
+        if content_length.is_some_and(|n| free_bytes(&dir).is_some_and(|free| free < n + reserve)) {
             return Err(self.no_space());
         }
-        match copy_capped(body, &done, self.max_source_bytes(), self.config.upload_idle_timeout).await {
+        match copy_capped(body, &done, self.max_source_bytes(), self.config.upload_idle_timeout, reserve).await {
             Ok(0) => {
                 remove_quietly(&done).await;
                 Err(Error::invalid("body", "the upload is empty"))
@@ -424,7 +429,8 @@ impl App {
         let staged = dir.join(format!("{id}-{version}.qcow2"));
         // A local file never stalls the way a client can; the limit is only a backstop.
         let idle = Duration::from_secs(3600);
-        match copy_capped(tokio::fs::File::from_std(file), &staged, self.max_source_bytes(), idle).await {
+        let reserve = self.config.image_free_space_reserve;
+        match copy_capped(tokio::fs::File::from_std(file), &staged, self.max_source_bytes(), idle, reserve).await {
             Ok(_) => Ok(staged),
             Err(CopyFailure::TooLarge) => Err(reject(
                 SourceImageSizeExceedsLimitation,
@@ -538,12 +544,23 @@ impl App {
     }
 
     /// Copies a checked image into its base file (flattened by `qemu-img convert`, written under a
-    /// temporary name and renamed, so a crash never leaves a half-copied base).
+    /// temporary name and renamed, so a crash never leaves a half-copied base). First makes sure
+    /// what the copy will write fits: a few MiB of compressed clusters can expand to the image's
+    /// whole virtual size.
     async fn take_copy(&self, source: &Path, base: &Path, format: SourceImageFormat) -> Result<(), ImageRejection> {
+        self.check_room_for_copy(source, base, format).await?;
         let partial = base.with_extension("qcow2.partial");
-        let mut cmd = tokio::process::Command::new(&self.config.qemu_img);
-        cmd.args(["convert", "-q", "-f", format.qemu_name(), "-O", "qcow2"]).arg(source).arg(&partial);
-        let out = run_bounded(cmd, &self.config.qemu_img).await;
+        let args = [
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            format.qemu_name().as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            source.as_os_str(),
+            partial.as_os_str(),
+        ];
+        let out = self.run_qemu_img("copying the image", &args, COPY_LIMITS).await;
         let out = match out {
             Ok(out) => out,
             Err(r) => {
@@ -554,6 +571,13 @@ impl App {
         if !out.status.success() {
             remove_quietly(&partial).await;
             let detail = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").to_string();
+            if detail.contains("No space left on device") {
+                // Not the image's fault (the space went elsewhere meanwhile): the check runs again later.
+                return Err(reject(
+                    DeviceImageErrorCode::InternalServerError,
+                    "the server's disk filled up while the image was being copied",
+                ));
+            }
             return Err(reject(
                 DeviceImageErrorCode::SourceImageInvalid,
                 format!("the image could not be copied: {detail}"),
@@ -778,9 +802,8 @@ impl App {
         let info = self.qemu_img(&["info", "--output=json", "-f", "qcow2"], path).await?;
         let size = check_image_info(&info)?;
         self.check_size(size)?;
-        let mut cmd = tokio::process::Command::new(&self.config.qemu_img);
-        cmd.args(["check", "-q", "-f", "qcow2"]).arg(path);
-        let out = run_bounded(cmd, &self.config.qemu_img).await?;
+        let args = ["check".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str()];
+        let out = self.run_qemu_img("checking the image", &args, INSPECT_LIMITS).await?;
         // Exit 3 means leaked clusters only: wasted space, not damage.
         match out.status.code() {
             Some(0) | Some(3) => Ok(size),
@@ -809,9 +832,9 @@ impl App {
 
     async fn qemu_img(&self, args: &[&str], path: &Path) -> Result<serde_json::Value, ImageRejection> {
         use DeviceImageErrorCode::*;
-        let mut cmd = tokio::process::Command::new(&self.config.qemu_img);
-        cmd.args(args).arg(path);
-        let out = run_bounded(cmd, &self.config.qemu_img).await?;
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.push(path.as_os_str());
+        let out = self.run_qemu_img("reading the image", &all, INSPECT_LIMITS).await?;
         if !out.status.success() {
             let detail = String::from_utf8_lossy(&out.stderr);
             let first = detail.lines().next().unwrap_or("unreadable image").trim().to_string();
@@ -819,6 +842,70 @@ impl App {
         }
         serde_json::from_slice(&out.stdout)
             .map_err(|e| reject(InternalServerError, format!("qemu-img info gave unexpected output: {e}")))
+    }
+
+    /// `qemu-img measure`: the bytes the copy will write (data, expanded, plus metadata; zeros stay
+    /// holes) must fit in the free space beyond the reserve.
+    async fn check_room_for_copy(
+        &self,
+        source: &Path,
+        base: &Path,
+        format: SourceImageFormat,
+    ) -> Result<(), ImageRejection> {
+        use DeviceImageErrorCode::*;
+        let args = [
+            "measure".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            format.qemu_name().as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            source.as_os_str(),
+        ];
+        let out = self.run_qemu_img("measuring the image", &args, INSPECT_LIMITS).await?;
+        if !out.status.success() {
+            let detail = String::from_utf8_lossy(&out.stderr);
+            let first = detail.lines().next().unwrap_or("unreadable image").trim().to_string();
+            return Err(reject(SourceImageInvalid, format!("qemu-img cannot measure the image: {first}")));
+        }
+        let measured: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| reject(InternalServerError, format!("qemu-img measure gave unexpected output: {e}")))?;
+        let required = measured["required"]
+            .as_u64()
+            .ok_or_else(|| reject(InternalServerError, format!("qemu-img measure gave no size: {measured}")))?;
+        let dir = base.parent().unwrap_or(Path::new("."));
+        let Some(free) = free_bytes(dir) else {
+            return Err(reject(InternalServerError, format!("cannot tell the free space of {}", dir.display())));
+        };
+        let reserve = self.config.image_free_space_reserve;
+        if required.saturating_add(reserve) > free {
+            return Err(reject(
+                SourceImageSizeExceedsLimitation,
+                format!(
+                    "the image holds {} of data once copied (compressed data expands), but the server has only {} \
+                     free beyond the {} it keeps for its Cloud PCs; free space or import a smaller image",
+                    human_bytes(required),
+                    human_bytes(free.saturating_sub(reserve)),
+                    human_bytes(reserve)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every `qemu-img` call: under `limits`; a limit that stops it is the image's failure
+    /// (a crafted image), saying which limit and while doing `what`.
+    async fn run_qemu_img(
+        &self,
+        what: &str,
+        args: &[&std::ffi::OsStr],
+        limits: Limits,
+    ) -> Result<std::process::Output, ImageRejection> {
+        use DeviceImageErrorCode::*;
+        bounded::run(&self.config.qemu_img, args, &limits).await.map_err(|e| match e {
+            BoundedError::Spawn { .. } => reject(InternalServerError, e.to_string()),
+            _ => reject(SourceImageInvalid, format!("{what} was stopped: {e}")),
+        })
     }
 
     /// Boots an overlay of the base through firmware in a throwaway VM (no network) and waits for
@@ -988,24 +1075,21 @@ fn guest_text(s: &str) -> String {
 /// `O_NONBLOCK` on Linux: opening a FIFO must not wait for a writer.
 const O_NONBLOCK: i32 = 0o4000;
 
-/// A stuck `qemu-img` (a crafted image, a hung file system) must not hold a check forever.
-const QEMU_IMG_LIMIT: Duration = Duration::from_secs(1800);
+/// Limits of `qemu-img info`, `check` and `measure`: they read metadata only.
+const INSPECT_LIMITS: Limits = Limits { memory: 1 << 30, cpu_secs: 300, wall: Duration::from_secs(600) };
 
-async fn run_bounded(mut cmd: tokio::process::Command, program: &str) -> Result<std::process::Output, ImageRejection> {
-    use DeviceImageErrorCode::*;
-    cmd.kill_on_drop(true);
-    match tokio::time::timeout(QEMU_IMG_LIMIT, cmd.output()).await {
-        Ok(Ok(out)) => Ok(out),
-        Ok(Err(e)) => Err(reject(InternalServerError, format!("cannot run {program}: {e}"))),
-        Err(_) => {
-            Err(reject(SourceImageInvalid, format!("{program} did not finish within {} s", QEMU_IMG_LIMIT.as_secs())))
-        }
+/// Limits of the copy: it reads (and may decompress) every cluster of an image of up to the
+/// maximum size. A stuck copy (a crafted image, a hung file system) must not hold a check forever.
+const COPY_LIMITS: Limits = Limits { memory: 2 << 30, cpu_secs: 3600, wall: Duration::from_secs(1800) };
+
+/// Sizes in messages: MiB below a GiB, GiB with one decimal above.
+fn human_bytes(n: u64) -> String {
+    if n < 1 << 30 {
+        format!("{} MiB", n.div_ceil(1 << 20))
+    } else {
+        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
     }
 }
-
-/// Space an upload or staged copy must leave free on the image file system: running it full
-/// would stop every Cloud PC whose overlay lives there.
-const FREE_SPACE_RESERVE: u64 = 2 << 30;
 
 /// Bytes available to cloudpc on the file system holding `path`.
 fn free_bytes(path: &Path) -> Option<u64> {
@@ -1029,6 +1113,7 @@ async fn copy_capped(
     dest: &Path,
     limit: u64,
     idle: Duration,
+    reserve: u64,
 ) -> Result<u64, CopyFailure> {
     let partial = dest.with_extension("qcow2.partial");
     let outcome = async {
@@ -1054,7 +1139,7 @@ async fn copy_capped(
                 return Err(CopyFailure::TooLarge);
             }
             // Every 64 MiB: stop before the reserve is eaten.
-            if total % (64 << 20) < n as u64 && free_bytes(dir).is_some_and(|free| free < FREE_SPACE_RESERVE) {
+            if total % (64 << 20) < n as u64 && free_bytes(dir).is_some_and(|free| free < reserve) {
                 return Err(CopyFailure::NoSpace);
             }
             // Runs of zeros become holes: a sparse disk image stays sparse in cloudpc's copies.
@@ -1118,7 +1203,7 @@ mod tests {
         let mut source = vec![0u8; 32 << 20];
         source[(16 << 20)..(17 << 20)].fill(0xa5);
         let dest = dir.path().join("copy.qcow2");
-        let n = copy_capped(&source[..], &dest, 64 << 20, Duration::from_secs(5)).await.unwrap();
+        let n = copy_capped(&source[..], &dest, 64 << 20, Duration::from_secs(5), 0).await.unwrap();
         assert_eq!(n, 32 << 20);
         let meta = std::fs::metadata(&dest).unwrap();
         assert_eq!(meta.len(), 32 << 20, "the copy has the full length");

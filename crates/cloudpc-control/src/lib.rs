@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod bounded;
 pub mod cloud_pcs;
 pub mod console;
 pub mod demo;
@@ -64,6 +65,9 @@ pub struct AppConfig {
     pub image_import_dirs: Vec<PathBuf>,
     /// The `qemu-img` program used to inspect imported images.
     pub qemu_img: String,
+    /// Bytes an image upload, staged copy or base copy must leave free on the image file system:
+    /// running it full would stop every Cloud PC whose overlay lives there.
+    pub image_free_space_reserve: u64,
     /// Grace period before a Cloud PC that lost its license or targeting is deprovisioned,
     /// unless its policy says otherwise.
     pub grace_period: Duration,
@@ -110,6 +114,7 @@ impl Default for AppConfig {
             upload_idle_timeout: Duration::from_secs(60),
             image_import_dirs: vec![PathBuf::from("cloudpc-data/import")],
             qemu_img: "qemu-img".into(),
+            image_free_space_reserve: 2 << 30,
             grace_period: Duration::from_secs(7 * 24 * 3600),
             cleanup_delay: Duration::from_secs(3 * 3600),
             resync_interval: Duration::from_secs(10),

@@ -3,12 +3,67 @@
 //! Each step is idempotent: running it twice leaves the guest as running it once does. The
 //! scripts use only busybox-level tools, so they work on the tiny test image and on full
 //! distributions alike.
+//!
+//! Running twice also means running while the first run is still going: when the server dies
+//! mid-step, the guest keeps running the first run's script, and the server's re-run after its
+//! restart must not race it (two online `resize2fs` fail with "Device or resource busy"; two
+//! `/etc/shadow` rewrites can leave the first run's password). So every step's script first takes
+//! the step's own lock in the guest and waits for an earlier run that still holds it.
 
 use std::time::Duration;
 
 use crate::{GuestAgent, GuestError, Result};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The shell prelude that takes a step's lock in the guest, waiting up to `wait_secs` for an
+/// earlier run of the same step. The lock is a symbolic link whose target names the holder
+/// (`pid:start time`): creating it is atomic everywhere, busybox included (which has no `flock`),
+/// and a holder killed without releasing it is recognized as gone even if its pid was reused.
+/// The lock lives under /run, a tmpfs, so a guest reboot clears it.
+fn step_lock(step: &str, wait_secs: u64) -> String {
+    format!(
+        r#"lock_dir=${{CLOUDPC_STEP_LOCKS:-/run/cloudpc}}
+mkdir -p "$lock_dir" 2>/dev/null || {{ lock_dir=/tmp/cloudpc; mkdir -p "$lock_dir"; }}
+lock="$lock_dir/{step}.lock"
+started() {{ cut -d' ' -f22 "/proc/$1/stat" 2>/dev/null; }}
+me="$$:$(started $$)"
+waited=0
+while ! ln -s "$me" "$lock" 2>/dev/null; do
+    holder=$(readlink "$lock" 2>/dev/null) || holder=
+    pid=${{holder%%:*}}
+    if [ -n "$holder" ] && {{ [ ! -r "/proc/$pid/stat" ] || [ "$(started "$pid")" != "${{holder#*:}}" ]; }}; then
+        # Its holder was killed before it could release it.
+        rm -f "$lock"
+        continue
+    fi
+    if [ "$waited" -ge {wait_secs} ]; then
+        if [ -n "$holder" ]; then
+            echo "an earlier run of this step (guest process $pid) is still running after $waited s" >&2
+        else
+            echo "cannot take the step's lock $lock" >&2
+        fi
+        exit 75
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
+trap 'if [ "$(readlink "$lock" 2>/dev/null)" = "$me" ]; then rm -f "$lock"; fi' EXIT
+trap 'exit 143' HUP INT TERM
+"#
+    )
+}
+
+/// The script of a step: its lock, then its body.
+fn locked_script(step: &str, body: &str, limit: Duration) -> String {
+    format!("{}{body}", step_lock(step, limit.as_secs()))
+}
+
+/// Runs a step's script under its lock. `limit` bounds both the wait for an earlier run and the
+/// step's own work.
+async fn run_step(agent: &GuestAgent<'_>, step: &str, what: &str, body: &str, limit: Duration) -> Result<String> {
+    agent.script(what, &locked_script(step, body, limit), limit * 2 + Duration::from_secs(10)).await
+}
 
 /// A Linux user name from a user principal name: lowercase letters, digits, `_` and `-`,
 /// starting with a letter, at most 32 characters.
@@ -34,7 +89,7 @@ fn sh_quote(s: &str) -> String {
 pub async fn set_hostname(agent: &GuestAgent<'_>, name: &str) -> Result<()> {
     let q = sh_quote(name);
     let script = format!("set -e\necho {q} > /etc/hostname\nhostname {q}\n[ \"$(hostname)\" = {q} ]\n");
-    agent.script("setting the hostname", &script, STEP_TIMEOUT).await.map(|_| ())
+    run_step(agent, "setHostname", "setting the hostname", &script, STEP_TIMEOUT).await.map(|_| ())
 }
 
 /// SHA-512 crypt of the password, made on the host so the guest never sees it in clear.
@@ -74,7 +129,7 @@ mkdir -p /etc/cloudpc
 echo "$u" > /etc/cloudpc/primary-user
 "#
     );
-    agent.script("creating the user account", &script, STEP_TIMEOUT).await.map(|_| ())
+    run_step(agent, "createUserAccount", "creating the user account", &script, STEP_TIMEOUT).await.map(|_| ())
 }
 
 /// Adds the user to the `wheel` group, the Linux convention for local administrators.
@@ -94,7 +149,9 @@ esac
 id -Gn "$u" | grep -qw wheel
 "#
     );
-    agent.script("adding the user to the administrators (wheel)", &script, STEP_TIMEOUT).await.map(|_| ())
+    run_step(agent, "addLocalAdmin", "adding the user to the administrators (wheel)", &script, STEP_TIMEOUT)
+        .await
+        .map(|_| ())
 }
 
 /// Points /etc/localtime at the zone; refused if the guest has no such zone.
@@ -106,7 +163,7 @@ pub async fn set_time_zone(agent: &GuestAgent<'_>, zone: &str) -> Result<()> {
     let script = format!(
         "set -e\nz={z}\n[ -f \"/usr/share/zoneinfo/$z\" ] || {{ echo \"no time zone $z in the guest\" >&2; exit 1; }}\nln -sf \"/usr/share/zoneinfo/$z\" /etc/localtime\necho \"$z\" > /etc/timezone\n"
     );
-    agent.script("setting the time zone", &script, STEP_TIMEOUT).await.map(|_| ())
+    run_step(agent, "setTimeZone", "setting the time zone", &script, STEP_TIMEOUT).await.map(|_| ())
 }
 
 /// Grows the root partition (if root is on one; custom images usually are) to the end of its disk,
@@ -134,7 +191,8 @@ resize2fs "$dev" >&2
 
 /// Grows the root filesystem to fill its disk (online); returns the new size in bytes.
 pub async fn grow_root_filesystem(agent: &GuestAgent<'_>) -> Result<u64> {
-    agent.script("growing the root filesystem", GROW_ROOT, Duration::from_secs(300)).await?;
+    // An earlier run still growing it holds the lock: this one then finds nothing left to grow.
+    run_step(agent, "growDisk", "growing the root filesystem", GROW_ROOT, Duration::from_secs(300)).await?;
     let fs = agent.fs_info().await?;
     fs.as_array()
         .and_then(|list| list.iter().find(|f| f["mountpoint"] == "/"))
@@ -156,6 +214,57 @@ mod tests {
     #[test]
     fn test_sh_quote_survives_single_quotes() {
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+    }
+
+    /// Runs a step's script with the host's `sh`, its locks in `dir`.
+    fn spawn_locked(dir: &std::path::Path, body: &str, wait_secs: u64) -> std::process::Child {
+        use std::io::Write;
+        let mut child = std::process::Command::new("/bin/sh")
+            .arg("-s")
+            .env("CLOUDPC_STEP_LOCKS", dir)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let script = locked_script("growDisk", body, Duration::from_secs(wait_secs));
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        child
+    }
+
+    #[test]
+    fn test_a_second_run_of_a_step_waits_for_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let body = format!("set -e\necho start >> {0}\nsleep 2\necho end >> {0}\n", log.display());
+        let first = spawn_locked(dir.path(), &body, 30);
+        std::thread::sleep(Duration::from_millis(300));
+        let second = spawn_locked(dir.path(), &body, 30);
+        for child in [first, second] {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "start\nend\nstart\nend\n", "one after the other");
+        assert!(std::fs::symlink_metadata(dir.path().join("growDisk.lock")).is_err(), "released at exit");
+    }
+
+    #[test]
+    fn test_a_step_lock_of_a_killed_run_is_taken_over_and_a_live_one_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("growDisk.lock");
+        // A holder that is gone (no such process): the lock is stale.
+        std::os::unix::fs::symlink("4194304:1", &lock).unwrap();
+        let out = spawn_locked(dir.path(), "echo ran\n", 5).wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // A live holder (this test process, with its real start time): the wait gives up, saying why.
+        std::fs::remove_file(&lock).ok();
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let start = stat.rsplit(')').next().unwrap().split_whitespace().nth(19).unwrap().to_string();
+        std::os::unix::fs::symlink(format!("{}:{start}", std::process::id()), &lock).unwrap();
+        let out = spawn_locked(dir.path(), "echo ran\n", 1).wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{err}");
+        assert!(err.contains("an earlier run of this step") && err.contains("still running"), "{err}");
+        assert!(std::fs::symlink_metadata(&lock).is_ok(), "someone else's lock is left alone");
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct ServerArgs {
     /// The qemu-img program used to check imported images [default: qemu-img].
     #[arg(long, env = "CLOUDPC_QEMU_IMG")]
     pub qemu_img: Option<String>,
+    /// MiB that image uploads and copies must leave free on the data directory's file system,
+    /// for the Cloud PCs' disks [default: 2048].
+    #[arg(long, env = "CLOUDPC_IMAGE_FREE_SPACE_RESERVE_MIB")]
+    pub image_free_space_reserve_mib: Option<u64>,
     /// Log filter, for example info or cloudpc=debug [default: info].
     #[arg(long, env = "CLOUDPC_LOG")]
     pub log: Option<String>,

@@ -176,6 +176,10 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 .unwrap_or(defaults.upload_idle_timeout),
             max_custom_images: args.max_custom_images.or(file.max_custom_images).unwrap_or(defaults.max_custom_images),
             qemu_img: args.qemu_img.clone().or(file.qemu_img).unwrap_or(defaults.qemu_img),
+            image_free_space_reserve: args
+                .image_free_space_reserve_mib
+                .map(|mib| mib << 20)
+                .unwrap_or(defaults.image_free_space_reserve),
             grace_period: Duration::from_secs_f64(hours * 3600.0),
             cleanup_delay: Duration::from_secs(args.cleanup_delay_secs.or(file.cleanup_delay_secs).unwrap_or(3 * 3600)),
             resync_interval: Duration::from_secs(args.resync_secs.or(file.resync_secs).unwrap_or(10).max(1)),

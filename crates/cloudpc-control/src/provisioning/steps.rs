@@ -93,6 +93,20 @@ fn hv_failed(e: HypervisorError) -> Outcome {
     Outcome::Failed(e.to_string())
 }
 
+/// A Cloud PC disk that could not be made. A full file system is the host's problem, not the
+/// image's: say so in a sentence instead of passing on qemu-img's error.
+fn disk_failed(e: HypervisorError, disk: &std::path::Path) -> Outcome {
+    let text = e.to_string();
+    if text.contains("No space left on device") || text.contains("os error 28") {
+        let dir = disk.parent().unwrap_or(disk);
+        return Outcome::Failed(format!(
+            "the disk of the host is full: there is no space left in {} for the Cloud PC's disk; free space there",
+            dir.display()
+        ));
+    }
+    Outcome::Failed(text)
+}
+
 macro_rules! tri {
     ($e:expr) => {
         match $e {
@@ -139,7 +153,7 @@ impl App {
                 let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
                 let disk = r.disk.clone().unwrap_or_default();
                 if let Err(e) = hv.create_overlay(&spec.image_disk, &disk, spec.storage_gib).await {
-                    return hv_failed(e);
+                    return disk_failed(e, &disk);
                 }
                 let boot = match &spec.kernel {
                     Some(k) => {

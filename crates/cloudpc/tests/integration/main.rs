@@ -8,6 +8,8 @@ mod auth;
 mod bad_input;
 mod cli;
 mod directory;
+mod disk_space;
+mod guest_steps;
 mod hardening;
 mod hypervisor;
 mod image_import;

@@ -104,11 +104,16 @@ fn vm_args(prefix: &str, extra: &[String]) -> Vec<String> {
 
 impl VmServer {
     pub async fn start(extra: &[&str]) -> VmServer {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), extra).await
+    }
+
+    /// On a data directory the test prepared (a small file system of its own, say).
+    pub async fn start_in(data: tempfile::TempDir, extra: &[&str]) -> VmServer {
         let prefix = format!("cpct{}-", &uuid_like()[..6]);
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let args = vm_args(&prefix, &extra);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let s = Server::start_with(&refs, Some(ADMIN_TOKEN)).await;
+        let s = Server::start_in(data, &refs, Some(ADMIN_TOKEN)).await;
         VmServer { s, _sweeper: DomainSweeper(prefix.clone()), prefix, extra }
     }
 
@@ -221,6 +226,18 @@ impl VmServer {
         names.sort();
         names
     }
+}
+
+/// A settings file with one host of fixed, roomy capacity: Cloud PCs are not held back by what
+/// the machine's disk has free (a large thin disk, a small data directory).
+pub fn roomy_host_settings(dir: &std::path::Path) -> String {
+    let path = dir.join("cloudpc.toml");
+    std::fs::write(
+        &path,
+        "[[hosts]]\nname = \"local\"\nuri = \"qemu:///system\"\nregion = \"local\"\nvcpus = 8\nmemory_mib = 8192\ndisk_gib = 500\n",
+    )
+    .expect("write the settings file");
+    path.to_string_lossy().into_owned()
 }
 
 pub fn summary(pcs: &[Value]) -> String {
