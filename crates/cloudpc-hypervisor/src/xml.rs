@@ -12,6 +12,10 @@ pub fn escape(s: &str) -> String {
 
 /// The VNC console listens on loopback only, with a port libvirt picks; the gateway is the way in.
 /// A USB tablet gives the browser console an absolute pointer (a PS/2 mouse alone drifts).
+/// The qemu-vdagent channel is QEMU's own spice agent peer: it shares QEMU's VNC clipboard with
+/// spice-vdagent in the guest, so the console's clipboard reaches the guest's X and back (QEMU's
+/// VNC server drops client cut text otherwise). Its mouse stays off (`server`): the tablet points.
+/// A guest without the agent just sees one more unused virtio port.
 pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
     let os = match &spec.boot {
         Boot::Kernel { kernel, initrd, cmdline } => format!(
@@ -39,6 +43,7 @@ pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
       <target dev='vda' bus='virtio'/>
     </disk>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <channel type='qemu-vdagent'><source><clipboard copypaste='yes'/><mouse mode='server'/></source><target type='virtio' name='com.redhat.spice.0'/></channel>
     <serial type='file'><source path='{log}'/><target port='0'/></serial>
     <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>
     <input type='tablet' bus='usb'/>
@@ -151,5 +156,6 @@ mod tests {
         assert!(x.contains("listen='127.0.0.1'"));
         assert!(x.contains("<domain type='qemu'>"));
         assert!(x.contains("<vcpu>2</vcpu>") && x.contains(">4096</memory>"));
+        assert!(x.contains("<channel type='qemu-vdagent'><source><clipboard copypaste='yes'/>"), "clipboard agent");
     }
 }
