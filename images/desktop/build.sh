@@ -2,9 +2,9 @@
 # Builds the Debian 12 desktop gallery image from Debian packages with mmdebstrap: systemd, the
 # generic kernel (booted directly; it has the bochs DRM driver that Xorg needs for the VM's VGA),
 # a small initramfs-tools initrd, Xorg with the jwm window manager, xterm, the xfe file manager, the
-# dillo browser, the real qemu-guest-agent, dhcpcd, sudo, resize2fs and zoneinfo. The root
-# filesystem fills the whole disk /dev/vda (no partition table), so the guest can grow it online
-# with resize2fs.
+# dillo browser, the real qemu-guest-agent, spice-vdagent (the clipboard shared with the browser
+# console) and xclip, dhcpcd, sudo, resize2fs and zoneinfo. The root filesystem fills the whole
+# disk /dev/vda (no partition table), so the guest can grow it online with resize2fs.
 #
 # At boot cloudpc-desktop.service starts X on vt1 (the VNC console) and, as soon as cloudpc names
 # the Cloud PC's user in /etc/cloudpc/primary-user (through the guest agent), runs that user's
@@ -26,11 +26,16 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org}
 # jwm+xfe+dillo add 44 MB to the root; pcmanfm (GTK) would add 73 MB, netsurf-gtk 111 MB.
 # dhcpcd (DHCP on every NIC, hotplug too, writes resolv.conf) rather than systemd-networkd +
 # systemd-resolved: resolved sits before sysinit.target and cost 7 s of boot under emulation.
+# spice-vdagent moves the clipboard between X and QEMU's qemu-vdagent channel, which QEMU's VNC
+# server (the browser console) shares its clipboard with; it pulls in GTK 3 (+29 packages, 56 MB).
+# dbus-x11 answers GTK's need for a session bus: apt would otherwise pick dbus-user-session, and
+# with it pam_systemd, which starts a systemd user manager for every su (slow under emulation).
 packages=(
     systemd-sysv udev kmod dbus linux-image-amd64 initramfs-tools
     xserver-xorg-core xserver-xorg-input-libinput xinit xauth x11-xserver-utils xfonts-base
     jwm xterm xfe dillo
     qemu-guest-agent iproute2 dhcpcd libnss-myhostname procps
+    spice-vdagent dbus-x11 xclip
     e2fsprogs tzdata sudo passwd ca-certificates
 )
 

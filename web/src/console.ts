@@ -1,7 +1,14 @@
 // The desktop in the browser: noVNC over the cloudpc gateway, full window, with the clipboard
-// bridged both ways and a new ticket fetched to reconnect when the connection drops.
+// bridged both ways and a new ticket fetched to reconnect when the connection drops. The clipboard
+// box sends its text to the Cloud PC's clipboard and shows what is copied there: QEMU's VNC server
+// passes both to the guest's spice-vdagent through the VM's qemu-vdagent channel. A textarea, so
+// that copied lines keep their line breaks.
 import RFB from "@novnc/novnc";
 import { api } from "./api";
+import { providePlainText } from "./qemu-clipboard";
+
+// Else the guest gets noVNC's CRLF line breaks and a trailing NUL: QEMU passes them on as they are.
+providePlainText((RFB as any).messages);
 
 export function openConsole(root: HTMLElement, id: string, name: string, onClose: () => void) {
   root.innerHTML = `
@@ -9,7 +16,7 @@ export function openConsole(root: HTMLElement, id: string, name: string, onClose
       <div class="bar">
         <button class="secondary" id="back">Back</button>
         <span id="state">Connecting to ${name}…</span>
-        <input id="clip" placeholder="Type or paste here, then Send, to paste into the Cloud PC" />
+        <textarea id="clip" rows="1" placeholder="Clipboard: type or paste here, then Send, to paste into the Cloud PC; what is copied there shows here"></textarea>
         <button id="send">Send</button>
         <button class="secondary" id="cad">Ctrl+Alt+Del</button>
       </div>
@@ -17,7 +24,7 @@ export function openConsole(root: HTMLElement, id: string, name: string, onClose
     </div>`;
   const screen = root.querySelector<HTMLElement>("#screen")!;
   const state = root.querySelector<HTMLElement>("#state")!;
-  const clip = root.querySelector<HTMLInputElement>("#clip")!;
+  const clip = root.querySelector<HTMLTextAreaElement>("#clip")!;
   let rfb: any = null;
   let closing = false;
   let retries = 0;
@@ -53,7 +60,11 @@ export function openConsole(root: HTMLElement, id: string, name: string, onClose
     rfb?.disconnect();
     onClose();
   });
-  root.querySelector("#send")!.addEventListener("click", () => rfb?.clipboardPasteFrom(clip.value));
+  // Back to the screen after sending, so that the user can paste there at once.
+  root.querySelector("#send")!.addEventListener("click", () => {
+    rfb?.clipboardPasteFrom(clip.value);
+    rfb?.focus();
+  });
   root.querySelector("#cad")!.addEventListener("click", () => rfb?.sendCtrlAltDel());
   connect();
 }

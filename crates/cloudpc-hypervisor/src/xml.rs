@@ -16,6 +16,11 @@ pub fn escape(s: &str) -> String {
 /// will: libvirt hands QEMU a pipe to virtlogd for it (`stdio_handler = "logd"`, the default in
 /// qemu.conf), not the file, and virtlogd rotates it at `max_size` keeping `max_backups` copies
 /// (2 MiB and 3 by default: at most 8 MiB per Cloud PC). The rotated copies go with the file.
+///
+/// The qemu-vdagent channel is QEMU's own spice agent peer: it shares QEMU's VNC clipboard with
+/// spice-vdagent in the guest, so the console's clipboard reaches the guest's X and back (QEMU's
+/// VNC server drops client cut text otherwise). Its mouse stays off (`server`): the tablet points.
+/// A guest without the agent just sees one more unused virtio port.
 pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
     let os = match &spec.boot {
         Boot::Kernel { kernel, initrd, cmdline } => format!(
@@ -43,6 +48,7 @@ pub fn domain(spec: &VmSpec, accel: Accelerator) -> String {
       <target dev='vda' bus='virtio'/>
     </disk>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <channel type='qemu-vdagent'><source><clipboard copypaste='yes'/><mouse mode='server'/></source><target type='virtio' name='com.redhat.spice.0'/></channel>
     <serial type='file'><source path='{log}'/><target port='0'/></serial>
     <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>
     <input type='tablet' bus='usb'/>
@@ -222,5 +228,6 @@ mod tests {
         assert!(x.contains("listen='127.0.0.1'"));
         assert!(x.contains("<domain type='qemu'>"));
         assert!(x.contains("<vcpu>2</vcpu>") && x.contains(">4096</memory>"));
+        assert!(x.contains("<channel type='qemu-vdagent'><source><clipboard copypaste='yes'/>"), "clipboard agent");
     }
 }

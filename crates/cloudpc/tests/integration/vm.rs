@@ -668,6 +668,57 @@ async fn test_vm_quickstart_demo_gives_the_printed_user_a_desktop_in_the_browser
     assert!(!restarted.banner.iter().any(|l| l.contains("Demo set up")), "the demo is made once");
 }
 
+/// The console's clipboard on a desktop Cloud PC, both ways: text sent from the toolbar's
+/// clipboard box in Chromium reaches the X clipboard of the user's session (read with xclip through
+/// the guest agent), and text copied there (xclip) shows in the box. Needs the VM's qemu-vdagent
+/// channel and spice-vdagent in the image; QEMU's VNC server drops the text without them.
+#[tokio::test]
+async fn test_vm_console_clipboard_goes_both_ways_between_chromium_and_the_desktop() {
+    let _turn = vm_turn().await;
+    let web = web_dir();
+    assert!(newest_build("desktop").is_some(), "the desktop image is not built: run scripts/test.sh");
+    let s = VmServer::start(&["--demo", "--web-dir", web.join("dist").to_str().unwrap()]).await;
+    let line = s.banner.iter().find(|l| l.starts_with("Sign in at ")).expect("a sign-in line");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (upn, password) = (words[5], words[8]);
+    let pc = s.wait_all(1, DONE, Duration::from_secs(300)).await.remove(0);
+    let domain = domain_of(&pc, &s.prefix);
+    let dumped = virsh(&["dumpxml", &domain]);
+    assert!(dumped.contains("<channel type='qemu-vdagent'>"), "no clipboard channel:\n{dumped}");
+
+    // The session starts once the user exists; its clipboard agent with it.
+    let user = upn.split('@').next().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let procs = guest_output(&domain, "/bin/ps", &["-eo", "user:32,comm"]).await;
+        let running = |who: &str, program: &str| {
+            procs.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == [who, program])
+        };
+        if running(user, "spice-vdagent") && running("root", "spice-vdagentd") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spice-vdagent (as {user}) and spice-vdagentd (as root) are not both running:\n{procs}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let measured = browser_test(
+        "clipboard.mjs",
+        &[
+            ("CLOUDPC_URL", &s.url),
+            ("CLOUDPC_USER", upn),
+            ("CLOUDPC_PASSWORD", password),
+            ("DOMAIN", &domain),
+            ("GUEST_USER", user),
+        ],
+        "console-clipboard.png",
+    )
+    .await;
+    println!("clipboard: {measured}");
+}
+
 #[tokio::test]
 async fn test_license_disk_smaller_than_the_image_fails_with_the_reason() {
     // Fails at createVm, before any VM exists, so no VM turn is needed.
