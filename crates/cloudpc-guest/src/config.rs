@@ -88,7 +88,7 @@ fn sh_quote(s: &str) -> String {
 
 pub async fn set_hostname(agent: &GuestAgent<'_>, name: &str) -> Result<()> {
     let q = sh_quote(name);
-    let script = format!("set -e\necho {q} > /etc/hostname\nhostname {q}\n[ \"$(hostname)\" = {q} ]\n");
+    let script = format!("set -e\nprintf '%s\\n' {q} > /etc/hostname\nhostname {q}\n[ \"$(hostname)\" = {q} ]\n");
     run_step(agent, "setHostname", "setting the hostname", &script, STEP_TIMEOUT).await.map(|_| ())
 }
 
@@ -99,37 +99,45 @@ pub fn hash_password(password: &str) -> Result<String> {
 }
 
 /// Creates the user (or updates the password of an existing one) with a home directory.
+/// Values are written with `printf '%s'`, never `echo`: dash's echo expands backslash escapes, so
+/// an admin-set display name holding `\n` would add a line to /etc/passwd.
 pub async fn create_user(
     agent: &GuestAgent<'_>,
     username: &str,
     display_name: &str,
     password_hash: &str,
 ) -> Result<()> {
+    let script = create_user_script(username, display_name, password_hash);
+    run_step(agent, "createUserAccount", "creating the user account", &script, STEP_TIMEOUT).await.map(|_| ())
+}
+
+/// The script of `createUserAccount`: written for whatever `/bin/sh` the image has (busybox ash,
+/// dash, bash), so values go through `printf '%s'` only.
+fn create_user_script(username: &str, display_name: &str, password_hash: &str) -> String {
     let (u, gecos, hash) =
         (sh_quote(username), sh_quote(&display_name.replace([':', '\n'], " ")), sh_quote(password_hash));
-    let script = format!(
+    format!(
         r#"set -e
 u={u}
 if ! grep -q "^$u:" /etc/passwd; then
     uid=1000
     while cut -d: -f3 /etc/passwd | grep -qx "$uid"; do uid=$((uid+1)); done
-    echo "$u:x:$uid:100:"{gecos}":/home/$u:/bin/sh" >> /etc/passwd
+    printf '%s:x:%s:100:%s:/home/%s:/bin/sh\n' "$u" "$uid" {gecos} "$u" >> /etc/passwd
     mkdir -p "/home/$u"
     chown "$uid:100" "/home/$u"
     chmod 700 "/home/$u"
 fi
 grep -v "^$u:" /etc/shadow > /etc/shadow.new || true
-echo "$u:"{hash}":19000:0:99999:7:::" >> /etc/shadow.new
+printf '%s:%s:19000:0:99999:7:::\n' "$u" {hash} >> /etc/shadow.new
 chmod 600 /etc/shadow.new
 mv /etc/shadow.new /etc/shadow
 grep -q "^$u:" /etc/passwd
 # Images with a desktop start the graphical session for this user.
 umask 022
 mkdir -p /etc/cloudpc
-echo "$u" > /etc/cloudpc/primary-user
+printf '%s\n' "$u" > /etc/cloudpc/primary-user
 "#
-    );
-    run_step(agent, "createUserAccount", "creating the user account", &script, STEP_TIMEOUT).await.map(|_| ())
+    )
 }
 
 /// Adds the user to the `wheel` group, the Linux convention for local administrators.
@@ -161,7 +169,7 @@ pub async fn set_time_zone(agent: &GuestAgent<'_>, zone: &str) -> Result<()> {
     }
     let z = sh_quote(zone);
     let script = format!(
-        "set -e\nz={z}\n[ -f \"/usr/share/zoneinfo/$z\" ] || {{ echo \"no time zone $z in the guest\" >&2; exit 1; }}\nln -sf \"/usr/share/zoneinfo/$z\" /etc/localtime\necho \"$z\" > /etc/timezone\n"
+        "set -e\nz={z}\n[ -f \"/usr/share/zoneinfo/$z\" ] || {{ echo \"no time zone $z in the guest\" >&2; exit 1; }}\nln -sf \"/usr/share/zoneinfo/$z\" /etc/localtime\nprintf '%s\\n' \"$z\" > /etc/timezone\n"
     );
     run_step(agent, "setTimeZone", "setting the time zone", &script, STEP_TIMEOUT).await.map(|_| ())
 }
@@ -214,6 +222,30 @@ mod tests {
     #[test]
     fn test_sh_quote_survives_single_quotes() {
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn test_create_user_script_keeps_backslashes_of_a_display_name_under_dash() {
+        // The host's /bin/sh is dash on Debian, as in the desktop image: its echo expands `\n`.
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().display().to_string();
+        std::fs::create_dir_all(format!("{r}/etc")).unwrap();
+        std::fs::write(format!("{r}/etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::write(format!("{r}/etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
+        let script = create_user_script("adele", r"Adele \nroot2::0:0:x:/root:/bin/sh \101", "$6$x$y")
+            .replace("/etc/", &format!("{r}/etc/"))
+            .replace("\"/home/", &format!("\"{r}/home/"))
+            .replace("chown ", "true ");
+        let out = std::process::Command::new("/bin/sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let passwd = std::fs::read_to_string(format!("{r}/etc/passwd")).unwrap();
+        assert_eq!(passwd.lines().count(), 2, "one line added for the user: {passwd}");
+        assert!(
+            passwd.contains(r"adele:x:1000:100:Adele \nroot2  0 0 x /root /bin/sh \101:/home/adele:/bin/sh"),
+            "{passwd}"
+        );
+        let shadow = std::fs::read_to_string(format!("{r}/etc/shadow")).unwrap();
+        assert!(shadow.lines().any(|l| l == "adele:$6$x$y:19000:0:99999:7:::"), "{shadow}");
     }
 
     /// Runs a step's script with the host's `sh`, its locks in `dir`.

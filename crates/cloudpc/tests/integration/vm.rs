@@ -12,7 +12,17 @@ const DONE: &[&str] = &["provisioned"];
 
 /// A licensed user in a group that a policy targets.
 async fn targeted_user(s: &VmServer, upn: &str, sku: &Value, policy_extra: Value) -> (Value, Value, Value) {
-    let user = s.user(upn).await;
+    targeted_user_named(s, upn, upn, sku, policy_extra).await
+}
+
+async fn targeted_user_named(
+    s: &VmServer,
+    upn: &str,
+    display_name: &str,
+    sku: &Value,
+    policy_extra: Value,
+) -> (Value, Value, Value) {
+    let user = s.create("/v1.0/users", json!({ "userPrincipalName": upn, "displayName": display_name })).await;
     let group = s.group(&format!("group of {upn}")).await;
     s.add_member(&group, &user).await;
     let policy = s.tiny_policy(&format!("policy of {upn}"), policy_extra).await;
@@ -30,9 +40,12 @@ async fn test_vm_license_group_policy_gives_a_real_cloud_pc() {
     let _turn = vm_turn().await;
     let s = VmServer::start(&[]).await;
     let sku = s.tiny_sku("CPC_2C_1GB_3GB", 2, 1, 3).await;
-    targeted_user(
+    // A display name with backslash escapes: written with echo under dash, `\n` became a line.
+    let hostile = r"Adele \nroot2::0:0:x:/root:/bin/sh \101";
+    targeted_user_named(
         &s,
         "adele@contoso.com",
+        hostile,
         &sku,
         json!({"cloudPcNamingTemplate": "ADL-%RAND:6%", "localAdminEnabled": true, "timeZone": "Europe/Berlin"}),
     )
@@ -72,7 +85,11 @@ async fn test_vm_license_group_policy_gives_a_real_cloud_pc() {
     let root = fs.as_array().unwrap().iter().find(|f| f["mountpoint"] == "/").unwrap().clone();
     assert!(root["total-bytes"].as_u64().unwrap() > (3u64 << 30) / 10 * 8, "root grown to the license size: {root}");
     assert_eq!(guest_output(&domain, "/bin/hostname", &[]).await.trim(), name);
-    assert!(guest_output(&domain, "/bin/cat", &["/etc/passwd"]).await.contains("adele:x:"));
+    let passwd = guest_output(&domain, "/bin/cat", &["/etc/passwd"]).await;
+    let adele: Vec<&str> = passwd.lines().filter(|l| l.starts_with("adele:x:")).collect();
+    assert_eq!(adele.len(), 1, "{passwd}");
+    assert!(adele[0].contains(r"Adele \nroot2  0 0 x /root /bin/sh \101"), "the name is kept as written: {passwd}");
+    assert!(passwd.lines().all(|l| !l.starts_with("root2")), "no line was added: {passwd}");
     assert!(guest_output(&domain, "/bin/cat", &["/etc/group"])
         .await
         .lines()
