@@ -41,6 +41,17 @@ pub struct GuestAgent<'a> {
     vm: &'a str,
 }
 
+/// The agent is momentarily unreachable (libvirt has not re-attached its channel yet), as
+/// opposed to refusing the command.
+fn agent_away(e: &GuestError) -> bool {
+    matches!(e, GuestError::Agent(HypervisorError::Agent { message, .. })
+        if message.contains("not connected") || message.contains("not responding"))
+}
+
+fn agent_not_connected(e: &GuestError) -> bool {
+    matches!(e, GuestError::Agent(HypervisorError::Agent { message, .. }) if message.contains("not connected"))
+}
+
 impl<'a> GuestAgent<'a> {
     pub fn new(hv: &'a dyn Hypervisor, vm: &'a str) -> Self {
         Self { hv, vm }
@@ -78,12 +89,28 @@ impl<'a> GuestAgent<'a> {
         if let Some(input) = stdin {
             a["input-data"] = json!(B64.encode(input));
         }
-        let started = self.call("guest-exec", Some(a), 10).await?;
-        let pid = started["pid"].as_i64().ok_or_else(|| GuestError::Protocol(started.to_string()))?;
         let begin = Instant::now();
+        let started = loop {
+            match self.call("guest-exec", Some(a.clone()), 10).await {
+                // Not connected: the command never reached the guest, so sending it again is safe.
+                Err(e) if agent_away(&e) && agent_not_connected(&e) && begin.elapsed() < timeout => {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                other => break other?,
+            }
+        };
+        let pid = started["pid"].as_i64().ok_or_else(|| GuestError::Protocol(started.to_string()))?;
         let mut pause = Duration::from_millis(2);
         loop {
-            let st = self.call("guest-exec-status", Some(json!({ "pid": pid })), 10).await?;
+            let st = match self.call("guest-exec-status", Some(json!({ "pid": pid })), 10).await {
+                // libvirt loses the agent channel for a moment when libvirtd restarts; the program
+                // goes on in the guest, so its status is asked again until the step's time is up.
+                Err(e) if agent_away(&e) && begin.elapsed() < timeout => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                other => other?,
+            };
             if st["exited"].as_bool() == Some(true) {
                 let text = |k: &str| {
                     st[k]

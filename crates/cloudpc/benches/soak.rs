@@ -35,41 +35,6 @@ fn virsh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Restarts libvirtd the way the host setup starts it (scripts/lib.sh `start_libvirtd`).
-fn restart_libvirtd() -> Duration {
-    let t = Instant::now();
-    let _ = std::process::Command::new("pkill").args(["-x", "libvirtd"]).status();
-    for _ in 0..100 {
-        let alive = std::process::Command::new("pgrep").args(["-x", "libvirtd"]).status().is_ok_and(|s| s.success());
-        if !alive {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = std::fs::remove_file("/var/run/libvirtd.pid");
-    let hide = std::path::Path::new("/dev/kvm").exists()
-        && std::fs::read_to_string("/run/cloudpc/accelerator").is_ok_and(|a| a.trim() == "tcg");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(". scripts/lib.sh && start_libvirtd {}", if hide { "yes" } else { "no" }))
-        .current_dir(root)
-        .status()
-        .unwrap();
-    assert!(status.success(), "libvirtd did not start again");
-    for _ in 0..100 {
-        if std::process::Command::new("virsh")
-            .args(["-c", "qemu:///system", "version"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    t.elapsed()
-}
-
 fn filters(prefix: &str) -> usize {
     virsh(&["nwfilter-list"]).lines().filter(|l| l.contains(prefix)).count()
 }
@@ -110,7 +75,7 @@ async fn run() {
         }
         if w == waves / 2 {
             tokio::time::sleep(Duration::from_millis(500 + rng.next_ms(3000))).await;
-            restarted_libvirtd = Some(restart_libvirtd());
+            restarted_libvirtd = Some(vm_support::restart_libvirtd());
         }
         let pcs = s
             .wait_all(users.len(), &["provisioned", "provisionedWithWarnings", "failed"], Duration::from_secs(600))

@@ -193,7 +193,7 @@ async fn test_vm_full_disk_fails_provisioning_with_the_reason_and_retry_works_on
     std::fs::remove_file(&filler).unwrap();
     assert_eq!(s.action(&failed, "retry").await.0, 204);
     let started = std::time::Instant::now();
-    if qemu_sees_our_mounts() {
+    if qemu_sees(fs.path()) {
         let pc: Value = s.wait_all(1, &["provisioned"], Duration::from_secs(180)).await.remove(0);
         eprintln!("provisioned {:?} after Retry", started.elapsed());
         assert_eq!(s.domains().len(), 1, "{:?}", s.domains());
@@ -204,10 +204,11 @@ async fn test_vm_full_disk_fails_provisioning_with_the_reason_and_retry_works_on
         eprintln!("libvirtd runs in another mount namespace: following the retry up to its disk");
         loop {
             let steps = s.steps(&failed).await;
-            let attempt = steps.iter().filter_map(|st| st["attempt"].as_u64()).max().unwrap_or(0);
+            // Retry starts a new generation: its createVm must succeed.
+            let generation = steps.iter().filter_map(|st| st["generation"].as_u64()).max().unwrap_or(0);
             if steps
                 .iter()
-                .any(|st| st["name"] == "createVm" && st["status"] == "succeeded" && st["attempt"] == attempt)
+                .any(|st| st["name"] == "createVm" && st["status"] == "succeeded" && st["generation"] == generation)
             {
                 break;
             }
@@ -218,11 +219,17 @@ async fn test_vm_full_disk_fails_provisioning_with_the_reason_and_retry_works_on
     }
 }
 
-/// Whether QEMU, started by libvirtd, sees the mounts this test makes (libvirtd runs in this
-/// process's mount namespace).
-fn qemu_sees_our_mounts() -> bool {
+/// Whether QEMU, started by libvirtd, sees the file system this test mounted at `dir`: libvirtd
+/// shares this process's mount namespace, or its own receives new mounts (a slave namespace, as
+/// the host setup makes on TCG hosts). Looked up through libvirtd's own root.
+fn qemu_sees(dir: &std::path::Path) -> bool {
     let Ok(out) = Command::new("pidof").arg("libvirtd").output() else { return false };
     let pid = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string();
-    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
-    !pid.is_empty() && ns(&pid).is_some() && ns(&pid) == ns("self")
+    let marker = dir.join(".visible-to-libvirtd");
+    if pid.is_empty() || std::fs::write(&marker, b"").is_err() {
+        return false;
+    }
+    let seen = std::path::Path::new(&format!("/proc/{pid}/root{}", marker.display())).exists();
+    let _ = std::fs::remove_file(&marker);
+    seen
 }

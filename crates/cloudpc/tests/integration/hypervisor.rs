@@ -61,37 +61,6 @@ fn sh(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success()).unwrap_or(false)
 }
 
-/// Restarts libvirtd as a package upgrade does (SIGTERM, then a new daemon), started the way
-/// scripts/lib.sh starts it: under TCG in a mount namespace where /dev/kvm is an unusable file.
-/// QEMU processes live on. Returns once the new daemon answers.
-fn restart_libvirtd() -> Duration {
-    let started = Instant::now();
-    sh("pkill -x libvirtd");
-    for _ in 0..100 {
-        if !sh("pgrep -x libvirtd >/dev/null") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!sh("pgrep -x libvirtd >/dev/null"), "libvirtd did not stop");
-    sh("rm -f /var/run/libvirtd.pid");
-    let tcg = std::fs::read_to_string("/run/cloudpc/accelerator").map(|a| a.trim() == "tcg").unwrap_or(false);
-    let ok = if tcg && std::path::Path::new("/dev/kvm").exists() {
-        sh("[ -e /run/cloudpc/no-kvm ] || install -m 000 /dev/null /run/cloudpc/no-kvm")
-            && sh("unshare --mount --propagation private sh -c 'mount --bind /run/cloudpc/no-kvm /dev/kvm && exec libvirtd -d'")
-    } else {
-        sh("libvirtd -d")
-    };
-    assert!(ok, "libvirtd did not start again");
-    for _ in 0..300 {
-        if sh("virsh -c qemu:///system version >/dev/null 2>&1") {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("libvirtd did not answer after its restart (see /var/log/libvirt/libvirtd.log)");
-}
-
 fn failed_steps(steps: &[Value]) -> Vec<String> {
     steps
         .iter()

@@ -278,3 +278,43 @@ pub async fn guest_output(domain: &str, path: &str, args: &[&str]) -> String {
     }
     panic!("{path} did not finish in the guest");
 }
+
+/// Restarts libvirtd as a package upgrade does (SIGTERM, then a new daemon), started exactly the
+/// way the host setup starts it (scripts/lib.sh `start_libvirtd`: on a TCG host with /dev/kvm, in
+/// a slave mount namespace where /dev/kvm is covered). QEMU processes live on. Returns once the
+/// new daemon answers.
+pub fn restart_libvirtd() -> Duration {
+    let sh = |cmd: &str| std::process::Command::new("sh").arg("-c").arg(cmd).status().is_ok_and(|s| s.success());
+    let started = Instant::now();
+    sh("pkill -x libvirtd");
+    // A daemon busy with many guests takes a while to stop; past 30 s it is killed.
+    for i in 0..300 {
+        if !sh("pgrep -x libvirtd >/dev/null") {
+            break;
+        }
+        if i == 299 {
+            sh("pkill -9 -x libvirtd");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!sh("pgrep -x libvirtd >/dev/null"), "libvirtd did not stop");
+    sh("rm -f /var/run/libvirtd.pid");
+    let hide = std::path::Path::new("/dev/kvm").exists()
+        && std::fs::read_to_string("/run/cloudpc/accelerator").is_ok_and(|a| a.trim() == "tcg");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let ok = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(". scripts/lib.sh && start_libvirtd {}", if hide { "yes" } else { "no" }))
+        .current_dir(root)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "libvirtd did not start again");
+    for _ in 0..300 {
+        if sh("virsh -c qemu:///system version >/dev/null 2>&1") {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("libvirtd did not answer after its restart (see /var/log/libvirt/libvirtd.log)");
+}
