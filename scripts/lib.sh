@@ -157,17 +157,18 @@ setup_host() {
         as_root sed -i "\\|^$marker\$|{N;d}" /etc/libvirt/qemu.conf
         conf_changed=yes
     fi
-    # A libvirtd started before this decision (or by the system) sees the wrong /dev/kvm or
-    # settings: restart it.
-    local pid
+    # A libvirtd started before this decision (or by the system, or without the supervisor)
+    # sees the wrong /dev/kvm or settings, or would stay down after a crash: start it again.
+    local pid restart=no
     pid=$(pgrep -xo libvirtd || true)
-    if [ -n "$pid" ] && { [ "$conf_changed" = yes ] || { [ "$hide_kvm" = yes ] &&
-        [ "$(as_root readlink "/proc/$pid/ns/mnt")" = "$(readlink /proc/1/ns/mnt)" ]; }; }; then
-        as_root pkill -x libvirtd
-        for _ in $(seq 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+    if [ -n "$pid" ] && [ "$conf_changed" = yes ]; then restart=yes; fi
+    if [ -n "$pid" ] && [ "$hide_kvm" = yes ] &&
+        [ "$(as_root readlink "/proc/$pid/ns/mnt")" = "$(readlink /proc/1/ns/mnt)" ]; then restart=yes; fi
+    if [ -n "$pid" ] && ! pgrep -f cloudpc-libvirtd-supervisor >/dev/null && ! [ -d /run/systemd/system ]; then
+        restart=yes
     fi
-    if ! pgrep -x libvirtd >/dev/null; then
-        as_root rm -f /var/run/libvirtd.pid
+    if [ "$restart" = yes ]; then stop_libvirtd; fi
+    if ! pgrep -x libvirtd >/dev/null && ! pgrep -f cloudpc-libvirtd-supervisor >/dev/null; then
         start_libvirtd "$hide_kvm"
     fi
     for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -175,17 +176,34 @@ setup_host() {
     return 1
 }
 
-# Starts libvirtd as a daemon; with "yes", in its own mount namespace where /dev/kvm is covered
-# by an empty file no one may open, so libvirt (and the QEMU it starts) sees no usable KVM. The
-# namespace is a slave of the host's: file systems mounted later (a data directory on another
-# disk) still reach libvirtd and QEMU. That needs the host's mounts to be shared, which systemd
-# makes them at boot; where nothing did (containers, minimal init), setup does the same.
+# Starts libvirtd under scripts/libvirtd-supervisor.sh, which starts it again if it exits (as
+# systemd would); with "yes", in its own mount namespace where /dev/kvm is covered by an empty
+# file no one may open, so libvirt (and the QEMU it starts) sees no usable KVM. The namespace is a
+# slave of the host's: file systems mounted later (a data directory on another disk) still reach
+# libvirtd and QEMU. That needs the host's mounts to be shared, which systemd makes them at boot;
+# where nothing did (containers, minimal init), setup does the same. The supervisor runs from a
+# copy in /run, so it outlives the checkout it came from.
 start_libvirtd() {
+    as_root mkdir -p /run/cloudpc
+    as_root install -m 755 "$(dirname "${BASH_SOURCE[0]}")/libvirtd-supervisor.sh" /run/cloudpc/cloudpc-libvirtd-supervisor
     if [ "${1:-no}" = yes ]; then
         as_root install -m 000 /dev/null /run/cloudpc/no-kvm
         if ! grep -q ' / / .*shared:' /proc/self/mountinfo; then as_root mount --make-rshared /; fi
-        as_root unshare --mount --propagation slave sh -c 'mount --bind /run/cloudpc/no-kvm /dev/kvm && exec libvirtd -d'
+        as_root setsid unshare --mount --propagation slave /run/cloudpc/cloudpc-libvirtd-supervisor hide-kvm \
+            </dev/null >/dev/null 2>&1 &
     else
-        as_root libvirtd -d
+        as_root setsid /run/cloudpc/cloudpc-libvirtd-supervisor </dev/null >/dev/null 2>&1 &
     fi
+    for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "cloudpc: libvirtd did not come up (see /var/log/libvirt/libvirtd.log)" >&2
+    return 1
+}
+
+# Stops libvirtd and its supervisor (QEMU processes live on).
+stop_libvirtd() {
+    as_root pkill -f cloudpc-libvirtd-supervisor || true
+    as_root pkill -x libvirtd || true
+    for _ in $(seq 300); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+    as_root pkill -9 -x libvirtd || true
+    as_root rm -f /var/run/libvirtd.pid
 }

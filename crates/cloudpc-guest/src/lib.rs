@@ -65,6 +65,21 @@ impl<'a> GuestAgent<'a> {
         Ok(self.hv.agent(self.vm, &cmd, timeout).await?)
     }
 
+    /// After the agent was away: waits a second and says whether to ask again. Only while the VM
+    /// runs (an agent that went away because the guest shut down will not answer), and for at
+    /// most a minute; asked seldom, since libvirt 9.0 has crashed on agent calls racing an agent
+    /// that goes away.
+    async fn may_come_back(&self, begin: Instant, timeout: Duration) -> bool {
+        if begin.elapsed() >= timeout.min(Duration::from_secs(60)) {
+            return false;
+        }
+        if !matches!(self.hv.state(self.vm).await, Ok(cloudpc_hypervisor::VmState::Running)) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        true
+    }
+
     pub async fn ping(&self) -> Result<()> {
         self.call("guest-ping", None, 2).await.map(|_| ())
     }
@@ -93,9 +108,7 @@ impl<'a> GuestAgent<'a> {
         let started = loop {
             match self.call("guest-exec", Some(a.clone()), 10).await {
                 // Not connected: the command never reached the guest, so sending it again is safe.
-                Err(e) if agent_away(&e) && agent_not_connected(&e) && begin.elapsed() < timeout => {
-                    tokio::time::sleep(Duration::from_millis(250)).await
-                }
+                Err(e) if agent_not_connected(&e) && self.may_come_back(begin, timeout).await => {}
                 other => break other?,
             }
         };
@@ -105,10 +118,7 @@ impl<'a> GuestAgent<'a> {
             let st = match self.call("guest-exec-status", Some(json!({ "pid": pid })), 10).await {
                 // libvirt loses the agent channel for a moment when libvirtd restarts; the program
                 // goes on in the guest, so its status is asked again until the step's time is up.
-                Err(e) if agent_away(&e) && begin.elapsed() < timeout => {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
+                Err(e) if agent_away(&e) && self.may_come_back(begin, timeout).await => continue,
                 other => other?,
             };
             if st["exited"].as_bool() == Some(true) {

@@ -279,37 +279,41 @@ pub async fn guest_output(domain: &str, path: &str, args: &[&str]) -> String {
     panic!("{path} did not finish in the guest");
 }
 
-/// Restarts libvirtd as a package upgrade does (SIGTERM, then a new daemon), started exactly the
-/// way the host setup starts it (scripts/lib.sh `start_libvirtd`: on a TCG host with /dev/kvm, in
-/// a slave mount namespace where /dev/kvm is covered). QEMU processes live on. Returns once the
-/// new daemon answers.
+/// Restarts libvirtd as a package upgrade does (SIGTERM, then a new daemon): the supervisor the
+/// host setup runs it under (scripts/libvirtd-supervisor.sh) starts it again, in the same way
+/// (on a TCG host with /dev/kvm, in a slave mount namespace where /dev/kvm is covered); without
+/// one, it is started as setup starts it. QEMU processes live on. Returns once the new daemon
+/// answers.
 pub fn restart_libvirtd() -> Duration {
     let sh = |cmd: &str| std::process::Command::new("sh").arg("-c").arg(cmd).status().is_ok_and(|s| s.success());
     let started = Instant::now();
+    let supervised = sh("pgrep -f cloudpc-libvirtd-supervisor >/dev/null");
+    let old = std::process::Command::new("pgrep").args(["-xo", "libvirtd"]).output().ok();
+    let old = old.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
     sh("pkill -x libvirtd");
     // A daemon busy with many guests takes a while to stop; past 30 s it is killed.
     for i in 0..300 {
-        if !sh("pgrep -x libvirtd >/dev/null") {
+        if old.is_empty() || !std::path::Path::new(&format!("/proc/{old}")).exists() {
             break;
         }
         if i == 299 {
-            sh("pkill -9 -x libvirtd");
+            sh(&format!("kill -9 {old}"));
             std::thread::sleep(Duration::from_millis(500));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!sh("pgrep -x libvirtd >/dev/null"), "libvirtd did not stop");
-    sh("rm -f /var/run/libvirtd.pid");
-    let hide = std::path::Path::new("/dev/kvm").exists()
-        && std::fs::read_to_string("/run/cloudpc/accelerator").is_ok_and(|a| a.trim() == "tcg");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let ok = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(". scripts/lib.sh && start_libvirtd {}", if hide { "yes" } else { "no" }))
-        .current_dir(root)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "libvirtd did not start again");
+    if !supervised {
+        let hide = std::path::Path::new("/dev/kvm").exists()
+            && std::fs::read_to_string("/run/cloudpc/accelerator").is_ok_and(|a| a.trim() == "tcg");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let ok = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(". scripts/lib.sh && start_libvirtd {}", if hide { "yes" } else { "no" }))
+            .current_dir(root)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "libvirtd did not start again");
+    }
     for _ in 0..300 {
         if sh("virsh -c qemu:///system version >/dev/null 2>&1") {
             return started.elapsed();
