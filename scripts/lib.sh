@@ -189,8 +189,7 @@ start_libvirtd() {
     if [ "${1:-no}" = yes ]; then
         as_root install -m 000 /dev/null /run/cloudpc/no-kvm
         if ! grep -q ' / / .*shared:' /proc/self/mountinfo; then as_root mount --make-rshared /; fi
-        as_root setsid unshare --mount --propagation slave /run/cloudpc/cloudpc-libvirtd-supervisor hide-kvm \
-            </dev/null >/dev/null 2>&1 &
+        as_root setsid /run/cloudpc/cloudpc-libvirtd-supervisor hide-kvm </dev/null >/dev/null 2>&1 &
     else
         as_root setsid /run/cloudpc/cloudpc-libvirtd-supervisor </dev/null >/dev/null 2>&1 &
     fi
