@@ -349,6 +349,11 @@ fn select(item: Value, fields: &[String]) -> Value {
     }
 }
 
+fn to_json<T: Serialize>(item: T) -> Result<Value, ApiError> {
+    serde_json::to_value(item)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", e.to_string()))
+}
+
 impl GraphRequest {
     fn context(&self, fragment: &str) -> String {
         format!("{}/v1.0/$metadata#{fragment}", self.base)
@@ -359,8 +364,7 @@ impl GraphRequest {
         let o = &self.options;
         let mut values = Vec::with_capacity(items.len());
         for item in items {
-            let v = serde_json::to_value(item)
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", e.to_string()))?;
+            let v = to_json(item)?;
             let mut keep = true;
             for term in &o.filter {
                 keep &= matches(&v, term)?;
@@ -370,17 +374,8 @@ impl GraphRequest {
             }
         }
         let total = values.len();
-        let size = o.top.unwrap_or(DEFAULT_PAGE);
-        let page: Vec<Value> = values.into_iter().skip(o.skip).take(size).map(|v| select(v, &o.select)).collect();
-        // A $skiptoken near the top of usize must not overflow into a panic.
-        let next = o.skip.saturating_add(size);
-        let body = Collection {
-            context: self.context(set),
-            count: o.count.then_some(total),
-            next_link: (next < total).then(|| self.next_link(size, next)),
-            value: page,
-        };
-        Ok(Json(body).into_response())
+        let page: Vec<Value> = values.into_iter().skip(o.skip).take(self.page_size()).collect();
+        self.collection_page(set, page, total)
     }
 
     /// The page size this request asks for.
@@ -388,17 +383,13 @@ impl GraphRequest {
         self.options.top.unwrap_or(DEFAULT_PAGE)
     }
 
-    /// A Graph collection whose filtering and paging the store did: `items` is this page
-    /// already, `total` how many match over all pages.
-    pub fn page_from_store<T: Serialize>(&self, set: &str, items: Vec<T>, total: usize) -> Result<Response, ApiError> {
+    /// A Graph collection whose filtering and paging are done: `items` is this page already,
+    /// `total` how many match over all pages (the store pages some collections itself).
+    pub fn collection_page<T: Serialize>(&self, set: &str, items: Vec<T>, total: usize) -> Result<Response, ApiError> {
         let o = &self.options;
         let size = self.page_size();
-        let mut page = Vec::with_capacity(items.len());
-        for item in items {
-            let v = serde_json::to_value(item)
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", e.to_string()))?;
-            page.push(select(v, &o.select));
-        }
+        let page = items.into_iter().map(|i| to_json(i).map(|v| select(v, &o.select))).collect::<Result<_, _>>()?;
+        // A $skiptoken near the top of usize must not overflow into a panic.
         let next = o.skip.saturating_add(size);
         let body = Collection {
             context: self.context(set),
@@ -436,8 +427,7 @@ impl GraphRequest {
 
     /// One Graph entity with its `@odata.context`.
     pub fn entity<T: Serialize>(&self, set: &str, item: &T, status: StatusCode) -> Result<Response, ApiError> {
-        let v = serde_json::to_value(item)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", e.to_string()))?;
+        let v = to_json(item)?;
         let mut body = Map::new();
         body.insert("@odata.context".into(), Value::String(self.context(&format!("{set}/$entity"))));
         if let Value::Object(map) = select(v, &self.options.select) {

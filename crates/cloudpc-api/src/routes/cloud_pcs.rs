@@ -135,7 +135,7 @@ pub async fn list_audit(State(app): State<App>, g: GraphRequest) -> Reply {
     let filter: Vec<FieldEquals> =
         g.options.filter.iter().map(|t| FieldEquals { path: t.path.clone(), value: t.value.clone() }).collect();
     let (items, total) = app.audit_events_page(&filter, g.options.skip, g.page_size()).await?;
-    g.page_from_store("deviceManagement/virtualEndpoint/auditEvents", items, total)
+    g.collection_page("deviceManagement/virtualEndpoint/auditEvents", items, total)
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/auditEvents/{id}", tag = "audit", responses((status = 200, body = AuditEvent)))]
