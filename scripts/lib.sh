@@ -1,5 +1,6 @@
-# Shared by scripts/run.sh and scripts/test.sh: install what cloudpc needs on Debian/Ubuntu.
-# Sourced, not run.
+# shellcheck shell=bash
+# Shared by scripts/run.sh, scripts/run-replicas.sh and scripts/test.sh: install what cloudpc needs
+# on Debian/Ubuntu. Sourced, not run.
 
 # System packages cloudpc needs to build and run: the toolchain's C side, qemu-img (image checks,
 # overlays), QEMU and libvirt (the hypervisor; libvirt-dev to build the binding), dnsmasq and
@@ -63,14 +64,17 @@ ensure_packages() {
 
 # Every command in CLOUDPC_COMMANDS is on the PATH (root's sbin directories included); names the
 # missing ones and their packages. `check_commands quiet` only answers.
-check_commands() {
+check_commands() { check_command_list "$CLOUDPC_COMMANDS" "${1:-}"; }
+
+# check_commands for another list of command:package pairs (the PostgreSQL ones).
+check_command_list() {
     local pair cmd pkg missing=()
-    for pair in $CLOUDPC_COMMANDS; do
+    for pair in $1; do
         cmd=${pair%%:*} pkg=${pair#*:}
         PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd (package $pkg)")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    [ "${1:-}" = quiet ] && return 1
+    [ "${2:-}" = quiet ] && return 1
     echo "cloudpc: these commands are still missing after installing the system packages:" >&2
     printf '  %s\n' "${missing[@]}" >&2
     echo "cloudpc: install those packages (apt-get install ...) and run this script again" >&2
@@ -205,4 +209,164 @@ stop_libvirtd() {
     for _ in $(seq 300); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
     as_root pkill -9 -x libvirtd || true
     as_root rm -f /var/run/libvirtd.pid
+}
+
+# Everything `cloudpc server` needs before it starts: system packages, Node.js and Rust, this
+# machine as a hypervisor host, the portal and the release binary. Shared by run.sh and
+# run-replicas.sh.
+prepare_server() {
+    ensure_packages
+    ensure_node
+    ensure_rust
+    setup_host
+    build_web
+    echo "cloudpc: building (the first build takes a few minutes)"
+    cargo build --release --locked --bin cloudpc
+}
+
+# PostgreSQL, for the test suite's PostgreSQL pass and for several replicas on one machine. The
+# commands come from postgresql-common's version-neutral wrappers, which pick the server or
+# client version that fits the cluster; checked after installing, like CLOUDPC_COMMANDS.
+CLOUDPC_PG_COMMANDS="psql:postgresql-client-common pg_isready:postgresql-client-common
+pg_lsclusters:postgresql-common pg_ctlcluster:postgresql-common pg_createcluster:postgresql-common"
+
+# Makes a local PostgreSQL cluster run and accept the role cloudpc (password CLOUDPC_PG_PASSWORD,
+# default cloudpc; may create databases, since the tests create one per test) over TCP on
+# 127.0.0.1, with a database cloudpc it owns. Sets and exports CLOUDPC_PG_URL, such as
+# postgres://cloudpc:cloudpc@127.0.0.1:5432/cloudpc. Every step leaves what is already right alone.
+ensure_postgres() {
+    local pw=${CLOUDPC_PG_PASSWORD:-cloudpc} ver name port status log url
+    ensure_postgres_packages || return 1
+    if [ -z "$(pg_cluster)" ]; then create_pg_cluster || return 1; fi
+    read -r ver name port status log <<<"$(pg_cluster)"
+    if [ -z "$port" ]; then
+        echo "cloudpc: pg_lsclusters lists no PostgreSQL cluster" >&2
+        return 1
+    fi
+    # "online,recovery" (a standby) runs too; it will refuse the role below, with PostgreSQL's word.
+    if [ "${status%%,*}" != online ]; then
+        echo "cloudpc: starting PostgreSQL $ver/$name"
+        # pg_ctlcluster runs pg_ctl itself where systemd is not PID 1, so this works in containers.
+        as_root pg_ctlcluster "$ver" "$name" start || {
+            echo "cloudpc: PostgreSQL $ver/$name did not start; see $log" >&2
+            return 1
+        }
+    fi
+    wait_pg_ready "$ver/$name" "$port" "$log" || return 1
+    ensure_pg_role "$ver/$name" "$pw" || return 1
+    url="postgres://cloudpc:$(url_encode "$pw")@127.0.0.1:$port/cloudpc"
+    check_pg_login "$ver/$name" "$port" "$url" || return 1
+    export CLOUDPC_PG_URL="$url"
+    echo "cloudpc: PostgreSQL $ver/$name ready: CLOUDPC_PG_URL=postgres://cloudpc:***@127.0.0.1:$port/cloudpc" \
+        "(password from CLOUDPC_PG_PASSWORD, default cloudpc)"
+}
+
+# Debian's postgresql and postgresql-client, installed only when no server or no client of any
+# major version is there: next to one from elsewhere (apt.postgresql.org's 17, say) Debian's would
+# add a second server version with a second cluster. Then the commands must be there.
+# Drops the databases earlier test runs made (cloudpc_test_*), which nothing else uses.
+drop_test_databases() {
+    local db
+    for db in $(psql "$CLOUDPC_PG_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'cloudpc\_test\_%'"); do
+        psql "$CLOUDPC_PG_URL" -qc "DROP DATABASE IF EXISTS $db (FORCE)" >/dev/null
+    done
+}
+
+ensure_postgres_packages() {
+    local want=() pair
+    compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || want+=(postgresql)
+    compgen -G '/usr/lib/postgresql/*/bin/psql' >/dev/null || want+=(postgresql-client)
+    # A wrapper command gone while a server and a client are there: its package, again.
+    for pair in $CLOUDPC_PG_COMMANDS; do
+        command -v "${pair%%:*}" >/dev/null || want+=("${pair#*:}")
+    done
+    if [ ${#want[@]} -gt 0 ]; then
+        if ! command -v apt-get >/dev/null; then
+            echo "cloudpc: please install PostgreSQL: ${want[*]} (this script knows apt-get only)" >&2
+            exit 1
+        fi
+        echo "cloudpc: installing PostgreSQL: ${want[*]}"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}"
+    fi
+    check_command_list "$CLOUDPC_PG_COMMANDS"
+}
+
+# The cluster cloudpc uses, as "version name port status logfile" (empty if there is none): a
+# running one before a stopped one, then the newest version, so a second cluster is never started
+# when one already runs.
+pg_cluster() {
+    pg_lsclusters -h 2>/dev/null | awk '{ print ($4 ~ /^online/ ? 0 : 1), $1, $2, $3, $4, $7 }' |
+        sort -k1,1n -k2,2Vr | head -1 | cut -d' ' -f2-
+}
+
+# A cluster "main" for the newest installed server version (a machine whose packages were told
+# not to create one, such as some container images).
+create_pg_cluster() {
+    local ver
+    ver=$(compgen -G '/usr/lib/postgresql/*/bin/postgres' | cut -d/ -f5 | sort -V | tail -1)
+    echo "cloudpc: creating the PostgreSQL cluster $ver/main"
+    as_root pg_createcluster "$ver" main >/dev/null || {
+        echo "cloudpc: pg_createcluster $ver main failed" >&2
+        return 1
+    }
+}
+
+# Waits until the cluster ($1, as version/name) accepts connections on 127.0.0.1 and its port ($2).
+wait_pg_ready() {
+    for _ in $(seq 60); do
+        pg_isready -q -h 127.0.0.1 -p "$2" -t 1 && return 0
+        sleep 0.5
+    done
+    echo "cloudpc: PostgreSQL $1 runs but does not accept connections on 127.0.0.1:$2 (its listen_addresses" \
+        "must include localhost or 127.0.0.1: pg_conftool $1 show listen_addresses); see $3" >&2
+    return 1
+}
+
+# psql as the superuser postgres on the cluster $1 (version/name), through its Unix socket (root
+# cannot run the server's tools); from / so psql has a working directory it may read.
+pg_admin_psql() {
+    local cluster=$1
+    shift
+    (cd / && as_root runuser -u postgres -- psql --cluster "$cluster" -X -q -v ON_ERROR_STOP=1 -d postgres "$@")
+}
+
+# The role cloudpc with the password $2 and CREATEDB, and the database cloudpc owned by it, on the
+# cluster $1. The password is set every time, so a changed CLOUDPC_PG_PASSWORD takes effect; it
+# goes to psql on stdin, as an SQL literal, so it does not show up in the process list.
+ensure_pg_role() {
+    local literal="'${2//\'/\'\'}'"
+    pg_admin_psql "$1" <<SQL || { echo "cloudpc: could not set up the role and database cloudpc in PostgreSQL $1" >&2; return 1; }
+SELECT 'CREATE ROLE cloudpc' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cloudpc') \gexec
+ALTER ROLE cloudpc LOGIN CREATEDB PASSWORD $literal;
+SELECT 'CREATE DATABASE cloudpc OWNER cloudpc' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'cloudpc') \gexec
+ALTER DATABASE cloudpc OWNER TO cloudpc;
+SQL
+}
+
+# Signs in with the URL $3 to the cluster $1 (port $2) the way the service and the tests will: as
+# cloudpc, with the password, over TCP on 127.0.0.1. pg_hba.conf decides that; Debian's allows it
+# (scram-sha-256 for 127.0.0.1/32).
+check_pg_login() {
+    local out hba
+    out=$(PGCONNECT_TIMEOUT=5 psql "$3" -X -q -A -t -c 'select 1' 2>&1) && return 0
+    hba=$(pg_admin_psql "$1" -A -t -c 'show hba_file' 2>/dev/null || echo "the cluster's pg_hba.conf")
+    echo "cloudpc: the role cloudpc cannot sign in with its password over TCP at 127.0.0.1:$2 (PostgreSQL $1):" >&2
+    printf '  %s\n' "${out//$'\n'/$'\n'  }" >&2
+    echo "cloudpc: $hba needs a line such as 'host all all 127.0.0.1/32 scram-sha-256' (md5 on" \
+        "PostgreSQL 13) above any line for 127.0.0.1 that rejects it, then: pg_ctlcluster ${1/\// } reload" >&2
+    return 1
+}
+
+# Percent-encodes $1 for the user part of a URL (a password with @, : or / would cut it short).
+url_encode() {
+    local LC_ALL=C s=$1 out="" c i
+    for ((i = 0; i < ${#s}; i++)); do
+        c=${s:i:1}
+        case "$c" in
+            [A-Za-z0-9._~-]) out+=$c ;;
+            *) printf -v c '%%%02X' "'$c" && out+=$c ;;
+        esac
+    done
+    printf '%s' "$out"
 }

@@ -6,13 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-ensure_packages
-ensure_node
-ensure_rust
-setup_host
-build_web
-echo "cloudpc: building (the first build takes a few minutes)"
-cargo build --release --locked --bin cloudpc
+prepare_server
 cat <<'MSG'
 cloudpc: starting. On the first start the administrator token is printed below, once.
   In another shell:  export CLOUDPC_TOKEN=<that token>

@@ -37,6 +37,7 @@ pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
         // Outermost, so that refusals by the auth layer linger too.
         .layer(middleware::from_fn(linger::drain_refused_bodies));
     let own = routes::tokens::routes()
+        .merge(routes::replica::routes())
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));

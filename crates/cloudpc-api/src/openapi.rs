@@ -23,7 +23,7 @@ use utoipa::openapi::{Content, Ref, RefOr, Required, Response, ResponseBuilder, 
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::error::ODataError;
-use crate::routes::{cloud_pcs, directory, images, licensing, policies, tokens};
+use crate::routes::{cloud_pcs, directory, images, licensing, policies, replica, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -40,7 +40,7 @@ use crate::routes::{cloud_pcs, directory, images, licensing, policies, tokens};
         cloud_pcs::reboot, cloud_pcs::power_off, cloud_pcs::power_on, cloud_pcs::rename, cloud_pcs::end_grace_period,
         cloud_pcs::initial_password, cloud_pcs::console_ticket, cloud_pcs::list_audit, cloud_pcs::get_audit, cloud_pcs::list_devices,
         cloud_pcs::list_managed_devices,
-        tokens::list, tokens::create, tokens::read, tokens::revoke,
+        tokens::list, tokens::create, tokens::read, tokens::revoke, replica::read,
     ),
     components(schemas(ODataError)),
     modifiers(&BearerAuth, &GraphConventions, &CreatedLinks),

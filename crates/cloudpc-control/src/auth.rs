@@ -75,14 +75,13 @@ impl App {
                 ));
             }
             if self.store.find_token(&hash(secret)).await?.is_none() {
-                self.insert_token(
-                    "bootstrap administrator",
-                    Role::CloudPcAdministrator,
-                    secret,
-                    None,
-                    &Actor::system(),
-                )
-                .await?;
+                let inserted = self
+                    .insert_token("bootstrap administrator", Role::CloudPcAdministrator, secret, None, &Actor::system())
+                    .await;
+                // Replicas starting together all try; the token's secret is unique, so one wins.
+                if inserted.is_err() && self.store.find_token(&hash(secret)).await?.is_none() {
+                    inserted?;
+                }
             }
             return Ok(Bootstrap::FromEnvironment);
         }

@@ -90,8 +90,7 @@ impl App {
         rec.pc.last_modified_date_time = Utc::now();
         let audit = pc_change(&format!("{action} CloudPc"), AuditOperationType::Other, rec)
             .event_with(actor, vec![property("remoteAction", None, Some(action.to_string()))]);
-        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
-        Ok(())
+        self.save_record(rec, None, Some(&audit)).await
     }
 
     /// Deletes and recreates the Cloud PC from the policy that targets its user now.
@@ -116,7 +115,7 @@ impl App {
         rec.pc.status_detail = Some("Reprovisioning: removing the old VM.".into());
         rec.state.phase = Phase::UndoThenRestart;
         rec.state.cleanup_at = None;
-        self.close_consoles(rec.pc.id);
+        self.close_consoles(rec.pc.id).await;
         self.save_action(actor, &mut rec, "reprovision", None).await?;
         self.drive(rec.pc.id);
         Ok(rec.pc)
@@ -179,7 +178,7 @@ impl App {
         let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "power off")?;
-        self.close_consoles(rec.pc.id);
+        self.close_consoles(rec.pc.id).await;
         self.host(&host)?.power_off(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         rec.pc.power_state = PowerState::PoweredOff;
         self.save_action(actor, &mut rec, "powerOff", None).await?;
@@ -206,7 +205,7 @@ impl App {
         rec.pc.last_modified_date_time = Utc::now();
         let audit = pc_change("rename CloudPc", AuditOperationType::Patch, &rec)
             .event_with(actor, vec![property("displayName", Some(old), Some(display_name.to_string()))]);
-        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
+        self.save_record(&mut rec, None, Some(&audit)).await?;
         Ok(rec.pc)
     }
 
@@ -220,27 +219,34 @@ impl App {
         rec.pc.last_remote_action_result = action_result("endGracePeriod", "done", None);
         let audit = pc_change("endGracePeriod CloudPc", AuditOperationType::Other, &rec)
             .event_with(actor, vec![property("remoteAction", None, Some("endGracePeriod".into()))]);
-        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
+        self.save_record(&mut rec, None, Some(&audit)).await?;
         self.deprovision(&mut rec).await?;
         Ok(rec.pc)
     }
 
     /// The generated password of the user's account, shown once: cloudpc forgets it after.
     pub async fn take_initial_password(&self, actor: &Actor, id: &str) -> Result<InitialPassword> {
-        let mut rec = self.record(id).await?;
-        let (Some(password), Some(user_name)) =
-            (rec.state.initial_password.take(), rec.state.resources.username.clone())
-        else {
-            return Err(Error::Conflict(
-                "there is no initial password to show: it was shown already, or the account is not made yet".into(),
-            ));
-        };
-        let audit = pc_change("getInitialPassword CloudPc", AuditOperationType::Other, &rec).event_with(
-            actor,
-            vec![property("initialPassword", Some("(hidden)".into()), Some("(shown once, then forgotten)".into()))],
-        );
-        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
-        Ok(InitialPassword { user_name, password })
+        // Strict compare-and-swap, never rebased: of two readers racing, the one whose write lands
+        // first gets the password, and the other reads again and finds it gone.
+        loop {
+            let mut rec = self.record(id).await?;
+            let (Some(password), Some(user_name)) =
+                (rec.state.initial_password.take(), rec.state.resources.username.clone())
+            else {
+                return Err(Error::Conflict(
+                    "there is no initial password to show: it was shown already, or the account is not made yet".into(),
+                ));
+            };
+            let audit = pc_change("getInitialPassword CloudPc", AuditOperationType::Other, &rec).event_with(
+                actor,
+                vec![property("initialPassword", Some("(hidden)".into()), Some("(shown once, then forgotten)".into()))],
+            );
+            match self.store.save_cloud_pc(&mut rec, None, Some(&audit), None).await {
+                Ok(()) => return Ok(InitialPassword { user_name, password }),
+                Err(cloudpc_store::StoreError::Stale { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub async fn list_audit_events(&self) -> Result<Vec<AuditEvent>> {

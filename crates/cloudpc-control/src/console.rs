@@ -2,18 +2,21 @@
 //! PC, and the registry of open console connections, so they can be closed when access ends.
 //!
 //! The browser cannot send a bearer token on a WebSocket, so it first asks (authenticated) for a
-//! ticket and then presents it once to the gateway. Only the ticket's SHA-256 is kept, in memory:
-//! tickets live seconds and die with the process, which is what a restart should do to them.
+//! ticket and then presents it once to the gateway. Only the ticket's SHA-256 is kept, in the
+//! database, so a ticket issued by one replica is redeemed at another and is still single-use
+//! (the redeeming replica deletes the row it reads). Open consoles are relays inside one replica;
+//! closing them everywhere goes through the change notices.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::Utc;
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -28,17 +31,32 @@ use crate::audit::{property, Actor, Change};
 use crate::directory::parse_id;
 use crate::{App, Error, Result};
 
+/// What a ticket grants, as stored with its digest.
+#[derive(Serialize, Deserialize)]
 struct Pending {
     cloud_pc: Uuid,
     /// The Cloud PC's generation when the ticket was issued: a reprovision ends it.
     generation: u32,
-    actor: Actor,
-    expires: Instant,
+    actor_id: Option<Uuid>,
+    actor_name: String,
+    role: Role,
+    ip_address: Option<String>,
+}
+
+impl Pending {
+    fn actor(&self) -> Actor {
+        Actor {
+            id: self.actor_id,
+            name: self.actor_name.clone(),
+            role: self.role,
+            ip_address: self.ip_address.clone(),
+            system: false,
+        }
+    }
 }
 
 #[derive(Default)]
 pub(crate) struct Consoles {
-    tickets: std::sync::Mutex<HashMap<String, Pending>>,
     open: OpenConsoles,
 }
 
@@ -101,18 +119,23 @@ impl App {
         rand::thread_rng().fill_bytes(&mut bytes);
         let ticket = URL_SAFE_NO_PAD.encode(bytes);
         let ttl = self.config.console_ticket_ttl;
-        let mut tickets = self.consoles.tickets.lock().expect("tickets");
-        let now = Instant::now();
-        tickets.retain(|_, p| p.expires > now);
-        tickets.insert(
-            digest(&ticket),
-            Pending { cloud_pc: rec.pc.id, generation: rec.state.generation, actor: actor.clone(), expires: now + ttl },
-        );
+        let expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let pending = Pending {
+            cloud_pc: rec.pc.id,
+            generation: rec.state.generation,
+            actor_id: actor.id,
+            actor_name: actor.name.clone(),
+            role: actor.role,
+            ip_address: actor.ip_address.clone(),
+        };
+        let grant = serde_json::to_string(&pending).map_err(|e| Error::HostIo(format!("ticket: {e}")))?;
+        let user = (actor.role == Role::CloudPcUser).then_some(actor.id).flatten();
+        self.store.put_console_ticket(&digest(&ticket), rec.pc.id, user, &grant, expires).await?;
         Ok(ConsoleTicket {
             url: format!("/gateway/console?ticket={ticket}"),
             ticket,
             cloud_pc_id: rec.pc.id,
-            expiration_date_time: Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default(),
+            expiration_date_time: expires,
         })
     }
 
@@ -127,21 +150,20 @@ impl App {
         if ticket.len() > 128 {
             return Err(refused());
         }
-        let pending = self.consoles.tickets.lock().expect("tickets").remove(&digest(ticket)).ok_or_else(refused)?;
-        if pending.expires <= Instant::now() {
-            return Err(refused());
-        }
+        let grant = self.store.take_console_ticket(&digest(ticket)).await?.ok_or_else(refused)?;
+        let pending: Pending = serde_json::from_str(&grant).map_err(|_| refused())?;
+        let actor = pending.actor();
         let rec = self.store.get_cloud_pc_record(pending.cloud_pc).await.map_err(|_| refused())?;
         if rec.state.generation != pending.generation {
             return Err(Error::Unauthenticated(
                 "the console ticket is not valid any more: the Cloud PC was reprovisioned".into(),
             ));
         }
-        if pending.actor.role == Role::CloudPcUser {
+        if actor.role == Role::CloudPcUser {
             let revoked =
                 || Error::Unauthenticated("the console ticket is not valid any more: access was revoked".into());
-            let id = pending.actor.id.ok_or_else(revoked)?;
-            if Some(rec.state.user_id) != pending.actor.id {
+            let id = actor.id.ok_or_else(revoked)?;
+            if Some(rec.state.user_id) != actor.id {
                 return Err(revoked());
             }
             match self.store.get_user(id).await {
@@ -163,7 +185,7 @@ impl App {
             .map_err(|e| Error::Conflict(e.to_string()))?
             .ok_or_else(|| Error::Conflict("the Cloud PC's console is not listening".into()))?;
         let addr = console_address(&hv.config().uri, host, port)?;
-        Ok((pending.actor, rec, addr))
+        Ok((actor, rec, addr))
     }
 
     /// Resolves when the Cloud PC's console connections must close.
@@ -181,20 +203,35 @@ impl App {
         self.consoles.open.len()
     }
 
-    /// Closes every open console of the Cloud PC (deprovision, reprovision, power off) and
-    /// refuses the tickets issued for it.
-    pub(crate) fn close_consoles(&self, cloud_pc: Uuid) {
-        self.consoles.tickets.lock().expect("tickets").retain(|_, p| p.cloud_pc != cloud_pc);
+    /// Closes every open console of the Cloud PC (deprovision, reprovision, power off), on every
+    /// replica, and refuses the tickets issued for it.
+    pub(crate) async fn close_consoles(&self, cloud_pc: Uuid) {
+        if let Err(e) = self.store.drop_console_tickets(Some(cloud_pc), None).await {
+            tracing::warn!(error = %e, "could not drop console tickets; they expire by themselves");
+        }
+        self.close_consoles_everywhere(cloud_pc);
+    }
+
+    /// This replica's relays of the Cloud PC's console.
+    pub(crate) fn close_local_consoles(&self, cloud_pc: Uuid) {
         self.consoles.open.close(cloud_pc);
     }
 
-    /// Closes the consoles of every Cloud PC of a user who lost access (disabled or deleted), and
-    /// refuses every ticket issued to that user.
+    /// Closes the consoles of every Cloud PC of a user who lost access (disabled or deleted), on
+    /// every replica, and refuses every ticket issued to that user.
     pub(crate) async fn close_consoles_of_user(&self, user: Uuid) {
-        self.consoles.tickets.lock().expect("tickets").retain(|_, p| p.actor.id != Some(user));
+        if let Err(e) = self.store.drop_console_tickets(None, Some(user)).await {
+            tracing::warn!(error = %e, "could not drop console tickets; they expire by themselves");
+        }
+        self.close_local_consoles_of_user(user).await;
+        self.close_user_consoles_everywhere(user);
+    }
+
+    /// This replica's relays of the user's Cloud PCs.
+    pub(crate) async fn close_local_consoles_of_user(&self, user: Uuid) {
         if let Ok(records) = self.store.list_cloud_pc_records().await {
             for r in records.iter().filter(|r| r.state.user_id == user) {
-                self.close_consoles(r.pc.id);
+                self.close_local_consoles(r.pc.id);
             }
         }
     }

@@ -64,6 +64,7 @@ impl App {
             }
         });
         let user = User {
+            row_version: 0,
             id: Uuid::new_v4(),
             user_principal_name: input.user_principal_name,
             display_name: input.display_name,
@@ -155,6 +156,7 @@ impl App {
             ));
         }
         let group = Group {
+            row_version: 0,
             id: Uuid::new_v4(),
             display_name: input.display_name,
             description: input.description,

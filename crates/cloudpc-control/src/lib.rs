@@ -22,6 +22,7 @@ pub mod portal;
 pub mod power;
 pub mod provisioning;
 pub mod reconciler;
+pub mod replicas;
 pub(crate) mod supervise;
 
 use std::collections::{HashMap, HashSet};
@@ -144,13 +145,12 @@ pub struct App {
     changed: Arc<Notify>,
     /// Cloud PCs whose workflow task is running, so that no two run for one Cloud PC.
     running: Arc<Mutex<HashSet<Uuid>>>,
-    /// Serializes capacity allocation across workflows.
-    allocation: Arc<tokio::sync::Mutex<()>>,
+    /// This replica's name in workflow leases (random per process).
+    replica: String,
     slots: Arc<tokio::sync::Semaphore>,
     faults: Arc<Mutex<HashMap<String, u32>>>,
     panics: Arc<Mutex<HashMap<String, u32>>>,
     consoles: Arc<console::Consoles>,
-    sign_in_failures: Arc<Mutex<HashMap<String, portal::Failures>>>,
     /// Sign-in attempts per client address.
     sign_in_rate: Arc<limits::KeyedLimiter>,
     /// Portal actions per user.
@@ -183,12 +183,11 @@ impl App {
             hosts: Arc::new(hosts),
             changed: Arc::new(Notify::new()),
             running: Arc::new(Mutex::new(HashSet::new())),
-            allocation: Arc::new(tokio::sync::Mutex::new(())),
+            replica: format!("replica-{}", Uuid::new_v4().simple()),
             slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             faults: Arc::new(Mutex::new(faults)),
             panics: Arc::new(Mutex::new(panics)),
             consoles: Arc::new(console::Consoles::default()),
-            sign_in_failures: Arc::new(Mutex::new(HashMap::new())),
             sign_in_rate: Arc::new(limits::KeyedLimiter::new(
                 portal::SIGN_IN_BURST,
                 portal::SIGN_IN_EVERY,
@@ -206,11 +205,6 @@ impl App {
             image_check_steps: Arc::new(Mutex::new(HashMap::new())),
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
         }
-    }
-
-    /// Tells the reconciler that licenses, membership, users or assignments changed.
-    pub fn changed(&self) {
-        self.changed.notify_one();
     }
 
     pub fn config(&self) -> &AppConfig {

@@ -59,6 +59,7 @@ impl App {
     pub async fn create_sku(&self, actor: &Actor, input: SkuCreate) -> Result<SubscribedSku> {
         let id = Uuid::new_v4();
         let mut sku = SubscribedSku {
+            row_version: 0,
             id,
             sku_id: id,
             display_name: input.display_name.unwrap_or_else(|| input.sku_part_number.clone()),

@@ -185,6 +185,7 @@ impl App {
     pub async fn create_policy(&self, actor: &Actor, input: ProvisioningPolicyCreate) -> Result<ProvisioningPolicy> {
         let now = Utc::now();
         let mut p = ProvisioningPolicy {
+            row_version: 0,
             id: Uuid::new_v4(),
             display_name: input.display_name,
             description: input.description.unwrap_or_default(),

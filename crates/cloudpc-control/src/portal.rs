@@ -5,7 +5,7 @@
 //! Users reach only their own Cloud PCs: every portal method takes the signed-in [`Actor`] and
 //! answers "not found" for anyone else's, so ids of other Cloud PCs reveal nothing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -31,10 +31,6 @@ pub const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 const FREE_FAILURES: u32 = 5;
 const BASE_LOCK: Duration = Duration::from_secs(30);
 const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
-/// Accounts whose failures are remembered at once; an entry is forgotten once it is unlocked and
-/// has seen no failure for `MAX_LOCK`, and past the cap the stalest goes first. The names come
-/// from unauthenticated callers, so the table must not grow with them.
-const MAX_TRACKED_ACCOUNTS: usize = 10_000;
 /// Sign-in attempts one client address may make: a burst, then one every few seconds.
 pub const SIGN_IN_BURST: u32 = 20;
 pub const SIGN_IN_EVERY: Duration = Duration::from_secs(3);
@@ -50,12 +46,10 @@ pub const PORTAL_ACTION_EVERY: Duration = Duration::from_secs(6);
 /// The longest password accepted (as in Entra).
 const MAX_PASSWORD_LEN: usize = 256;
 
-/// Wrong passwords for one account, and how long it is locked.
-#[derive(Debug)]
-pub struct Failures {
-    count: u32,
-    locked_until: Option<Instant>,
-    last: Instant,
+/// How long an account is locked after `failures` wrong passwords in a row: from the fifth, 30 s,
+/// doubling with each further one, at most 15 minutes.
+fn lockout(failures: u32) -> Option<Duration> {
+    (failures >= FREE_FAILURES).then(|| BASE_LOCK.saturating_mul(1 << (failures - FREE_FAILURES).min(5)).min(MAX_LOCK))
 }
 
 /// Checks the password rules, then hashes it with argon2 (the crate's default parameters).
@@ -100,38 +94,21 @@ impl App {
         tokio::task::spawn_blocking(work).await.map_err(|e| Error::HostIo(format!("password hashing failed: {e}")))
     }
 
-    /// Counts the attempt as a failure before the password is checked (and takes it back if the
+    /// Counts the attempt as a failure before the password is checked (and forgets it if the
     /// password is right), so parallel guesses cannot all pass the check before any is counted.
-    fn reserve_attempt(&self, key: &str) -> Result<()> {
-        let now = Instant::now();
-        let mut all = self.sign_in_failures.lock().expect("failures");
-        if let Some(until) = all.get(key).and_then(|f| f.locked_until) {
-            let left = until.saturating_duration_since(now);
-            if !left.is_zero() {
-                return Err(Error::TooManyAttempts { retry_after: left.as_secs().max(1) });
-            }
-        }
-        if !all.contains_key(key) && all.len() >= MAX_TRACKED_ACCOUNTS {
-            all.retain(|_, f| f.locked_until.is_some_and(|u| u > now) || now.duration_since(f.last) < MAX_LOCK);
-            if all.len() >= MAX_TRACKED_ACCOUNTS {
-                if let Some(oldest) = all.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| k.clone()) {
-                    all.remove(&oldest);
-                }
-            }
-        }
-        let f = all.entry(key.to_string()).or_insert(Failures { count: 0, locked_until: None, last: now });
-        f.count += 1;
-        f.last = now;
-        if f.count >= FREE_FAILURES {
-            let lock = BASE_LOCK.saturating_mul(1 << (f.count - FREE_FAILURES).min(5)).min(MAX_LOCK);
-            f.locked_until = Some(now + lock);
+    /// The count lives in the database: guesses spread over replicas add up.
+    async fn reserve_attempt(&self, key: &str) -> Result<()> {
+        let now = Utc::now();
+        if let Some(until) = self.store.count_sign_in_attempt(key, now, lockout).await? {
+            let left = (until - now).num_seconds().max(1) as u64;
+            return Err(Error::TooManyAttempts { retry_after: left });
         }
         Ok(())
     }
 
     /// Accounts whose failed sign-ins are remembered now (tests read it through the memory bound).
-    pub fn tracked_sign_in_accounts(&self) -> usize {
-        self.sign_in_failures.lock().expect("failures").len()
+    pub async fn tracked_sign_in_accounts(&self) -> Result<u64> {
+        Ok(self.store.sign_in_failure_count().await?)
     }
 
     /// Checks the password; wrong ones lock the account for longer and longer after five in a row.
@@ -150,7 +127,7 @@ impl App {
             })?;
         }
         let key = upn.to_ascii_lowercase();
-        self.reserve_attempt(&key)?;
+        self.reserve_attempt(&key).await?;
         let creds = self.store.user_credentials(upn).await?;
         // Verify against something even for unknown users, so timing does not tell who exists.
         static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -168,7 +145,7 @@ impl App {
                 "the user name or password is not right, or the account is disabled".into(),
             ));
         };
-        self.sign_in_failures.lock().expect("failures").remove(&key);
+        self.store.clear_sign_in_failures(&key).await?;
         let mut bytes = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut bytes);
         let secret = URL_SAFE_NO_PAD.encode(bytes);

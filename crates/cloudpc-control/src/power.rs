@@ -139,7 +139,7 @@ impl App {
                                 ),
                             ],
                         );
-                        self.store.save_cloud_pc(&rec, None, Some(&audit)).await?;
+                        self.save_record(&mut rec, None, Some(&audit)).await?;
                     }
                     Err(e) => {
                         // Unknown, not poweredOff: poweredOff means "an admin wants it off", and the
@@ -166,6 +166,6 @@ impl App {
     async fn save_power(&self, rec: &mut CloudPcRecord, state: PowerState) -> Result<()> {
         rec.pc.power_state = state;
         rec.pc.last_modified_date_time = Utc::now();
-        Ok(self.store.save_cloud_pc(rec, None, None).await?)
+        self.save_record(rec, None, None).await
     }
 }

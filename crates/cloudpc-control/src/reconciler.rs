@@ -136,7 +136,15 @@ impl App {
     pub async fn run_reconciler(self) {
         loop {
             let app = self.clone();
-            match crate::supervise::supervised(async move { app.reconcile().await }).await {
+            // One replica reconciles at a time; the others only serve requests and run workflows.
+            let pass = async move {
+                if app.lead().await {
+                    app.reconcile().await
+                } else {
+                    Ok(())
+                }
+            };
+            match crate::supervise::supervised(pass).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reconciler pass failed; trying again at the next event or resync")
@@ -190,6 +198,17 @@ impl App {
         Ok((World { licensed, memberships, assignments, pcs }, records))
     }
 
+    /// Reads the world and plans without acting; returns how many actions the plan has, and how
+    /// long reading and planning took (the control-plane benchmark reports them).
+    pub async fn plan_only(&self) -> Result<(usize, Duration, Duration)> {
+        let started = std::time::Instant::now();
+        let (world, _) = self.world().await?;
+        let read = started.elapsed();
+        let started = std::time::Instant::now();
+        let actions = plan(&world, Utc::now()).len();
+        Ok((actions, read, started.elapsed()))
+    }
+
     /// One pass: read the world, plan, act. Each action runs supervised, on its own: a panic
     /// while acting for one Cloud PC marks that Cloud PC failed with the reason and the pass goes
     /// on with the others.
@@ -231,10 +250,10 @@ impl App {
                         app.store.delete_cloud_pc(pc, Some(&audit)).await.map_err(Into::into)
                     }
                     (Action::CleanUp { .. }, Some(mut rec)) => app.clean_up(&mut rec).await,
-                    (Action::Resume { pc }, _) => {
-                        app.drive(pc);
-                        Ok(())
-                    }
+                    // Workflows with work left are picked up by every replica's scan for free or
+                    // expired leases (`replicas.rs`), a few at a time as slots free up; driving
+                    // each one from every pass would cost one claim per waiting Cloud PC.
+                    (Action::Resume { .. }, _) => Ok(()),
                     // Another action of this pass took the record already.
                     (_, None) => Ok(()),
                 }
@@ -267,8 +286,8 @@ impl App {
         let u = self.store.get_user(user).await?;
         let s = self.store.get_sku(sku).await?;
         let now = Utc::now();
-        let mut rec = CloudPcRecord {
-            pc: CloudPc {
+        let mut rec = CloudPcRecord::new(
+            CloudPc {
                 id: Uuid::new_v4(),
                 display_name: format!("{} - {}", s.display_name, u.display_name).chars().take(64).collect(),
                 managed_device_name: None,
@@ -290,10 +309,10 @@ impl App {
                 os_version: None,
                 last_remote_action_result: None,
             },
-            state: ProvisioningState::new(user, sku, now),
-        };
+            ProvisioningState::new(user, sku, now),
+        );
         let audit = crate::cloud_pcs::system_event("Create CloudPc", &rec);
-        self.store.insert_cloud_pc(&rec, Some(&audit)).await?;
+        self.store.insert_cloud_pc(&mut rec, Some(&audit)).await?;
         *created.lock().expect("created id") = Some(rec.pc.id);
         if let Some(p) = policy {
             self.begin_provisioning(&mut rec, p).await?;
@@ -307,7 +326,7 @@ impl App {
         if let Err(e) = self.start_generation(rec, policy).await {
             self.could_not_start(rec, policy, &e).await;
         }
-        self.store.save_cloud_pc(rec, None, None).await?;
+        self.save_record(rec, None, None).await?;
         drop(images);
         self.drive(rec.pc.id);
         Ok(())
@@ -325,7 +344,7 @@ impl App {
         rec.pc.status_detail = Some("The user lost the license, group membership or policy assignment; the Cloud PC is deprovisioned when the grace period ends.".into());
         rec.pc.last_modified_date_time = Utc::now();
         let audit = crate::cloud_pcs::system_event("Enter grace period CloudPc", rec);
-        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
+        self.save_record(rec, None, Some(&audit)).await?;
         Ok(())
     }
 
@@ -335,13 +354,13 @@ impl App {
         rec.pc.status_detail = None;
         rec.pc.last_modified_date_time = Utc::now();
         let audit = crate::cloud_pcs::system_event("Leave grace period CloudPc", rec);
-        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
+        self.save_record(rec, None, Some(&audit)).await?;
         Ok(())
     }
 
     /// Takes the Cloud PC away from its user now; clean-up follows after the configured delay.
     pub(crate) async fn deprovision(&self, rec: &mut CloudPcRecord) -> Result<()> {
-        self.close_consoles(rec.pc.id);
+        self.close_consoles(rec.pc.id).await;
         if let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) {
             if let Ok(hv) = self.host(&host) {
                 if let Err(e) = hv.power_off(&domain).await {
@@ -356,7 +375,7 @@ impl App {
         rec.state.cleanup_at = Some(Utc::now() + self.cleanup_delay());
         rec.pc.last_modified_date_time = Utc::now();
         let audit = crate::cloud_pcs::system_event("Deprovision CloudPc", rec);
-        self.store.save_cloud_pc(rec, None, Some(&audit)).await?;
+        self.save_record(rec, None, Some(&audit)).await?;
         self.changed();
         Ok(())
     }
@@ -365,7 +384,7 @@ impl App {
         rec.state.phase =
             if rec.pc.status == CloudPcStatus::Failed { Phase::UndoThenIdle } else { Phase::UndoThenDelete };
         rec.state.cleanup_at = None;
-        self.store.save_cloud_pc(rec, None, None).await?;
+        self.save_record(rec, None, None).await?;
         self.drive(rec.pc.id);
         Ok(())
     }

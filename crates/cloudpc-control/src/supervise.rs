@@ -86,7 +86,7 @@ impl App {
         rec.pc.last_modified_date_time = Utc::now();
         let mut audit = crate::cloud_pcs::system_event("Internal error CloudPc", &rec);
         audit.resources[0].modified_properties.push(property("error", None, Some(message.to_string())));
-        if let Err(e) = self.store.save_cloud_pc(&rec, None, Some(&audit)).await {
+        if let Err(e) = self.save_record(&mut rec, None, Some(&audit)).await {
             tracing::error!(cloud_pc = %pc, error = %e, "could not record the internal error on the Cloud PC");
         }
     }

@@ -1,15 +1,21 @@
 //! The data-access layer: everything cloudpc remembers goes through the [`Store`] trait.
 //!
-//! The app layer holds an `Arc<dyn Store>` and never sees SQL, so a PostgreSQL backend can be added
-//! beside [`sqlite::SqliteStore`] without touching it. Rules that must hold against concurrent
-//! writers (seat counts, "in use" checks, unique names) are checked inside the write's own
-//! transaction, and every change is written together with its audit event, so a refused or failed
-//! write leaves nothing behind.
+//! The app layer holds an `Arc<dyn Store>` and never sees SQL. There are two backends, SQLite (the
+//! embedded default for one machine) and PostgreSQL (several replicas on one database), and one
+//! implementation: `sql/shared.rs` is written once and compiled for each backend's concrete sqlx
+//! types, with the few dialect differences (timestamps, JSON paths, locks) in each backend's
+//! module. Rules that must hold against concurrent writers (seat counts, "in use" checks, unique
+//! names) are checked inside the write's own transaction under the rules lock, every change is
+//! written together with its audit event, and a dropped or failed write rolls back, so a refused,
+//! failed or cancelled write leaves nothing behind. Mutable records carry a version and are
+//! written compare-and-swap: a stale write fails with [`StoreError::Stale`] instead of winning.
 
 pub mod error;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -25,9 +31,34 @@ use cloudpc_types::policy::{ImageType, ProvisioningPolicy};
 use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot};
 
 pub use error::StoreError;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Opens the store a server was told to use: a `postgres://` URL, or else the SQLite file.
+pub async fn open(database_url: Option<&str>, sqlite_file: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(match database_url {
+        Some(url) => std::sync::Arc::new(PgStore::connect(url).await?),
+        None => std::sync::Arc::new(SqliteStore::open(sqlite_file).await?),
+    })
+}
+
+/// Applies pending migrations, refusing a database that a newer cloudpc set up.
+pub(crate) async fn migrate<DB>(migrator: &sqlx::migrate::Migrator, pool: &sqlx::Pool<DB>) -> Result<()>
+where
+    DB: sqlx::Database,
+    <DB as sqlx::Database>::Connection: sqlx::migrate::Migrate,
+{
+    match migrator.run(pool).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::migrate::MigrateError::VersionMissing(database)) => Err(StoreError::SchemaTooNew {
+            database,
+            binary: migrator.iter().map(|m| m.version).max().unwrap_or_default(),
+        }),
+        Err(e) => Err(StoreError::Migrate(e)),
+    }
+}
 
 /// A license a user holds, directly (`via_group` is `None`) or through a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,15 +77,25 @@ pub struct StoredAssignment {
     pub assigned_at: DateTime<Utc>,
 }
 
+/// Holds the capacity-allocation lock until dropped (a database lock on PostgreSQL, so replicas
+/// take turns too).
+pub struct AllocationGuard(#[allow(dead_code)] Box<dyn Send>);
+
+/// How long an account is locked after `failures` wrong passwords in a row (`None`: not locked).
+pub type LockoutRule = fn(failures: u32) -> Option<Duration>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Which database this is, for logs and `/health`: "sqlite" or "postgresql".
+    fn backend(&self) -> &'static str;
+
     // Directory.
     async fn list_users(&self) -> Result<Vec<User>>;
     async fn get_user(&self, id: Uuid) -> Result<User>;
     async fn find_user_by_upn(&self, upn: &str) -> Result<User>;
     /// `password_hash` is the argon2 PHC string of the portal password, if one is set.
     async fn create_user(&self, user: &User, password_hash: Option<&str>, audit: &AuditEvent) -> Result<()>;
-    /// `password_hash`: `None` keeps the current password.
+    /// Compare-and-swap on `user.row_version`. `password_hash`: `None` keeps the current password.
     async fn update_user(&self, user: &User, password_hash: Option<&str>, audit: &AuditEvent) -> Result<()>;
     /// The user and their password hash, by principal name (for sign-in).
     async fn user_credentials(&self, upn: &str) -> Result<Option<(User, Option<String>)>>;
@@ -67,6 +108,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_groups(&self) -> Result<Vec<Group>>;
     async fn get_group(&self, id: Uuid) -> Result<Group>;
     async fn create_group(&self, group: &Group, audit: &AuditEvent) -> Result<()>;
+    /// Compare-and-swap on `group.row_version`.
     async fn update_group(&self, group: &Group, audit: &AuditEvent) -> Result<()>;
     /// Refused while a provisioning policy targets the group.
     async fn delete_group(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
@@ -80,7 +122,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_skus(&self) -> Result<Vec<SubscribedSku>>;
     async fn get_sku(&self, id: Uuid) -> Result<SubscribedSku>;
     async fn create_sku(&self, sku: &SubscribedSku, audit: &AuditEvent) -> Result<()>;
-    /// Refused when the new seat count is below the seats in use.
+    /// Compare-and-swap; refused when the new seat count is below the seats in use.
     async fn update_sku(&self, sku: &SubscribedSku, audit: &AuditEvent) -> Result<()>;
     /// Refused while anyone holds the SKU.
     async fn delete_sku(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
@@ -100,6 +142,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_device_images(&self) -> Result<Vec<DeviceImage>>;
     async fn get_device_image(&self, id: Uuid) -> Result<DeviceImage>;
     async fn create_device_image(&self, image: &DeviceImage, audit: &AuditEvent) -> Result<()>;
+    /// Compare-and-swap on `image.row_version`.
     async fn update_device_image(&self, image: &DeviceImage, audit: &AuditEvent) -> Result<()>;
     /// Refused while a provisioning policy uses the image.
     async fn delete_device_image(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
@@ -109,6 +152,7 @@ pub trait Store: Send + Sync + 'static {
     async fn get_policy(&self, id: Uuid) -> Result<ProvisioningPolicy>;
     /// Fails with `NotFound` if the image it names is gone by the time of the write.
     async fn create_policy(&self, policy: &ProvisioningPolicy, audit: &AuditEvent) -> Result<()>;
+    /// Compare-and-swap on `policy.row_version`.
     async fn update_policy(&self, policy: &ProvisioningPolicy, audit: &AuditEvent) -> Result<()>;
     /// Refused while the policy has assignments.
     async fn delete_policy(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
@@ -134,14 +178,19 @@ pub trait Store: Send + Sync + 'static {
     async fn get_cloud_pc(&self, id: Uuid) -> Result<CloudPc>;
     async fn list_cloud_pc_records(&self) -> Result<Vec<CloudPcRecord>>;
     async fn get_cloud_pc_record(&self, id: Uuid) -> Result<CloudPcRecord>;
-    /// Refused (Conflict) when the user already has a Cloud PC for that license.
-    async fn insert_cloud_pc(&self, record: &CloudPcRecord, audit: Option<&AuditEvent>) -> Result<()>;
-    /// Writes the Cloud PC, and the step that moved it, in one transaction.
+    /// Refused (Conflict) when the user already has a Cloud PC for that license. Sets the
+    /// record's version.
+    async fn insert_cloud_pc(&self, record: &mut CloudPcRecord, audit: Option<&AuditEvent>) -> Result<()>;
+    /// Writes the Cloud PC, and the step that moved it, in one transaction, if the row is still
+    /// at `record.version` (else [`StoreError::Stale`]) and, when `lease` names a workflow owner,
+    /// if that owner still holds the Cloud PC's workflow lease (else [`StoreError::LeaseLost`]).
+    /// On success the record carries its new version and base.
     async fn save_cloud_pc(
         &self,
-        record: &CloudPcRecord,
+        record: &mut CloudPcRecord,
         step: Option<&ProvisioningStepRecord>,
         audit: Option<&AuditEvent>,
+        lease: Option<&str>,
     ) -> Result<()>;
     async fn delete_cloud_pc(&self, id: Uuid, audit: Option<&AuditEvent>) -> Result<()>;
     async fn list_steps(&self, cloud_pc: Uuid) -> Result<Vec<ProvisioningStepRecord>>;
@@ -179,6 +228,54 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_token(&self, id: Uuid, audit: &AuditEvent) -> Result<ApiToken>;
     /// Records when a token was last used.
     async fn touch_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<()>;
+
+    // Work shared between replicas.
+    /// Takes or renews the named lease for `owner` if it is free, expired or already `owner`'s;
+    /// true when `owner` holds it now, until `ttl` from now.
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool>;
+    async fn release_lease(&self, name: &str, owner: &str) -> Result<()>;
+    /// Claims the workflow lease of one Cloud PC for `owner` (free, expired or already its own).
+    async fn claim_workflow(&self, id: Uuid, owner: &str, ttl: Duration) -> Result<bool>;
+    /// Claims up to `limit` Cloud PCs whose workflow has work to do and whose lease is free or
+    /// expired (rows another replica is claiming this moment are skipped, not waited for).
+    async fn claim_idle_workflows(&self, owner: &str, ttl: Duration, limit: usize) -> Result<Vec<Uuid>>;
+    /// Extends the leases `owner` holds on these Cloud PCs; returns those it no longer holds.
+    async fn renew_workflows(&self, ids: &[Uuid], owner: &str, ttl: Duration) -> Result<Vec<Uuid>>;
+    async fn release_workflow(&self, id: Uuid, owner: &str) -> Result<()>;
+    /// Serializes capacity allocation (across replicas on PostgreSQL) until the guard drops.
+    async fn lock_allocation(&self) -> Result<AllocationGuard>;
+    /// Tells every replica that something changed (PostgreSQL `NOTIFY`; nothing on SQLite).
+    async fn publish_change(&self, topic: &str) -> Result<()>;
+    /// Waits for the next change another replica published and returns its topic; never
+    /// returns on SQLite, where there is only one process.
+    async fn next_change(&self) -> Result<String>;
+
+    // Sign-in protection and console tickets, shared by every replica.
+    /// Counts a sign-in attempt for `account` before its password is checked. When the account is
+    /// locked the attempt is not counted and the lock's end is returned.
+    async fn count_sign_in_attempt(
+        &self,
+        account: &str,
+        now: DateTime<Utc>,
+        rule: LockoutRule,
+    ) -> Result<Option<DateTime<Utc>>>;
+    /// The password was right: forgets the account's failures.
+    async fn clear_sign_in_failures(&self, account: &str) -> Result<()>;
+    /// Accounts with remembered failures.
+    async fn sign_in_failure_count(&self) -> Result<u64>;
+    /// Stores a console ticket's digest with what it grants (JSON) until it expires.
+    async fn put_console_ticket(
+        &self,
+        secret_sha256: &str,
+        cloud_pc: Uuid,
+        user: Option<Uuid>,
+        grant: &str,
+        expires: DateTime<Utc>,
+    ) -> Result<()>;
+    /// Takes a ticket: it is gone afterwards, whoever asked. `None` when unknown or expired.
+    async fn take_console_ticket(&self, secret_sha256: &str) -> Result<Option<String>>;
+    /// Refuses the outstanding tickets of a Cloud PC or of a user.
+    async fn drop_console_tickets(&self, cloud_pc: Option<Uuid>, user: Option<Uuid>) -> Result<()>;
 }
 
 /// One `field eq value` condition on a stored resource's JSON body: `path` names nested fields

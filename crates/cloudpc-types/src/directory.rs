@@ -13,6 +13,9 @@ use crate::ODataType;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct User {
+    /// The stored row's version, for compare-and-swap writes; not part of the Graph body.
+    #[serde(skip)]
+    pub row_version: u64,
     pub id: Uuid,
     pub user_principal_name: String,
     pub display_name: String,
@@ -117,6 +120,9 @@ impl User {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Group {
+    /// The stored row's version, for compare-and-swap writes; not part of the Graph body.
+    #[serde(skip)]
+    pub row_version: u64,
     pub id: Uuid,
     pub display_name: String,
     pub description: Option<String>,

@@ -94,6 +94,9 @@ pub enum DeviceImageErrorCode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceImage {
+    /// The stored row's version, for compare-and-swap writes; not part of the Graph body.
+    #[serde(skip)]
+    pub row_version: u64,
     pub id: Uuid,
     pub display_name: String,
     pub version: String,
@@ -164,6 +167,7 @@ impl DeviceImage {
     /// A new image whose only version is `pending`.
     pub fn new_pending(id: Uuid, display_name: String, first: DeviceImageVersion) -> Self {
         let mut image = DeviceImage {
+            row_version: 0,
             id,
             display_name,
             version: String::new(),

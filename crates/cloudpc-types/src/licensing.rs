@@ -37,6 +37,9 @@ pub struct ServicePlanInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubscribedSku {
+    /// The stored row's version, for compare-and-swap writes; not part of the Graph body.
+    #[serde(skip)]
+    pub row_version: u64,
     pub id: Uuid,
     pub sku_id: Uuid,
     pub sku_part_number: String,

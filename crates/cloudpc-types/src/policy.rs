@@ -75,6 +75,9 @@ impl Default for WindowsSetting {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProvisioningPolicy {
+    /// The stored row's version, for compare-and-swap writes; not part of the Graph body.
+    #[serde(skip)]
+    pub row_version: u64,
     pub id: Uuid,
     pub display_name: String,
     pub description: String,

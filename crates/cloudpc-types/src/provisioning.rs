@@ -5,6 +5,7 @@
 //! again finds what it made the first time instead of making a second one.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -126,8 +127,150 @@ impl ProvisioningState {
 }
 
 /// A Cloud PC as stored: the Graph view and the workflow state, written together.
+///
+/// `version` and `base` make writes compare-and-swap: the store writes a record only if the row
+/// still has `version`, and `base` is the record as it was read at that version, so a writer whose
+/// copy went stale (the workflow holds its copy for the length of a step) can [`rebase`] its own
+/// changes onto the newer row instead of undoing someone else's.
+///
+/// [`rebase`]: CloudPcRecord::rebase
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudPcRecord {
     pub pc: CloudPc,
     pub state: ProvisioningState,
+    /// The stored row's version this copy was read at (0: never stored).
+    pub version: u64,
+    /// The record as read at `version`, set by the store.
+    pub base: Option<Arc<(CloudPc, ProvisioningState)>>,
+}
+
+impl CloudPcRecord {
+    pub fn new(pc: CloudPc, state: ProvisioningState) -> Self {
+        Self { pc, state, version: 0, base: None }
+    }
+
+    /// Applies the changes this copy made since `base` onto `newer` (the row as stored now): a
+    /// field this copy changed takes this copy's value, every other field keeps the newer one.
+    /// Fields are compared one by one down through nested objects; lists and plain values are
+    /// compared whole. Returns the merged record, at `newer`'s version, and the fields both
+    /// changed to different values (this copy's value is kept for them; the caller logs them).
+    pub fn rebase(&self, newer: &CloudPcRecord) -> (CloudPcRecord, Vec<String>) {
+        let Some(base) = self.base.as_deref() else {
+            // Nothing to compare with: every field counts as changed by this copy.
+            let mut merged = self.clone();
+            merged.version = newer.version;
+            merged.base = newer.base.clone();
+            return (merged, Vec::new());
+        };
+        let mut conflicts = Vec::new();
+        let pc = merge_value(&to_value(&base.0), &to_value(&self.pc), to_value(&newer.pc), "pc", &mut conflicts);
+        let state =
+            merge_value(&to_value(&base.1), &to_value(&self.state), to_value(&newer.state), "state", &mut conflicts);
+        // Both sides are our own types, serialized a moment ago, so they read back.
+        let merged = CloudPcRecord {
+            pc: serde_json::from_value(pc).expect("merged Cloud PC reads back"),
+            state: serde_json::from_value(state).expect("merged provisioning state reads back"),
+            version: newer.version,
+            base: newer.base.clone(),
+        };
+        (merged, conflicts)
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("record serializes to JSON")
+}
+
+/// Three-way merge of one JSON value: `mine` changed from `base`, `theirs` is the newer stored one.
+fn merge_value(
+    base: &serde_json::Value,
+    mine: &serde_json::Value,
+    theirs: serde_json::Value,
+    path: &str,
+    conflicts: &mut Vec<String>,
+) -> serde_json::Value {
+    use serde_json::Value;
+    if mine == base {
+        return theirs;
+    }
+    if let (Value::Object(b), Value::Object(m), Value::Object(t)) = (base, mine, &theirs) {
+        let mut out = t.clone();
+        let keys: std::collections::BTreeSet<&String> = b.keys().chain(m.keys()).collect();
+        for k in keys {
+            let (bv, mv) = (b.get(k).unwrap_or(&Value::Null), m.get(k).unwrap_or(&Value::Null));
+            let tv = t.get(k).cloned().unwrap_or(Value::Null);
+            let merged = merge_value(bv, mv, tv, &format!("{path}.{k}"), conflicts);
+            out.insert(k.clone(), merged);
+        }
+        return Value::Object(out);
+    }
+    if &theirs != base && &theirs != mine {
+        conflicts.push(path.to_string());
+    }
+    mine.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> CloudPcRecord {
+        let now = Utc::now();
+        let pc: CloudPc = serde_json::from_value(serde_json::json!({
+            "id": Uuid::new_v4(), "displayName": "Old name", "userPrincipalName": "a@b.c",
+            "servicePlanId": Uuid::new_v4(), "servicePlanName": "plan", "provisioningType": "dedicated",
+            "status": "provisioning", "powerState": "unknown", "lastModifiedDateTime": now,
+            "userAccountType": "standardUser"
+        }))
+        .expect("a Cloud PC");
+        let mut rec = CloudPcRecord::new(pc, ProvisioningState::new(Uuid::new_v4(), Uuid::new_v4(), now));
+        rec.base = Some(Arc::new((rec.pc.clone(), rec.state.clone())));
+        rec.version = 3;
+        rec
+    }
+
+    #[test]
+    fn rebase_keeps_changes_made_meanwhile_and_adds_mine() {
+        let mine_base = record();
+        // Meanwhile an admin renamed it and read the one-time password.
+        let mut theirs = mine_base.clone();
+        theirs.pc.display_name = "New name".into();
+        theirs.state.initial_password = None;
+        theirs.version = 4;
+        // The workflow, from its older copy, finished a step.
+        let mut mine = mine_base.clone();
+        mine.state.next_step = 5;
+        mine.state.resources.host = Some("local".into());
+        let (merged, conflicts) = mine.rebase(&theirs);
+        assert_eq!(merged.pc.display_name, "New name");
+        assert_eq!(merged.state.next_step, 5);
+        assert_eq!(merged.state.resources.host.as_deref(), Some("local"));
+        assert_eq!(merged.version, 4);
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+    }
+
+    #[test]
+    fn rebase_does_not_bring_back_a_password_that_was_read() {
+        let mut base = record();
+        base.state.initial_password = Some("secret".into());
+        base.base = Some(Arc::new((base.pc.clone(), base.state.clone())));
+        let mut theirs = base.clone();
+        theirs.state.initial_password = None;
+        let mut mine = base.clone();
+        mine.state.next_step += 1;
+        let (merged, _) = mine.rebase(&theirs);
+        assert_eq!(merged.state.initial_password, None);
+    }
+
+    #[test]
+    fn rebase_reports_fields_both_changed() {
+        let base = record();
+        let mut theirs = base.clone();
+        theirs.pc.status_detail = Some("theirs".into());
+        let mut mine = base.clone();
+        mine.pc.status_detail = Some("mine".into());
+        let (merged, conflicts) = mine.rebase(&theirs);
+        assert_eq!(merged.pc.status_detail.as_deref(), Some("mine"));
+        assert_eq!(conflicts, vec!["pc.statusDetail".to_string()]);
+    }
 }

@@ -80,6 +80,10 @@ pub struct ServerArgs {
     /// Directory for the database and other state; created if missing; QEMU's user must be able to reach it [default: /var/lib/cloudpc/data].
     #[arg(long, env = "CLOUDPC_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL database to keep state in (postgres://user:password@host:port/database), for
+    /// several replicas sharing one database [default: SQLite in DATA_DIR/cloudpc.db].
+    #[arg(long, env = "CLOUDPC_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Largest virtual disk size accepted for a custom image, in GiB [default: 256].
     #[arg(long, env = "CLOUDPC_MAX_IMAGE_SIZE_GB")]
     pub max_image_size_gb: Option<u64>,

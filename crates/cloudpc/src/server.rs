@@ -15,7 +15,7 @@ use cloudpc_control::{App, AppConfig};
 use cloudpc_hypervisor::accel::{self, Accelerator, ProbeKernel};
 use cloudpc_hypervisor::libvirt::LibvirtHost;
 use cloudpc_hypervisor::{Capacity, HostConfig, Hypervisor};
-use cloudpc_store::SqliteStore;
+use cloudpc_store::Store;
 
 use crate::cli::ServerArgs;
 
@@ -239,12 +239,18 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-async fn open_store(dir: &Path) -> Result<SqliteStore, String> {
+/// Opens PostgreSQL when a database URL is given, else SQLite in the data directory. The URL
+/// carries a password, so messages name only its host part.
+async fn open_store(dir: &Path, database_url: Option<&str>) -> Result<Arc<dyn Store>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
     let db = dir.join("cloudpc.db");
-    SqliteStore::open(&db).await.map_err(|e| {
+    let what = match database_url {
+        Some(url) => format!("PostgreSQL database at {}", url.rsplit_once('@').map(|(_, h)| h).unwrap_or("(URL)")),
+        None => format!("database {}", db.display()),
+    };
+    cloudpc_store::open(database_url, &db).await.map_err(|e| {
         let cause = std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default();
-        format!("cannot open database {}: {e}{cause}", db.display())
+        format!("cannot open {what}: {e}{cause}")
     })
 }
 
@@ -296,7 +302,8 @@ pub async fn run(args: ServerArgs) -> ExitCode {
 async fn serve(args: ServerArgs) -> Result<(), String> {
     let s = settings(&args)?;
     init_logging(&s.log);
-    let store = open_store(&s.data_dir).await?;
+    let store = open_store(&s.data_dir, args.database_url.as_deref()).await?;
+    tracing::info!(database = store.backend(), "state store open");
     for dir in [&s.app.storage_dir, &s.app.image_dir] {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
@@ -325,7 +332,7 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
             }
         }
     }
-    let app = App::new(Arc::new(store), s.app, hosts);
+    let app = App::new(store, s.app, hosts);
     match app.bootstrap_admin_token(args.admin_token.as_deref()).await.map_err(|e| e.to_string())? {
         // Printed to stdout once, never logged: logs are often shipped elsewhere.
         Bootstrap::Created(secret) => {
@@ -338,6 +345,7 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     tracing::info!(images = n, dir = %s.gallery_dir.display(), "gallery loaded");
     app.resume_image_validation().await.map_err(|e| e.to_string())?;
     let demo = if args.demo { app.set_up_demo().await.map_err(|e| format!("demo set-up failed: {e}"))? } else { None };
+    app.start_replica_tasks();
     tokio::spawn(app.clone().run_reconciler());
     let pruner = app.clone();
     tokio::spawn(async move {

@@ -6,6 +6,7 @@ pub mod directory;
 pub mod images;
 pub mod licensing;
 pub mod policies;
+pub mod replica;
 pub mod tokens;
 
 use axum::response::Response;

@@ -38,6 +38,30 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Releases (or holds off) the workflow lease when the task ends, however it ends.
+struct LeaseRelease {
+    app: App,
+    id: Uuid,
+}
+
+impl Drop for LeaseRelease {
+    fn drop(&mut self) {
+        let (app, id) = (self.app.clone(), self.id);
+        tokio::spawn(async move {
+            let store = app.store.clone();
+            let more_work = store.get_cloud_pc_record(id).await.is_ok_and(|r| r.state.phase != Phase::Idle);
+            let done = if more_work {
+                store.claim_workflow(id, app.replica(), crate::replicas::WAIT_HOLD_OFF).await.map(|_| ())
+            } else {
+                store.release_workflow(id, app.replica()).await
+            };
+            if let Err(e) = done {
+                tracing::warn!(cloud_pc = %id, error = %e, "could not release the workflow lease; it expires by itself");
+            }
+        });
+    }
+}
+
 /// Removes the workflow guard when the task ends, however it ends.
 struct RunningGuard {
     app: App,
@@ -90,14 +114,31 @@ fn finish(step: &mut ProvisioningStepRecord, status: StepStatus, started: Instan
 }
 
 impl App {
-    /// Starts the workflow task of a Cloud PC unless one runs already.
+    /// Starts the workflow task of a Cloud PC unless one runs already, here or (holding its
+    /// lease) on another replica.
     pub fn drive(&self, id: Uuid) {
+        if self.running.lock().expect("running set").contains(&id) {
+            return;
+        }
+        let app = self.clone();
+        tokio::spawn(async move {
+            if app.claim(id).await {
+                app.drive_claimed(id);
+            }
+        });
+    }
+
+    /// Runs the workflow of a Cloud PC whose lease this replica holds. When the task ends with
+    /// work left (waiting for capacity, or an error), the lease is kept for a hold-off and then
+    /// any replica's scan picks the Cloud PC up again; otherwise it is released.
+    pub(crate) fn drive_claimed(&self, id: Uuid) {
         if !self.running.lock().expect("running set").insert(id) {
             return;
         }
         let app = self.clone();
         tokio::spawn(async move {
             let _guard = RunningGuard { app: app.clone(), id };
+            let _lease = LeaseRelease { app: app.clone(), id };
             let _slot = app.slots.clone().acquire_owned().await;
             let task = app.clone();
             // Supervised: a panic outside a step (steps catch their own) fails this Cloud PC only.
@@ -248,7 +289,7 @@ impl App {
 
     async fn save(&self, rec: &mut CloudPcRecord, step: Option<&ProvisioningStepRecord>) -> Result<()> {
         rec.pc.last_modified_date_time = Utc::now();
-        Ok(self.store.save_cloud_pc(rec, step, None).await?)
+        self.save_workflow(rec, step).await
     }
 
     /// Runs the Cloud PC's workflow until it is idle, waiting, or deleted.
@@ -292,6 +333,10 @@ impl App {
             let (app, mut work) = (self.clone(), rec.clone());
             let run = async move {
                 app.maybe_inject_panic(step.name());
+                // Testing only: widen the window in which a replica can be killed mid-step.
+                if let Some(pause) = app.config.injected_delays.get(step.name()) {
+                    tokio::time::sleep(*pause).await;
+                }
                 let outcome = app.run_step(step, &mut work).await;
                 (outcome, work)
             };

@@ -347,7 +347,15 @@ impl App {
             return Outcome::Done { detail: rec.state.resources.host.clone() };
         }
         let Some(spec) = rec.state.spec.clone() else { return Outcome::Failed("no build specification".into()) };
-        let _lock = self.allocation.lock().await;
+        let candidates: Vec<_> =
+            self.hosts.iter().filter(|h| spec.region == "automatic" || h.config().region == spec.region).collect();
+        if candidates.is_empty() {
+            return Outcome::Wait(format!("no host serves region '{}'", spec.region));
+        }
+        // Held in the database: replicas allocating at the same moment take turns.
+        let _lock = tri!(self.store.lock_allocation().await);
+        // TODO-perf: reads every Cloud PC to sum what each host has promised; a per-host sum in
+        // SQL (columns for host and size) would do for tens of thousands.
         let records = tri!(self.store.list_cloud_pc_records().await);
         let mut used: HashMap<String, (u64, u64, u64)> = HashMap::new();
         for other in records.iter().filter(|o| o.pc.id != rec.pc.id) {
@@ -357,11 +365,6 @@ impl App {
                 e.1 += s.memory_mib;
                 e.2 += s.storage_gib;
             }
-        }
-        let candidates: Vec<_> =
-            self.hosts.iter().filter(|h| spec.region == "automatic" || h.config().region == spec.region).collect();
-        if candidates.is_empty() {
-            return Outcome::Wait(format!("no host serves region '{}'", spec.region));
         }
         let best = candidates
             .iter()
@@ -382,7 +385,7 @@ impl App {
             Some((_, name)) => {
                 rec.state.resources.host = Some(name.clone());
                 // Persisted under the lock, so the next allocation counts this one.
-                let _ = self.store.save_cloud_pc(rec, None, None).await;
+                tri!(self.save_workflow(rec, None).await);
                 Outcome::Done { detail: Some(format!("host {name}")) }
             }
             None => Outcome::Wait(format!(

@@ -183,12 +183,15 @@ async fn test_vm_full_disk_fails_provisioning_with_the_reason_and_retry_works_on
     let (_, users) = s.get("/v1.0/users?$count=true&$top=1").await;
     assert_eq!(users["@odata.count"], json!(OTHERS + 1), "{users}");
     assert!(s.audit_activities().await.len() > audit_before);
-    let db = s.data_dir().join("cloudpc.db");
-    let url = format!("sqlite://{}?mode=ro", db.display());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
-    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(&mut conn).await.unwrap();
-    assert_eq!(check, "ok");
-    drop(conn);
+    // On PostgreSQL the database lives elsewhere and is not on the full file system.
+    if s.database_url().is_none() {
+        let db = s.data_dir().join("cloudpc.db");
+        let url = format!("sqlite://{}?mode=ro", db.display());
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(check, "ok");
+        drop(conn);
+    }
 
     std::fs::remove_file(&filler).unwrap();
     assert_eq!(s.action(&failed, "retry").await.0, 204);

@@ -187,18 +187,31 @@ async fn test_images_stored_before_versions_are_migrated_at_start() {
     let s = Server::start().await;
     let img = s.ready_image("Old").await;
     let id = img["id"].as_str().unwrap().to_string();
+    let database = s.database_url().map(str::to_string);
     let data = s.stop();
     // Make the record and its file look like session 1 wrote them: no versions, `<id>.qcow2`.
     let images = data.path().join("images");
     std::fs::rename(images.join(format!("{id}-1.0.0.qcow2")), images.join(format!("{id}.qcow2"))).unwrap();
-    let db =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", data.path().join("cloudpc.db").display())).await.unwrap();
-    sqlx::query("UPDATE device_images SET body = json_remove(body, '$.versions') WHERE id = ?1")
-        .bind(&id)
-        .execute(&db)
-        .await
-        .unwrap();
-    db.close().await;
+    match database {
+        Some(url) => {
+            let sql = format!("UPDATE device_images SET body = (body::jsonb - 'versions')::text WHERE id = '{id}'");
+            let out =
+                std::process::Command::new("psql").args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-qc", &sql]).output();
+            let out = out.unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        None => {
+            let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", data.path().join("cloudpc.db").display()))
+                .await
+                .unwrap();
+            sqlx::query("UPDATE device_images SET body = json_remove(body, '$.versions') WHERE id = ?1")
+                .bind(&id)
+                .execute(&db)
+                .await
+                .unwrap();
+            db.close().await;
+        }
+    }
 
     let s = Server::start_in(data, &[], Some(ADMIN_TOKEN)).await;
     let (_, img) = s.get(&format!("{VE}/deviceImages/{id}")).await;

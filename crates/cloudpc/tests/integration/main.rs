@@ -19,6 +19,7 @@ mod odata;
 mod openapi;
 mod policies;
 mod readme;
+mod replicas;
 mod server;
 mod setup_script;
 mod vm;

@@ -28,6 +28,8 @@ pub struct Server {
     /// data on to a restarted server.
     pub prefix: String,
     sweep: bool,
+    /// The PostgreSQL database, when the suite runs on PostgreSQL.
+    database: Option<String>,
 }
 
 impl Server {
@@ -50,53 +52,39 @@ impl Server {
             Some(i) => extra[i + 1].to_string(),
             None => format!("cpct{}-", &uuid::Uuid::new_v4().simple().to_string()[..8]),
         };
-        let mut cmd = Command::new(bin());
-        cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
-            .args(extra)
-            .env_remove("CLOUDPC_ADMIN_TOKEN")
-            .env_remove("CLOUDPC_CONFIG")
-            .env("CLOUDPC_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if !extra.contains(&"--domain-prefix") {
-            cmd.args(["--domain-prefix", &prefix]);
+        let database = test_database(data.path());
+        let (child, url, banner) = spawn_server(data.path(), &prefix, database.as_deref(), extra, admin_token).await;
+        Server { child, url, data, banner, http: reqwest::Client::new(), prefix, sweep: true, database }
+    }
+
+    /// Another replica on this server's database and data directory (PostgreSQL only). It does
+    /// not sweep VMs when dropped; the first server does.
+    pub async fn start_replica(&self, extra: &[&str]) -> Server {
+        let database = self.database.clone().expect("replicas need PostgreSQL (CLOUDPC_TEST_BACKEND=postgresql)");
+        let (child, url, banner) =
+            spawn_server(self.data.path(), &self.prefix, Some(&database), extra, Some(ADMIN_TOKEN)).await;
+        let data = tempfile::tempdir().expect("temp dir");
+        Server {
+            child,
+            url,
+            data,
+            banner,
+            http: reqwest::Client::new(),
+            prefix: self.prefix.clone(),
+            sweep: false,
+            database: Some(database),
         }
-        // Blank qcow2 files stand in for images in tests of other features and cannot boot, so
-        // the test boot is skipped unless a test sets its timeout (the image-import tests do).
-        if !extra.contains(&"--image-boot-timeout-secs") {
-            cmd.arg("--skip-image-test-boot");
-        }
-        // Tests make their image files in the data directory; some add more import directories.
-        cmd.arg("--image-import-dir").arg(data.path());
-        if let Some(t) = admin_token {
-            cmd.env("CLOUDPC_ADMIN_TOKEN", t);
-        }
-        let mut child = cmd.spawn().expect("start cloudpc server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut banner = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let url = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("cloudpc listening on ") {
-                        break rest.trim().to_string();
-                    }
-                    banner.push(line);
-                }
-                Err(_) => panic!("server did not start; printed: {banner:?}"),
-            }
-        };
-        Server { child, url, data, banner, http: reqwest::Client::new(), prefix, sweep: true }
+    }
+
+    /// Kills the process at once (SIGKILL), as a machine loss would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The PostgreSQL database this server uses (`None`: SQLite in its data directory).
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.as_deref()
     }
 
     /// A server whose only host offers 1 vCPU and 1 GiB: a bigger Cloud PC waits there for
@@ -363,6 +351,108 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// Whether this run of the suite uses PostgreSQL (`CLOUDPC_TEST_BACKEND=postgresql`, set by
+/// `scripts/test.sh` for its second pass) instead of each server's own SQLite file.
+pub fn on_postgres() -> bool {
+    std::env::var("CLOUDPC_TEST_BACKEND").is_ok_and(|b| b == "postgresql")
+}
+
+/// The database URL for a server using `data`: on PostgreSQL, a fresh database per data directory
+/// (its URL is kept there, so a server restarted on the same data finds the same database). A
+/// test that needs PostgreSQL in either pass writes the file itself ([`postgres_data_dir`]).
+pub fn test_database(data: &Path) -> Option<String> {
+    let kept = data.join(".test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&kept) {
+        return Some(url);
+    }
+    on_postgres().then(|| fresh_pg_database(&kept))
+}
+
+/// A data directory whose servers use a fresh PostgreSQL database, whichever pass this is.
+pub fn postgres_data_dir() -> tempfile::TempDir {
+    let data = tempfile::tempdir().expect("temp dir");
+    fresh_pg_database(&data.path().join(".test-database-url"));
+    data
+}
+
+/// Creates an empty database on the test PostgreSQL server and writes its URL to `kept`.
+pub fn fresh_pg_database(kept: &Path) -> String {
+    let admin = std::env::var("CLOUDPC_TEST_DATABASE_URL").expect(
+        "CLOUDPC_TEST_DATABASE_URL must name a PostgreSQL role that may create databases (scripts/test.sh sets it)",
+    );
+    let name = format!("cloudpc_test_{}", uuid::Uuid::new_v4().simple());
+    let out = Command::new("psql")
+        .args([admin.as_str(), "-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql is installed (scripts/test.sh installs PostgreSQL)");
+    assert!(out.status.success(), "create test database: {}", String::from_utf8_lossy(&out.stderr));
+    let (base, _) = admin.rsplit_once('/').expect("database URL ends in /<database>");
+    let url = format!("{base}/{name}");
+    std::fs::write(kept, &url).expect("keep the test database URL");
+    url
+}
+
+/// Starts `cloudpc server` on `data` and waits until it listens.
+async fn spawn_server(
+    data: &Path,
+    prefix: &str,
+    database: Option<&str>,
+    extra: &[&str],
+    admin_token: Option<&str>,
+) -> (Child, String, Vec<String>) {
+    let mut cmd = Command::new(bin());
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env_remove("CLOUDPC_ADMIN_TOKEN")
+        .env_remove("CLOUDPC_CONFIG")
+        .env_remove("CLOUDPC_DATABASE_URL")
+        .env("CLOUDPC_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if !extra.contains(&"--domain-prefix") {
+        cmd.args(["--domain-prefix", prefix]);
+    }
+    if let Some(url) = database {
+        cmd.args(["--database-url", url]);
+    }
+    // Blank qcow2 files stand in for images in tests of other features and cannot boot, so
+    // the test boot is skipped unless a test sets its timeout (the image-import tests do).
+    if !extra.contains(&"--image-boot-timeout-secs") {
+        cmd.arg("--skip-image-test-boot");
+    }
+    // Tests make their image files in the data directory; some add more import directories.
+    cmd.arg("--image-import-dir").arg(data);
+    if let Some(t) = admin_token {
+        cmd.env("CLOUDPC_ADMIN_TOKEN", t);
+    }
+    let mut child = cmd.spawn().expect("start cloudpc server");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut banner = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("cloudpc listening on ") {
+                    break rest.trim().to_string();
+                }
+                banner.push(line);
+            }
+            Err(_) => panic!("server did not start; printed: {banner:?}"),
+        }
+    };
+    (child, url, banner)
 }
 
 /// Runs qemu-img, panicking with its output on failure.

@@ -89,7 +89,7 @@ impl std::ops::Deref for VmServer {
     }
 }
 
-fn vm_args(prefix: &str, extra: &[String]) -> Vec<String> {
+pub fn vm_args(prefix: &str, extra: &[String]) -> Vec<String> {
     let mut args = vec![
         "--gallery-dir".to_string(),
         gallery().to_string_lossy().into_owned(),
