@@ -378,6 +378,42 @@ impl GraphRequest {
         self.collection_page(set, page, total)
     }
 
+    /// The `$filter` terms for the store, after checking that each names a property of `T`
+    /// (an unknown one is refused, as it is where lists are filtered in memory).
+    pub fn store_filter<T: utoipa::PartialSchema>(&self) -> Result<Vec<cloudpc_control::FieldEquals>, ApiError> {
+        let schema = T::schema();
+        let properties: Vec<String> = match &schema {
+            utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(o)) => o.properties.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        self.options
+            .filter
+            .iter()
+            .map(|t| {
+                let first = t.path.first().map(String::as_str).unwrap_or_default();
+                if !properties.iter().any(|p| p == first) {
+                    return Err(ApiError::bad_request(format!(
+                        "Invalid $filter: this resource has no property '{}'.",
+                        t.path.join("/")
+                    )));
+                }
+                Ok(cloudpc_control::FieldEquals { path: t.path.clone(), value: t.value.clone() })
+            })
+            .collect()
+    }
+
+    /// A collection the store filters and pages (`Listing`): this request's page of it.
+    pub async fn stored_page<T: utoipa::PartialSchema>(
+        &self,
+        app: &cloudpc_control::App,
+        set: &str,
+        listing: cloudpc_control::Listing,
+    ) -> Result<Response, ApiError> {
+        let filter = self.store_filter::<T>()?;
+        let (items, total) = app.list_page(listing, &filter, self.options.skip, self.page_size()).await?;
+        self.collection_page(set, items, total)
+    }
+
     /// The page size this request asks for.
     pub fn page_size(&self) -> usize {
         self.options.top.unwrap_or(DEFAULT_PAGE)

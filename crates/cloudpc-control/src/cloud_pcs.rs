@@ -254,6 +254,17 @@ impl App {
     }
 
     /// One page of the audit log (in time order), matching `filter`, and the number matching.
+    /// One page of users, groups or Cloud PCs, filtered and paged by the database.
+    pub async fn list_page(
+        &self,
+        listing: cloudpc_store::Listing,
+        filter: &[cloudpc_store::FieldEquals],
+        skip: usize,
+        top: usize,
+    ) -> Result<(Vec<serde_json::Value>, usize)> {
+        Ok(self.store.list_page(listing, filter, skip, top).await?)
+    }
+
     pub async fn audit_events_page(
         &self,
         filter: &[cloudpc_store::FieldEquals],

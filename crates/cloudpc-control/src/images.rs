@@ -596,15 +596,46 @@ impl App {
         for image in images.iter_mut().filter(|i| i.versions.is_empty()) {
             self.migrate_unversioned(image).await?;
         }
+        // Sweeping and resuming wait in the background until no other replica is alive: one that
+        // runs could be writing an upload or booting a test VM that looks like a leftover. After a
+        // crash that is the dead process's last heartbeat (15 s); on SQLite, at once.
+        // What exists now is what an earlier run left; anything newer is this run's own work.
+        let started = std::time::SystemTime::now();
+        let prefix = format!("{}imagecheck-", self.config.domain_prefix);
+        let old_vms = match self.hosts.first() {
+            Some(hv) => hv.list_vms(&prefix).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let app = self.clone();
+        tokio::spawn(async move {
+            let alone = app.wait_until_alone(Duration::from_secs(20)).await;
+            // Read again: versions may have been added while this waited.
+            let images = app.store.list_device_images().await.unwrap_or(images);
+            if alone {
+                app.sweep_image_leftovers(&images, &old_vms, started).await;
+            } else {
+                tracing::info!("other replicas are running: leftovers of image checks are left for a restart");
+            }
+            for image in &images {
+                for v in image.versions.iter().filter(|v| v.status == DeviceImageStatus::Pending) {
+                    app.spawn_validation(image.id, v.version.clone());
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Removes the test-boot VMs an earlier run left and the image files, older than this run,
+    /// that no image version needs.
+    async fn sweep_image_leftovers(&self, images: &[DeviceImage], old_vms: &[String], started: std::time::SystemTime) {
         if let Some(hv) = self.hosts.first() {
-            let prefix = format!("{}imagecheck-", self.config.domain_prefix);
-            for vm in hv.list_vms(&prefix).await.unwrap_or_default() {
+            for vm in old_vms {
                 tracing::info!(vm = %vm, "removing a test-boot VM an interrupted check left");
-                let _ = hv.remove_vm(&vm).await;
+                let _ = hv.remove_vm(vm).await;
             }
         }
         let mut keep = std::collections::HashSet::new();
-        for image in &images {
+        for image in images {
             for v in &image.versions {
                 if v.status == DeviceImageStatus::Ready {
                     keep.insert(self.image_base(image.id, &v.version));
@@ -620,18 +651,13 @@ impl App {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for path in entries.flatten().map(|e| e.path()).filter(|p| p.is_file()) {
                 let known = std::path::absolute(&path).map(|p| keep.contains(&p)).unwrap_or(false);
-                if !known {
+                let ours = std::fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|t| t >= started);
+                if !known && !ours {
                     tracing::info!(path = %path.display(), "removing a file no image version needs");
                     remove_quietly(&path).await;
                 }
             }
         }
-        for image in &images {
-            for v in image.versions.iter().filter(|v| v.status == DeviceImageStatus::Pending) {
-                self.spawn_validation(image.id, v.version.clone());
-            }
-        }
-        Ok(())
     }
 
     /// An image stored before versions existed becomes its own first version; its base file
@@ -672,11 +698,41 @@ impl App {
     fn spawn_validation(&self, id: Uuid, version: String) {
         let app = self.clone();
         tokio::spawn(async move {
+            // One replica checks a version: the check holds a lease, renewed while it runs.
+            let lease = format!("image-check:{id}:{version}");
+            let ttl = Duration::from_secs(30);
+            // Another replica checks it, or a dead one held it: wait until the version is
+            // no longer pending or the lease is free.
+            loop {
+                match app.store.try_lease(&lease, app.replica(), ttl).await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(image = %id, error = %e, "cannot lease an image check; trying again"),
+                }
+                let pending = app.store.get_device_image(id).await.is_ok_and(|i| {
+                    i.versions.iter().any(|v| v.version == version && v.status == DeviceImageStatus::Pending)
+                });
+                if !pending {
+                    return;
+                }
+                tokio::time::sleep(ttl / 6).await;
+            }
+            let renewer = {
+                let (app, lease) = (app.clone(), lease.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(ttl / 3).await;
+                        let _ = app.store.try_lease(&lease, app.replica(), ttl).await;
+                    }
+                })
+            };
             let mut delay = Duration::from_secs(5);
             while !app.validate_device_image(id, &version).await {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(300));
             }
+            renewer.abort();
+            let _ = app.store.release_lease(&lease, app.replica()).await;
         });
     }
 

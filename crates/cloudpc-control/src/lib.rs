@@ -37,7 +37,7 @@ use cloudpc_hypervisor::Hypervisor;
 use cloudpc_store::Store;
 
 pub use audit::Actor;
-pub use cloudpc_store::FieldEquals;
+pub use cloudpc_store::{FieldEquals, Listing};
 pub use error::Error;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -23,8 +23,10 @@ use crate::{App, Error, Result};
 /// resync never mistakes a VM that an action just powered off for one that stopped by itself.
 /// A static rather than a field of `App`: there is one app per process, and the lock stays next
 /// to the code that needs it.
-// TODO-correctness: a process-local lock; with several replicas (issue 10) this becomes a lease
-// or a versioned row in the database.
+// TODO-correctness: a process-local lock. With replicas, the resync runs on the reconciler's
+// replica only, but an admin's power action on another replica can still cross it; the fix is to
+// record the intended power state (compare-and-swap) before acting on the VM, and have the resync
+// act only on a record it has re-read.
 static POWER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Waits for the power lock; remote actions that change power hold it while they do.

@@ -34,6 +34,9 @@ pub const WAIT_HOLD_OFF: Duration = Duration::from_secs(10);
 /// Compare-and-swap retries before a write gives up (each one follows a newer write).
 const MAX_REBASES: usize = 8;
 
+/// Each replica's heartbeat lease is named this, then the replica's name.
+const HEARTBEAT: &str = "replica:";
+
 /// Topics of change notices; anything else means "something changed, reconcile".
 const CLOSE_CONSOLES: &str = "close-consoles:";
 const CLOSE_USER_CONSOLES: &str = "close-user-consoles:";
@@ -139,14 +142,15 @@ impl App {
         self.publish(format!("{CLOSE_USER_CONSOLES}{user}"));
     }
 
-    /// Starts the tasks that keep this replica in step with the others: lease renewal, the scan
-    /// for orphaned workflows, and the change listener.
+    /// Starts the tasks that keep this replica in step with the others: its heartbeat and lease
+    /// renewal, the scan for orphaned workflows, and the change listener.
     pub fn start_replica_tasks(&self) {
         let app = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(LEASE_RENEWAL).await;
+                app.heartbeat().await;
                 app.renew_leases().await;
+                tokio::time::sleep(LEASE_RENEWAL).await;
             }
         });
         let app = self.clone();
@@ -177,6 +181,27 @@ impl App {
             self.close_local_consoles_of_user(id).await;
         } else {
             self.changed.notify_one();
+        }
+    }
+
+    /// This replica is alive: a lease named after it, renewed with the others.
+    async fn heartbeat(&self) {
+        let name = format!("{HEARTBEAT}{}", self.replica);
+        if let Err(e) = self.store.try_lease(&name, &self.replica, WORKFLOW_LEASE).await {
+            tracing::warn!(error = %e, "could not renew this replica's heartbeat");
+        }
+    }
+
+    /// Waits (at most `limit`) until no other replica has a live heartbeat; true when none has.
+    /// A replica that was killed stops beating, so after a crash this waits out its last lease.
+    pub(crate) async fn wait_until_alone(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.store.live_leases(HEARTBEAT).await {
+                Ok(live) if live.iter().all(|(_, owner)| owner == &self.replica) => return true,
+                Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => return false,
+                _ => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
         }
     }
 

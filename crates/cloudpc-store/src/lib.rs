@@ -215,6 +215,15 @@ pub trait Store: Send + Sync + 'static {
         top: usize,
     ) -> Result<(Vec<AuditEvent>, usize)>;
     async fn get_audit_event(&self, id: Uuid) -> Result<AuditEvent>;
+    /// One page of a collection in its usual order (creation), those matching every term of
+    /// `filter`, and how many match in all: filtering and paging run in the database.
+    async fn list_page(
+        &self,
+        listing: Listing,
+        filter: &[FieldEquals],
+        skip: usize,
+        top: usize,
+    ) -> Result<(Vec<serde_json::Value>, usize)>;
     /// Deletes events older than `days`; returns how many went.
     async fn prune_audit_events(&self, days: u32) -> Result<u64>;
     /// Records an event that goes with no stored change (console connections).
@@ -234,6 +243,8 @@ pub trait Store: Send + Sync + 'static {
     /// true when `owner` holds it now, until `ttl` from now.
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool>;
     async fn release_lease(&self, name: &str, owner: &str) -> Result<()>;
+    /// Unexpired leases whose names start with `prefix`, as (name, owner).
+    async fn live_leases(&self, prefix: &str) -> Result<Vec<(String, String)>>;
     /// Claims the workflow lease of one Cloud PC for `owner` (free, expired or already its own).
     async fn claim_workflow(&self, id: Uuid, owner: &str, ttl: Duration) -> Result<bool>;
     /// Claims up to `limit` Cloud PCs whose workflow has work to do and whose lease is free or
@@ -284,6 +295,24 @@ pub trait Store: Send + Sync + 'static {
 pub struct FieldEquals {
     pub path: Vec<String>,
     pub value: serde_json::Value,
+}
+
+/// The collections the database filters and pages itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    Users,
+    Groups,
+    CloudPcs,
+}
+
+impl Listing {
+    fn table(self) -> &'static str {
+        match self {
+            Listing::Users => "users",
+            Listing::Groups => "groups",
+            Listing::CloudPcs => "cloud_pcs",
+        }
+    }
 }
 
 /// Which table an image reference points into.

@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 
-use cloudpc_control::App;
 use cloudpc_control::FieldEquals;
+use cloudpc_control::{App, Listing};
 use cloudpc_types::audit::AuditEvent;
 use cloudpc_types::cloud_pc::{
     CloudPc, ConsoleTicket, Device, InitialPassword, ManagedDevice, ProvisioningStepRecord, RenameRequest,
@@ -42,7 +42,7 @@ pub fn routes() -> Router<App> {
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs", tag = "cloudPCs", responses((status = 200, body = Collection<CloudPc>)))]
 pub async fn list_cloud_pcs(State(app): State<App>, g: GraphRequest) -> Reply {
-    g.page(PCS, app.list_cloud_pcs().await?)
+    g.stored_page::<CloudPc>(&app, PCS, Listing::CloudPcs).await
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}", tag = "cloudPCs", responses((status = 200, body = CloudPc)))]

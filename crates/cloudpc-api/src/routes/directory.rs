@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::Router;
 
-use cloudpc_control::App;
+use cloudpc_control::{App, Listing};
 use cloudpc_types::directory::{Group, GroupCreate, GroupUpdate, MemberRef, User, UserCreate, UserUpdate};
 
 use super::{no_content, Reply};
@@ -27,7 +27,7 @@ pub fn routes() -> Router<App> {
 
 #[utoipa::path(get, path = "/v1.0/users", tag = "directory", responses((status = 200, body = Collection<User>)))]
 pub async fn list_users(State(app): State<App>, g: GraphRequest) -> Reply {
-    g.page("users", app.list_users().await?)
+    g.stored_page::<User>(&app, "users", Listing::Users).await
 }
 
 #[utoipa::path(post, path = "/v1.0/users", tag = "directory", request_body = UserCreate, responses((status = 201, body = User), (status = 409, description = "A user with this userPrincipalName exists.")))]
@@ -69,7 +69,7 @@ pub async fn member_of(State(app): State<App>, g: GraphRequest, ApiPath(id): Api
 
 #[utoipa::path(get, path = "/v1.0/groups", tag = "directory", responses((status = 200, body = Collection<Group>)))]
 pub async fn list_groups(State(app): State<App>, g: GraphRequest) -> Reply {
-    g.page("groups", app.list_groups().await?)
+    g.stored_page::<Group>(&app, "groups", Listing::Groups).await
 }
 
 #[utoipa::path(post, path = "/v1.0/groups", tag = "directory", request_body = GroupCreate, responses((status = 201, body = Group)))]

@@ -33,7 +33,8 @@ use cloudpc_types::policy::ProvisioningPolicy;
 use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot, Phase, ProvisioningState};
 
 use crate::{
-    image_table, AllocationGuard, FieldEquals, LicenseGrant, LockoutRule, Result, Store, StoreError, StoredAssignment,
+    image_table, AllocationGuard, FieldEquals, LicenseGrant, Listing, LockoutRule, Result, Store, StoreError,
+    StoredAssignment,
 };
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -59,20 +60,74 @@ macro_rules! versioned {
 versioned!(User, Group, SubscribedSku, ProvisioningPolicy, DeviceImage);
 
 impl TheStore {
-    /// Runs `f` in a transaction with the audit event. Dropping the transaction (on an error, a
-    /// panic, or a cancelled request) rolls it back, so a connection never returns to the pool in
-    /// the middle of one.
+    /// Runs `f` in a transaction with the audit event, on a task of its own. A caller that goes
+    /// away (a cancelled request) does not cancel the write half way: sqlx cannot undo a `BEGIN`
+    /// whose future was dropped before it returned, and the connection went back to the pool
+    /// inside an open transaction, holding SQLite's write lock (the cancellation test caught it).
+    /// The write runs to its end, committed or rolled back as a whole; the transaction still rolls
+    /// back if dropped (an error, a panic).
     async fn write<T, F>(&self, audit: Option<&AuditEvent>, f: F) -> Result<T>
     where
-        F: for<'c> FnOnce(&'c mut Conn) -> BoxFuture<'c, Result<T>>,
+        F: for<'c> FnOnce(&'c mut Conn) -> BoxFuture<'c, Result<T>> + Send + 'static,
+        T: Send + 'static,
     {
-        let mut tx = self.pool.begin_with(BEGIN).await?;
-        let value = f(&mut tx).await?;
-        if let Some(audit) = audit {
-            insert_audit(&mut tx, audit).await?;
+        let pool = self.pool.clone();
+        let audit = audit.cloned();
+        let task = tokio::spawn(async move {
+            let mut tx = pool.begin_with(BEGIN).await?;
+            let value = f(&mut tx).await?;
+            if let Some(audit) = &audit {
+                insert_audit(&mut tx, audit).await?;
+            }
+            tx.commit().await?;
+            Ok(value)
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
         }
-        tx.commit().await?;
-        Ok(value)
+    }
+
+    /// One page of a table's JSON bodies in `order`, matching every `field eq value` term, and
+    /// how many match in all. Field paths are bound, not spliced: they come from API callers.
+    async fn page_bodies(
+        &self,
+        table: &str,
+        order: &str,
+        filter: &[FieldEquals],
+        skip: usize,
+        top: usize,
+    ) -> Result<(Vec<String>, usize)> {
+        let mut clause = String::from("1 = 1");
+        let mut args: Vec<Arg> = Vec::new();
+        for term in filter {
+            args.push(Arg::Path(json_path(&term.path)));
+            let field = json_text(args.len());
+            match &term.value {
+                serde_json::Value::Null => clause.push_str(&format!(" AND {field} IS NULL")),
+                serde_json::Value::String(s) => {
+                    args.push(Arg::Text(s.clone()));
+                    clause.push_str(&format!(" AND lower({field}) = lower(${})", args.len()));
+                }
+                other => {
+                    args.push(scalar_arg(other));
+                    clause.push_str(&format!(" AND {field} = ${}", args.len()));
+                }
+            }
+        }
+        let count_sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE {clause}");
+        let page_sql = format!(
+            "SELECT body FROM {table} WHERE {clause} ORDER BY {order} LIMIT ${} OFFSET ${}",
+            args.len() + 1,
+            args.len() + 2
+        );
+        let total: i64 = bind_args(sqlx::query(&count_sql), &args).fetch_one(&self.pool).await?.get("n");
+        let limit = i64::try_from(top).unwrap_or(i64::MAX);
+        let offset = i64::try_from(skip).unwrap_or(i64::MAX);
+        let rows = bind_args(sqlx::query(&page_sql), &args).bind(limit).bind(offset).fetch_all(&self.pool).await?;
+        let bodies = rows.iter().map(|r| r.get::<String, _>("body")).collect();
+        Ok((bodies, usize::try_from(total).unwrap_or(0)))
     }
 
     async fn list_bodies<T: DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>> {
@@ -1125,36 +1180,19 @@ impl Store for TheStore {
         skip: usize,
         top: usize,
     ) -> Result<(Vec<AuditEvent>, usize)> {
-        let mut clause = String::from("1 = 1");
-        let mut args: Vec<Arg> = Vec::new();
-        for term in filter {
-            // The path is bound, not spliced: field names come from the caller.
-            args.push(Arg::Path(json_path(&term.path)));
-            let field = json_text(args.len());
-            match &term.value {
-                serde_json::Value::Null => clause.push_str(&format!(" AND {field} IS NULL")),
-                serde_json::Value::String(s) => {
-                    args.push(Arg::Text(s.clone()));
-                    clause.push_str(&format!(" AND lower({field}) = lower(${})", args.len()));
-                }
-                other => {
-                    args.push(scalar_arg(other));
-                    clause.push_str(&format!(" AND {field} = ${}", args.len()));
-                }
-            }
-        }
-        let count_sql = format!("SELECT COUNT(*) AS n FROM audit_events WHERE {clause}");
-        let page_sql = format!(
-            "SELECT body FROM audit_events WHERE {clause} ORDER BY seq LIMIT ${} OFFSET ${}",
-            args.len() + 1,
-            args.len() + 2
-        );
-        let total: i64 = bind_args(sqlx::query(&count_sql), &args).fetch_one(&self.pool).await?.get("n");
-        let limit = i64::try_from(top).unwrap_or(i64::MAX);
-        let offset = i64::try_from(skip).unwrap_or(i64::MAX);
-        let rows = bind_args(sqlx::query(&page_sql), &args).bind(limit).bind(offset).fetch_all(&self.pool).await?;
-        let events = rows.iter().map(|r| decode(r.get::<&str, _>("body"))).collect::<Result<Vec<_>>>()?;
-        Ok((events, usize::try_from(total).unwrap_or(0)))
+        let (bodies, total) = self.page_bodies("audit_events", "seq", filter, skip, top).await?;
+        Ok((bodies.iter().map(|b| decode(b)).collect::<Result<Vec<_>>>()?, total))
+    }
+
+    async fn list_page(
+        &self,
+        listing: Listing,
+        filter: &[FieldEquals],
+        skip: usize,
+        top: usize,
+    ) -> Result<(Vec<serde_json::Value>, usize)> {
+        let (bodies, total) = self.page_bodies(listing.table(), "created_at, id", filter, skip, top).await?;
+        Ok((bodies.iter().map(|b| decode(b)).collect::<Result<Vec<_>>>()?, total))
     }
 
     async fn get_audit_event(&self, id: Uuid) -> Result<AuditEvent> {
@@ -1275,6 +1313,16 @@ impl Store for TheStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn live_leases(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT name, owner FROM leases WHERE substr(name, 1, $1) = $2 AND expires_at > $3")
+            .bind(prefix.len() as i64)
+            .bind(prefix)
+            .bind(ts(Utc::now()))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get::<String, _>("name"), r.get::<String, _>("owner"))).collect())
     }
 
     async fn claim_workflow(&self, id: Uuid, owner: &str, ttl: Duration) -> Result<bool> {
