@@ -199,7 +199,11 @@ impl App {
         loop {
             match self.store.live_leases(HEARTBEAT).await {
                 Ok(live) if live.iter().all(|(_, owner)| owner == &self.replica) => return true,
-                Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => return false,
+                Ok(_) if tokio::time::Instant::now() >= deadline => return false,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(error = %e, "could not read the replicas' heartbeats");
+                    return false;
+                }
                 _ => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         }

@@ -153,6 +153,13 @@ async fn test_leases_have_one_holder_until_they_expire() {
         let ttl = Duration::from_millis(600);
         assert!(a.try_lease("reconciler", "A", ttl).await.unwrap());
         assert!(!b.try_lease("reconciler", "B", ttl).await.unwrap(), "{}: B took A's lease", db.name);
+        assert!(b.try_lease("replica:B", "B", ttl).await.unwrap());
+        assert_eq!(
+            a.live_leases("replica:").await.unwrap(),
+            vec![("replica:B".to_string(), "B".to_string())],
+            "{}: live leases by name prefix",
+            db.name
+        );
         assert!(a.try_lease("reconciler", "A", ttl).await.unwrap(), "renewing one's own lease works");
         tokio::time::sleep(ttl + Duration::from_millis(200)).await;
         assert!(b.try_lease("reconciler", "B", ttl).await.unwrap(), "{}: an expired lease is taken over", db.name);

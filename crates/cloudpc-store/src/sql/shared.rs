@@ -1316,12 +1316,12 @@ impl Store for TheStore {
     }
 
     async fn live_leases(&self, prefix: &str) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query("SELECT name, owner FROM leases WHERE substr(name, 1, $1) = $2 AND expires_at > $3")
-            .bind(prefix.len() as i64)
-            .bind(prefix)
-            .bind(ts(Utc::now()))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT name, owner FROM leases WHERE substr(name, 1, length($1)) = $1 AND expires_at > $2")
+                .bind(prefix)
+                .bind(ts(Utc::now()))
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.iter().map(|r| (r.get::<String, _>("name"), r.get::<String, _>("owner"))).collect())
     }
 
