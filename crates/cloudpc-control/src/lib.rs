@@ -147,6 +147,8 @@ pub struct App {
     running: Arc<Mutex<HashSet<Uuid>>>,
     /// This replica's name in workflow leases (random per process).
     replica: String,
+    /// Whether this replica held the reconciler lease at its last try, and when that was.
+    leading: Arc<Mutex<Option<(bool, std::time::Instant)>>>,
     slots: Arc<tokio::sync::Semaphore>,
     faults: Arc<Mutex<HashMap<String, u32>>>,
     panics: Arc<Mutex<HashMap<String, u32>>>,
@@ -184,6 +186,7 @@ impl App {
             changed: Arc::new(Notify::new()),
             running: Arc::new(Mutex::new(HashSet::new())),
             replica: format!("replica-{}", Uuid::new_v4().simple()),
+            leading: Arc::new(Mutex::new(None)),
             slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             faults: Arc::new(Mutex::new(faults)),
             panics: Arc::new(Mutex::new(panics)),

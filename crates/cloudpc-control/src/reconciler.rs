@@ -6,6 +6,7 @@
 //! [`plan`] is a pure function, so its decisions are tested without VMs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,6 +18,9 @@ use cloudpc_types::policy::ProvisioningType;
 use cloudpc_types::provisioning::{CloudPcRecord, Phase, ProvisioningState};
 
 use crate::{App, Result};
+
+/// Reconciler actions run at once in a pass (each concerns another Cloud PC).
+const ACTIONS_AT_ONCE: usize = 8;
 
 /// What the reconciler knows about one existing Cloud PC.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,8 +89,19 @@ pub fn winning_policy(world: &World, user: Uuid) -> Option<Uuid> {
 }
 
 pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
+    // Each group's first assignment, so a user's winning policy is the earliest among their
+    // groups' (the same answer as `winning_policy`, without scanning every assignment per user).
+    let mut first: HashMap<Uuid, usize> = HashMap::new();
+    for (i, a) in world.assignments.iter().enumerate() {
+        first.entry(a.group_id).or_insert(i);
+    }
+    let winner = |user: Uuid| {
+        let groups = world.memberships.get(&user)?;
+        let i = groups.iter().filter_map(|g| first.get(g)).min()?;
+        Some(world.assignments[*i].policy_id)
+    };
     let desired: BTreeMap<(Uuid, Uuid), Option<Uuid>> =
-        world.licensed.iter().map(|&(u, s)| ((u, s), winning_policy(world, u))).collect();
+        world.licensed.iter().map(|&(u, s)| ((u, s), winner(u))).collect();
     let mut actions = Vec::new();
     let mut has_pc = HashSet::new();
     for pc in &world.pcs {
@@ -171,12 +186,8 @@ impl App {
         licensed.sort();
         licensed.dedup();
         let mut memberships: HashMap<Uuid, HashSet<Uuid>> = HashMap::new();
-        // TODO-perf: one query per group on every pass; a store method returning all memberships
-        // (and passes triggered only by relevant changes) would do for large directories.
-        for g in self.store.list_groups().await? {
-            for u in self.store.list_members(g.id).await? {
-                memberships.entry(u.id).or_default().insert(g.id);
-            }
+        for (group, user) in self.store.memberships().await? {
+            memberships.entry(user).or_default().insert(group);
         }
         let mut assignments = self.store.list_assignments().await?;
         assignments.sort_by_key(|a| (a.assigned_at, a.policy_id, a.position));
@@ -216,7 +227,12 @@ impl App {
         self.maybe_inject_panic("reconcile");
         let (world, mut records) = self.world().await?;
         let now = Utc::now();
-        for action in plan(&world, now) {
+        // Actions concern different Cloud PCs, so several run at once (a bulk license
+        // assignment creates thousands); each is still its own supervised task.
+        let width = Arc::new(tokio::sync::Semaphore::new(ACTIONS_AT_ONCE));
+        let mut running = tokio::task::JoinSet::new();
+        // Workflows with work left are resumed by the lease scan, not from here.
+        for action in plan(&world, now).into_iter().filter(|a| !matches!(a, Action::Resume { .. })) {
             let app = self.clone();
             let policy = match &action {
                 Action::Create { policy, .. } => *policy,
@@ -258,18 +274,23 @@ impl App {
                     (_, None) => Ok(()),
                 }
             };
-            match crate::supervise::supervised(work).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "reconciler action failed"),
-                Err(panic) => {
-                    let created_pc = *created.lock().expect("created id");
-                    match pc.or(created_pc) {
-                        Some(id) => self.report_internal_error(id, policy, during, &panic).await,
-                        None => tracing::error!(panic, during, "reconciler action hit an internal error"),
+            let (this, permit) = (self.clone(), width.clone().acquire_owned().await);
+            running.spawn(async move {
+                let _permit = permit;
+                match crate::supervise::supervised(work).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "reconciler action failed"),
+                    Err(panic) => {
+                        let created_pc = *created.lock().expect("created id");
+                        match pc.or(created_pc) {
+                            Some(id) => this.report_internal_error(id, policy, during, &panic).await,
+                            None => tracing::error!(panic, during, "reconciler action hit an internal error"),
+                        }
                     }
                 }
-            }
+            });
         }
+        while running.join_next().await.is_some() {}
         self.resync_power().await;
         Ok(())
     }

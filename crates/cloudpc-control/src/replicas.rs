@@ -104,16 +104,27 @@ impl App {
         }
     }
 
-    /// Whether this replica may run the reconciler now (takes or renews its lease).
+    /// Whether this replica may run the reconciler now. The lease is taken or renewed at most
+    /// once per renewal period (passes can follow each other every few milliseconds under a
+    /// stream of changes, and each try is a write); a renewal a moment ago is good for the rest of
+    /// the lease's life.
     pub(crate) async fn lead(&self) -> bool {
-        let ttl = WORKFLOW_LEASE;
-        match self.store.try_lease(RECONCILER_LEASE, &self.replica, ttl).await {
+        let recent = {
+            let last = self.leading.lock().expect("leader state");
+            last.filter(|(_, at)| at.elapsed() < LEASE_RENEWAL).map(|(leading, _)| leading)
+        };
+        if let Some(leading) = recent {
+            return leading;
+        }
+        let leading = match self.store.try_lease(RECONCILER_LEASE, &self.replica, WORKFLOW_LEASE).await {
             Ok(leading) => leading,
             Err(e) => {
                 tracing::warn!(error = %e, "could not take the reconciler lease");
                 false
             }
-        }
+        };
+        *self.leading.lock().expect("leader state") = Some((leading, std::time::Instant::now()));
+        leading
     }
 
     /// Says that something changed: wakes this replica's reconciler and tells the others.

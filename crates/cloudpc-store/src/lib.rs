@@ -117,6 +117,8 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_member(&self, group: Uuid, user: Uuid, audit: &AuditEvent) -> Result<()>;
     async fn list_members(&self, group: Uuid) -> Result<Vec<User>>;
     async fn list_groups_of_user(&self, user: Uuid) -> Result<Vec<Group>>;
+    /// Every membership as (group, user), in one query (the reconciler reads them all).
+    async fn memberships(&self) -> Result<Vec<(Uuid, Uuid)>>;
 
     // Licensing.
     async fn list_skus(&self) -> Result<Vec<SubscribedSku>>;

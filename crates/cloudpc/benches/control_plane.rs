@@ -255,11 +255,13 @@ async fn bulk_id(store: &Arc<dyn Store>) -> Uuid {
 
 /// 64 clients, mixed reads and writes, against the given replicas (round robin).
 async fn api_load(label: &str, urls: &[String], secs: u64) {
+    // Names unique to this run: runs may share a database.
+    let run = Uuid::new_v4().simple().to_string()[..6].to_string();
     let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut set = tokio::task::JoinSet::new();
     for c in 0..64usize {
-        let (http, urls) = (http.clone(), urls.to_vec());
+        let (http, urls, run) = (http.clone(), urls.to_vec(), run.clone());
         set.spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0usize;
@@ -270,7 +272,7 @@ async fn api_load(label: &str, urls: &[String], secs: u64) {
                 let req = match i % 10 {
                     // Writes: a new user, then a rename of it.
                     0 => http.post(format!("{url}/v1.0/users")).json(&json!({
-                        "userPrincipalName": format!("c{c}-{i}@contoso.com"), "displayName": "Load"
+                        "userPrincipalName": format!("c{c}-{i}-{run}@contoso.com"), "displayName": "Load"
                     })),
                     1 => {
                         http.get(format!("{url}/v1.0/users?$filter=userPrincipalName eq 'c{c}-{}@contoso.com'", i - 1))
@@ -284,7 +286,19 @@ async fn api_load(label: &str, urls: &[String], secs: u64) {
                         let _ = r.bytes().await;
                         lat.push(t.elapsed());
                     }
-                    _ => errors += 1,
+                    Ok(r) => {
+                        errors += 1;
+                        if errors <= 2 {
+                            let status = r.status();
+                            eprintln!("error: {status} {}", r.text().await.unwrap_or_default());
+                        }
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        if errors <= 2 {
+                            eprintln!("error: {e}");
+                        }
+                    }
                 }
                 i += 1;
             }
@@ -335,7 +349,11 @@ async fn main() {
         let pg = support::Server::start_in(support::postgres_data_dir(), &[], Some(support::ADMIN_TOKEN)).await;
         seed(&pg).await;
         api_load("postgresql, 1 replica", std::slice::from_ref(&pg.url), secs).await;
+        drop(pg);
+        // A fresh database again, so both runs start from the same data.
+        let pg = support::Server::start_in(support::postgres_data_dir(), &[], Some(support::ADMIN_TOKEN)).await;
         let second = pg.start_replica(&[]).await;
+        seed(&pg).await;
         api_load("postgresql, 2 replicas", &[pg.url.clone(), second.url.clone()], secs).await;
     }
 }

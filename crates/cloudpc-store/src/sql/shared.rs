@@ -637,6 +637,11 @@ impl Store for TheStore {
         rows.iter().map(versioned_from_row).collect()
     }
 
+    async fn memberships(&self) -> Result<Vec<(Uuid, Uuid)>> {
+        let rows = sqlx::query("SELECT group_id, user_id FROM group_members").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((parse_uuid(r.get("group_id"))?, parse_uuid(r.get("user_id"))?))).collect()
+    }
+
     async fn list_skus(&self) -> Result<Vec<SubscribedSku>> {
         self.list_versioned("skus").await
     }

@@ -752,3 +752,37 @@ async fn test_license_disk_smaller_than_the_image_fails_with_the_reason() {
     assert!(s.domains().is_empty(), "no VM was made: {:?}", s.domains());
     assert!(s.disks().iter().all(|d| !d.ends_with(".qcow2")), "no overlay was made: {:?}", s.disks());
 }
+
+/// The workflow holds its copy of a Cloud PC for the length of a step; what an admin changes
+/// meanwhile must survive its next write: a rename stays, and the one-time password, read once
+/// (two readers racing: one gets it), is not brought back.
+#[tokio::test]
+async fn test_vm_rename_and_initial_password_during_a_long_step_are_not_undone() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--inject-delay", "setTimeZone:4000"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "ravi@contoso.com", &sku, json!({})).await;
+    let start = std::time::Instant::now();
+    let pc = loop {
+        if let Some(pc) = s.cloud_pcs().await.first().cloned() {
+            if s.steps(&pc).await.iter().any(|st| st["name"] == "setTimeZone" && st["status"] == "running") {
+                break pc;
+            }
+        }
+        assert!(start.elapsed() < BOOT, "setTimeZone never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let path = format!("{VE}/cloudPCs/{}", pc["id"].as_str().unwrap());
+    let (status, _) = s.post(&format!("{path}/rename"), json!({"displayName": "Renamed mid-step"})).await;
+    assert_eq!(status.as_u16(), 204);
+    let (a, b) = tokio::join!(s.action(&pc, "getInitialPassword"), s.action(&pc, "getInitialPassword"));
+    let mut codes = [a.0, b.0];
+    codes.sort();
+    assert_eq!(codes, [200, 409], "one reader gets the password: {a:?} {b:?}");
+    let done = s.wait_all(1, DONE, BOOT).await.remove(0);
+    assert_eq!(done["status"], "provisioned", "{done}");
+    assert_eq!(done["displayName"], "Renamed mid-step", "the step's write did not undo the rename");
+    assert_eq!(s.action(&done, "getInitialPassword").await.0, 409, "the password stays read");
+    let (_, v) = s.get(&path).await;
+    assert_eq!(v["displayName"], "Renamed mid-step");
+}
