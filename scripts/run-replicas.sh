@@ -6,6 +6,10 @@
 # /var/lib/cloudpc/replicas and not run.sh's: a server removes at start the image files its
 # database does not know, so it must not share one with a server on another database.
 #
+# The test suite runs this script as written on a prepared machine: CLOUDPC_PREPARED=1 skips the
+# set-up, CLOUDPC_BIN names the binary, CLOUDPC_PG_URL a database (else ensure_postgres), and
+# CLOUDPC_REPLICA_BASE_PORT moves the ports (replica i on base + i).
+#
 # Usage: scripts/run-replicas.sh [--replicas N] [--demo] [more `cloudpc server` arguments]
 #   --replicas N   how many replicas (default 2)
 #   --demo         the quickstart demo (see README), set up by replica 1 only
@@ -30,7 +34,8 @@ case "$replicas" in
     '' | *[!0-9]* | 0*) echo "cloudpc: --replicas takes a whole number from 1 up, not '$replicas'" >&2; exit 2 ;;
 esac
 
-port_of() { echo $((8080 + $1)); }
+port_of() { echo $((${CLOUDPC_REPLICA_BASE_PORT:-8080} + $1)); }
+bin=${CLOUDPC_BIN:-target/release/cloudpc}
 
 # Something already answering on a port would take a replica's health check for its own.
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -43,7 +48,7 @@ pids=()
 start_replica() {
     local i=$1
     shift
-    CLOUDPC_DATABASE_URL="$CLOUDPC_PG_URL" target/release/cloudpc server --listen "127.0.0.1:$(port_of "$i")" \
+    CLOUDPC_DATABASE_URL="$CLOUDPC_PG_URL" "$bin" server --listen "127.0.0.1:$(port_of "$i")" \
         --data-dir "${CLOUDPC_DATA_DIR:-/var/lib/cloudpc/replicas}" --gallery-dir "$CLOUDPC_GALLERY_DIR" \
         --web-dir web/dist "$@" > >(trap '' INT && exec sed -u "s/^/[replica $i] /") 2>&1 &
     pids[i]=$!
@@ -78,8 +83,8 @@ finish() {
     exit "$1"
 }
 
-prepare_server
-ensure_postgres
+[ "${CLOUDPC_PREPARED:-}" = 1 ] || prepare_server
+[ -n "${CLOUDPC_PG_URL:-}" ] || ensure_postgres
 for ((i = 1; i <= replicas; i++)); do
     if port_taken "$(port_of "$i")"; then
         echo "cloudpc: port $(port_of "$i") (replica $i) is in use already" >&2
@@ -91,7 +96,7 @@ cat <<MSG
 cloudpc: starting $replicas replicas on PostgreSQL. On the first start the administrator token is
   printed below, once, by replica 1; the replicas share the database, so it works with each.
   In another shell:  export CLOUDPC_TOKEN=<that token>
-                     target/release/cloudpc --url http://127.0.0.1:$(port_of 1) users list
+                     $bin --url http://127.0.0.1:$(port_of 1) users list
 MSG
 trap 'finish 130' INT
 trap 'finish 143' TERM

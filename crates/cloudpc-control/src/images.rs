@@ -600,7 +600,9 @@ impl App {
         // runs could be writing an upload or booting a test VM that looks like a leftover. After a
         // crash that is the dead process's last heartbeat (15 s); on SQLite, at once.
         // What exists now is what an earlier run left; anything newer is this run's own work.
-        let started = std::time::SystemTime::now();
+        // "Now" is read from the file system's clock (a marker file's time), which is coarser than
+        // the system clock: a file made a moment after start could otherwise look older than it.
+        let started = self.sweep_marker_time().await;
         let prefix = format!("{}imagecheck-", self.config.domain_prefix);
         let old_vms = match self.hosts.first() {
             Some(hv) => hv.list_vms(&prefix).await.unwrap_or_default(),
@@ -623,6 +625,20 @@ impl App {
             }
         });
         Ok(())
+    }
+
+    /// The file system's idea of now: the time of a marker file made (and removed) in the image
+    /// directory. If it cannot be made, nothing counts as older (nothing is swept).
+    async fn sweep_marker_time(&self) -> std::time::SystemTime {
+        let marker = self.config.image_dir.join(".start-marker");
+        let made = async {
+            tokio::fs::create_dir_all(&self.config.image_dir).await?;
+            tokio::fs::write(&marker, b"").await?;
+            let t = tokio::fs::metadata(&marker).await?.modified()?;
+            tokio::fs::remove_file(&marker).await?;
+            std::io::Result::Ok(t)
+        };
+        made.await.unwrap_or(std::time::UNIX_EPOCH)
     }
 
     /// Removes the test-boot VMs an earlier run left and the image files, older than this run,

@@ -169,3 +169,63 @@ async fn test_vm_replica_killed_mid_provisioning_another_finishes_with_one_vm() 
     assert!(closed.is_ok(), "the other replica's relay closed when the user was disabled");
     drop(third);
 }
+
+/// The README's `scripts/run-replicas.sh`, run as written on this prepared machine (the set-up
+/// skipped, the test binary, a fresh database, other ports): two replicas answer, on PostgreSQL,
+/// under different names, with the token replica 1 printed; Ctrl-C stops both.
+#[tokio::test]
+async fn test_run_replicas_script_starts_two_replicas_and_stops_them() {
+    use std::io::BufRead;
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let url = crate::support::fresh_pg_database(&data.path().join(".test-database-url"));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let base = 18_080u16;
+    let mut script = std::process::Command::new("bash")
+        .arg(root.join("scripts/run-replicas.sh"))
+        .args(["--replicas", "2", "--domain-prefix", "cpctrr-", "--skip-image-test-boot"])
+        .env("CLOUDPC_PREPARED", "1")
+        .env("CLOUDPC_BIN", crate::support::bin())
+        .env("CLOUDPC_PG_URL", &url)
+        .env("CLOUDPC_DATA_DIR", data.path())
+        .env("CLOUDPC_REPLICA_BASE_PORT", base.to_string())
+        .env("CLOUDPC_LOG", "warn")
+        .env_remove("CLOUDPC_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    let out = std::io::BufReader::new(script.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let token = loop {
+        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|_| panic!("no replicas: {lines:?}"));
+        lines.push(line.clone());
+        if lines.iter().any(|l| l.contains("replicas run")) {
+            let token = lines.iter().find_map(|l| l.split_whitespace().find(|w| w.starts_with("cpc_")));
+            break token.expect("replica 1 printed the administrator token").to_string();
+        }
+    };
+    let http = reqwest::Client::new();
+    let mut names = Vec::new();
+    for port in [base + 1, base + 2] {
+        let r = http.get(format!("http://127.0.0.1:{port}/cloudpc/replica")).bearer_auth(&token).send().await;
+        let v: Value = r.expect("replica answers").json().await.unwrap();
+        assert_eq!(v["database"], "postgresql", "{v}");
+        names.push(v["replica"].as_str().unwrap().to_string());
+    }
+    assert_ne!(names[0], names[1]);
+    // Ctrl-C: the script stops both replicas and exits.
+    std::process::Command::new("kill").args(["-INT", &script.id().to_string()]).status().unwrap();
+    let status = script.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "the script ends as an interrupted command does");
+    for port in [base + 1, base + 2] {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "replica on {port} stopped");
+    }
+}
