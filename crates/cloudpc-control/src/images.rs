@@ -611,10 +611,10 @@ impl App {
         let app = self.clone();
         tokio::spawn(async move {
             let alone = app.wait_until_alone(Duration::from_secs(20)).await;
-            // Read again: versions may have been added while this waited.
-            let images = app.store.list_device_images().await.unwrap_or(images);
+            // Read again for what to keep: versions may have been added while this waited.
+            let now = app.store.list_device_images().await.unwrap_or_else(|_| images.clone());
             if alone {
-                app.sweep_image_leftovers(&images, &old_vms, started).await;
+                app.sweep_image_leftovers(&now, &old_vms, started).await;
             } else {
                 tracing::info!("other replicas are running: leftovers of image checks are left for a restart");
             }
@@ -712,8 +712,13 @@ impl App {
     /// Checks one version in the background; a check that could not run (no host, libvirt down)
     /// is tried again later instead of failing an image that may be fine.
     fn spawn_validation(&self, id: Uuid, version: String) {
+        // One check per version in this process, however often it is asked for.
+        if !self.checks_running.lock().expect("checks").insert((id, version.clone())) {
+            return;
+        }
         let app = self.clone();
         tokio::spawn(async move {
+            let _running = CheckRunning { app: app.clone(), key: (id, version.clone()) };
             // One replica checks a version: the check holds a lease, renewed while it runs.
             let lease = format!("image-check:{id}:{version}");
             let ttl = Duration::from_secs(30);
@@ -1175,6 +1180,18 @@ enum CopyFailure {
     TooLarge,
     Read(std::io::Error),
     Write(std::io::Error),
+}
+
+/// Forgets a version's check in `checks_running` when its task ends, however it ends.
+struct CheckRunning {
+    app: App,
+    key: (Uuid, String),
+}
+
+impl Drop for CheckRunning {
+    fn drop(&mut self) {
+        self.app.checks_running.lock().expect("checks").remove(&self.key);
+    }
 }
 
 /// Copies a stream into `dest` (through `dest.partial` and a rename), at most `limit` bytes;

@@ -169,6 +169,9 @@ pub struct App {
     /// What each running image check is doing: (image, version) → (step, since).
     #[allow(clippy::type_complexity)]
     image_check_steps: Arc<Mutex<HashMap<(Uuid, String), (&'static str, chrono::DateTime<chrono::Utc>)>>>,
+    /// Image versions whose check runs in this process now (a check is also leased, for the
+    /// other replicas).
+    checks_running: Arc<Mutex<HashSet<(Uuid, String)>>>,
     /// Custom-image test boots take turns.
     image_boots: Arc<tokio::sync::Mutex<()>>,
 }
@@ -206,6 +209,7 @@ impl App {
             uploads: Arc::new(tokio::sync::Semaphore::new(uploads)),
             new_image_uploads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             image_check_steps: Arc::new(Mutex::new(HashMap::new())),
+            checks_running: Arc::new(Mutex::new(HashSet::new())),
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
