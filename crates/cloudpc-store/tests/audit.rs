@@ -4,33 +4,15 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use uuid::Uuid;
 
 use cloudpc_store::FieldEquals;
-use cloudpc_types::audit::{AuditActor, AuditEvent, AuditOperationType, AuditResult};
+use cloudpc_types::audit::AuditEvent;
 
 fn event(activity: &str, days_ago: i64) -> AuditEvent {
-    AuditEvent {
-        id: Uuid::new_v4(),
-        display_name: activity.into(),
-        component_name: "Test".into(),
-        activity: activity.into(),
-        activity_date_time: Utc::now() - Duration::days(days_ago),
-        activity_type: activity.into(),
-        activity_operation_type: AuditOperationType::Other,
-        activity_result: AuditResult::Success,
-        correlation_id: Uuid::new_v4(),
-        category: "cloudPC".into(),
-        actor: AuditActor {
-            actor_type: "itPro".into(),
-            user_id: None,
-            user_principal_name: Some("Admin@Contoso.com".into()),
-            application_display_name: None,
-            ip_address: None,
-            user_permissions: vec![],
-        },
-        resources: vec![],
-    }
+    let mut e = common::audit(activity);
+    e.activity_date_time = Utc::now() - Duration::days(days_ago);
+    e.actor.user_principal_name = Some("Admin@Contoso.com".into());
+    e
 }
 
 #[tokio::test]

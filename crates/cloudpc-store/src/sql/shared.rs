@@ -265,7 +265,7 @@ async fn require(conn: &mut Conn, table: &str, kind: &'static str, id: &str) -> 
 }
 
 /// Compare-and-swap write of a versioned body: `Stale` when the row moved on, `NotFound` when
-/// it is gone. `extra` sets more columns (`, col = $4, …`) bound by `bind_extra`.
+/// it is gone.
 async fn update_versioned(
     conn: &mut Conn,
     table: &str,
