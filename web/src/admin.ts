@@ -97,7 +97,8 @@ async function start() {
 
 const TABS: [string, string][] = [
   ["cloudpcs", "Cloud PCs"], ["users", "Users"], ["groups", "Groups"], ["licenses", "Licenses"],
-  ["images", "Images"], ["policies", "Provisioning policies"], ["audit", "Audit log"], ["tokens", "API tokens"],
+  ["images", "Images"], ["policies", "Provisioning policies"], ["hosts", "Hosts"], ["audit", "Audit log"],
+  ["tokens", "API tokens"],
 ];
 
 async function render() {
@@ -308,6 +309,45 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       await api("PATCH", `${VE}/provisioningPolicies/${p.id}`, { displayName, cloudPcNamingTemplate: template });
     })));
     el.querySelectorAll<HTMLButtonElement>("button[data-delp]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/provisioningPolicies/${b.dataset.delp}`))));
+  },
+  async hosts(el) {
+    const hosts = await list("/cloudpc/hosts");
+    const used = (h: any) => `${h.used.vCpuCount}/${h.capacity.vCpuCount} vCPU, ${h.used.memoryInMB}/${h.capacity.memoryInMB} MB, ${h.used.diskInGB}/${h.capacity.diskInGB} GB`;
+    el.innerHTML = form("jointoken", `<input name="region" placeholder="Region of the new host" required pattern="[a-z0-9-]+">`, "Create join token") +
+      `<p id="jointokenout" class="secret"></p>` +
+      table(hosts, [
+        ["Name", (h) => esc(h.displayName)], ["Region", (h) => esc(h.region)],
+        ["State", (h) => `<span class="state">${esc(h.state)}</span>`], ["Accelerator", (h) => esc(h.accelerator)],
+        ["Cloud PCs", (h) => esc(h.cloudPcCount)], ["Used / capacity", (h) => esc(used(h))],
+        ["Last report", (h) => esc(h.lastHeartbeatDateTime ?? "never")], ["Detail", (h) => esc(h.statusDetail ?? "")],
+        ["", (h) => (h.state === "unreachable"
+          ? `<button class="secondary write" data-evacuate="${h.id}">Evacuate</button>`
+          : ["ready", "maintenance", "draining"].filter((s) => s !== h.state)
+            .map((s) => `<button class="secondary write" data-host="${h.id}" data-state="${s}">${s === "ready" ? "Ready" : s === "maintenance" ? "Maintenance" : "Drain"}</button>`).join(" "))],
+      ]);
+    el.querySelector("#jointoken")!.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      try {
+        const t = await api("POST", "/cloudpc/hosts/joinTokens", { region: values("jointoken").region });
+        await render();
+        // Shown once: on the new host, cloudpc host-agent --join <this URL> --token <token>.
+        app.querySelector("#jointokenout")!.textContent =
+          `Join token for region ${t.region}, valid once until ${t.expirationDateTime}: ${t.token} — on the new host run: cloudpc host-agent --join ${location.origin} --token ${t.token}`;
+      } catch (err: any) {
+        app.querySelector("#err")!.textContent = err.message;
+      }
+    });
+    el.querySelectorAll<HTMLButtonElement>("button[data-host]").forEach((b) => b.addEventListener("click",
+      act(() => api("PATCH", `/cloudpc/hosts/${b.dataset.host}`, { state: b.dataset.state }))));
+    // The API says how many Cloud PCs lose their data; the admin confirms after reading it.
+    el.querySelectorAll<HTMLButtonElement>("button[data-evacuate]").forEach((b) => b.addEventListener("click", act(async () => {
+      try {
+        await api("POST", `/cloudpc/hosts/${b.dataset.evacuate}/evacuate`, {});
+      } catch (err: any) {
+        if (!confirm(`${err.message}.\n\nEvacuate anyway?`)) return;
+        await api("POST", `/cloudpc/hosts/${b.dataset.evacuate}/evacuate`, { confirmDataLoss: true });
+      }
+    })));
   },
   async tokens(el) {
     if (!isAdmin) {

@@ -1,6 +1,7 @@
 //! The desktop gateway: a WebSocket that relays the browser's VNC stream to the Cloud PC's console.
 //!
-//! It is the only way in: consoles listen on the host's loopback. The WebSocket carries no bearer
+//! It is the only way in: consoles listen on their host's loopback, reached directly for a host
+//! in this process and through the host's agent otherwise. The WebSocket carries no bearer
 //! token (browsers cannot set one), so it is opened with a single-use ticket from
 //! `POST cloudPCs/{id}/getConsoleTicket`; the ticket is checked before the upgrade. The relay ends
 //! when either side closes, or when the Cloud PC is deprovisioned, reprovisioned or powered off.
@@ -13,9 +14,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use cloudpc_control::{Actor, App};
+use cloudpc_hypervisor::ConsoleStream;
 use cloudpc_types::provisioning::CloudPcRecord;
 
 use crate::error::ApiError;
@@ -27,26 +28,17 @@ pub struct TicketQuery {
 
 /// `GET /gateway/console?ticket=...` (WebSocket, subprotocol `binary` as noVNC asks).
 pub async fn console(State(app): State<App>, Query(q): Query<TicketQuery>, ws: WebSocketUpgrade) -> Response {
-    let (actor, rec, addr) = match app.redeem_console_ticket(&q.ticket).await {
+    let (actor, rec, vnc) = match app.redeem_console_ticket(&q.ticket).await {
         Ok(v) => v,
+        Err(cloudpc_control::Error::Conflict(m)) if m.starts_with("the console did not open") => {
+            return ApiError::new(StatusCode::BAD_GATEWAY, "BadGateway", m).into_response()
+        }
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let vnc = match TcpStream::connect(addr).await {
-        Ok(s) => s,
-        Err(e) => {
-            return ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "BadGateway",
-                format!("the Cloud PC's console did not answer: {e}"),
-            )
-            .into_response()
-        }
-    };
-    let _ = vnc.set_nodelay(true);
     ws.protocols(["binary"]).on_upgrade(move |socket| relay(app, actor, rec, socket, vnc))
 }
 
-async fn relay(app: App, actor: Actor, rec: CloudPcRecord, ws: WebSocket, vnc: TcpStream) {
+async fn relay(app: App, actor: Actor, rec: CloudPcRecord, ws: WebSocket, vnc: Box<dyn ConsoleStream>) {
     // Listening for a close starts before anything else, so none is missed.
     let closer = app.console_closer(rec.pc.id);
     let mut closed = Box::pin(closer.notified());
@@ -65,7 +57,7 @@ async fn relay(app: App, actor: Actor, rec: CloudPcRecord, ws: WebSocket, vnc: T
 async fn pump(
     mut closed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
     mut ws: WebSocket,
-    mut vnc: TcpStream,
+    mut vnc: Box<dyn ConsoleStream>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {

@@ -38,6 +38,7 @@ pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
         .layer(middleware::from_fn(linger::drain_refused_bodies));
     let own = routes::tokens::routes()
         .merge(routes::replica::routes())
+        .merge(routes::hosts::routes())
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
@@ -46,9 +47,12 @@ pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(linger::drain_refused_bodies));
+    let agents = routes::hosts::agent_routes()
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(64 << 10));
     let router = Router::new()
         .nest("/v1.0", graph)
-        .nest("/cloudpc", own)
+        .nest("/cloudpc", own.merge(agents))
         .nest("/portal/api", portal)
         .route("/gateway/console", get(gateway::console))
         .route("/openapi.json", get(openapi::serve))

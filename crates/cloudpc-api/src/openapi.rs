@@ -23,7 +23,7 @@ use utoipa::openapi::{Content, Ref, RefOr, Required, Response, ResponseBuilder, 
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::error::ODataError;
-use crate::routes::{cloud_pcs, directory, images, licensing, policies, replica, tokens};
+use crate::routes::{cloud_pcs, directory, hosts, images, licensing, policies, replica, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -41,6 +41,7 @@ use crate::routes::{cloud_pcs, directory, images, licensing, policies, replica, 
         cloud_pcs::initial_password, cloud_pcs::console_ticket, cloud_pcs::list_audit, cloud_pcs::get_audit, cloud_pcs::list_devices,
         cloud_pcs::list_managed_devices,
         tokens::list, tokens::create, tokens::read, tokens::revoke, replica::read,
+        hosts::list, hosts::read, hosts::update, hosts::remove, hosts::create_join_token, hosts::evacuate,
     ),
     components(schemas(ODataError)),
     modifiers(&BearerAuth, &GraphConventions, &CreatedLinks),

@@ -161,7 +161,7 @@ impl App {
         let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "restart")?;
-        let hv = self.host(&host)?;
+        let hv = self.host(&host).await?;
         // Asks the VM, not the stored powerState: a guest may have shut itself down since.
         let state = hv.state(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         if state == VmState::Running {
@@ -179,7 +179,7 @@ impl App {
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "power off")?;
         self.close_consoles(rec.pc.id).await;
-        self.host(&host)?.power_off(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        self.host(&host).await?.power_off(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         rec.pc.power_state = PowerState::PoweredOff;
         self.save_action(actor, &mut rec, "powerOff", None).await?;
         Ok(rec.pc)
@@ -189,7 +189,7 @@ impl App {
         let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
         let (host, domain) = self.running_vm(&rec, "power on")?;
-        self.host(&host)?.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        self.host(&host).await?.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         rec.pc.power_state = PowerState::Running;
         self.save_action(actor, &mut rec, "powerOn", None).await?;
         Ok(rec.pc)

@@ -8,7 +8,6 @@
 //! closing them everywhere goes through the change notices.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,7 +141,10 @@ impl App {
     /// Takes a ticket (it cannot be used again) and finds the console it opens. Everything the
     /// ticket was issued on is checked again, since seconds may have passed: the user still
     /// exists, is enabled and is still the Cloud PC's user, and the Cloud PC was not reprovisioned.
-    pub async fn redeem_console_ticket(&self, ticket: &str) -> Result<(Actor, CloudPcRecord, SocketAddr)> {
+    pub async fn redeem_console_ticket(
+        &self,
+        ticket: &str,
+    ) -> Result<(Actor, CloudPcRecord, Box<dyn cloudpc_hypervisor::ConsoleStream>)> {
         let refused = || {
             Error::Unauthenticated("the console ticket is not valid: it is unknown, used already, or expired".into())
         };
@@ -178,14 +180,12 @@ impl App {
         else {
             return Err(Error::Conflict("the Cloud PC has no VM".into()));
         };
-        let hv = self.host(host)?;
-        let port = hv
-            .vnc_port(domain)
-            .await
-            .map_err(|e| Error::Conflict(e.to_string()))?
-            .ok_or_else(|| Error::Conflict("the Cloud PC's console is not listening".into()))?;
-        let addr = console_address(&hv.config().uri, host, port)?;
-        Ok((actor, rec, addr))
+        // A host in this process connects to the VM's loopback console; a host behind an agent
+        // relays it (the gateway never reaches a console port on another machine itself).
+        let hv = self.host(host).await?;
+        let stream =
+            hv.open_console(domain).await.map_err(|e| Error::Conflict(format!("the console did not open: {e}")))?;
+        Ok((actor, rec, stream))
     }
 
     /// Resolves when the Cloud PC's console connections must close.
@@ -264,21 +264,6 @@ impl App {
     }
 }
 
-/// Where the gateway connects for a console on `host`. Consoles listen on their host's loopback,
-/// so only a host on this machine (a libvirt URI without a host name, like `qemu:///system`) can
-/// be reached; for any other the loopback port would be a different Cloud PC's console.
-// TODO-correctness: relay through the host's agent once hosts have one (issue 11).
-fn console_address(uri: &str, host: &str, port: u16) -> Result<SocketAddr> {
-    let local = uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'));
-    if !local {
-        return Err(Error::Conflict(format!(
-            "the Cloud PC runs on host '{host}' ({uri}), whose consoles this gateway cannot reach yet: consoles are \
-             relayed only for hosts on the gateway's own machine"
-        )));
-    }
-    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,15 +286,5 @@ mod tests {
             open.release(other);
         }
         assert_eq!(open.len(), 0, "the map does not grow with consoles that came and went");
-    }
-
-    #[test]
-    fn test_console_address_only_for_hosts_on_this_machine() {
-        assert_eq!(console_address("qemu:///system", "local", 5900).unwrap().to_string(), "127.0.0.1:5900");
-        assert!(console_address("qemu:///session", "local", 5901).is_ok());
-        for remote in ["qemu+ssh://root@hv2/system", "qemu+tls://hv3.example/system", "qemu://hv4/system", "bogus"] {
-            let err = console_address(remote, "hv", 5900).unwrap_err().to_string();
-            assert!(err.contains("cannot reach"), "{remote}: {err}");
-        }
     }
 }

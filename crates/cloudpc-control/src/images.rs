@@ -604,7 +604,7 @@ impl App {
         // the system clock: a file made a moment after start could otherwise look older than it.
         let started = self.sweep_marker_time().await;
         let prefix = format!("{}imagecheck-", self.config.domain_prefix);
-        let old_vms = match self.hosts.first() {
+        let old_vms = match self.local_hosts().first() {
             Some(hv) => hv.list_vms(&prefix).await.unwrap_or_default(),
             None => Vec::new(),
         };
@@ -644,7 +644,7 @@ impl App {
     /// Removes the test-boot VMs an earlier run left and the image files, older than this run,
     /// that no image version needs.
     async fn sweep_image_leftovers(&self, images: &[DeviceImage], old_vms: &[String], started: std::time::SystemTime) {
-        if let Some(hv) = self.hosts.first() {
+        if let Some(hv) = self.local_hosts().first() {
             for vm in old_vms {
                 tracing::info!(vm = %vm, "removing a test-boot VM an interrupted check left");
                 let _ = hv.remove_vm(vm).await;
@@ -1000,7 +1000,7 @@ impl App {
         if !self.config.image_test_boot {
             return Ok(None);
         }
-        let Some(hv) = self.hosts.first().cloned() else {
+        let Some(hv) = self.test_boot_host().await else {
             return Err(reject(InternalServerError, "there is no hypervisor host to test-boot the image on"));
         };
         // One test boot at a time: parallel boots under emulation could miss the agent's deadline.
@@ -1017,7 +1017,14 @@ impl App {
         let run = async {
             hv.remove_vm(&name).await.map_err(internal)?;
             hv.remove_file(&overlay).await.map_err(internal)?;
-            hv.create_overlay(base, &overlay, size.div_ceil(1 << 30).max(1)).await.map_err(internal)?;
+            // A host behind an agent gets the image by content first, as for a Cloud PC.
+            let base = if hv.ships_images() {
+                let digest = self.image_digest(base).await.map_err(|e| reject(InternalServerError, e.to_string()))?;
+                hv.ensure_image(&digest, base).await.map_err(internal)?
+            } else {
+                base.to_path_buf()
+            };
+            hv.create_overlay(&base, &overlay, size.div_ceil(1 << 30).max(1)).await.map_err(internal)?;
             let spec = VmSpec {
                 name: name.clone(),
                 vcpus: 1,
@@ -1052,8 +1059,11 @@ impl App {
         if let Err(e) = hv.remove_vm(&name).await {
             tracing::warn!(vm = %name, error = %e, "could not remove the test-boot VM");
         }
-        remove_quietly(&overlay).await;
-        remove_quietly(&log).await;
+        for file in [&overlay, &log] {
+            if let Err(e) = hv.remove_file(file).await {
+                tracing::warn!(file = %file.display(), error = %e, "could not remove a test-boot file");
+            }
+        }
         run
     }
 }

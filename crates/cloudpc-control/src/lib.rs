@@ -14,9 +14,11 @@ pub mod demo;
 pub mod directory;
 pub mod error;
 pub mod gallery;
+pub mod hosts;
 pub mod images;
 pub mod licensing;
 pub mod limits;
+pub mod moves;
 pub mod policies;
 pub mod portal;
 pub mod power;
@@ -96,6 +98,13 @@ pub struct AppConfig {
     /// Virtual disk a host may promise per GiB it has (disks are thin qcow2 overlays that grow
     /// as guests write). 1.0 reserves every license's full size.
     pub disk_overcommit: f64,
+    /// vCPUs a host may promise per vCPU it reports (hosts report 4 per core already).
+    pub cpu_overcommit: f64,
+    /// Memory a host may promise per MiB it reports.
+    pub memory_overcommit: f64,
+    /// Evacuate a host unreachable for this long (its Cloud PCs are recreated elsewhere, their
+    /// data lost); `None`: only when an admin asks.
+    pub evacuate_after: Option<Duration>,
     /// Audit events are kept this many days (Intune keeps its audit logs a year).
     pub audit_retention_days: u32,
     /// Testing only: panic N times at a named point (a step name or `startGeneration`).
@@ -129,6 +138,9 @@ impl Default for AppConfig {
             injected_panics: HashMap::new(),
             audit_retention_days: 365,
             disk_overcommit: 4.0,
+            cpu_overcommit: 1.0,
+            memory_overcommit: 1.0,
+            evacuate_after: None,
             public_url: None,
             console_ticket_ttl: Duration::from_secs(30),
         }
@@ -140,7 +152,7 @@ impl Default for AppConfig {
 pub struct App {
     store: Arc<dyn Store>,
     config: Arc<AppConfig>,
-    hosts: Arc<Vec<Arc<dyn Hypervisor>>>,
+    hosts: Arc<hosts::HostTable>,
     /// Wakes the reconciler when something that decides the desired Cloud PCs changed.
     changed: Arc<Notify>,
     /// Cloud PCs whose workflow task is running, so that no two run for one Cloud PC.
@@ -174,6 +186,9 @@ pub struct App {
     checks_running: Arc<Mutex<HashSet<(Uuid, String)>>>,
     /// Custom-image test boots take turns.
     image_boots: Arc<tokio::sync::Mutex<()>>,
+    /// sha256 of base image files, by path, with the size and time they had when hashed.
+    #[allow(clippy::type_complexity)]
+    image_digests: Arc<Mutex<HashMap<PathBuf, (u64, std::time::SystemTime, String)>>>,
 }
 
 impl App {
@@ -185,7 +200,7 @@ impl App {
         Self {
             store,
             config: Arc::new(config),
-            hosts: Arc::new(hosts),
+            hosts: Arc::new(hosts::HostTable::new(hosts)),
             changed: Arc::new(Notify::new()),
             running: Arc::new(Mutex::new(HashSet::new())),
             replica: format!("replica-{}", Uuid::new_v4().simple()),
@@ -211,15 +226,12 @@ impl App {
             image_check_steps: Arc::new(Mutex::new(HashMap::new())),
             checks_running: Arc::new(Mutex::new(HashSet::new())),
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
+            image_digests: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
     pub fn config(&self) -> &AppConfig {
         &self.config
-    }
-
-    pub fn hosts(&self) -> &[Arc<dyn Hypervisor>] {
-        &self.hosts
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -16,7 +16,7 @@ use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState};
 use cloudpc_types::provisioning::{CloudPcRecord, Phase};
 
 use crate::audit::{property, Actor, Change};
-use crate::provisioning::steps::region_network;
+use crate::provisioning::steps::host_network;
 use crate::{App, Error, Result};
 
 /// Held while power is changed (remote actions) or compared with the VM (the resync), so the
@@ -48,7 +48,7 @@ impl<E: Into<Error>> From<E> for Unchecked {
 }
 
 /// Whether the Cloud PC has a VM whose power the user expects cloudpc to keep.
-fn watched(rec: &CloudPcRecord) -> bool {
+pub(crate) fn watched(rec: &CloudPcRecord) -> bool {
     rec.state.phase == Phase::Idle
         && matches!(
             rec.pc.status,
@@ -71,7 +71,17 @@ impl App {
         };
         // A host that did not answer is not asked again in this pass: each call to an unreachable
         // libvirtd waits for it, and the reconciler's pass waits for this.
-        let mut unreachable = std::collections::HashSet::new();
+        // Hosts known to be unreachable are skipped quietly: the monitor marks their Cloud PCs.
+        let mut unreachable: std::collections::HashSet<String> = match self.store.list_hosts().await {
+            Ok(rows) => rows
+                .iter()
+                .filter(|r| {
+                    crate::hosts::effective_state(r, Utc::now()) == cloudpc_types::hosts::HostState::Unreachable
+                })
+                .map(|r| r.host.display_name.clone())
+                .collect(),
+            Err(_) => Default::default(),
+        };
         for rec in records.iter().filter(|r| watched(r)) {
             let host = rec.state.resources.host.clone().unwrap_or_default();
             if unreachable.contains(&host) {
@@ -100,7 +110,7 @@ impl App {
         let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {
             return Ok(());
         };
-        let hv = self.host(&host)?;
+        let hv = self.host(&host).await?;
         let observed = hv.state(&domain).await.map_err(|e| Unchecked::HostUnreachable(e.to_string()))?;
         let was = rec.pc.power_state;
         match observed {
@@ -110,9 +120,7 @@ impl App {
             VmState::ShutOff if was != PowerState::PoweredOff => {
                 // The region's network is not started again by a host reboot; the VM needs it.
                 if let Some(spec) = &rec.state.spec {
-                    let region =
-                        if spec.region == "automatic" { hv.config().region.clone() } else { spec.region.clone() };
-                    let net = region_network(&region);
+                    let net = host_network(hv.config(), &spec.region);
                     if rec.state.resources.network.as_deref() == Some(net.name.as_str()) {
                         hv.ensure_network(&net).await.map_err(|e| Error::Conflict(e.to_string()))?;
                     }

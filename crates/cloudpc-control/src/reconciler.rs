@@ -383,7 +383,7 @@ impl App {
     pub(crate) async fn deprovision(&self, rec: &mut CloudPcRecord) -> Result<()> {
         self.close_consoles(rec.pc.id).await;
         if let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) {
-            if let Ok(hv) = self.host(&host) {
+            if let Ok(hv) = self.host(&host).await {
                 if let Err(e) = hv.power_off(&domain).await {
                     tracing::warn!(cloud_pc = %rec.pc.id, error = %e, "could not power off a deprovisioned Cloud PC; clean-up will remove it");
                 }

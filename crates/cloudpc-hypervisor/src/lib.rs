@@ -31,6 +31,10 @@ pub struct HostConfig {
     pub uri: String,
     pub region: String,
     pub capacity: Capacity,
+    /// Which hosted-network subnet this host uses: 0 for the per-region networks of hosts inside
+    /// the control plane's process, a number unique to the host for hosts behind agents.
+    #[serde(default)]
+    pub subnet_index: u32,
 }
 
 /// How a VM boots: straight into a kernel (fast under TCG) or through firmware like a PC.
@@ -41,7 +45,7 @@ pub enum Boot {
 }
 
 /// One Cloud PC's virtual machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// The libvirt domain name; cloudpc uses the Cloud PC's managed device name plus its id.
     pub name: String,
@@ -55,7 +59,7 @@ pub struct VmSpec {
 }
 
 /// A virtual NIC on a hosted network.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
     pub network: String,
     pub mac: String,
@@ -65,7 +69,7 @@ pub struct NicSpec {
 }
 
 /// A NAT network for one region.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSpec {
     pub name: String,
     pub bridge: String,
@@ -82,8 +86,12 @@ pub enum VmState {
     Missing,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Errors cross the wire between a host agent and the control plane as they are, so the control
+/// plane sees the same error whether the host is local or behind an agent.
+#[derive(Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum HypervisorError {
+    #[error("the host agent of {host} could not be reached: {message}")]
+    Unreachable { host: String, message: String },
     #[error("libvirt refused {action}: {message}")]
     Libvirt { action: String, message: String },
     #[error("the guest agent of {vm} did not answer {command}: {message}")]
@@ -97,6 +105,19 @@ pub enum HypervisorError {
 }
 
 pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
+
+/// A console connection: the raw VNC byte stream of one VM, wherever it comes from.
+pub trait ConsoleStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ConsoleStream for T {}
+
+/// A file's bytes on their way between hosts.
+pub type FileReader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// Whether a libvirt URI names this machine (no host part, like `qemu:///system`): only then is a
+/// VM's loopback console port reachable from here.
+pub fn uri_is_local(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
+}
 
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
@@ -141,4 +162,83 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Sends one guest-agent command (JSON) and returns its `return` value.
     async fn agent(&self, vm: &str, command: &serde_json::Value, timeout_secs: i32) -> Result<serde_json::Value>;
+    /// Reads a Cloud PC's file (its disk) to copy it to another host: `None` when it is not there.
+    /// The default reads this machine's file system.
+    async fn export_file(&self, path: &Path) -> Result<Option<(FileReader, u64)>> {
+        match tokio::fs::File::open(path).await {
+            Ok(f) => {
+                let len =
+                    f.metadata().await.map_err(|e| HypervisorError::Io(format!("{}: {e}", path.display())))?.len();
+                Ok(Some((Box::new(f), len)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(HypervisorError::Io(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    /// Writes a Cloud PC's file copied from another host: whole under a temporary name, synced,
+    /// then renamed, so a copy cut short never passes for the file. Returns the bytes written.
+    async fn import_file(&self, path: &Path, mut data: FileReader) -> Result<u64> {
+        let io = |e: std::io::Error| HypervisorError::Io(format!("cannot write {}: {e}", path.display()));
+        let partial = path.with_extension("import-partial");
+        let mut f = tokio::fs::File::create(&partial).await.map_err(io)?;
+        let n = tokio::io::copy(&mut data, &mut f).await.map_err(io)?;
+        f.sync_all().await.map_err(io)?;
+        drop(f);
+        tokio::fs::rename(&partial, path).await.map_err(io)?;
+        Ok(n)
+    }
+
+    /// Whether base images must be copied to this host ([`Hypervisor::ensure_image`]); hosts in
+    /// the control plane's process read them where the control plane keeps them.
+    fn ships_images(&self) -> bool {
+        false
+    }
+
+    /// Makes sure the host has the image file whose content has this sha256, copying `source`
+    /// there if it has not (verified on arrival), and returns where the host keeps it.
+    async fn ensure_image(&self, _sha256: &str, source: &Path) -> Result<PathBuf> {
+        Ok(source.to_path_buf())
+    }
+
+    /// Removes the host's cached images that are not in `keep` (and were not just copied);
+    /// returns the digests removed.
+    async fn retain_images(&self, _keep: &[String]) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// Opens the VM's console. Consoles listen on their host's loopback; a host on this machine
+    /// connects to it, a host behind an agent relays it (the default serves hosts on this machine).
+    async fn open_console(&self, name: &str) -> Result<Box<dyn ConsoleStream>> {
+        let uri = &self.config().uri;
+        if !uri_is_local(uri) {
+            return Err(HypervisorError::Io(format!(
+                "host '{}' ({uri}) is not on this machine and has no agent to relay its consoles",
+                self.config().name
+            )));
+        }
+        let port = self
+            .vnc_port(name)
+            .await?
+            .ok_or_else(|| HypervisorError::Io(format!("the console of {name} is not listening")))?;
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| HypervisorError::Io(format!("the console of {name} did not answer: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Box::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_only_uris_without_a_host_are_on_this_machine() {
+        assert!(uri_is_local("qemu:///system"));
+        assert!(uri_is_local("qemu:///session"));
+        for remote in ["qemu+ssh://root@hv2/system", "qemu+tls://hv3.example/system", "qemu://hv4/system", "bogus"] {
+            assert!(!uri_is_local(remote), "{remote}");
+        }
+    }
 }

@@ -213,6 +213,30 @@ fn filter_params(
     Ok(params)
 }
 
+/// libvirt 9.0 deadlocks when NIC filter bindings change at the same time with DHCP snooping on:
+/// seen here as two `virDomainUpdateDeviceFlags`, one tearing a binding down (waiting in
+/// `virNWFilterDHCPSnoopEnd`) and one creating a binding, with a `dhcp-decode` thread waiting
+/// between them; every later call then hangs. So whatever instantiates or tears down NIC
+/// filters (attaching, detaching or updating a NIC, starting or stopping a VM) takes turns, across
+/// every process on the machine that talks to this libvirtd (an exclusive `flock`).
+async fn filter_turn() -> Result<std::fs::File> {
+    tokio::task::spawn_blocking(|| {
+        let dir = std::path::Path::new("/run/cloudpc");
+        let _ = std::fs::create_dir_all(dir);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("nwfilter.lock"))
+            .map_err(|e| HypervisorError::Io(format!("cannot open /run/cloudpc/nwfilter.lock: {e}")))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| HypervisorError::Io(format!("cannot lock /run/cloudpc/nwfilter.lock: {e}")))?;
+        Ok(file)
+    })
+    .await
+    .map_err(|e| HypervisorError::Io(e.to_string()))?
+}
+
 /// The host's IPv4 addresses outside loopback (`ip -j -4 addr`). Addresses in the Cloud PC
 /// networks are left out: the filter drops those networks as a whole.
 async fn host_addresses() -> Vec<String> {
@@ -229,7 +253,7 @@ async fn host_addresses() -> Vec<String> {
         .flatten()
         .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
         .filter_map(|a| a["local"].as_str().map(str::to_string))
-        .filter(|ip| !ip.starts_with("127.") && !ip.starts_with("10.213."))
+        .filter(|ip| !ip.starts_with("127.") && !xml::in_cloud_pc_networks(ip))
         .collect();
     ips.sort();
     ips.dedup();
@@ -364,6 +388,7 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn remove_vm(&self, name: &str) -> Result<()> {
+        let _turn = filter_turn().await?;
         let name = name.to_string();
         self.call(format!("removing VM {name}"), move |c| {
             let Some(d) = lookup(c, &name)? else { return Ok(()) };
@@ -413,6 +438,7 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn start(&self, name: &str) -> Result<()> {
+        let _turn = filter_turn().await?;
         let name = name.to_string();
         self.call(format!("starting {name}"), move |c| {
             let d = Domain::lookup_by_name(c, &name)?;
@@ -425,6 +451,7 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn power_off(&self, name: &str) -> Result<()> {
+        let _turn = filter_turn().await?;
         let name = name.to_string();
         self.call(format!("powering off {name}"), move |c| {
             if let Some(d) = lookup(c, &name)? {
@@ -478,6 +505,7 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn attach_nic(&self, vm: &str, nic: &NicSpec) -> Result<()> {
+        let _turn = filter_turn().await?;
         let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
         self.call(format!("attaching a NIC to {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
@@ -491,6 +519,7 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn detach_nic(&self, vm: &str, mac: &str) -> Result<()> {
+        let _turn = filter_turn().await?;
         let (vm, mac) = (vm.to_string(), mac.to_string());
         self.call(format!("detaching a NIC from {vm}"), move |c| {
             let Some(d) = lookup(c, &vm)? else { return Ok(()) };
@@ -504,6 +533,7 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn set_nic_filter(&self, vm: &str, nic: &NicSpec) -> Result<()> {
+        let _turn = filter_turn().await?;
         let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
         self.call(format!("updating the NIC filter of {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;

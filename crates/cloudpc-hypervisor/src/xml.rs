@@ -131,8 +131,15 @@ pub fn network(spec: &NetworkSpec) -> String {
     )
 }
 
-/// Every region network is a /24 inside this /16 (see `region_network`).
-pub const CLOUD_PC_NETWORKS: (&str, u8) = ("10.213.0.0", 16);
+/// Every hosted network is a /24 inside this /12: the per-region networks of hosts in the
+/// control plane's process (10.213.x) and each agent host's own (10.214.x and up).
+pub const CLOUD_PC_NETWORKS: (&str, u8) = ("10.208.0.0", 12);
+
+/// Whether an IPv4 address is inside [`CLOUD_PC_NETWORKS`].
+pub fn in_cloud_pc_networks(ip: &str) -> bool {
+    let mut octets = ip.split('.').map(|o| o.parse::<u8>());
+    matches!((octets.next(), octets.next()), (Some(Ok(10)), Some(Ok(208..=223))))
+}
 
 pub const ISOLATION_FILTER: &str = "cloudpc-isolation";
 
@@ -185,6 +192,16 @@ pub fn block_rdp_filter() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_cloud_pc_networks_cover_region_and_host_subnets_only() {
+        for ip in ["10.213.16.5", "10.214.1.9", "10.221.255.1", "10.208.0.1", "10.223.0.1"] {
+            assert!(in_cloud_pc_networks(ip), "{ip}");
+        }
+        for ip in ["10.207.1.1", "10.224.0.1", "192.168.1.1", "10.0.2.15", "1.10.213.4"] {
+            assert!(!in_cloud_pc_networks(ip), "{ip}");
+        }
+    }
     use std::path::PathBuf;
 
     #[test]

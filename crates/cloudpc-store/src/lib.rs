@@ -25,6 +25,7 @@ use cloudpc_types::audit::AuditEvent;
 use cloudpc_types::auth::ApiToken;
 use cloudpc_types::cloud_pc::{CloudPc, Device, ManagedDevice, ProvisioningStepRecord};
 use cloudpc_types::directory::{Group, User};
+use cloudpc_types::hosts::Host;
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
 use cloudpc_types::policy::{ImageType, ProvisioningPolicy};
@@ -75,6 +76,23 @@ pub struct StoredAssignment {
     pub group_id: Uuid,
     pub position: u32,
     pub assigned_at: DateTime<Utc>,
+}
+
+/// A host as stored: the admin-owned resource, and what its agent last reported and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRow {
+    pub host: Host,
+    pub report: Option<serde_json::Value>,
+    pub heartbeat: Option<DateTime<Utc>>,
+}
+
+/// What the Cloud PCs placed on one host were promised, summed by the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    pub cloud_pcs: u64,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub storage_gib: u64,
 }
 
 /// Holds the capacity-allocation lock until dropped (a database lock on PostgreSQL, so replicas
@@ -239,6 +257,33 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_token(&self, id: Uuid, audit: &AuditEvent) -> Result<ApiToken>;
     /// Records when a token was last used.
     async fn touch_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<()>;
+
+    // Hypervisor hosts.
+    async fn list_hosts(&self) -> Result<Vec<HostRow>>;
+    /// Adds a host under a unique name (any case). `host.subnet_index` 0 asks for the next free
+    /// index; the stored host is returned.
+    async fn create_host(&self, host: &Host, audit: Option<&AuditEvent>) -> Result<Host>;
+    /// Takes a join token (single use, unexpired) and adds the host in the token's region, in one
+    /// transaction: a host that is refused (a duplicate name) leaves the token usable.
+    async fn join_host(&self, token_sha256: &str, host: &Host, audit: &AuditEvent) -> Result<Host>;
+    /// Compare-and-swap on `host.row_version`.
+    async fn update_host(&self, host: &Host, audit: &AuditEvent) -> Result<()>;
+    /// Refused while Cloud PCs are placed on the host.
+    async fn delete_host(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+    /// Stores what the host's agent reported, as its latest heartbeat.
+    async fn record_host_report(&self, id: Uuid, report: &serde_json::Value, at: DateTime<Utc>) -> Result<()>;
+    /// Per host name: the Cloud PCs placed there and the sizes they were promised.
+    async fn host_usage(&self) -> Result<HashMap<String, HostUsage>>;
+    async fn put_join_token(
+        &self,
+        secret_sha256: &str,
+        region: &str,
+        expires: DateTime<Utc>,
+        audit: &AuditEvent,
+    ) -> Result<()>;
+    /// Stores `value` under `name` unless one is there already, and returns what is stored: of
+    /// replicas starting together, the first writer's value wins for all.
+    async fn init_secret(&self, name: &str, value: &str) -> Result<String>;
 
     // Work shared between replicas.
     /// Takes or renews the named lease for `owner` if it is free, expired or already `owner`'s;

@@ -77,7 +77,7 @@ async fn test_a_stale_write_is_refused_not_applied() {
         let mut other = b.get_cloud_pc_record(rec.pc.id).await.unwrap();
         other.pc.display_name = "Renamed".into();
         b.save_cloud_pc(&mut other, None, None, None).await.unwrap();
-        rec.state.next_step = 3;
+        rec.state.next_step = "joinDirectory".into();
         let e = a.save_cloud_pc(&mut rec, None, None, None).await.unwrap_err();
         assert!(matches!(e, StoreError::Stale { .. }), "{}: {e:?}", db.name);
         // Rebased on the newer row, the write goes through and keeps both changes.
@@ -85,7 +85,10 @@ async fn test_a_stale_write_is_refused_not_applied() {
         assert!(conflicts.is_empty());
         a.save_cloud_pc(&mut merged, None, None, None).await.unwrap();
         let now = a.get_cloud_pc_record(rec.pc.id).await.unwrap();
-        assert_eq!((now.pc.display_name.as_str(), now.state.next_step, now.version), ("Renamed", 3, 3));
+        assert_eq!(
+            (now.pc.display_name.as_str(), now.state.next_step.as_str(), now.version),
+            ("Renamed", "joinDirectory", 3)
+        );
     }
 }
 

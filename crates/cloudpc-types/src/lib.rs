@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod cloud_pc;
 pub mod directory;
+pub mod hosts;
 pub mod images;
 pub mod licensing;
 pub mod policy;

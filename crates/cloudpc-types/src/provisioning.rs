@@ -74,6 +74,32 @@ pub struct Resources {
     pub device_id: Option<Uuid>,
     pub managed_device_id: Option<Uuid>,
     pub username: Option<String>,
+    /// Where the host keeps the image files this Cloud PC boots from, once they reached it.
+    #[serde(default)]
+    pub image_on_host: Option<ImageOnHost>,
+}
+
+/// One image file on a host: its content's digest and the host's path to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFile {
+    pub sha256: String,
+    pub path: PathBuf,
+}
+
+/// The base disk (and kernel, for direct kernel boot) of a Cloud PC, as its host has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageOnHost {
+    pub disk: HostFile,
+    pub kernel: Option<HostFile>,
+    pub initrd: Option<HostFile>,
+}
+
+impl ImageOnHost {
+    pub fn digests(&self) -> impl Iterator<Item = &str> {
+        [Some(&self.disk), self.kernel.as_ref(), self.initrd.as_ref()].into_iter().flatten().map(|f| f.sha256.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +113,10 @@ pub struct ProvisioningState {
     pub attempt: u32,
     /// Attempts since the generation started, for step records (admin retries continue it).
     pub attempt_total: u32,
-    pub next_step: u32,
+    /// The step to run next, by name (`done` when all ran). Records written before steps were
+    /// stored by name hold their position in the original thirteen steps instead.
+    #[serde(deserialize_with = "step_name_or_legacy_position")]
+    pub next_step: String,
     pub spec: Option<BuildSpec>,
     pub resources: Resources,
     /// Post-provisioning steps that failed, as "step: error".
@@ -102,6 +131,9 @@ pub struct ProvisioningState {
     pub requested_at: DateTime<Utc>,
     /// Milliseconds from VM start to the guest agent answering (guest boot).
     pub boot_ms: Option<u64>,
+    /// The host the Cloud PC is being moved to (a drain), until the move is done.
+    #[serde(default)]
+    pub moving_to: Option<String>,
 }
 
 impl ProvisioningState {
@@ -113,7 +145,7 @@ impl ProvisioningState {
             generation: 0,
             attempt: 0,
             attempt_total: 0,
-            next_step: 0,
+            next_step: String::new(),
             spec: None,
             resources: Resources::default(),
             warnings: Vec::new(),
@@ -122,8 +154,39 @@ impl ProvisioningState {
             status_before_grace: None,
             requested_at: now,
             boot_ms: None,
+            moving_to: None,
         }
     }
+}
+
+/// The steps in the order of the first releases, which stored progress as a position in it.
+const LEGACY_STEP_ORDER: [&str; 13] = [
+    "allocateCapacity",
+    "createVm",
+    "attachNetwork",
+    "joinDirectory",
+    "enrollManagement",
+    "setPrimaryUser",
+    "setHostname",
+    "createUserAccount",
+    "addLocalAdmin",
+    "setTimeZone",
+    "growDisk",
+    "blockRemoteDesktop",
+    "assignUser",
+];
+
+fn step_name_or_legacy_position<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Name(String),
+        Position(u32),
+    }
+    Ok(match Stored::deserialize(d)? {
+        Stored::Name(n) => n,
+        Stored::Position(i) => LEGACY_STEP_ORDER.get(i as usize).map_or("done", |n| n).to_string(),
+    })
 }
 
 /// A Cloud PC as stored: the Graph view and the workflow state, written together.
@@ -230,6 +293,18 @@ mod tests {
     }
 
     #[test]
+    fn test_progress_stored_as_a_position_reads_as_the_step_name() {
+        let mut v = serde_json::to_value(record().state).unwrap();
+        v["nextStep"] = serde_json::json!(3);
+        let state: ProvisioningState = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(state.next_step, "joinDirectory");
+        v["nextStep"] = serde_json::json!(13);
+        assert_eq!(serde_json::from_value::<ProvisioningState>(v.clone()).unwrap().next_step, "done");
+        v["nextStep"] = serde_json::json!("growDisk");
+        assert_eq!(serde_json::from_value::<ProvisioningState>(v).unwrap().next_step, "growDisk");
+    }
+
+    #[test]
     fn rebase_keeps_changes_made_meanwhile_and_adds_mine() {
         let mine_base = record();
         // Meanwhile an admin renamed it and read the one-time password.
@@ -239,11 +314,11 @@ mod tests {
         theirs.version = 4;
         // The workflow, from its older copy, finished a step.
         let mut mine = mine_base.clone();
-        mine.state.next_step = 5;
+        mine.state.next_step = "setPrimaryUser".into();
         mine.state.resources.host = Some("local".into());
         let (merged, conflicts) = mine.rebase(&theirs);
         assert_eq!(merged.pc.display_name, "New name");
-        assert_eq!(merged.state.next_step, 5);
+        assert_eq!(merged.state.next_step, "setPrimaryUser");
         assert_eq!(merged.state.resources.host.as_deref(), Some("local"));
         assert_eq!(merged.version, 4);
         assert!(conflicts.is_empty(), "{conflicts:?}");
@@ -257,7 +332,7 @@ mod tests {
         let mut theirs = base.clone();
         theirs.state.initial_password = None;
         let mut mine = base.clone();
-        mine.state.next_step += 1;
+        mine.state.next_step = "createVm".into();
         let (merged, _) = mine.rebase(&theirs);
         assert_eq!(merged.state.initial_password, None);
     }

@@ -18,6 +18,11 @@
 #[path = "../tests/integration/support.rs"]
 mod support;
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{audit, env_usize, part};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,40 +32,7 @@ use uuid::Uuid;
 
 use cloudpc_control::{App, AppConfig};
 use cloudpc_store::{PgStore, SqliteStore, Store};
-use cloudpc_types::audit::{AuditActor, AuditEvent, AuditOperationType, AuditResult};
 use cloudpc_types::cloud_pc::CloudPcStatus;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn part(name: &str) -> bool {
-    std::env::var("BENCH_PARTS").map(|p| p.split(',').any(|x| x == name)).unwrap_or(true)
-}
-
-fn audit(activity: &str) -> AuditEvent {
-    AuditEvent {
-        id: Uuid::new_v4(),
-        display_name: activity.into(),
-        component_name: "Benchmark".into(),
-        activity: activity.into(),
-        activity_date_time: Utc::now(),
-        activity_type: activity.into(),
-        activity_operation_type: AuditOperationType::Create,
-        activity_result: AuditResult::Success,
-        correlation_id: Uuid::new_v4(),
-        category: "cloudPC".into(),
-        actor: AuditActor {
-            actor_type: "itPro".into(),
-            user_id: None,
-            user_principal_name: Some("bench@contoso.com".into()),
-            application_display_name: None,
-            ip_address: None,
-            user_permissions: vec![],
-        },
-        resources: vec![],
-    }
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)

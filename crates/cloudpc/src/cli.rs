@@ -42,6 +42,12 @@ pub enum OutputFormat {
 pub enum Command {
     /// Run the control-plane server.
     Server(Box<ServerArgs>),
+    /// Run the agent of a hypervisor host: joins the control plane once with a token, then
+    /// serves it over mutual TLS and drives the local libvirt/QEMU.
+    HostAgent(Box<HostAgentArgs>),
+    /// Hypervisor hosts: list, show, maintenance, drain, join tokens.
+    #[command(subcommand)]
+    Hosts(HostsCmd),
     /// Directory users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -143,6 +149,24 @@ pub struct ServerArgs {
     /// this ratio [default: 4]; 1 reserves every license's full size.
     #[arg(long, env = "CLOUDPC_DISK_OVERCOMMIT")]
     pub disk_overcommit: Option<f64>,
+    /// Run no hypervisor host in this process: a control plane only, whose hosts all join with
+    /// `cloudpc host-agent` (TOML: local_host = false).
+    #[arg(long)]
+    pub no_local_host: bool,
+    /// How many Cloud PCs may be provisioned at the same time [default: 4; more with many hosts].
+    #[arg(long, env = "CLOUDPC_MAX_PARALLEL_PROVISIONING")]
+    pub max_parallel_provisioning: Option<usize>,
+    /// vCPUs a host may promise per vCPU it reports (hosts report 4 per core) [default: 1].
+    #[arg(long, env = "CLOUDPC_CPU_OVERCOMMIT")]
+    pub cpu_overcommit: Option<f64>,
+    /// Evacuate a host after it has been unreachable this many minutes: its Cloud PCs are
+    /// recreated on other hosts and what their users saved there is lost [default: never; an
+    /// admin evacuates with `cloudpc hosts evacuate`].
+    #[arg(long, env = "CLOUDPC_EVACUATE_AFTER_MINS")]
+    pub evacuate_after_mins: Option<u64>,
+    /// Memory a host may promise per MiB it reports [default: 1].
+    #[arg(long, env = "CLOUDPC_MEMORY_OVERCOMMIT")]
+    pub memory_overcommit: Option<f64>,
     /// The address users reach cloudpc at, such as https://cloudpc.contoso.com (behind a TLS
     /// proxy): with https, session cookies are Secure and __Host- prefixed.
     #[arg(long, env = "CLOUDPC_PUBLIC_URL")]
@@ -178,6 +202,95 @@ pub struct ServerArgs {
     /// on the first start and printed once.
     #[arg(long = "admin-token", env = "CLOUDPC_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+}
+
+#[derive(Args)]
+pub struct HostAgentArgs {
+    /// Where the agent keeps its identity (key, certificates) and its Cloud PCs' disks
+    /// [default: /var/lib/cloudpc-agent].
+    #[arg(long, env = "CLOUDPC_AGENT_DATA_DIR", default_value = "/var/lib/cloudpc-agent")]
+    pub data_dir: PathBuf,
+    /// The control plane's URL, to join it (once; the agent remembers it).
+    #[arg(long, requires = "token")]
+    pub join: Option<String>,
+    /// The join token from `cloudpc hosts join-token` (single use, short-lived).
+    #[arg(long, env = "CLOUDPC_JOIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// This host's name [default: the machine's host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address and port the agent listens on (mutual TLS: only the control plane gets in)
+    /// [default: 0.0.0.0:7366].
+    #[arg(long, default_value = "0.0.0.0:7366")]
+    pub listen: SocketAddr,
+    /// Where the control plane reaches this agent, https://HOST:PORT [default: from --listen,
+    /// with this machine's host name when listening on all addresses].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Prefix of the libvirt domains this agent makes, so several agents can share a libvirt
+    /// [default: cloudpc-]. Set at the join and kept: the agent finds its VMs by it.
+    #[arg(long)]
+    pub domain_prefix: Option<String>,
+    /// libvirt URI of this host [default: qemu:///system].
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// Seconds without hearing from a control plane after which the agent stops its VMs, so a
+    /// Cloud PC recreated on another host never runs twice [default: 60].
+    #[arg(long, default_value_t = 60)]
+    pub fence_after_secs: u64,
+    /// Gallery directory, for the kernel of the KVM probe [default: /var/lib/cloudpc/gallery].
+    #[arg(long, default_value = "/var/lib/cloudpc/gallery")]
+    pub gallery_dir: PathBuf,
+    /// vCPUs to offer [default: 4 per core].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory to offer in MiB [default: the machine's, less 2 GiB].
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Disk to offer in GiB [default: free space of the data directory].
+    #[arg(long)]
+    pub disk_gib: Option<u64>,
+    /// A simulated host, for scale tests: no VM is made; every operation answers at once (after
+    /// --simulate-latency-ms) as a healthy host would.
+    #[arg(long)]
+    pub simulate: bool,
+    /// Latency of each simulated operation, in milliseconds [default: 0].
+    #[arg(long, default_value_t = 0, requires = "simulate")]
+    pub simulate_latency_ms: u64,
+    /// Log filter [default: info].
+    #[arg(long, env = "CLOUDPC_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Subcommand)]
+pub enum HostsCmd {
+    /// List hosts with state, capacity and use.
+    List(ListArgs),
+    /// Show one host (by id or name).
+    Get { host: String },
+    /// Print a join token for a new host of REGION (shown once).
+    JoinToken {
+        #[arg(long)]
+        region: String,
+        /// Minutes the token can be used [default: 30].
+        #[arg(long)]
+        valid_minutes: Option<u32>,
+    },
+    /// Stop placing new Cloud PCs on the host; its Cloud PCs stay.
+    Maintenance { host: String },
+    /// Place new Cloud PCs on the host again.
+    Ready { host: String },
+    /// Stop placing on the host and move its Cloud PCs to other hosts of the region.
+    Drain { host: String },
+    /// Remove a host that has no Cloud PCs left.
+    Delete { host: String },
+    /// Recreate the Cloud PCs of a lost (unreachable) host on other hosts. What their users
+    /// saved on it is lost: without --yes, only says how many Cloud PCs that is.
+    Evacuate {
+        host: String,
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -46,6 +46,10 @@ impl Client {
         Self { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string(), token }
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Sends a request to a path under the server (like `/v1.0/users`); returns the JSON body, or
     /// `Value::Null` for `204 No Content`.
     pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, Failure> {

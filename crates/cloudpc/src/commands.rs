@@ -77,6 +77,18 @@ const TOKEN_COLUMNS: &[Column] = &[
     ("EXPIRES", "/expirationDateTime"),
     ("LAST USED", "/lastUsedDateTime"),
 ];
+const HOST_COLUMNS: &[Column] = &[
+    ("NAME", "/displayName"),
+    ("REGION", "/region"),
+    ("STATE", "/state"),
+    ("ACCEL", "/accelerator"),
+    ("CLOUD PCS", "/cloudPcCount"),
+    ("VCPU USED/ALL", "/used/vCpuCount"),
+    ("/", "/capacity/vCpuCount"),
+    ("MB FREE", "/free/memoryInMB"),
+    ("GB FREE", "/free/diskInGB"),
+    ("LAST REPORT", "/lastHeartbeatDateTime"),
+];
 const LICENSE_COLUMNS: &[Column] = &[
     ("SKU", "/skuId"),
     ("PART NUMBER", "/skuPartNumber"),
@@ -182,7 +194,8 @@ async fn license_body(c: &Client, add: &[String], remove: &[String]) -> Result<V
 
 async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
     match command {
-        Command::Server(_) => unreachable!("handled in main"),
+        Command::Server(_) | Command::HostAgent(_) => unreachable!("handled in main"),
+        Command::Hosts(cmd) => hosts(c, fmt, cmd).await,
         Command::Users(cmd) => users(c, fmt, cmd).await,
         Command::Groups(cmd) => groups(c, fmt, cmd).await,
         Command::Skus(cmd) => skus(c, fmt, cmd).await,
@@ -222,6 +235,83 @@ async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
                 Ok(())
             }
         },
+    }
+}
+
+/// A host by id or by name (names are unique, in any case).
+async fn host_id(c: &Client, host: &str) -> Result<String, Failure> {
+    if host.len() == 36 && host.chars().filter(|ch| *ch == '-').count() == 4 {
+        return Ok(host.to_string());
+    }
+    let all = c.list("/cloudpc/hosts", None).await?;
+    all.iter()
+        .find(|h| h["displayName"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(host)))
+        .and_then(|h| h["id"].as_str().map(str::to_string))
+        .ok_or_else(|| Failure::not_found(format!("no host is named '{host}'")))
+}
+
+async fn hosts(c: &Client, fmt: OutputFormat, cmd: HostsCmd) -> Out {
+    let set_state = |host: String, state: &'static str| async move {
+        let id = host_id(c, &host).await?;
+        let h = c.call(Method::PATCH, &format!("/cloudpc/hosts/{id}"), Some(&json!({ "state": state }))).await?;
+        if fmt == OutputFormat::Json {
+            output::entity(fmt, &h);
+        } else {
+            println!(
+                "Host {} is {}.",
+                h["displayName"].as_str().unwrap_or_default(),
+                h["state"].as_str().unwrap_or_default()
+            );
+        }
+        Ok(())
+    };
+    match cmd {
+        HostsCmd::List(a) => show_list(c, fmt, "/cloudpc/hosts", &a, HOST_COLUMNS).await,
+        HostsCmd::Get { host } => {
+            let id = host_id(c, &host).await?;
+            output::entity(fmt, &c.get(&format!("/cloudpc/hosts/{id}")).await?);
+            Ok(())
+        }
+        HostsCmd::JoinToken { region, valid_minutes } => {
+            let body = json!({ "region": region, "validForMinutes": valid_minutes });
+            let t = c.call(Method::POST, "/cloudpc/hosts/joinTokens", Some(&body)).await?;
+            if fmt == OutputFormat::Json {
+                output::entity(fmt, &t);
+            } else {
+                eprintln!(
+                    "Join token for region {region}, valid once until {} (shown only now). On the new host run:\n  \
+                     cloudpc host-agent --join {} --token <token>",
+                    t["expirationDateTime"].as_str().unwrap_or_default(),
+                    c.base()
+                );
+                println!("{}", t["token"].as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        HostsCmd::Maintenance { host } => set_state(host, "maintenance").await,
+        HostsCmd::Ready { host } => set_state(host, "ready").await,
+        HostsCmd::Drain { host } => set_state(host, "draining").await,
+        HostsCmd::Evacuate { host, yes } => {
+            let id = host_id(c, &host).await?;
+            let v = c
+                .call(Method::POST, &format!("/cloudpc/hosts/{id}/evacuate"), Some(&json!({ "confirmDataLoss": yes })))
+                .await?;
+            if fmt == OutputFormat::Json {
+                output::entity(fmt, &v);
+            } else {
+                println!(
+                    "Host {host} evacuated: {} Cloud PC(s) are being recreated on other hosts.",
+                    v["value"].as_array().map_or(0, Vec::len)
+                );
+            }
+            Ok(())
+        }
+        HostsCmd::Delete { host } => {
+            let id = host_id(c, &host).await?;
+            c.call(Method::DELETE, &format!("/cloudpc/hosts/{id}"), None).await?;
+            output::done(fmt, &format!("Host {host} removed."));
+            Ok(())
+        }
     }
 }
 

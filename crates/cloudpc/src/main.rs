@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod commands;
+mod host_agent;
 mod output;
 mod preflight;
 mod server;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             cli::Command::Server(args) => server::run(*args).await,
+            cli::Command::HostAgent(args) => host_agent::run(*args).await,
             command => commands::run(cli.global, command).await,
         }
     })

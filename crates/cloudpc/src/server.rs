@@ -49,6 +49,11 @@ struct FileSettings {
     image_import_dirs: Option<Vec<PathBuf>>,
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
+    local_host: Option<bool>,
+    cpu_overcommit: Option<f64>,
+    memory_overcommit: Option<f64>,
+    evacuate_after_mins: Option<u64>,
+    max_parallel_provisioning: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,7 +91,7 @@ fn parse_testing_pairs(list: &[String]) -> Result<HashMap<String, u32>, String> 
 
 /// What this machine can give when no capacity is configured: 4 vCPUs per core, memory less
 /// 2 GiB for the host, and the free space where disks go.
-fn local_capacity(storage: &Path) -> Capacity {
+pub(crate) fn local_capacity(storage: &Path) -> Capacity {
     let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -131,13 +136,17 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 uri: h.uri,
                 region: h.region,
                 capacity: Capacity { vcpus: h.vcpus, memory_mib: h.memory_mib, disk_gib: h.disk_gib },
+                subnet_index: 0,
             })
             .collect(),
+        // A control plane only: every host joins with an agent.
+        None if args.no_local_host || file.local_host == Some(false) => Vec::new(),
         None => vec![HostConfig {
             name: "local".into(),
             uri: args.libvirt_uri.clone().or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
             region: args.region.clone().or(file.region).unwrap_or_else(|| "local".into()),
             capacity: local_capacity(data_dir.parent().filter(|p| p.exists()).unwrap_or(Path::new("."))),
+            subnet_index: 0,
         }],
     };
     let hours = args.grace_period_hours.or(file.grace_period_hours).unwrap_or(168.0);
@@ -187,7 +196,11 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             storage_dir,
             image_dir: data_dir.join("images"),
             gallery_dir,
-            max_parallel_provisioning: defaults.max_parallel_provisioning,
+            max_parallel_provisioning: args
+                .max_parallel_provisioning
+                .or(file.max_parallel_provisioning)
+                .unwrap_or(defaults.max_parallel_provisioning)
+                .clamp(1, 1024),
             injected_faults: parse_testing_pairs(&args.inject_fault)?,
             injected_panics: parse_testing_pairs(&args.inject_panic)?,
             disk_overcommit: match args.disk_overcommit.or(file.disk_overcommit) {
@@ -196,6 +209,25 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 }
                 Some(r) => r,
                 None => defaults.disk_overcommit,
+            },
+            cpu_overcommit: match args.cpu_overcommit.or(file.cpu_overcommit) {
+                Some(r) if !(0.1..=64.0).contains(&r) => {
+                    return Err(format!("--cpu-overcommit must be between 0.1 and 64, not {r}"))
+                }
+                Some(r) => r,
+                None => defaults.cpu_overcommit,
+            },
+            evacuate_after: args
+                .evacuate_after_mins
+                .or(file.evacuate_after_mins)
+                .filter(|m| *m > 0)
+                .map(|m| Duration::from_secs(m * 60)),
+            memory_overcommit: match args.memory_overcommit.or(file.memory_overcommit) {
+                Some(r) if !(0.1..=4.0).contains(&r) => {
+                    return Err(format!("--memory-overcommit must be between 0.1 and 4, not {r}"))
+                }
+                Some(r) => r,
+                None => defaults.memory_overcommit,
             },
             public_url: match args.public_url.clone().or(file.public_url) {
                 Some(u) => Some(check_public_url(&u)?),
@@ -265,7 +297,7 @@ fn probe_kernel(gallery: &Path) -> Option<(PathBuf, PathBuf)> {
 }
 
 /// The accelerator, probed once per boot of the machine (the answer is kept in /run).
-async fn accelerator(gallery: &Path) -> Accelerator {
+pub(crate) async fn accelerator(gallery: &Path) -> Accelerator {
     let cache = Path::new("/run/cloudpc/accelerator");
     if let Ok(text) = std::fs::read_to_string(cache) {
         match text.trim() {
@@ -333,6 +365,7 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
         }
     }
     let app = App::new(store, s.app, hosts);
+    app.start_hosts().await.map_err(|e| format!("cannot set up the hypervisor hosts: {e}"))?;
     match app.bootstrap_admin_token(args.admin_token.as_deref()).await.map_err(|e| e.to_string())? {
         // Printed to stdout once, never logged: logs are often shipped elsewhere.
         Bootstrap::Created(secret) => {
@@ -347,6 +380,8 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     let demo = if args.demo { app.set_up_demo().await.map_err(|e| format!("demo set-up failed: {e}"))? } else { None };
     app.start_replica_tasks();
     tokio::spawn(app.clone().run_reconciler());
+    tokio::spawn(app.clone().run_host_monitor());
+    tokio::spawn(app.clone().run_drains());
     let pruner = app.clone();
     tokio::spawn(async move {
         loop {

@@ -3,6 +3,7 @@
 
 pub mod cloud_pcs;
 pub mod directory;
+pub mod hosts;
 pub mod images;
 pub mod licensing;
 pub mod policies;

@@ -8,6 +8,8 @@
 //! whole attempt (three in all); undo is re-run by the reconciler until it succeeds.
 
 pub mod steps;
+#[cfg(test)]
+mod tests;
 
 use std::time::Instant;
 
@@ -15,7 +17,6 @@ use chrono::{DateTime, Utc};
 use rand::Rng;
 use uuid::Uuid;
 
-use cloudpc_hypervisor::Hypervisor;
 use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState, ProvisioningStage, ProvisioningStepRecord, StepStatus};
 use cloudpc_types::images::{DeviceImageStatus, GalleryImageStatus};
 use cloudpc_types::policy::{ImageType, NamingTemplate};
@@ -23,7 +24,7 @@ use cloudpc_types::provisioning::{BuildSpec, CloudPcRecord, KernelBoot, Phase, R
 
 use crate::{App, Error, Result};
 
-pub use steps::Step;
+pub use steps::{ProvisioningStep, STEPS};
 
 /// Core attempts before a Cloud PC is marked failed.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -95,7 +96,7 @@ pub fn step_record(
         cloud_pc_id: rec.pc.id,
         generation: rec.state.generation,
         attempt: rec.state.attempt_total,
-        sequence: rec.state.next_step,
+        sequence: steps::step_named(name).map_or(steps::STEPS.len() as u32, |(i, _)| i as u32),
         name: name.to_string(),
         stage,
         status: StepStatus::Running,
@@ -150,14 +151,6 @@ impl App {
                 Err(panic) => app.report_internal_error(id, None, "running its provisioning workflow", &panic).await,
             }
         });
-    }
-
-    pub(crate) fn host(&self, name: &str) -> Result<&dyn Hypervisor> {
-        self.hosts
-            .iter()
-            .find(|h| h.config().name == name)
-            .map(|h| h.as_ref())
-            .ok_or_else(|| Error::Conflict(format!("host '{name}' is not configured any more")))
     }
 
     /// Takes one injected fault for the step, if any are left (testing only).
@@ -245,7 +238,7 @@ impl App {
         rec.state.generation += 1;
         rec.state.attempt = 1;
         rec.state.attempt_total = 1;
-        rec.state.next_step = 0;
+        rec.state.next_step = steps::STEPS[0].name().to_string();
         rec.state.phase = Phase::Forward;
         rec.state.warnings.clear();
         rec.state.initial_password = None;
@@ -284,6 +277,7 @@ impl App {
             device_id: Some(Uuid::new_v4()),
             managed_device_id: Some(Uuid::new_v4()),
             username: None,
+            image_on_host: None,
         }
     }
 
@@ -318,9 +312,17 @@ impl App {
 
     /// Runs the next forward step; returns false when the workflow should stop for now.
     async fn forward_one(&self, rec: &mut CloudPcRecord) -> Result<bool> {
-        let Some(&step) = Step::ALL.get(rec.state.next_step as usize) else {
+        if rec.state.next_step == steps::DONE {
             self.complete(rec).await?;
             return Ok(false);
+        }
+        let Some((_, step)) = steps::step_named(&rec.state.next_step) else {
+            // A step this version does not have (a downgrade): start the attempt over.
+            tracing::warn!(cloud_pc = %rec.pc.id, step = %rec.state.next_step, "unknown provisioning step; restarting the attempt");
+            rec.state.phase = Phase::UndoThenRetry;
+            rec.state.attempt = rec.state.attempt.saturating_sub(1);
+            self.save(rec, None).await?;
+            return Ok(true);
         };
         let started = Instant::now();
         let mut record = step_record(rec, step.name(), step.stage(), Utc::now());
@@ -352,7 +354,7 @@ impl App {
             Outcome::Done { detail } => {
                 finish(&mut record, StepStatus::Succeeded, started);
                 record.detail = detail;
-                rec.state.next_step += 1;
+                rec.state.next_step = steps::after(step.name());
                 if rec.pc.status == CloudPcStatus::PendingProvision {
                     rec.pc.status = CloudPcStatus::Provisioning;
                     rec.pc.status_detail = None;
@@ -374,7 +376,7 @@ impl App {
                 tracing::info!(cloud_pc = %rec.pc.id, step = step.name(), attempt = rec.state.attempt, %error, "provisioning step failed");
                 if step.stage() != ProvisioningStage::Core {
                     rec.state.warnings.push(format!("{}: {error}", step.name()));
-                    rec.state.next_step += 1;
+                    rec.state.next_step = steps::after(step.name());
                 } else if rec.state.attempt < MAX_ATTEMPTS {
                     rec.state.phase = Phase::UndoThenRetry;
                     rec.pc.status_detail =
@@ -423,7 +425,7 @@ impl App {
     async fn undo_all(&self, rec: &mut CloudPcRecord) -> Result<bool> {
         let started = Instant::now();
         let mut record = step_record(rec, "cleanup", ProvisioningStage::Cleanup, Utc::now());
-        record.sequence = Step::ALL.len() as u32 + rec.state.attempt_total;
+        record.sequence = STEPS.len() as u32 + rec.state.attempt_total;
         self.save(rec, Some(&record)).await?;
         if let Err(e) = self.undo_resources(rec).await {
             finish(&mut record, StepStatus::Failed, started);
@@ -436,7 +438,7 @@ impl App {
             Phase::UndoThenRetry => {
                 rec.state.attempt += 1;
                 rec.state.attempt_total += 1;
-                rec.state.next_step = 0;
+                rec.state.next_step = STEPS[0].name().to_string();
                 rec.state.phase = Phase::Forward;
                 let name = rec.pc.managed_device_name.clone().unwrap_or_default();
                 rec.state.resources = self.new_resources(&name);
@@ -478,31 +480,62 @@ impl App {
         }
     }
 
-    /// Reverse order of the steps; each part treats "already gone" as done.
-    async fn undo_resources(&self, rec: &mut CloudPcRecord) -> Result<()> {
-        let r = rec.state.resources.clone();
-        if let Some(id) = r.managed_device_id {
-            self.store.delete_managed_device(id).await?;
-        }
-        if let Some(id) = r.device_id {
-            self.store.delete_device(id).await?;
-        }
-        if let Some(host) = r.host.as_deref() {
-            let hv = self.host(host)?;
-            let hv_err = |e: cloudpc_hypervisor::HypervisorError| Error::Conflict(e.to_string());
-            if let (Some(domain), Some(mac)) = (r.domain.as_deref(), r.mac.as_deref()) {
-                hv.detach_nic(domain, mac).await.map_err(hv_err)?;
-            }
-            if let Some(domain) = r.domain.as_deref() {
-                hv.remove_vm(domain).await.map_err(hv_err)?;
-            }
-            for file in [r.disk.as_deref(), r.console_log.as_deref()].into_iter().flatten() {
-                hv.remove_file(file).await.map_err(hv_err)?;
-                hv.remove_file(&file.with_extension("qcow2.partial")).await.map_err(hv_err)?;
-            }
+    /// Every step's undo, in reverse order; each treats "already gone" as done. The host is given
+    /// up last, since the other undos need it.
+    pub(crate) async fn undo_resources(&self, rec: &mut CloudPcRecord) -> Result<()> {
+        let hv = match rec.state.resources.host.clone() {
+            Some(h) => Some(self.host(&h).await?),
+            None => None,
+        };
+        for step in STEPS.iter().rev() {
+            let cx = self.step_context(rec, hv.as_deref());
+            step.undo(&cx, rec).await?;
         }
         rec.state.resources.host = None;
         rec.pc.power_state = PowerState::Unknown;
         Ok(())
+    }
+
+    fn step_context<'a>(
+        &'a self,
+        rec: &CloudPcRecord,
+        hv: Option<&'a dyn cloudpc_hypervisor::Hypervisor>,
+    ) -> steps::StepContext<'a> {
+        steps::StepContext {
+            app: self,
+            spec: rec.state.spec.clone().unwrap_or_else(|| BuildSpec {
+                vcpus: 0,
+                memory_mib: 0,
+                storage_gib: 0,
+                image_id: String::new(),
+                image_version: None,
+                image_disk: Default::default(),
+                kernel: None,
+                region: "automatic".into(),
+                naming_template: None,
+                local_admin: false,
+                time_zone: None,
+                grace_period_hours: None,
+            }),
+            r: rec.state.resources.clone(),
+            domain: rec.state.resources.domain.clone().unwrap_or_default(),
+            hv,
+        }
+    }
+
+    /// Runs one step forward (the engine persists before and after).
+    pub(crate) async fn run_step(&self, step: &'static dyn ProvisioningStep, rec: &mut CloudPcRecord) -> Outcome {
+        if rec.state.spec.is_none() {
+            return Outcome::Failed("the Cloud PC has no build specification; reprovision it".into());
+        }
+        let hv = match rec.state.resources.host.clone() {
+            Some(h) => match self.host(&h).await {
+                Ok(h) => Some(h),
+                Err(e) => return Outcome::Failed(e.to_string()),
+            },
+            None => None,
+        };
+        let cx = self.step_context(rec, hv.as_deref());
+        step.run(&cx, rec).await
     }
 }

@@ -1,89 +1,102 @@
-//! The provisioning steps, in the order Windows 365 runs them, and what each one does.
+//! The provisioning steps, in the order Windows 365 runs them: each one a unit with its action
+//! and its undo.
 //!
 //! Core: allocate capacity → create the VM → attach it to the region's network (and start it) →
 //! join the directory → enroll in management → set the primary user. Post-provisioning (inside
 //! the guest, through the agent): hostname → user account → local admin → time zone → grow the
 //! disk → block inbound remote desktop. Assignment: the user gets the Cloud PC.
+//!
+//! A new step is one struct implementing [`ProvisioningStep`] and one entry in [`STEPS`]. Progress
+//! is stored by step name, so an upgrade that inserts or reorders steps resumes a Cloud PC at the
+//! step it was at. Every `run` is idempotent (the ids it uses were chosen and saved before), and
+//! every `undo` treats "already gone" as done; the workflow undoes a generation by running every
+//! step's `undo` in reverse order, whatever got done.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chrono::Utc;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use cloudpc_guest::{config as guest_config, GuestAgent};
-use cloudpc_hypervisor::{Boot, HypervisorError, NetworkSpec, NicSpec, VmSpec};
+use cloudpc_hypervisor::{Boot, Hypervisor, HypervisorError, NetworkSpec, NicSpec, VmSpec};
 use cloudpc_types::cloud_pc::{Device, ManagedDevice, ProvisioningStage, UserAccountType};
-use cloudpc_types::provisioning::CloudPcRecord;
+use cloudpc_types::provisioning::{BuildSpec, CloudPcRecord, Resources};
 
 use super::Outcome;
-use crate::App;
+use crate::{App, Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    AllocateCapacity,
-    CreateVm,
-    AttachNetwork,
-    JoinDirectory,
-    EnrollManagement,
-    SetPrimaryUser,
-    SetHostname,
-    CreateUserAccount,
-    AddLocalAdmin,
-    SetTimeZone,
-    GrowDisk,
-    BlockRemoteDesktop,
-    AssignUser,
+/// What a step runs with: the generation's spec, its resources as saved, and its host.
+pub struct StepContext<'a> {
+    pub app: &'a App,
+    pub spec: BuildSpec,
+    pub r: Resources,
+    pub domain: String,
+    /// `None` until a host is allocated.
+    pub hv: Option<&'a dyn Hypervisor>,
 }
 
-impl Step {
-    pub const ALL: [Step; 13] = [
-        Step::AllocateCapacity,
-        Step::CreateVm,
-        Step::AttachNetwork,
-        Step::JoinDirectory,
-        Step::EnrollManagement,
-        Step::SetPrimaryUser,
-        Step::SetHostname,
-        Step::CreateUserAccount,
-        Step::AddLocalAdmin,
-        Step::SetTimeZone,
-        Step::GrowDisk,
-        Step::BlockRemoteDesktop,
-        Step::AssignUser,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::AllocateCapacity => "allocateCapacity",
-            Step::CreateVm => "createVm",
-            Step::AttachNetwork => "attachNetwork",
-            Step::JoinDirectory => "joinDirectory",
-            Step::EnrollManagement => "enrollManagement",
-            Step::SetPrimaryUser => "setPrimaryUser",
-            Step::SetHostname => "setHostname",
-            Step::CreateUserAccount => "createUserAccount",
-            Step::AddLocalAdmin => "addLocalAdmin",
-            Step::SetTimeZone => "setTimeZone",
-            Step::GrowDisk => "growDisk",
-            Step::BlockRemoteDesktop => "blockRemoteDesktop",
-            Step::AssignUser => "assignUser",
-        }
+impl StepContext<'_> {
+    fn hv(&self) -> std::result::Result<&dyn Hypervisor, Outcome> {
+        self.hv.ok_or_else(|| Outcome::Failed("no host was allocated".into()))
     }
 
-    pub fn stage(self) -> ProvisioningStage {
-        match self {
-            Step::AllocateCapacity
-            | Step::CreateVm
-            | Step::AttachNetwork
-            | Step::JoinDirectory
-            | Step::EnrollManagement
-            | Step::SetPrimaryUser => ProvisioningStage::Core,
-            Step::AssignUser => ProvisioningStage::Assignment,
-            _ => ProvisioningStage::PostProvisioning,
-        }
+    fn guest(&self) -> std::result::Result<GuestAgent<'_>, Outcome> {
+        Ok(GuestAgent::new(self.hv()?, &self.domain))
     }
+}
+
+/// One provisioning step.
+#[async_trait]
+pub trait ProvisioningStep: Sync {
+    /// The name stored as progress and shown in `provisioningSteps`; never reused for another step.
+    fn name(&self) -> &'static str;
+    fn stage(&self) -> ProvisioningStage;
+    /// Does the step; running it again after it succeeded (or half ran) changes nothing more.
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome;
+    /// Undoes what `run` made, if anything; "already gone" counts as done.
+    async fn undo(&self, _cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The steps in order.
+pub static STEPS: [&dyn ProvisioningStep; 14] = [
+    &AllocateCapacity,
+    &TransferImage,
+    &CreateVm,
+    &AttachNetwork,
+    &JoinDirectory,
+    &EnrollManagement,
+    &SetPrimaryUser,
+    &SetHostname,
+    &CreateUserAccount,
+    &AddLocalAdmin,
+    &SetTimeZone,
+    &GrowDisk,
+    &BlockRemoteDesktop,
+    &AssignUser,
+];
+
+/// Progress once every step is done.
+pub const DONE: &str = "done";
+
+/// A step by name, with its position.
+pub fn step_named(name: &str) -> Option<(usize, &'static dyn ProvisioningStep)> {
+    STEPS.iter().enumerate().find(|(_, s)| s.name() == name).map(|(i, s)| (i, *s))
+}
+
+/// The name stored as progress after `name` succeeded (or failed in post-provisioning).
+pub fn after(name: &str) -> String {
+    match step_named(name) {
+        Some((i, _)) => STEPS.get(i + 1).map_or(DONE.to_string(), |s| s.name().to_string()),
+        None => DONE.to_string(),
+    }
+}
+
+fn hv_err(e: HypervisorError) -> Error {
+    Error::Conflict(e.to_string())
 }
 
 /// Longest wait for a freshly started guest's agent (TCG boots are slow).
@@ -116,6 +129,20 @@ macro_rules! tri {
     };
 }
 
+/// The hosted NAT network of a Cloud PC on `host`: a host behind an agent has a subnet of its
+/// own (so hosts never overlap); hosts in the control plane's process share one per region.
+pub fn host_network(host: &cloudpc_hypervisor::HostConfig, region: &str) -> NetworkSpec {
+    if host.subnet_index > 0 {
+        let i = host.subnet_index;
+        return NetworkSpec {
+            name: format!("cloudpc-host{i}"),
+            bridge: format!("cpchost{i:04x}"),
+            subnet: cloudpc_agent::protocol::host_subnet(i),
+        };
+    }
+    region_network(if region == "automatic" { &host.region } else { region })
+}
+
 /// The region's hosted NAT network: one per region, shared by every Cloud PC in it.
 pub fn region_network(region: &str) -> NetworkSpec {
     let digest = Sha256::digest(region.as_bytes());
@@ -132,264 +159,459 @@ fn one_time_password() -> String {
     (0..16).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
 }
 
-impl App {
-    pub(super) async fn run_step(&self, step: Step, rec: &mut CloudPcRecord) -> Outcome {
-        let Some(spec) = rec.state.spec.clone() else {
-            return Outcome::Failed("the Cloud PC has no build specification; reprovision it".into());
-        };
-        let r = rec.state.resources.clone();
-        let domain = r.domain.clone().unwrap_or_default();
-        if step != Step::AllocateCapacity && r.host.is_none() {
-            return Outcome::Failed("no host was allocated".into());
+/// How the VM boots: from its kernel (as its host has it) or through firmware.
+pub fn boot_of(spec: &BuildSpec, on_host: Option<&cloudpc_types::provisioning::ImageOnHost>) -> Boot {
+    match &spec.kernel {
+        Some(k) => Boot::Kernel {
+            kernel: on_host.and_then(|i| i.kernel.as_ref()).map_or(k.kernel.clone(), |f| f.path.clone()),
+            initrd: on_host.and_then(|i| i.initrd.as_ref()).map_or(k.initrd.clone(), |f| f.path.clone()),
+            cmdline: k.cmdline.clone(),
+        },
+        None => Boot::Firmware,
+    }
+}
+
+/// `tri!` for a step context: the outcome the context refused with.
+macro_rules! need {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(outcome) => return outcome,
         }
-        let hv = match r.host.as_deref().map(|h| self.host(h)) {
-            Some(Ok(h)) => Some(h),
-            Some(Err(e)) => return Outcome::Failed(e.to_string()),
-            None => None,
-        };
-        match step {
-            Step::AllocateCapacity => self.allocate(rec).await,
-            Step::CreateVm => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let disk = r.disk.clone().unwrap_or_default();
-                if let Err(e) = hv.create_overlay(&spec.image_disk, &disk, spec.storage_gib).await {
-                    return disk_failed(e, &disk);
-                }
-                let boot = match &spec.kernel {
-                    Some(k) => {
-                        Boot::Kernel { kernel: k.kernel.clone(), initrd: k.initrd.clone(), cmdline: k.cmdline.clone() }
-                    }
-                    None => Boot::Firmware,
-                };
-                let vm = VmSpec {
-                    name: domain.clone(),
-                    vcpus: spec.vcpus,
-                    memory_mib: spec.memory_mib,
-                    disk,
-                    boot,
-                    console_log: r.console_log.clone().unwrap_or_default(),
-                };
-                match hv.define_vm(&vm).await {
-                    Ok(()) => Outcome::Done {
-                        detail: Some(format!(
-                            "{domain} on {}: {} vCPU, {} MiB, {} GiB",
-                            hv.config().name,
-                            spec.vcpus,
-                            spec.memory_mib,
-                            spec.storage_gib
-                        )),
-                    },
-                    Err(e) => hv_failed(e),
-                }
-            }
-            Step::AttachNetwork => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let region = if spec.region == "automatic" { hv.config().region.clone() } else { spec.region.clone() };
-                let net = region_network(&region);
-                tri!(hv.ensure_network(&net).await);
-                let mac = r.mac.clone().unwrap_or_default();
-                // Isolated from the first packet: the guest boots onto the network right after.
-                let filter = tri!(hv.ensure_isolation_filter().await);
-                tri!(
-                    hv.attach_nic(
-                        &domain,
-                        &NicSpec { network: net.name.clone(), mac: mac.clone(), filter: Some(filter) }
-                    )
-                    .await
-                );
-                rec.state.resources.network = Some(net.name.clone());
-                tri!(hv.start(&domain).await);
-                Outcome::Done { detail: Some(format!("NIC {mac} on {} ({}.0/24); VM started", net.name, net.subnet)) }
-            }
-            Step::JoinDirectory => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let agent = GuestAgent::new(hv, &domain);
-                let waited = tri!(agent.wait_ready(BOOT_LIMIT).await);
-                rec.state.boot_ms = Some(waited.as_millis() as u64);
-                let os = tri!(agent.os_info().await);
-                let id = r.device_id.unwrap_or_default();
-                let device = Device {
-                    id,
-                    device_id: id,
-                    display_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
-                    operating_system: os["name"]
-                        .as_str()
-                        .or(os["kernel-release"].as_str())
-                        .unwrap_or("Linux")
-                        .to_string(),
-                    operating_system_version: os["kernel-release"].as_str().map(str::to_string),
-                    trust_type: "AzureAd".into(),
-                    account_enabled: true,
-                    registration_date_time: Utc::now(),
-                    cloud_pc_id: rec.pc.id,
-                };
-                tri!(self.store.put_device(&device).await);
+    };
+}
+
+struct AllocateCapacity;
+
+#[async_trait]
+impl ProvisioningStep for AllocateCapacity {
+    fn name(&self) -> &'static str {
+        "allocateCapacity"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        cx.app.allocate(rec).await
+    }
+    // The host is given up by the workflow after every other step's undo, which need it.
+}
+
+struct TransferImage;
+
+#[async_trait]
+impl ProvisioningStep for TransferImage {
+    fn name(&self) -> &'static str {
+        "transferImage"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let hv = need!(cx.hv());
+        if !hv.ships_images() {
+            return Outcome::Done { detail: Some("the host reads the image where cloudpc keeps it".into()) };
+        }
+        let started = std::time::Instant::now();
+        match cx.app.image_on_host(hv, &cx.spec).await {
+            Ok(on_host) => {
+                let short = on_host.disk.sha256[..12].to_string();
+                rec.state.resources.image_on_host = Some(on_host);
                 Outcome::Done {
-                    detail: Some(format!("guest agent answered after {} ms; device {id}", waited.as_millis())),
+                    detail: Some(format!(
+                        "image sha256:{short}… on {} after {} ms",
+                        hv.config().name,
+                        started.elapsed().as_millis()
+                    )),
                 }
             }
-            Step::EnrollManagement => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let agent = GuestAgent::new(hv, &domain);
-                let os = tri!(agent.os_info().await);
-                let fs = tri!(agent.fs_info().await);
-                let root =
-                    fs.as_array().and_then(|l| l.iter().find(|f| f["mountpoint"] == "/")).cloned().unwrap_or_default();
-                let os_version = os["kernel-release"].as_str().map(str::to_string);
-                let device = ManagedDevice {
-                    id: r.managed_device_id.unwrap_or_default(),
-                    device_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
-                    azure_ad_device_id: r.device_id.unwrap_or_default(),
-                    operating_system: os["name"].as_str().unwrap_or("Linux").to_string(),
-                    os_version: os_version.clone(),
-                    management_agent: "cloudpc".into(),
-                    enrolled_date_time: Utc::now(),
-                    user_id: None,
-                    user_principal_name: None,
-                    total_storage_space_in_bytes: root["total-bytes"].as_u64(),
-                    free_storage_space_in_bytes: match (root["total-bytes"].as_u64(), root["used-bytes"].as_u64()) {
-                        (Some(t), Some(u)) => Some(t.saturating_sub(u)),
-                        _ => None,
-                    },
-                    cloud_pc_id: rec.pc.id,
-                };
-                tri!(self.store.put_managed_device(&device).await);
-                rec.pc.os_version = os_version;
-                Outcome::Done { detail: Some(format!("managed device {}", device.id)) }
-            }
-            Step::SetPrimaryUser => {
-                let user = tri!(self.store.get_user(rec.state.user_id).await);
-                let id = r.managed_device_id.unwrap_or_default();
-                let mut device = match self.store.get_managed_device(id).await {
-                    Ok(d) => d,
-                    Err(_) => return Outcome::Failed("the managed device record is missing".into()),
-                };
-                device.user_id = Some(user.id);
-                device.user_principal_name = Some(user.user_principal_name.clone());
-                tri!(self.store.put_managed_device(&device).await);
-                Outcome::Done { detail: Some(format!("primary user {}", user.user_principal_name)) }
-            }
-            Step::SetHostname => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let name = rec.pc.managed_device_name.clone().unwrap_or_default();
-                tri!(guest_config::set_hostname(&GuestAgent::new(hv, &domain), &name).await);
-                Outcome::Done { detail: Some(name) }
-            }
-            Step::CreateUserAccount => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let user = tri!(self.store.get_user(rec.state.user_id).await);
-                let username = guest_config::linux_username(&user.user_principal_name);
-                let password = rec.state.initial_password.clone().unwrap_or_else(one_time_password);
-                let hash = tri!(guest_config::hash_password(&password));
-                tri!(
-                    guest_config::create_user(&GuestAgent::new(hv, &domain), &username, &user.display_name, &hash)
-                        .await
-                );
-                rec.state.initial_password = Some(password);
-                rec.state.resources.username = Some(username.clone());
-                Outcome::Done { detail: Some(format!("account {username} with a one-time password")) }
-            }
-            Step::AddLocalAdmin => {
-                if !spec.local_admin {
-                    rec.pc.user_account_type = UserAccountType::StandardUser;
-                    return Outcome::Done {
-                        detail: Some("skipped: the policy does not make users local administrators".into()),
-                    };
-                }
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let Some(username) = r.username.clone() else {
-                    return Outcome::Failed("the user account was not created".into());
-                };
-                tri!(guest_config::add_to_admin_group(&GuestAgent::new(hv, &domain), &username).await);
-                rec.pc.user_account_type = UserAccountType::Administrator;
-                Outcome::Done { detail: Some(format!("{username} is in wheel")) }
-            }
-            Step::SetTimeZone => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let zone = spec.time_zone.clone().unwrap_or_else(|| "UTC".into());
-                tri!(guest_config::set_time_zone(&GuestAgent::new(hv, &domain), &zone).await);
-                Outcome::Done { detail: Some(zone) }
-            }
-            Step::GrowDisk => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let size = tri!(guest_config::grow_root_filesystem(&GuestAgent::new(hv, &domain)).await);
-                let want = spec.storage_gib << 30;
-                // ext4 keeps journal and inode tables out of its size: 80% of the disk means grown.
-                if size < want / 100 * 80 {
-                    return Outcome::Failed(format!(
-                        "the root filesystem is {size} bytes after growing; the license gives {want}"
-                    ));
-                }
-                Outcome::Done { detail: Some(format!("root filesystem {size} bytes")) }
-            }
-            Step::BlockRemoteDesktop => {
-                let Some(hv) = hv else { return Outcome::Failed("no host".into()) };
-                let filter = tri!(hv.ensure_block_rdp_filter().await);
-                let nic = NicSpec {
-                    network: r.network.clone().unwrap_or_default(),
-                    mac: r.mac.clone().unwrap_or_default(),
-                    filter: Some(filter.clone()),
-                };
-                tri!(hv.set_nic_filter(&domain, &nic).await);
-                Outcome::Done { detail: Some(format!("inbound TCP/UDP 3389 dropped by nwfilter {filter}")) }
-            }
-            Step::AssignUser => {
-                let user = tri!(self.store.get_user(rec.state.user_id).await);
-                rec.pc.user_principal_name = user.user_principal_name.clone();
-                Outcome::Done { detail: Some(format!("assigned to {}", user.user_principal_name)) }
-            }
+            Err(e) => Outcome::Failed(e.to_string()),
         }
     }
+    // Cached images belong to the host, not to one Cloud PC: the monitor removes those no Cloud
+    // PC there needs.
+}
 
-    /// Picks the host in the region with the most free memory that fits the Cloud PC.
+struct CreateVm;
+
+#[async_trait]
+impl ProvisioningStep for CreateVm {
+    fn name(&self) -> &'static str {
+        "createVm"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    async fn run(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Outcome {
+        let hv = need!(cx.hv());
+        let spec = &cx.spec;
+        let disk = cx.r.disk.clone().unwrap_or_default();
+        let on_host = cx.r.image_on_host.as_ref();
+        let base = on_host.map_or(spec.image_disk.clone(), |i| i.disk.path.clone());
+        if let Err(e) = hv.create_overlay(&base, &disk, spec.storage_gib).await {
+            return disk_failed(e, &disk);
+        }
+        let boot = boot_of(spec, on_host);
+        let vm = VmSpec {
+            name: cx.domain.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disk,
+            boot,
+            console_log: cx.r.console_log.clone().unwrap_or_default(),
+        };
+        match hv.define_vm(&vm).await {
+            Ok(()) => Outcome::Done {
+                detail: Some(format!(
+                    "{} on {}: {} vCPU, {} MiB, {} GiB",
+                    cx.domain,
+                    hv.config().name,
+                    spec.vcpus,
+                    spec.memory_mib,
+                    spec.storage_gib
+                )),
+            },
+            Err(e) => hv_failed(e),
+        }
+    }
+    async fn undo(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Result<()> {
+        let Some(hv) = cx.hv else { return Ok(()) };
+        if !cx.domain.is_empty() {
+            hv.remove_vm(&cx.domain).await.map_err(hv_err)?;
+        }
+        for file in [cx.r.disk.as_deref(), cx.r.console_log.as_deref()].into_iter().flatten() {
+            hv.remove_file(file).await.map_err(hv_err)?;
+            hv.remove_file(&file.with_extension("qcow2.partial")).await.map_err(hv_err)?;
+        }
+        Ok(())
+    }
+}
+
+struct AttachNetwork;
+
+#[async_trait]
+impl ProvisioningStep for AttachNetwork {
+    fn name(&self) -> &'static str {
+        "attachNetwork"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let hv = need!(cx.hv());
+        let net = host_network(hv.config(), &cx.spec.region);
+        tri!(hv.ensure_network(&net).await);
+        let mac = cx.r.mac.clone().unwrap_or_default();
+        // Isolated from the first packet: the guest boots onto the network right after.
+        let filter = tri!(hv.ensure_isolation_filter().await);
+        tri!(
+            hv.attach_nic(&cx.domain, &NicSpec { network: net.name.clone(), mac: mac.clone(), filter: Some(filter) })
+                .await
+        );
+        rec.state.resources.network = Some(net.name.clone());
+        tri!(hv.start(&cx.domain).await);
+        Outcome::Done { detail: Some(format!("NIC {mac} on {} ({}.0/24); VM started", net.name, net.subnet)) }
+    }
+    async fn undo(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Result<()> {
+        if let (Some(hv), Some(mac)) = (cx.hv, cx.r.mac.as_deref()) {
+            if !cx.domain.is_empty() {
+                hv.detach_nic(&cx.domain, mac).await.map_err(hv_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct JoinDirectory;
+
+#[async_trait]
+impl ProvisioningStep for JoinDirectory {
+    fn name(&self) -> &'static str {
+        "joinDirectory"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let agent = need!(cx.guest());
+        let waited = tri!(agent.wait_ready(BOOT_LIMIT).await);
+        rec.state.boot_ms = Some(waited.as_millis() as u64);
+        let os = tri!(agent.os_info().await);
+        let id = cx.r.device_id.unwrap_or_default();
+        let device = Device {
+            id,
+            device_id: id,
+            display_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
+            operating_system: os["name"].as_str().or(os["kernel-release"].as_str()).unwrap_or("Linux").to_string(),
+            operating_system_version: os["kernel-release"].as_str().map(str::to_string),
+            trust_type: "AzureAd".into(),
+            account_enabled: true,
+            registration_date_time: Utc::now(),
+            cloud_pc_id: rec.pc.id,
+        };
+        tri!(cx.app.store.put_device(&device).await);
+        Outcome::Done { detail: Some(format!("guest agent answered after {} ms; device {id}", waited.as_millis())) }
+    }
+    async fn undo(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Result<()> {
+        if let Some(id) = cx.r.device_id {
+            cx.app.store.delete_device(id).await?;
+        }
+        Ok(())
+    }
+}
+
+struct EnrollManagement;
+
+#[async_trait]
+impl ProvisioningStep for EnrollManagement {
+    fn name(&self) -> &'static str {
+        "enrollManagement"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let agent = need!(cx.guest());
+        let os = tri!(agent.os_info().await);
+        let fs = tri!(agent.fs_info().await);
+        let root = fs.as_array().and_then(|l| l.iter().find(|f| f["mountpoint"] == "/")).cloned().unwrap_or_default();
+        let os_version = os["kernel-release"].as_str().map(str::to_string);
+        let device = ManagedDevice {
+            id: cx.r.managed_device_id.unwrap_or_default(),
+            device_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
+            azure_ad_device_id: cx.r.device_id.unwrap_or_default(),
+            operating_system: os["name"].as_str().unwrap_or("Linux").to_string(),
+            os_version: os_version.clone(),
+            management_agent: "cloudpc".into(),
+            enrolled_date_time: Utc::now(),
+            user_id: None,
+            user_principal_name: None,
+            total_storage_space_in_bytes: root["total-bytes"].as_u64(),
+            free_storage_space_in_bytes: match (root["total-bytes"].as_u64(), root["used-bytes"].as_u64()) {
+                (Some(t), Some(u)) => Some(t.saturating_sub(u)),
+                _ => None,
+            },
+            cloud_pc_id: rec.pc.id,
+        };
+        tri!(cx.app.store.put_managed_device(&device).await);
+        rec.pc.os_version = os_version;
+        Outcome::Done { detail: Some(format!("managed device {}", device.id)) }
+    }
+    async fn undo(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Result<()> {
+        if let Some(id) = cx.r.managed_device_id {
+            cx.app.store.delete_managed_device(id).await?;
+        }
+        Ok(())
+    }
+}
+
+struct SetPrimaryUser;
+
+#[async_trait]
+impl ProvisioningStep for SetPrimaryUser {
+    fn name(&self) -> &'static str {
+        "setPrimaryUser"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let user = tri!(cx.app.store.get_user(rec.state.user_id).await);
+        let id = cx.r.managed_device_id.unwrap_or_default();
+        let mut device = match cx.app.store.get_managed_device(id).await {
+            Ok(d) => d,
+            Err(_) => return Outcome::Failed("the managed device record is missing".into()),
+        };
+        device.user_id = Some(user.id);
+        device.user_principal_name = Some(user.user_principal_name.clone());
+        tri!(cx.app.store.put_managed_device(&device).await);
+        Outcome::Done { detail: Some(format!("primary user {}", user.user_principal_name)) }
+    }
+    // The primary user is a field of the managed device, which enrollManagement's undo removes.
+}
+
+struct SetHostname;
+
+#[async_trait]
+impl ProvisioningStep for SetHostname {
+    fn name(&self) -> &'static str {
+        "setHostname"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::PostProvisioning
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let name = rec.pc.managed_device_name.clone().unwrap_or_default();
+        tri!(guest_config::set_hostname(&need!(cx.guest()), &name).await);
+        Outcome::Done { detail: Some(name) }
+    }
+    // Inside the guest: gone with the VM.
+}
+
+struct CreateUserAccount;
+
+#[async_trait]
+impl ProvisioningStep for CreateUserAccount {
+    fn name(&self) -> &'static str {
+        "createUserAccount"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::PostProvisioning
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let agent = need!(cx.guest());
+        let user = tri!(cx.app.store.get_user(rec.state.user_id).await);
+        let username = guest_config::linux_username(&user.user_principal_name);
+        let password = rec.state.initial_password.clone().unwrap_or_else(one_time_password);
+        let hash = tri!(guest_config::hash_password(&password));
+        tri!(guest_config::create_user(&agent, &username, &user.display_name, &hash).await);
+        rec.state.initial_password = Some(password);
+        rec.state.resources.username = Some(username.clone());
+        Outcome::Done { detail: Some(format!("account {username} with a one-time password")) }
+    }
+}
+
+struct AddLocalAdmin;
+
+#[async_trait]
+impl ProvisioningStep for AddLocalAdmin {
+    fn name(&self) -> &'static str {
+        "addLocalAdmin"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::PostProvisioning
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        if !cx.spec.local_admin {
+            rec.pc.user_account_type = UserAccountType::StandardUser;
+            return Outcome::Done {
+                detail: Some("skipped: the policy does not make users local administrators".into()),
+            };
+        }
+        let agent = need!(cx.guest());
+        let Some(username) = rec.state.resources.username.clone() else {
+            return Outcome::Failed("the user account was not created".into());
+        };
+        tri!(guest_config::add_to_admin_group(&agent, &username).await);
+        rec.pc.user_account_type = UserAccountType::Administrator;
+        Outcome::Done { detail: Some(format!("{username} is in wheel")) }
+    }
+}
+
+struct SetTimeZone;
+
+#[async_trait]
+impl ProvisioningStep for SetTimeZone {
+    fn name(&self) -> &'static str {
+        "setTimeZone"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::PostProvisioning
+    }
+    async fn run(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Outcome {
+        let zone = cx.spec.time_zone.clone().unwrap_or_else(|| "UTC".into());
+        tri!(guest_config::set_time_zone(&need!(cx.guest()), &zone).await);
+        Outcome::Done { detail: Some(zone) }
+    }
+}
+
+struct GrowDisk;
+
+#[async_trait]
+impl ProvisioningStep for GrowDisk {
+    fn name(&self) -> &'static str {
+        "growDisk"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::PostProvisioning
+    }
+    async fn run(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Outcome {
+        let size = tri!(guest_config::grow_root_filesystem(&need!(cx.guest())).await);
+        let want = cx.spec.storage_gib << 30;
+        // ext4 keeps journal and inode tables out of its size: 80% of the disk means grown.
+        if size < want / 100 * 80 {
+            return Outcome::Failed(format!(
+                "the root filesystem is {size} bytes after growing; the license gives {want}"
+            ));
+        }
+        Outcome::Done { detail: Some(format!("root filesystem {size} bytes")) }
+    }
+}
+
+struct BlockRemoteDesktop;
+
+#[async_trait]
+impl ProvisioningStep for BlockRemoteDesktop {
+    fn name(&self) -> &'static str {
+        "blockRemoteDesktop"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::PostProvisioning
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let hv = need!(cx.hv());
+        let filter = tri!(hv.ensure_block_rdp_filter().await);
+        let nic = NicSpec {
+            network: rec.state.resources.network.clone().unwrap_or_default(),
+            mac: cx.r.mac.clone().unwrap_or_default(),
+            filter: Some(filter.clone()),
+        };
+        tri!(hv.set_nic_filter(&cx.domain, &nic).await);
+        Outcome::Done { detail: Some(format!("inbound TCP/UDP 3389 dropped by nwfilter {filter}")) }
+    }
+}
+
+struct AssignUser;
+
+#[async_trait]
+impl ProvisioningStep for AssignUser {
+    fn name(&self) -> &'static str {
+        "assignUser"
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Assignment
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        let user = tri!(cx.app.store.get_user(rec.state.user_id).await);
+        rec.pc.user_principal_name = user.user_principal_name.clone();
+        Outcome::Done { detail: Some(format!("assigned to {}", user.user_principal_name)) }
+    }
+}
+
+impl App {
+    /// Places the Cloud PC on a ready host of its region with room for its size, the one with
+    /// the most free memory (spreading load, as nova's default RAM weigher does); with none, the
+    /// Cloud PC waits with the reason and is tried again when something changes.
     async fn allocate(&self, rec: &mut CloudPcRecord) -> Outcome {
         if rec.state.resources.host.is_some() {
             return Outcome::Done { detail: rec.state.resources.host.clone() };
         }
         let Some(spec) = rec.state.spec.clone() else { return Outcome::Failed("no build specification".into()) };
-        let candidates: Vec<_> =
-            self.hosts.iter().filter(|h| spec.region == "automatic" || h.config().region == spec.region).collect();
-        if candidates.is_empty() {
-            return Outcome::Wait(format!("no host serves region '{}'", spec.region));
-        }
-        // Held in the database: replicas allocating at the same moment take turns.
+        // Held in the database: replicas allocating at the same moment take turns, and each sees
+        // the hosts the previous one chose (they are summed from the stored Cloud PCs).
         let _lock = tri!(self.store.lock_allocation().await);
-        // TODO-perf: reads every Cloud PC to sum what each host has promised; a per-host sum in
-        // SQL (columns for host and size) would do for tens of thousands.
-        let records = tri!(self.store.list_cloud_pc_records().await);
-        let mut used: HashMap<String, (u64, u64, u64)> = HashMap::new();
-        for other in records.iter().filter(|o| o.pc.id != rec.pc.id) {
-            if let (Some(h), Some(s)) = (&other.state.resources.host, &other.state.spec) {
-                let e = used.entry(h.clone()).or_default();
-                e.0 += u64::from(s.vcpus);
-                e.1 += s.memory_mib;
-                e.2 += s.storage_gib;
-            }
+        let (candidates, why_none) = tri!(self.placement_candidates(&spec.region).await);
+        if let Some(reason) = why_none {
+            return Outcome::Wait(format!("waiting for a host: {reason}"));
         }
         let best = candidates
             .iter()
-            .filter_map(|h| {
-                let c = h.config().capacity;
-                let u = used.get(&h.config().name).copied().unwrap_or_default();
-                // Disks are thin overlays: a license's size is what the guest may grow into,
-                // not what it takes at once, so the host promises its disk times the overcommit
-                // ratio (as OpenStack's disk_allocation_ratio does).
-                let disk = (c.disk_gib as f64 * self.config.disk_overcommit).floor() as u64;
-                let fits = u.0 + u64::from(spec.vcpus) <= u64::from(c.vcpus)
-                    && u.1 + spec.memory_mib <= c.memory_mib
-                    && u.2 + spec.storage_gib <= disk;
-                fits.then(|| (c.memory_mib - u.1, h.config().name.clone()))
+            .filter_map(|(name, cap, used)| {
+                let fits = used.vcpus + u64::from(spec.vcpus) <= cap.v_cpu_count
+                    && used.memory_mib + spec.memory_mib <= cap.memory_in_mb
+                    && used.storage_gib + spec.storage_gib <= cap.disk_in_gb;
+                fits.then(|| (cap.memory_in_mb - used.memory_mib, std::cmp::Reverse(used.cloud_pcs), name.clone()))
             })
             .max();
         match best {
-            Some((_, name)) => {
+            Some((_, _, name)) => {
                 rec.state.resources.host = Some(name.clone());
                 // Persisted under the lock, so the next allocation counts this one.
                 tri!(self.save_workflow(rec, None).await);
                 Outcome::Done { detail: Some(format!("host {name}")) }
             }
             None => Outcome::Wait(format!(
-                "waiting for capacity: no host in region '{}' has {} vCPU, {} MiB RAM and {} GiB of (thin, {}x \
+                "waiting for capacity: no ready host in region '{}' has {} vCPU, {} MiB RAM and {} GiB of (thin, {}x \
                  overcommitted) disk free",
                 spec.region, spec.vcpus, spec.memory_mib, spec.storage_gib, self.config.disk_overcommit
             )),

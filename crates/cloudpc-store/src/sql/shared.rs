@@ -27,14 +27,15 @@ use cloudpc_types::audit::AuditEvent;
 use cloudpc_types::auth::ApiToken;
 use cloudpc_types::cloud_pc::{CloudPc, Device, ManagedDevice, ProvisioningStepRecord};
 use cloudpc_types::directory::{Group, User};
+use cloudpc_types::hosts::Host;
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
 use cloudpc_types::policy::ProvisioningPolicy;
 use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot, Phase, ProvisioningState};
 
 use crate::{
-    image_table, AllocationGuard, FieldEquals, LicenseGrant, Listing, LockoutRule, Result, Store, StoreError,
-    StoredAssignment,
+    image_table, AllocationGuard, FieldEquals, HostRow, HostUsage, LicenseGrant, Listing, LockoutRule, Result, Store,
+    StoreError, StoredAssignment,
 };
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -57,7 +58,7 @@ trait Versioned: DeserializeOwned {
 macro_rules! versioned {
     ($($t:ty),*) => { $(impl Versioned for $t { fn set_row_version(&mut self, v: u64) { self.row_version = v; } })* };
 }
-versioned!(User, Group, SubscribedSku, ProvisioningPolicy, DeviceImage);
+versioned!(User, Group, SubscribedSku, ProvisioningPolicy, DeviceImage, Host);
 
 impl TheStore {
     /// Runs `f` in a transaction with the audit event, on a task of its own. A caller that goes
@@ -351,8 +352,36 @@ async fn refuse_if_cloud_pcs_use(conn: &mut Conn, image_id: &str) -> Result<()> 
     )))
 }
 
+/// Inserts a host under the rules lock, with the next free subnet index unless it names one.
+async fn insert_host(conn: &mut Conn, host: &Host) -> Result<Host> {
+    lock_rules(conn).await?;
+    let mut host = host.clone();
+    if host.subnet_index == 0 && host.agent_address.is_some() {
+        let row =
+            sqlx::query("SELECT COALESCE(MAX(subnet_index), 0) + 1 AS n FROM hosts").fetch_one(&mut *conn).await?;
+        host.subnet_index = row.get::<i64, _>("n") as u32;
+    }
+    let name = host.display_name.clone();
+    sqlx::query("INSERT INTO hosts (id, name, subnet_index, created_at, body, version) VALUES ($1, $2, $3, $4, $5, 1)")
+        .bind(host.id.to_string())
+        .bind(&host.display_name)
+        .bind(host.subnet_index as i64)
+        .bind(ts(host.created_date_time))
+        .bind(encode(&host))
+        .execute(conn)
+        .await
+        .map_err(|e| unique_violation(e, || format!("a host named '{name}' exists already; choose another name")))?;
+    host.row_version = 1;
+    Ok(host)
+}
+
 fn quoted(names: &[String]) -> String {
     names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+}
+
+/// What a Cloud PC takes of its host (vCPUs, MiB, GiB), for the per-host sums.
+fn size(r: &CloudPcRecord) -> (i64, i64, i64) {
+    r.state.spec.as_ref().map_or((0, 0, 0), |s| (i64::from(s.vcpus), s.memory_mib as i64, s.storage_gib as i64))
 }
 
 fn record_from_row(row: &DbRow) -> Result<CloudPcRecord> {
@@ -1031,8 +1060,9 @@ impl Store for TheStore {
         self.write(audit, move |c| {
             Box::pin(async move {
                 sqlx::query(
-                    "INSERT INTO cloud_pcs (id, user_id, sku_id, policy_id, created_at, body, state, image_id, phase, version)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1)",
+                    "INSERT INTO cloud_pcs (id, user_id, sku_id, policy_id, created_at, body, state, image_id, phase, version,
+                                            host, vcpus, memory_mib, storage_gib)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13)",
                 )
                 .bind(r.pc.id.to_string())
                 .bind(r.state.user_id.to_string())
@@ -1043,6 +1073,10 @@ impl Store for TheStore {
                 .bind(encode(&r.state))
                 .bind(r.state.spec.as_ref().map(|s| s.image_id.clone()))
                 .bind(phase_name(r.state.phase))
+                .bind(r.state.resources.host.clone())
+                .bind(size(&r).0)
+                .bind(size(&r).1)
+                .bind(size(&r).2)
                 .execute(c)
                 .await
                 .map_err(|e| unique_violation(e, || "the user already has a Cloud PC for this license".into()))?;
@@ -1069,7 +1103,8 @@ impl Store for TheStore {
             Box::pin(async move {
                 let id = r.pc.id.to_string();
                 let done = sqlx::query(
-                    "UPDATE cloud_pcs SET policy_id = $2, body = $3, state = $4, image_id = $5, phase = $6, version = version + 1
+                    "UPDATE cloud_pcs SET policy_id = $2, body = $3, state = $4, image_id = $5, phase = $6, version = version + 1,
+                                          host = $10, vcpus = $11, memory_mib = $12, storage_gib = $13
                      WHERE id = $1 AND version = $7 AND ($8 IS NULL OR (lease_owner = $8 AND lease_expires_at > $9))",
                 )
                 .bind(&id)
@@ -1081,6 +1116,10 @@ impl Store for TheStore {
                 .bind(r.version as i64)
                 .bind(lease.clone())
                 .bind(ts(Utc::now()))
+                .bind(r.state.resources.host.clone())
+                .bind(size(&r).0)
+                .bind(size(&r).1)
+                .bind(size(&r).2)
                 .execute(&mut *c)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -1292,6 +1331,152 @@ impl Store for TheStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(token_from_row).collect()
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<HostRow>> {
+        let rows = sqlx::query("SELECT body, version, report, heartbeat_at FROM hosts ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HostRow {
+                    host: versioned_from_row(r)?,
+                    report: r.get::<Option<String>, _>("report").map(|t| decode(&t)).transpose()?,
+                    heartbeat: get_opt_ts(r, "heartbeat_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_host(&self, host: &Host, audit: Option<&AuditEvent>) -> Result<Host> {
+        let host = host.clone();
+        self.write(audit, move |c| Box::pin(async move { insert_host(c, &host).await })).await
+    }
+
+    async fn join_host(&self, token_sha256: &str, host: &Host, audit: &AuditEvent) -> Result<Host> {
+        let (hash, host) = (token_sha256.to_string(), host.clone());
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                // DELETE … RETURNING: of two hosts joining with one token, one gets the row.
+                let row = sqlx::query("DELETE FROM host_join_tokens WHERE secret_sha256 = $1 RETURNING region, expires_at")
+                    .bind(&hash)
+                    .fetch_optional(&mut *c)
+                    .await?;
+                let refused = || StoreError::Conflict("the join token is not valid: it is unknown, used already, or expired; ask an administrator for a new one".into());
+                let Some(row) = row else { return Err(refused()) };
+                if get_ts(&row, "expires_at")? <= Utc::now() {
+                    return Err(refused());
+                }
+                let mut host = host;
+                host.region = row.get::<String, _>("region");
+                insert_host(c, &host).await
+            })
+        })
+        .await
+    }
+
+    async fn update_host(&self, host: &Host, audit: &AuditEvent) -> Result<()> {
+        let (id, body, version) = (host.id.to_string(), encode(host), host.row_version);
+        self.write(Some(audit), move |c| {
+            Box::pin(async move { update_versioned(c, "hosts", "host", &id, version, body).await })
+        })
+        .await
+    }
+
+    async fn delete_host(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                lock_rules(c).await?;
+                let row = sqlx::query("SELECT name FROM hosts WHERE id = $1").bind(&id).fetch_optional(&mut *c).await?;
+                let Some(row) = row else { return Err(StoreError::not_found("host", &id)) };
+                let name = row.get::<String, _>("name");
+                let n = sqlx::query("SELECT COUNT(*) AS n FROM cloud_pcs WHERE host = $1")
+                    .bind(&name)
+                    .fetch_one(&mut *c)
+                    .await?
+                    .get::<i64, _>("n");
+                if n > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "host '{name}' still has {n} Cloud PC(s); drain or evacuate it first"
+                    )));
+                }
+                delete_row(c, "hosts", "host", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn record_host_report(&self, id: Uuid, report: &serde_json::Value, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE hosts SET report = $2, heartbeat_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(report.to_string())
+            .bind(ts(at))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn host_usage(&self) -> Result<HashMap<String, HostUsage>> {
+        let rows = sqlx::query(
+            "SELECT host, COUNT(*) AS n, CAST(SUM(vcpus) AS BIGINT) AS vcpus, CAST(SUM(memory_mib) AS BIGINT) AS memory_mib,
+                    CAST(SUM(storage_gib) AS BIGINT) AS storage_gib
+             FROM cloud_pcs WHERE host IS NOT NULL GROUP BY host",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let num = |r: &DbRow, c: &str| {
+            r.try_get::<i64, _>(c).or_else(|_| r.try_get::<Option<i64>, _>(c).map(Option::unwrap_or_default))
+        };
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.get::<String, _>("host"),
+                    HostUsage {
+                        cloud_pcs: num(r, "n")? as u64,
+                        vcpus: num(r, "vcpus")? as u64,
+                        memory_mib: num(r, "memory_mib")? as u64,
+                        storage_gib: num(r, "storage_gib")? as u64,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn put_join_token(
+        &self,
+        secret_sha256: &str,
+        region: &str,
+        expires: DateTime<Utc>,
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let (hash, region) = (secret_sha256.to_string(), region.to_string());
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                sqlx::query("DELETE FROM host_join_tokens WHERE expires_at < $1")
+                    .bind(ts(Utc::now()))
+                    .execute(&mut *c)
+                    .await?;
+                sqlx::query("INSERT INTO host_join_tokens (secret_sha256, region, expires_at) VALUES ($1, $2, $3)")
+                    .bind(hash)
+                    .bind(region)
+                    .bind(ts(expires))
+                    .execute(c)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn init_secret(&self, name: &str, value: &str) -> Result<String> {
+        sqlx::query("INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query("SELECT value FROM secrets WHERE name = $1").bind(name).fetch_one(&self.pool).await?;
+        Ok(row.get::<String, _>("value"))
     }
 
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {

@@ -11,6 +11,7 @@ mod directory;
 mod disk_space;
 mod guest_steps;
 mod hardening;
+mod hosts;
 mod hypervisor;
 mod image_import;
 mod images;

@@ -434,7 +434,7 @@ async fn test_vm_gateway_relays_the_console_with_single_use_tickets() {
 }
 
 /// The built portal and its npm packages (scripts/test.sh builds them).
-fn web_dir() -> std::path::PathBuf {
+pub(crate) fn web_dir() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
     assert!(
         dir.join("dist/index.html").exists() && dir.join("node_modules/playwright-core").exists(),
@@ -445,7 +445,7 @@ fn web_dir() -> std::path::PathBuf {
 
 /// Runs one of web/tests/*.mjs in headless Chromium with `env`, saving a screenshot under
 /// target/test-artifacts/; fails the test with the script's output if it fails.
-async fn browser_test(script: &str, env: &[(&str, &str)], screenshot: &str) -> String {
+pub(crate) async fn browser_test(script: &str, env: &[(&str, &str)], screenshot: &str) -> String {
     let web = web_dir();
     let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts").join(screenshot);
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
