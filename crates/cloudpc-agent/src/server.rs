@@ -418,3 +418,71 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, tls: rustls::Server
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulated::SimulatedHost;
+    use cloudpc_hypervisor::HostConfig;
+    use sha2::Digest;
+
+    fn agent(dir: &Path) -> Arc<Agent> {
+        let capacity = Capacity { vcpus: 4, memory_mib: 4096, disk_gib: 10 };
+        let config =
+            HostConfig { name: "hv".into(), uri: "test:///".into(), region: "r".into(), capacity, subnet_index: 1 };
+        Agent::new(
+            AgentConfig {
+                name: "hv".into(),
+                domain_prefix: "p-".into(),
+                disks_dir: dir.join("disks"),
+                images_dir: dir.join("images"),
+                fence_after: Duration::from_secs(60),
+                accelerator: "tcg".into(),
+                capacity,
+                simulated: false,
+            },
+            Arc::new(SimulatedHost::new(config, Duration::ZERO)),
+        )
+    }
+
+    #[tokio::test]
+    async fn test_an_image_is_kept_only_when_it_arrives_with_the_digest_it_was_sent_as() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let bytes = b"a base image".to_vec();
+        let good = format!("{:x}", sha2::Sha256::digest(&bytes));
+        let bad = format!("{:x}", sha2::Sha256::digest(b"something else"));
+        let r = receive_image(State(a.clone()), UrlPath(bad.clone()), Body::from(bytes.clone())).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(std::fs::read_dir(dir.path().join("images")).unwrap().count(), 0, "nothing left behind");
+        let r = receive_image(State(a.clone()), UrlPath("../../etc/passwd".into()), Body::from(bytes.clone())).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = receive_image(State(a.clone()), UrlPath(good.clone()), Body::from(bytes.clone())).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(std::fs::read(dir.path().join("images").join(&good)).unwrap(), bytes);
+        assert_eq!(has_image(State(a.clone()), UrlPath(good)).await.status(), StatusCode::OK);
+        assert_eq!(has_image(State(a), UrlPath(bad)).await.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn test_retain_removes_old_images_not_kept_and_spares_fresh_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let name = |c: char| std::iter::repeat_n(c, 64).collect::<String>();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for (n, modified) in [(name('a'), old), (name('b'), old), (name('c'), std::time::SystemTime::now())] {
+            let f = std::fs::File::create(images.join(&n)).unwrap();
+            f.set_modified(modified).unwrap();
+        }
+        let r = retain_images(State(a), Json(Retain { keep: vec![name('a')] })).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let mut left: Vec<String> = std::fs::read_dir(&images)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![name('a'), name('c')], "kept, and too fresh to judge");
+    }
+}

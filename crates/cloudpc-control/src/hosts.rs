@@ -321,6 +321,7 @@ impl App {
 
     async fn poll_hosts(&self) {
         self.report_local_hosts().await;
+        let mut reported: Vec<(String, Vec<String>)> = Vec::new();
         let mut polls = tokio::task::JoinSet::new();
         for (host, remote) in self.hosts.remotes() {
             polls.spawn(async move { (host, remote.status().await) });
@@ -333,12 +334,24 @@ impl App {
                     if let Err(e) = self.store.record_host_report(host.id, &value, Utc::now()).await {
                         tracing::warn!(host = %host.display_name, error = %e, "could not record a host report");
                     }
-                    let names: Vec<String> = report.vms.iter().map(|v| v.name.clone()).collect();
-                    if let Err(e) = self.remove_orphans(&host.display_name, &names).await {
-                        tracing::warn!(host = %host.display_name, error = %e, "could not remove orphaned VMs");
+                    if !report.vms.is_empty() {
+                        reported.push((host.display_name.clone(), report.vms.iter().map(|v| v.name.clone()).collect()));
                     }
                 }
                 Err(e) => tracing::debug!(host = %host.display_name, error = %e, "host agent did not report"),
+            }
+        }
+        // The Cloud PCs are read once for all hosts: with thousands, a read per host is the cost.
+        if !reported.is_empty() {
+            match self.store.list_cloud_pc_records().await {
+                Ok(records) => {
+                    for (host, names) in &reported {
+                        if let Err(e) = self.remove_orphans(host, names, &records).await {
+                            tracing::warn!(%host, error = %e, "could not remove orphaned VMs");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the Cloud PCs to look for orphaned VMs"),
             }
         }
     }

@@ -184,6 +184,10 @@ pub struct App {
     /// Image versions whose check runs in this process now (a check is also leased, for the
     /// other replicas).
     checks_running: Arc<Mutex<HashSet<(Uuid, String)>>>,
+    /// Allocations in this process take turns before they take the database's allocation lock,
+    /// so that waiters do not each hold a pooled connection while the holder needs one. The
+    /// database lock decides between replicas; this only keeps the pool free.
+    allocation_gate: Arc<tokio::sync::Mutex<()>>,
     /// Custom-image test boots take turns.
     image_boots: Arc<tokio::sync::Mutex<()>>,
     /// sha256 of base image files, by path, with the size and time they had when hashed.
@@ -226,6 +230,7 @@ impl App {
             image_check_steps: Arc::new(Mutex::new(HashMap::new())),
             checks_running: Arc::new(Mutex::new(HashSet::new())),
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
+            allocation_gate: Arc::new(tokio::sync::Mutex::new(())),
             image_digests: Arc::new(Mutex::new(HashMap::new())),
         }
     }

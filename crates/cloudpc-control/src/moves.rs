@@ -72,6 +72,7 @@ impl App {
                 continue;
             };
             let target = {
+                let _gate = self.allocation_gate.lock().await;
                 let _lock = self.store.lock_allocation().await?;
                 let spec = rec.state.spec.clone().unwrap_or_else(|| unreachable!("movable Cloud PCs have a spec"));
                 let (candidates, why_none) = self.placement_candidates(&host.region).await?;
@@ -318,11 +319,15 @@ impl App {
     }
 
     /// Removes the VMs (and their disks) an agent reports that no Cloud PC places on its host.
-    pub(crate) async fn remove_orphans(&self, host: &str, reported: &[String]) -> Result<()> {
+    pub(crate) async fn remove_orphans(
+        &self,
+        host: &str,
+        reported: &[String],
+        records: &[CloudPcRecord],
+    ) -> Result<()> {
         if reported.is_empty() {
             return Ok(());
         }
-        let records = self.store.list_cloud_pc_records().await?;
         let expected: HashSet<String> = records
             .iter()
             .filter(|r| r.state.resources.host.as_deref() == Some(host) || r.state.moving_to.as_deref() == Some(host))

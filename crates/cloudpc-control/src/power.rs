@@ -72,19 +72,41 @@ impl App {
         // A host that did not answer is not asked again in this pass: each call to an unreachable
         // libvirtd waits for it, and the reconciler's pass waits for this.
         // Hosts known to be unreachable are skipped quietly: the monitor marks their Cloud PCs.
-        let mut unreachable: std::collections::HashSet<String> = match self.store.list_hosts().await {
-            Ok(rows) => rows
-                .iter()
-                .filter(|r| {
-                    crate::hosts::effective_state(r, Utc::now()) == cloudpc_types::hosts::HostState::Unreachable
-                })
-                .map(|r| r.host.display_name.clone())
-                .collect(),
-            Err(_) => Default::default(),
-        };
+        let rows = self.store.list_hosts().await.unwrap_or_default();
+        let mut unreachable: std::collections::HashSet<String> = rows
+            .iter()
+            .filter(|r| crate::hosts::effective_state(r, Utc::now()) == cloudpc_types::hosts::HostState::Unreachable)
+            .map(|r| r.host.display_name.clone())
+            .collect();
+        // What each agent reported with its last heartbeat: a Cloud PC whose VM it saw in the
+        // state the record says, after the record's last change, needs no call to its host (with
+        // thousands of Cloud PCs, a call each per pass is most of the control plane's work).
+        let reports: std::collections::HashMap<
+            String,
+            (chrono::DateTime<Utc>, std::collections::HashMap<String, VmState>),
+        > = rows
+            .iter()
+            .filter(|r| r.host.agent_address.is_some())
+            .filter_map(|r| {
+                let at = r.heartbeat?;
+                let report: cloudpc_agent::HostReport = serde_json::from_value(r.report.clone()?).ok()?;
+                Some((r.host.display_name.clone(), (at, report.vms.into_iter().map(|v| (v.name, v.state)).collect())))
+            })
+            .collect();
         for rec in records.iter().filter(|r| watched(r)) {
             let host = rec.state.resources.host.clone().unwrap_or_default();
             if unreachable.contains(&host) {
+                continue;
+            }
+            let seen = reports.get(&host).and_then(|(at, vms)| {
+                let domain = rec.state.resources.domain.as_deref()?;
+                (*at > rec.pc.last_modified_date_time).then(|| vms.get(domain).copied()).flatten()
+            });
+            let in_line = matches!(
+                (seen, rec.pc.power_state),
+                (Some(VmState::Running), PowerState::Running) | (Some(VmState::ShutOff), PowerState::PoweredOff)
+            );
+            if in_line {
                 continue;
             }
             match self.resync_power_of(rec.pc.id).await {

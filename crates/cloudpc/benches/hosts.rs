@@ -147,7 +147,16 @@ async fn run(label: &str, database: Option<String>, replicas: usize) {
     println!("[{label}] seeded {pcs} users in one group in {:.1} s", seeding.elapsed().as_secs_f64());
     drop(store);
     let parallel_arg = parallel.to_string();
-    let flags = ["--no-local-host", "--max-parallel-provisioning", parallel_arg.as_str(), "--resync-secs", "5"];
+    let gallery = std::env::var("CLOUDPC_TEST_GALLERY").unwrap_or_else(|_| "/var/lib/cloudpc/gallery".into());
+    let flags = [
+        "--no-local-host",
+        "--max-parallel-provisioning",
+        parallel_arg.as_str(),
+        "--resync-secs",
+        "5",
+        "--gallery-dir",
+        gallery.as_str(),
+    ];
     let s = Server::start_in(data, &flags, Some(ADMIN_TOKEN)).await;
     let mut others = Vec::new();
     for _ in 1..replicas {

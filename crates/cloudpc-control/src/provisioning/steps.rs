@@ -589,6 +589,7 @@ impl App {
         let Some(spec) = rec.state.spec.clone() else { return Outcome::Failed("no build specification".into()) };
         // Held in the database: replicas allocating at the same moment take turns, and each sees
         // the hosts the previous one chose (they are summed from the stored Cloud PCs).
+        let _gate = self.allocation_gate.lock().await;
         let _lock = tri!(self.store.lock_allocation().await);
         let (candidates, why_none) = tri!(self.placement_candidates(&spec.region).await);
         if let Some(reason) = why_none {
