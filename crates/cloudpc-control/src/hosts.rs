@@ -79,8 +79,13 @@ fn report_of(row: &HostRow) -> Option<HostReport> {
     row.report.as_ref().and_then(|r| serde_json::from_value(r.clone()).ok())
 }
 
-/// The state a read shows: the admin's, unless the host stopped reporting.
+/// The state a read shows: the admin's, unless the host's agent stopped reporting. A host inside
+/// the control plane's process is there as long as the process is, and reports only at start
+/// (no heartbeat writes on a one-machine install).
 pub fn effective_state(row: &HostRow, now: DateTime<Utc>) -> HostState {
+    if row.host.agent_address.is_none() {
+        return row.host.state;
+    }
     let fresh =
         row.heartbeat.is_some_and(|h| now - h <= chrono::Duration::from_std(UNREACHABLE_AFTER).unwrap_or_default());
     if !fresh {
@@ -251,7 +256,7 @@ impl App {
         Ok(())
     }
 
-    /// Hosts in this process report through the monitor itself.
+    /// Hosts in this process report once, at start (their capacity comes from the settings).
     async fn report_local_hosts(&self) {
         let Ok(rows) = self.store.list_hosts().await else { return };
         for hv in self.hosts.local() {
@@ -281,8 +286,10 @@ impl App {
             if let Err(e) = self.refresh_hosts().await {
                 tracing::warn!(error = %e, "could not read the hosts");
             }
-            let leading =
-                matches!(self.store.try_lease(MONITOR_LEASE, self.replica(), UNREACHABLE_AFTER).await, Ok(true));
+            // Hosts in this process need no monitor: without agents nothing is written here (a
+            // one-machine install's database, possibly on a full disk, sees no extra writes).
+            let leading = !self.hosts.remotes().is_empty()
+                && matches!(self.store.try_lease(MONITOR_LEASE, self.replica(), UNREACHABLE_AFTER).await, Ok(true));
             if leading {
                 self.poll_hosts().await;
                 if let Err(e) = self.auto_evacuate().await {
@@ -308,8 +315,19 @@ impl App {
 
     /// Drains, one move at a time, on the replica holding the drain lease.
     pub async fn run_drains(self) {
+        let mut rounds: u64 = 0;
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
+            rounds += 1;
+            // Work (and the lease's write) only while a host drains, and once a minute for a move
+            // whose host was set back to ready before the move was done.
+            let draining = match self.store.list_hosts().await {
+                Ok(rows) => rows.iter().any(|r| r.host.state == HostState::Draining),
+                Err(_) => false,
+            };
+            if !draining && rounds % 30 != 0 {
+                continue;
+            }
             if !matches!(self.store.try_lease("host-drain", self.replica(), UNREACHABLE_AFTER).await, Ok(true)) {
                 continue;
             }
@@ -320,7 +338,6 @@ impl App {
     }
 
     async fn poll_hosts(&self) {
-        self.report_local_hosts().await;
         let mut reported: Vec<(String, Vec<String>)> = Vec::new();
         let mut polls = tokio::task::JoinSet::new();
         for (host, remote) in self.hosts.remotes() {
@@ -746,7 +763,7 @@ mod tests {
     #[test]
     fn test_a_host_without_a_recent_report_is_unreachable() {
         let now = Utc::now();
-        let host = Host { state: HostState::Maintenance, ..Host::new("hv1", "eu", None) };
+        let host = Host { state: HostState::Maintenance, ..Host::new("hv1", "eu", Some("https://hv1:7366".into())) };
         let mut row = HostRow { host, report: None, heartbeat: None };
         assert_eq!(effective_state(&row, now), HostState::Unreachable);
         row.heartbeat = Some(now - chrono::Duration::seconds(14));

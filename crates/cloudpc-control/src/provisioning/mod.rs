@@ -312,6 +312,18 @@ impl App {
 
     /// Runs the next forward step; returns false when the workflow should stop for now.
     async fn forward_one(&self, rec: &mut CloudPcRecord) -> Result<bool> {
+        // Steps with nothing to do on this host are passed over in memory; the next step's first
+        // save stores the progress.
+        while let Some((_, step)) = steps::step_named(&rec.state.next_step) {
+            let hv = match rec.state.resources.host.clone() {
+                Some(h) => self.host(&h).await.ok(),
+                None => None,
+            };
+            if step.applies(hv.as_deref()) {
+                break;
+            }
+            rec.state.next_step = steps::after(step.name());
+        }
         if rec.state.next_step == steps::DONE {
             self.complete(rec).await?;
             return Ok(false);

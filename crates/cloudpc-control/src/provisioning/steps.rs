@@ -53,6 +53,11 @@ pub trait ProvisioningStep: Sync {
     /// The name stored as progress and shown in `provisioningSteps`; never reused for another step.
     fn name(&self) -> &'static str;
     fn stage(&self) -> ProvisioningStage;
+    /// Whether the step has anything to do on this host; one that has not is passed over without
+    /// a record (and without a write).
+    fn applies(&self, _hv: Option<&dyn Hypervisor>) -> bool {
+        true
+    }
     /// Does the step; running it again after it succeeded (or half ran) changes nothing more.
     async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome;
     /// Undoes what `run` made, if anything; "already gone" counts as done.
@@ -206,6 +211,10 @@ impl ProvisioningStep for TransferImage {
     }
     fn stage(&self) -> ProvisioningStage {
         ProvisioningStage::Core
+    }
+    /// Hosts in the control plane's process read images where cloudpc keeps them.
+    fn applies(&self, hv: Option<&dyn Hypervisor>) -> bool {
+        hv.is_none_or(|h| h.ships_images())
     }
     async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
         let hv = need!(cx.hv());

@@ -335,6 +335,12 @@ async fn test_vm_agents_place_by_region_relay_consoles_drain_evacuate_and_fence(
         "disk in the agent's directory"
     );
 
+    // The image reached the agent's host in a step of its own, verified by its digest.
+    let steps = s.steps(&e1).await;
+    let transfer = steps.iter().find(|st| st["name"] == "transferImage").expect("a transferImage step");
+    assert_eq!(transfer["status"], "succeeded", "{transfer}");
+    assert!(std::fs::read_dir(a3.data.path().join("images")).unwrap().count() >= 3, "disk, kernel and initrd cached");
+
     // The console of a Cloud PC on an agent's host, relayed through that agent.
     let greeting = console_greeting(&s, &e1).await;
     assert!(greeting.starts_with(b"RFB 003.008"), "{greeting:?}");
