@@ -325,7 +325,7 @@ impl App {
                 Ok(rows) => rows.iter().any(|r| r.host.state == HostState::Draining),
                 Err(_) => false,
             };
-            if !draining && rounds % 30 != 0 {
+            if !draining && !rounds.is_multiple_of(30) {
                 continue;
             }
             if !matches!(self.store.try_lease("host-drain", self.replica(), UNREACHABLE_AFTER).await, Ok(true)) {
