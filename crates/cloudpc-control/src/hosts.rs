@@ -614,8 +614,8 @@ impl App {
     /// A short-lived, single-use token that lets one new host join the region.
     pub async fn create_join_token(&self, actor: &Actor, input: JoinTokenCreate) -> Result<JoinToken> {
         validate_region(&input.region).map_err(Error::Invalid)?;
-        let minutes = input.valid_for_minutes.unwrap_or(30);
-        if !(1..=1440).contains(&minutes) {
+        let minutes = input.valid_for_minutes.unwrap_or(30.0);
+        if !(1.0..=1440.0).contains(&minutes) {
             return Err(Error::Invalid(ValidationError::new(
                 "validForMinutes",
                 format!("{minutes} is out of range: a join token is valid for 1 to 1440 minutes"),
@@ -626,7 +626,7 @@ impl App {
             (0..32).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
         };
         let secret = format!("cpcjoin_{secret}");
-        let expires = Utc::now() + chrono::Duration::minutes(i64::from(minutes));
+        let expires = Utc::now() + chrono::Duration::milliseconds((minutes * 60_000.0) as i64);
         let audit = Change {
             component: "Hosts",
             activity: "Create JoinToken".into(),

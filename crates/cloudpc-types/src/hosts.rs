@@ -91,10 +91,12 @@ impl Host {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JoinTokenCreate {
+    #[schema(pattern = "^[a-z0-9-]{1,64}$")]
     pub region: String,
     /// How long the token can be used, 1 to 1440 minutes (default 30).
     #[serde(default)]
-    pub valid_for_minutes: Option<u32>,
+    #[schema(minimum = 1, maximum = 1440)]
+    pub valid_for_minutes: Option<f64>,
 }
 
 /// The one time a join token's secret is shown.
@@ -110,7 +112,26 @@ pub struct JoinToken {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HostUpdate {
-    pub state: HostState,
+    pub state: SettableHostState,
+}
+
+/// The states an admin sets (`unreachable` is only shown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SettableHostState {
+    Ready,
+    Maintenance,
+    Draining,
+}
+
+impl From<SettableHostState> for HostState {
+    fn from(s: SettableHostState) -> Self {
+        match s {
+            SettableHostState::Ready => HostState::Ready,
+            SettableHostState::Maintenance => HostState::Maintenance,
+            SettableHostState::Draining => HostState::Draining,
+        }
+    }
 }
 
 /// A region or host name: letters, digits, '-', '_' and '.', 1 to 63 characters.

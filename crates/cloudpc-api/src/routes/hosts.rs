@@ -34,9 +34,9 @@ pub fn agent_routes() -> Router<App> {
 }
 
 fn host_id(id: &str) -> Result<Uuid, crate::ApiError> {
-    Uuid::parse_str(id).map_err(|_| {
-        crate::ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", format!("'{id}' is not a valid host id"))
-    })
+    // Like every other id: one that cannot exist is simply not found.
+    Uuid::parse_str(id)
+        .map_err(|_| crate::ApiError::new(StatusCode::NOT_FOUND, "NotFound", format!("host '{id}' does not exist")))
 }
 
 #[utoipa::path(get, path = "/cloudpc/hosts", tag = "hosts", operation_id = "list_hosts", responses((status = 200, body = Collection<Host>)))]
@@ -59,7 +59,7 @@ pub async fn update(
     ApiJson(input): ApiJson<HostUpdate>,
 ) -> Reply {
     require_admin(&caller)?;
-    g.entity("hosts", &app.set_host_state(&caller.0, host_id(&id)?, input.state).await?, StatusCode::OK)
+    g.entity("hosts", &app.set_host_state(&caller.0, host_id(&id)?, input.state.into()).await?, StatusCode::OK)
 }
 
 /// Removes a host that has no Cloud PCs left.
