@@ -21,7 +21,7 @@ use uuid::Uuid;
 use cloudpc_agent::pki::{self, HostCa};
 use cloudpc_agent::protocol::{HostReport, JoinRequest, JoinResponse};
 use cloudpc_agent::RemoteHost;
-use cloudpc_hypervisor::{Accelerator, Capacity, HostConfig, Hypervisor, VmState};
+use cloudpc_hypervisor::{Accelerator, Capacity, HostConfig, Hypervisor};
 use cloudpc_store::{HostRow, HostUsage};
 use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::cloud_pc::PowerState;
@@ -732,17 +732,6 @@ impl App {
             return Ok((Vec::new(), Some(format!("no host in region '{region}' is ready ({})", states.join(", ")))));
         }
         Ok((ready, None))
-    }
-
-    /// The VMs a host's agent last reported, by name (empty for hosts in this process).
-    pub async fn reported_vms(&self, host: &str) -> Result<HashMap<String, VmState>> {
-        let rows = self.store.list_hosts().await?;
-        Ok(rows
-            .iter()
-            .find(|r| r.host.display_name == host)
-            .and_then(report_of)
-            .map(|r| r.vms.into_iter().map(|v| (v.name, v.state)).collect())
-            .unwrap_or_default())
     }
 }
 

@@ -30,15 +30,11 @@ use cloudpc_types::provisioning::{CloudPcRecord, Phase};
 use cloudpc_types::ValidationError;
 
 use crate::audit::{property, Actor, Change};
-use crate::provisioning::steps::host_network;
+use crate::provisioning::steps::{host_network, hv_err};
 use crate::{App, Error, Result};
 
 /// How long the guest may take to flush its file systems before its VM is stopped.
 const SYNC_LIMIT: Duration = Duration::from_secs(20);
-
-fn hv_err(e: cloudpc_hypervisor::HypervisorError) -> Error {
-    Error::Conflict(e.to_string())
-}
 
 /// Cloud PCs that can be moved now: provisioned and idle (a workflow in flight finishes first),
 /// the same ones whose power cloudpc keeps.

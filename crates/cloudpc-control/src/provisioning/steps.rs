@@ -100,7 +100,7 @@ pub fn after(name: &str) -> String {
     }
 }
 
-fn hv_err(e: HypervisorError) -> Error {
+pub(crate) fn hv_err(e: HypervisorError) -> Error {
     Error::Conflict(e.to_string())
 }
 
