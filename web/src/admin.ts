@@ -67,8 +67,30 @@ function form(id: string, fields: string, button: string): string {
   return `<fieldset class="write"><form id="${id}" style="display:contents">${fields}<button>${button}</button></form></fieldset>`;
 }
 
-function showSignIn(message = "") {
-  app.innerHTML = `<form class="signin"><h1>cloudpc admin</h1>
+// A sign-in through an identity provider comes back with the console's API token (or the
+// reason it was refused) in the fragment, which no server sees; it is moved to sessionStorage.
+{
+  const back = new URLSearchParams(location.hash.slice(1));
+  if (back.get("token")) {
+    token = back.get("token")!;
+    sessionStorage.setItem("cloudpc-token", token);
+  }
+  if (back.has("token") || back.has("signInError")) history.replaceState(null, "", location.pathname);
+  (window as any).signInError = back.get("signInError") ?? "";
+}
+
+async function showSignIn(message = "") {
+  let providers = "";
+  try {
+    const r = await fetch("/auth/signInOptions");
+    const options = r.ok ? await r.json() : { providers: [] };
+    providers = options.providers
+      .map((p: any) => `<a class="button provider" href="/auth/oidc/${encodeURIComponent(p.id)}/start?target=console">Sign in with ${esc(p.displayName)}</a>`)
+      .join("");
+  } catch {
+    /* the token form still shows */
+  }
+  app.innerHTML = `<form class="signin"><h1>cloudpc admin</h1>${providers}
     <input name="token" type="password" placeholder="API token (cpc_…)" required />
     <button type="submit">Sign in</button><div class="error" role="alert">${esc(message)}</div></form>`;
   app.querySelector("form")!.addEventListener("submit", async (e) => {
@@ -390,4 +412,4 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
   },
 };
 
-if (token) start().catch(() => showSignIn()); else showSignIn();
+if (token) start().catch(() => showSignIn()); else showSignIn((window as any).signInError);

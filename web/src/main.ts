@@ -10,14 +10,42 @@ function escape(s: string): string {
   return s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]!);
 }
 
-function showSignIn(message = "") {
+interface SignInOptions {
+  localAccounts: boolean;
+  providers: { id: string; displayName: string }[];
+}
+
+// The identity providers configured, each a "Sign in with …" link; local accounts when allowed.
+async function signInOptions(): Promise<SignInOptions> {
+  try {
+    const r = await fetch("/auth/signInOptions");
+    if (r.ok) return await r.json();
+  } catch {
+    /* offline: the password form still shows */
+  }
+  return { localAccounts: true, providers: [] };
+}
+
+async function showSignIn(message = "") {
   clearInterval(poll);
+  // An error the provider sign-in came back with is shown once, then dropped from the address.
+  const url = new URL(location.href);
+  const fromProvider = url.searchParams.get("signInError");
+  if (fromProvider) {
+    message = fromProvider;
+    history.replaceState(null, "", "/");
+  }
+  const options = await signInOptions();
+  const providers = options.providers
+    .map((p) => `<a class="button provider" href="/auth/oidc/${encodeURIComponent(p.id)}/start?target=portal">Sign in with ${escape(p.displayName)}</a>`)
+    .join("");
   app.innerHTML = `
     <form class="signin">
       <h1>cloudpc</h1>
-      <input name="upn" type="email" autocomplete="username" placeholder="name@example.com" required />
+      ${providers}
+      ${options.localAccounts ? `<input name="upn" type="email" autocomplete="username" placeholder="name@example.com" required />
       <input name="password" type="password" autocomplete="current-password" placeholder="Password" required />
-      <button type="submit">Sign in</button>
+      <button type="submit">Sign in</button>` : ""}
       <div class="error" role="alert">${escape(message)}</div>
     </form>`;
   const form = app.querySelector("form")!;

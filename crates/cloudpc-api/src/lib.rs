@@ -14,6 +14,8 @@ pub mod odata;
 pub mod openapi;
 pub mod portal;
 pub mod routes;
+pub mod scim;
+pub mod sign_in;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -39,6 +41,7 @@ pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
     let own = routes::tokens::routes()
         .merge(routes::replica::routes())
         .merge(routes::hosts::routes())
+        .merge(routes::identity::routes())
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), auth::require_token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
@@ -54,6 +57,8 @@ pub fn router(app: App, web_dir: Option<std::path::PathBuf>) -> Router {
         .nest("/v1.0", graph)
         .nest("/cloudpc", own.merge(agents))
         .nest("/portal/api", portal)
+        .nest("/scim/v2", scim::routes(app.clone()).layer(middleware::from_fn(linger::drain_refused_bodies)))
+        .nest("/auth", sign_in::routes())
         .route("/gateway/console", get(gateway::console))
         .route("/openapi.json", get(openapi::serve))
         .route("/healthz", get(|| async { "ok" }));

@@ -134,6 +134,12 @@ async fn sign_in(
     Ok(resp)
 }
 
+/// The `Set-Cookie` value that carries a new session.
+pub(crate) fn session_set_cookie(app: &App, headers: &HeaderMap, secret: &str) -> String {
+    let (name, secure) = cookie_policy(app, headers);
+    format!("{name}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}", SESSION_LIFETIME.as_secs())
+}
+
 async fn sign_out(State(app): State<App>, headers: HeaderMap) -> Reply {
     if let Some(secret) = session_cookie(&app, &headers) {
         app.sign_out(&secret).await?;

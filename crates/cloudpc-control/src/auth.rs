@@ -45,6 +45,9 @@ impl App {
     /// Looks up a bearer secret; unknown or malformed secrets are refused the same way.
     pub async fn authenticate(&self, secret: &str, ip_address: Option<String>) -> Result<Actor> {
         let refused = || Error::Unauthenticated("the access token is not valid".into());
+        if !secret.starts_with(PREFIX) && crate::oidc::looks_like_jwt(secret) {
+            return self.authenticate_jwt(secret, ip_address).await;
+        }
         if !secret.starts_with(PREFIX) || secret.len() > 128 {
             return Err(refused());
         }

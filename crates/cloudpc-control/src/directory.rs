@@ -72,6 +72,10 @@ impl App {
             mail_nickname: nickname,
             account_enabled: input.account_enabled.unwrap_or(true),
             created_date_time: Utc::now(),
+            given_name: None,
+            surname: None,
+            identity_provider_id: None,
+            external_id: None,
         };
         user.validate()?;
         let hash = match &input.password_profile {
@@ -88,6 +92,8 @@ impl App {
 
     pub async fn update_user(&self, actor: &Actor, id: &str, input: UserUpdate) -> Result<User> {
         let before = self.get_user(id).await?;
+        self.check_managed(actor, before.identity_provider_id, &format!("the user '{}'", before.user_principal_name))
+            .await?;
         let mut user = before.clone();
         let hash = match &input.password_profile {
             Some(p) => {
@@ -119,7 +125,7 @@ impl App {
         }
         self.store.update_user(&user, hash.as_deref(), &audit).await?;
         if !user.account_enabled {
-            self.close_consoles_of_user(user.id).await;
+            self.end_access_of_user(user.id).await;
         }
         self.changed();
         Ok(user)
@@ -128,6 +134,8 @@ impl App {
     pub async fn delete_user(&self, actor: &Actor, id: &str) -> Result<()> {
         let user = self.get_user(id).await?;
         let audit = user_change("Delete", AuditOperationType::Delete, &user).event(actor, Some(&user), None);
+        self.check_managed(actor, user.identity_provider_id, &format!("the user '{}'", user.user_principal_name))
+            .await?;
         self.close_consoles_of_user(user.id).await;
         self.store.delete_user(user.id, &audit).await?;
         self.changed();
@@ -164,6 +172,8 @@ impl App {
             security_enabled: true,
             mail_enabled: false,
             created_date_time: Utc::now(),
+            identity_provider_id: None,
+            external_id: None,
         };
         group.validate()?;
         let audit = group_change("Create", AuditOperationType::Create, &group).event(actor, None, Some(&group));
@@ -173,6 +183,7 @@ impl App {
 
     pub async fn update_group(&self, actor: &Actor, id: &str, input: GroupUpdate) -> Result<Group> {
         let before = self.get_group(id).await?;
+        self.check_managed(actor, before.identity_provider_id, &format!("the group '{}'", before.display_name)).await?;
         let mut group = before.clone();
         if let Some(v) = input.display_name {
             group.display_name = v;
@@ -191,6 +202,7 @@ impl App {
 
     pub async fn delete_group(&self, actor: &Actor, id: &str) -> Result<()> {
         let group = self.get_group(id).await?;
+        self.check_managed(actor, group.identity_provider_id, &format!("the group '{}'", group.display_name)).await?;
         let audit = group_change("Delete", AuditOperationType::Delete, &group).event(actor, Some(&group), None);
         self.store.delete_group(group.id, &audit).await?;
         self.changed();
@@ -208,6 +220,12 @@ impl App {
 
     pub async fn add_member(&self, actor: &Actor, group: &str, member: Uuid) -> Result<()> {
         let group = self.get_group(group).await?;
+        self.check_managed(
+            actor,
+            group.identity_provider_id,
+            &format!("the members of group '{}'", group.display_name),
+        )
+        .await?;
         let user = self.store.get_user(member).await.map_err(Error::from).map_err(reference("@odata.id"))?;
         let audit = group_change("Add member to", AuditOperationType::Patch, &group)
             .event_with(actor, vec![property("members", None, Some(user.user_principal_name.clone()))]);
@@ -218,12 +236,29 @@ impl App {
 
     pub async fn remove_member(&self, actor: &Actor, group: &str, member: &str) -> Result<()> {
         let group = self.get_group(group).await?;
+        self.check_managed(
+            actor,
+            group.identity_provider_id,
+            &format!("the members of group '{}'", group.display_name),
+        )
+        .await?;
         let user = self.get_user(member).await?;
         let audit = group_change("Remove member from", AuditOperationType::Patch, &group)
             .event_with(actor, vec![property("members", Some(user.user_principal_name.clone()), None)]);
         self.store.remove_member(group.id, user.id, &audit).await?;
         self.changed();
         Ok(())
+    }
+}
+
+impl App {
+    /// A disabled or deleted user loses access at once: portal sessions end, console tickets
+    /// are refused, open consoles close.
+    pub(crate) async fn end_access_of_user(&self, user: Uuid) {
+        if let Err(e) = self.store.end_sessions_of_user(user).await {
+            tracing::warn!(error = %e, "could not end a disabled user's sessions; they are refused anyway");
+        }
+        self.close_consoles_of_user(user).await;
     }
 }
 

@@ -15,16 +15,19 @@ pub mod directory;
 pub mod error;
 pub mod gallery;
 pub mod hosts;
+pub mod identity;
 pub mod images;
 pub mod licensing;
 pub mod limits;
 pub mod moves;
+pub mod oidc;
 pub mod policies;
 pub mod portal;
 pub mod power;
 pub mod provisioning;
 pub mod reconciler;
 pub mod replicas;
+pub mod scim;
 pub(crate) mod supervise;
 
 use std::collections::{HashMap, HashSet};
@@ -111,6 +114,9 @@ pub struct AppConfig {
     pub injected_panics: HashMap<String, u32>,
     /// How long a console ticket may wait to be used.
     pub console_ticket_ttl: Duration,
+    /// Whether directory users may sign in with a cloudpc password (off when every sign-in goes
+    /// through the organisation's identity provider).
+    pub local_sign_in: bool,
 }
 
 impl Default for AppConfig {
@@ -143,6 +149,7 @@ impl Default for AppConfig {
             evacuate_after: None,
             public_url: None,
             console_ticket_ttl: Duration::from_secs(30),
+            local_sign_in: true,
         }
     }
 }
@@ -193,6 +200,7 @@ pub struct App {
     /// sha256 of base image files, by path, with the size and time they had when hashed.
     #[allow(clippy::type_complexity)]
     image_digests: Arc<Mutex<HashMap<PathBuf, (u64, std::time::SystemTime, String)>>>,
+    oidc: Arc<oidc::OidcCache>,
 }
 
 impl App {
@@ -232,6 +240,7 @@ impl App {
             image_boots: Arc::new(tokio::sync::Mutex::new(())),
             allocation_gate: Arc::new(tokio::sync::Mutex::new(())),
             image_digests: Arc::new(Mutex::new(HashMap::new())),
+            oidc: Arc::new(oidc::OidcCache::default()),
         }
     }
 

@@ -120,6 +120,11 @@ impl App {
         if password.len() > MAX_PASSWORD_LEN {
             return Err(Error::invalid("password", format!("is longer than {MAX_PASSWORD_LEN} characters")));
         }
+        if !self.config.local_sign_in {
+            return Err(Error::Forbidden(
+                "local accounts are switched off here; sign in through your organisation's identity provider".into(),
+            ));
+        }
         if let Some(addr) = &ip {
             self.sign_in_rate.check(addr).map_err(|retry_after| Error::RateLimited {
                 what: "too many sign-in attempts from this address".into(),
@@ -146,6 +151,11 @@ impl App {
             ));
         };
         self.store.clear_sign_in_failures(&key).await?;
+        self.start_session(user, ip, "started").await
+    }
+
+    /// Opens a portal session for a user whose identity was proven (`how` goes into the audit).
+    pub(crate) async fn start_session(&self, user: User, ip: Option<String>, how: &str) -> Result<Session> {
         let mut bytes = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut bytes);
         let secret = URL_SAFE_NO_PAD.encode(bytes);
@@ -159,7 +169,7 @@ impl App {
             resource_id: user.id.to_string(),
             resource_name: user.user_principal_name.clone(),
         }
-        .event_with(&user_actor(&user, ip), vec![property("session", None, Some("started".into()))]);
+        .event_with(&user_actor(&user, ip), vec![property("session", None, Some(how.to_string()))]);
         self.store.record_audit_event(&audit).await?;
         Ok(Session { secret, expires, user })
     }

@@ -183,6 +183,10 @@ impl App {
     pub(crate) async fn world(&self) -> Result<(World, HashMap<Uuid, CloudPcRecord>)> {
         let mut licensed: Vec<(Uuid, Uuid)> =
             self.store.license_grants().await?.into_iter().map(|g| (g.user_id, g.sku_id)).collect();
+        // A disabled account is not entitled: its Cloud PCs enter their grace period, as when the
+        // license is removed (a leaver deactivated in the organisation's directory).
+        let disabled: HashSet<Uuid> = self.store.disabled_users().await?.into_iter().collect();
+        licensed.retain(|(user, _)| !disabled.contains(user));
         licensed.sort();
         licensed.dedup();
         let mut memberships: HashMap<Uuid, HashSet<Uuid>> = HashMap::new();

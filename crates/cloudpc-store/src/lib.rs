@@ -26,6 +26,7 @@ use cloudpc_types::auth::ApiToken;
 use cloudpc_types::cloud_pc::{CloudPc, Device, ManagedDevice, ProvisioningStepRecord};
 use cloudpc_types::directory::{Group, User};
 use cloudpc_types::hosts::Host;
+use cloudpc_types::identity::IdentityProvider;
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
 use cloudpc_types::policy::{ImageType, ProvisioningPolicy};
@@ -284,6 +285,37 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `value` under `name` unless one is there already, and returns what is stored: of
     /// replicas starting together, the first writer's value wins for all.
     async fn init_secret(&self, name: &str, value: &str) -> Result<String>;
+
+    // Identity providers (OIDC sign-in, SCIM provisioning).
+    async fn list_identity_providers(&self) -> Result<Vec<IdentityProvider>>;
+    /// Adds a provider under a unique name (any case), with its OIDC client secret if any.
+    async fn create_identity_provider(
+        &self,
+        provider: &IdentityProvider,
+        client_secret: Option<&str>,
+        audit: &AuditEvent,
+    ) -> Result<()>;
+    /// Compare-and-swap on `row_version`; `client_secret` replaces the kept one when given.
+    async fn update_identity_provider(
+        &self,
+        provider: &IdentityProvider,
+        client_secret: Option<&str>,
+        audit: &AuditEvent,
+    ) -> Result<()>;
+    /// Refused while users or groups the provider manages exist.
+    async fn delete_identity_provider(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+    async fn identity_provider_secret(&self, id: Uuid) -> Result<Option<String>>;
+    /// Replaces the provider's SCIM token (the old one stops working in the same transaction).
+    async fn set_scim_token(&self, provider: &IdentityProvider, secret_sha256: &str, audit: &AuditEvent) -> Result<()>;
+    async fn find_provider_by_scim_token(&self, secret_sha256: &str) -> Result<Option<IdentityProvider>>;
+    /// Keeps a sign-in in flight until `expires` (and forgets expired ones).
+    async fn put_oidc_login(&self, state_sha256: &str, body: &serde_json::Value, expires: DateTime<Utc>) -> Result<()>;
+    /// Takes a sign-in in flight, once: a second callback with the same state finds nothing.
+    async fn take_oidc_login(&self, state_sha256: &str) -> Result<Option<serde_json::Value>>;
+    /// Ids of users whose account is disabled (they are not entitled to Cloud PCs).
+    async fn disabled_users(&self) -> Result<Vec<Uuid>>;
+    /// Ends every portal session of a user.
+    async fn end_sessions_of_user(&self, user: Uuid) -> Result<()>;
 
     // Work shared between replicas.
     /// Takes or renews the named lease for `owner` if it is free, expired or already `owner`'s;

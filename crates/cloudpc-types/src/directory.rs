@@ -23,6 +23,17 @@ pub struct User {
     pub mail_nickname: String,
     pub account_enabled: bool,
     pub created_date_time: DateTime<Utc>,
+    #[serde(default)]
+    pub given_name: Option<String>,
+    #[serde(default)]
+    pub surname: Option<String>,
+    /// The identity provider that manages this user through SCIM (a cloudpc extension); `null`
+    /// for a local user.
+    #[serde(default)]
+    pub identity_provider_id: Option<Uuid>,
+    /// The provider's own id for the user (SCIM `externalId`).
+    #[serde(default)]
+    pub external_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -108,7 +119,17 @@ impl User {
         if let Some(mail) = &self.mail {
             validate::mail(mail)?;
         }
-        validate::nickname("mailNickname", &self.mail_nickname, 64)
+        validate::nickname("mailNickname", &self.mail_nickname, 64)?;
+        if let Some(v) = &self.given_name {
+            validate::display_name("givenName", v, 64)?;
+        }
+        if let Some(v) = &self.surname {
+            validate::display_name("surname", v, 64)?;
+        }
+        if let Some(v) = &self.external_id {
+            validate::display_name("externalId", v, 256)?;
+        }
+        Ok(())
     }
 
     /// The part of the principal name before '@', used as the default nickname and username.
@@ -130,6 +151,12 @@ pub struct Group {
     pub security_enabled: bool,
     pub mail_enabled: bool,
     pub created_date_time: DateTime<Utc>,
+    /// The identity provider that manages this group through SCIM (a cloudpc extension).
+    #[serde(default)]
+    pub identity_provider_id: Option<Uuid>,
+    /// The provider's own id for the group (SCIM `externalId`).
+    #[serde(default)]
+    pub external_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -168,6 +195,9 @@ impl Group {
         }
         if let Some(n) = &self.mail_nickname {
             validate::nickname("mailNickname", n, 64)?;
+        }
+        if let Some(v) = &self.external_id {
+            validate::display_name("externalId", v, 256)?;
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cloud_pc;
 pub mod directory;
 pub mod hosts;
+pub mod identity;
 pub mod images;
 pub mod licensing;
 pub mod policy;

@@ -105,6 +105,8 @@ async fn seed(store: &Arc<dyn Store>, n: usize) -> Uuid {
         security_enabled: true,
         mail_enabled: false,
         created_date_time: Utc::now(),
+        identity_provider_id: None,
+        external_id: None,
     };
     store.create_group(&group, &audit("Add group")).await.unwrap();
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();

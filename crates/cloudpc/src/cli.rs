@@ -153,6 +153,10 @@ pub struct ServerArgs {
     /// `cloudpc host-agent` (TOML: local_host = false).
     #[arg(long)]
     pub no_local_host: bool,
+    /// Refuse sign-in with cloudpc passwords: everyone signs in through the organisation's
+    /// identity provider (`/cloudpc/identityProviders`) (TOML: local_sign_in = false).
+    #[arg(long)]
+    pub no_local_sign_in: bool,
     /// How many Cloud PCs may be provisioned at the same time [default: 4; more with many hosts].
     #[arg(long, env = "CLOUDPC_MAX_PARALLEL_PROVISIONING")]
     pub max_parallel_provisioning: Option<usize>,

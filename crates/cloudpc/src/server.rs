@@ -50,6 +50,7 @@ struct FileSettings {
     web_dir: Option<PathBuf>,
     hosts: Option<Vec<FileHost>>,
     local_host: Option<bool>,
+    local_sign_in: Option<bool>,
     cpu_overcommit: Option<f64>,
     memory_overcommit: Option<f64>,
     evacuate_after_mins: Option<u64>,
@@ -245,6 +246,7 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
             console_ticket_ttl: Duration::from_secs(
                 args.console_ticket_secs.or(file.console_ticket_secs).unwrap_or(30).max(1),
             ),
+            local_sign_in: !args.no_local_sign_in && file.local_sign_in != Some(false),
         },
         data_dir,
     })

@@ -4,6 +4,7 @@
 pub mod cloud_pcs;
 pub mod directory;
 pub mod hosts;
+pub mod identity;
 pub mod images;
 pub mod licensing;
 pub mod policies;

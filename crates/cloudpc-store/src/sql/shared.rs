@@ -28,6 +28,7 @@ use cloudpc_types::auth::ApiToken;
 use cloudpc_types::cloud_pc::{CloudPc, Device, ManagedDevice, ProvisioningStepRecord};
 use cloudpc_types::directory::{Group, User};
 use cloudpc_types::hosts::Host;
+use cloudpc_types::identity::IdentityProvider;
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
 use cloudpc_types::policy::ProvisioningPolicy;
@@ -58,7 +59,7 @@ trait Versioned: DeserializeOwned {
 macro_rules! versioned {
     ($($t:ty),*) => { $(impl Versioned for $t { fn set_row_version(&mut self, v: u64) { self.row_version = v; } })* };
 }
-versioned!(User, Group, SubscribedSku, ProvisioningPolicy, DeviceImage, Host);
+versioned!(User, Group, SubscribedSku, ProvisioningPolicy, DeviceImage, Host, IdentityProvider);
 
 impl TheStore {
     /// Runs `f` in a transaction with the audit event, on a task of its own. A caller that goes
@@ -1477,6 +1478,165 @@ impl Store for TheStore {
             .await?;
         let row = sqlx::query("SELECT value FROM secrets WHERE name = $1").bind(name).fetch_one(&self.pool).await?;
         Ok(row.get::<String, _>("value"))
+    }
+
+    async fn list_identity_providers(&self) -> Result<Vec<IdentityProvider>> {
+        self.list_versioned("identity_providers").await
+    }
+
+    async fn create_identity_provider(
+        &self,
+        provider: &IdentityProvider,
+        client_secret: Option<&str>,
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let (id, name, at, body) =
+            (provider.id.to_string(), provider.display_name.clone(), ts(provider.created_date_time), encode(provider));
+        let secret = client_secret.map(str::to_string);
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO identity_providers (id, name, created_at, body, client_secret) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(id)
+                .bind(&name)
+                .bind(at)
+                .bind(body)
+                .bind(secret)
+                .execute(c)
+                .await
+                .map_err(|e| unique_violation(e, || format!("an identity provider named '{name}' already exists")))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_identity_provider(
+        &self,
+        provider: &IdentityProvider,
+        client_secret: Option<&str>,
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let (id, name, body, version) =
+            (provider.id.to_string(), provider.display_name.clone(), encode(provider), provider.row_version);
+        let secret = client_secret.map(str::to_string);
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE identity_providers SET name = $2, body = $3, client_secret = COALESCE($4, client_secret),
+                     version = version + 1 WHERE id = $1 AND version = $5",
+                )
+                .bind(&id)
+                .bind(&name)
+                .bind(body)
+                .bind(secret)
+                .bind(version as i64)
+                .execute(&mut *c)
+                .await
+                .map_err(|e| unique_violation(e, || format!("an identity provider named '{name}' already exists")))?;
+                cas_outcome(c, done.rows_affected(), "identity_providers", "identityProvider", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn delete_identity_provider(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                let path = json_path(&["identityProviderId".to_string()]);
+                let mut managed = Vec::new();
+                for table in ["users", "groups"] {
+                    let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE {} = $2", json_text(1));
+                    let args = [Arg::Path(path.clone()), Arg::Text(id.clone())];
+                    let n = bind_args(sqlx::query(&sql), &args).fetch_one(&mut *c).await?.get::<i64, _>("n");
+                    if n > 0 {
+                        managed.push(format!("{n} {}", if n == 1 { &table[..table.len() - 1] } else { table }));
+                    }
+                }
+                if !managed.is_empty() {
+                    return Err(StoreError::Conflict(format!(
+                        "the provider still manages {}; remove them through the provider (or its SCIM connection) first",
+                        managed.join(" and ")
+                    )));
+                }
+                delete_row(c, "identity_providers", "identityProvider", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn identity_provider_secret(&self, id: Uuid) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT client_secret FROM identity_providers WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|r| r.get::<Option<String>, _>("client_secret")))
+    }
+
+    async fn set_scim_token(&self, provider: &IdentityProvider, secret_sha256: &str, audit: &AuditEvent) -> Result<()> {
+        let (id, body, version, hash) =
+            (provider.id.to_string(), encode(provider), provider.row_version, secret_sha256.to_string());
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE identity_providers SET scim_token_sha256 = $2, body = $3, version = version + 1
+                     WHERE id = $1 AND version = $4",
+                )
+                .bind(&id)
+                .bind(hash)
+                .bind(body)
+                .bind(version as i64)
+                .execute(&mut *c)
+                .await?;
+                cas_outcome(c, done.rows_affected(), "identity_providers", "identityProvider", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn find_provider_by_scim_token(&self, secret_sha256: &str) -> Result<Option<IdentityProvider>> {
+        let row = sqlx::query("SELECT body, version FROM identity_providers WHERE scim_token_sha256 = $1")
+            .bind(secret_sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| versioned_from_row(&r)).transpose()
+    }
+
+    async fn put_oidc_login(&self, state_sha256: &str, body: &serde_json::Value, expires: DateTime<Utc>) -> Result<()> {
+        sqlx::query("DELETE FROM oidc_logins WHERE expires_at < $1").bind(ts(Utc::now())).execute(&self.pool).await?;
+        sqlx::query("INSERT INTO oidc_logins (state_sha256, body, expires_at) VALUES ($1, $2, $3)")
+            .bind(state_sha256)
+            .bind(body.to_string())
+            .bind(ts(expires))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn take_oidc_login(&self, state_sha256: &str) -> Result<Option<serde_json::Value>> {
+        let row = sqlx::query("DELETE FROM oidc_logins WHERE state_sha256 = $1 RETURNING body, expires_at")
+            .bind(state_sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        if get_ts(&row, "expires_at")? <= Utc::now() {
+            return Ok(None);
+        }
+        Ok(Some(decode(row.get::<&str, _>("body"))?))
+    }
+
+    async fn disabled_users(&self) -> Result<Vec<Uuid>> {
+        let sql = format!("SELECT id FROM users WHERE {} = $2", json_text(1));
+        let args = [Arg::Path(json_path(&["accountEnabled".to_string()])), scalar_arg(&serde_json::Value::Bool(false))];
+        let rows = bind_args(sqlx::query(&sql), &args).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| parse_uuid(r.get("id"))).collect()
+    }
+
+    async fn end_sessions_of_user(&self, user: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(user.to_string()).execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {

@@ -13,6 +13,7 @@ mod guest_steps;
 mod hardening;
 mod hosts;
 mod hypervisor;
+mod identity;
 mod image_import;
 mod images;
 mod licensing;
