@@ -119,7 +119,7 @@ async function start() {
 
 const TABS: [string, string][] = [
   ["cloudpcs", "Cloud PCs"], ["users", "Users"], ["groups", "Groups"], ["licenses", "Licenses"],
-  ["images", "Images"], ["policies", "Provisioning policies"], ["hosts", "Hosts"], ["audit", "Audit log"],
+  ["images", "Images"], ["policies", "Provisioning policies"], ["hosts", "Hosts"], ["identity", "Identity providers"], ["audit", "Audit log"],
   ["tokens", "API tokens"],
 ];
 
@@ -370,6 +370,43 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
         await api("POST", `/cloudpc/hosts/${b.dataset.evacuate}/evacuate`, { confirmDataLoss: true });
       }
     })));
+  },
+  async identity(el) {
+    const providers = await list("/cloudpc/identityProviders");
+    const csv = (v: unknown) => String(v ?? "").split(",").map((x) => x.trim()).filter((x) => x);
+    el.innerHTML = form("idp", `<input name="displayName" placeholder="Name (Sign in with …)" required>
+        <input name="issuer" placeholder="Issuer URL" required type="url">
+        <input name="clientId" placeholder="Client id" required>
+        <input name="clientSecret" placeholder="Client secret" type="password">
+        <input name="administratorGroups" placeholder="Administrator groups (comma-separated)">
+        <input name="readerGroups" placeholder="Reader groups (comma-separated)">`, "Connect provider") +
+      `<p id="scimout" class="secret"></p>` +
+      table(providers, [
+        ["Name", (p) => esc(p.displayName)], ["Issuer", (p) => esc(p.issuer)], ["Client", (p) => esc(p.clientId)],
+        ["Administrators", (p) => esc(p.administratorGroups.join(", "))], ["Readers", (p) => esc(p.readerGroups.join(", "))],
+        ["SCIM", (p) => (p.hasScimToken ? "token issued" : "no token")],
+        ["", (p) => `<button class="secondary write" data-scim="${p.id}">New SCIM token</button> <button class="secondary write" data-delidp="${p.id}">Remove</button>`],
+      ]);
+    el.querySelector("#idp")!.addEventListener("submit", act(async () => {
+      const v = values("idp");
+      await api("POST", "/cloudpc/identityProviders", {
+        displayName: v.displayName, issuer: v.issuer, clientId: v.clientId,
+        ...(v.clientSecret ? { clientSecret: v.clientSecret } : {}),
+        administratorGroups: csv(v.administratorGroups), readerGroups: csv(v.readerGroups),
+      });
+    }));
+    el.querySelectorAll<HTMLButtonElement>("button[data-scim]").forEach((b) => b.addEventListener("click", async () => {
+      try {
+        const t = await api("POST", `/cloudpc/identityProviders/${b.dataset.scim}/scimToken`);
+        await render();
+        // Shown once: the provider's provisioning settings take the URL and the token.
+        app.querySelector("#scimout")!.textContent = `SCIM tenant URL ${t.scimBaseUrl}, secret token (shown only now): ${t.secret}`;
+      } catch (err: any) {
+        app.querySelector("#err")!.textContent = err.message;
+      }
+    }));
+    el.querySelectorAll<HTMLButtonElement>("button[data-delidp]").forEach((b) => b.addEventListener("click",
+      act(() => api("DELETE", `/cloudpc/identityProviders/${b.dataset.delidp}`))));
   },
   async tokens(el) {
     if (!isAdmin) {

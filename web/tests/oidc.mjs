@@ -3,7 +3,9 @@
 // the portal or the admin console, logs in at the provider's own form, and lands back signed in.
 // Env: CLOUDPC_URL, PROVIDER, SCREENSHOT, and STEPS: a JSON list of
 //   {"page": "portal"|"console", "login": "<account at the provider>", "expect": "<text shown after>",
-//    "absent": "<text that must not be shown>" (optional)}.
+//    "absent": "<text that must not be shown>" (optional), "identityPage": true (optional: check the
+//    console's Identity providers page), "thenDeactivate"/"afterwards" (optional: deactivate the user
+//    through SCIM, then the reloaded page must show "afterwards")}.
 import { chromium } from "playwright-core";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -42,6 +44,14 @@ for (const [i, step] of JSON.parse(env.STEPS).entries()) {
       .catch(async () => fail(`step ${i}: "${step.expect}" not shown; the page says: ${(await page.textContent("body"))?.slice(0, 500)}`));
     if (step.absent && (await page.getByText(step.absent).count()) > 0) fail(`step ${i}: "${step.absent}" is shown`);
     if (page.url().includes("token=")) fail(`step ${i}: the console token stayed in the address bar`);
+    if (step.identityPage) {
+      // The console's Identity providers page lists the provider and issues a SCIM token.
+      await page.click("nav button[data-tab=identity]");
+      await page.waitForSelector(`td:text-is("${env.PROVIDER}")`, { timeout: 10000 }).catch(() => fail(`step ${i}: the provider is not listed`));
+      await page.click("button[data-scim]");
+      await page.getByText("SCIM tenant URL").waitFor({ timeout: 10000 }).catch(() => fail(`step ${i}: no SCIM token shown`));
+      console.log(`step ${i}: identity providers page lists ${env.PROVIDER} and issued a SCIM token`);
+    }
     if (step.thenDeactivate) {
       // The provider deactivates the signed-in user through SCIM; the open portal loses access.
       const r = await fetch(step.thenDeactivate.scimUrl, {

@@ -48,6 +48,10 @@ pub enum Command {
     /// Hypervisor hosts: list, show, maintenance, drain, join tokens.
     #[command(subcommand)]
     Hosts(HostsCmd),
+    /// The organisation's identity providers: OpenID Connect sign-in, roles from their groups,
+    /// SCIM tokens.
+    #[command(subcommand)]
+    IdentityProviders(IdpCmd),
     /// Directory users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -295,6 +299,48 @@ pub enum HostsCmd {
         #[arg(long)]
         yes: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum IdpCmd {
+    /// List the connected identity providers.
+    List(ListArgs),
+    /// Show one provider (by id or name).
+    Get { provider: String },
+    /// Connect a provider: its OpenID Connect issuer and client, and the groups that grant roles.
+    Add {
+        /// The name shown on the sign-in pages ("Sign in with NAME").
+        #[arg(long)]
+        name: String,
+        /// The issuer URL (its discovery document is ISSUER/.well-known/openid-configuration).
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        client_id: String,
+        /// The client secret, read from this environment variable (so it stays out of the
+        /// shell's history and the process list).
+        #[arg(long)]
+        client_secret_env: Option<String>,
+        /// A value of the groups claim that grants Cloud PC Administrator (repeatable).
+        #[arg(long = "admin-group")]
+        admin_groups: Vec<String>,
+        /// A value of the groups claim that grants Cloud PC Reader (repeatable).
+        #[arg(long = "reader-group")]
+        reader_groups: Vec<String>,
+        /// The claim matched to userPrincipalName [default: preferred_username].
+        #[arg(long)]
+        username_claim: Option<String>,
+        /// The claim that carries groups [default: groups].
+        #[arg(long)]
+        groups_claim: Option<String>,
+        /// Scopes to ask for besides openid [default: profile email] (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    /// Issue the provider's SCIM token (shown once; an earlier one stops working).
+    ScimToken { provider: String },
+    /// Disconnect a provider that manages no users or groups any more.
+    Delete { provider: String },
 }
 
 #[derive(Subcommand)]

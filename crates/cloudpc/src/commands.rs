@@ -77,6 +77,14 @@ const TOKEN_COLUMNS: &[Column] = &[
     ("EXPIRES", "/expirationDateTime"),
     ("LAST USED", "/lastUsedDateTime"),
 ];
+const IDP_COLUMNS: &[Column] = &[
+    ("NAME", "/displayName"),
+    ("ISSUER", "/issuer"),
+    ("CLIENT", "/clientId"),
+    ("SCIM", "/hasScimToken"),
+    ("ID", "/id"),
+];
+
 const HOST_COLUMNS: &[Column] = &[
     ("NAME", "/displayName"),
     ("REGION", "/region"),
@@ -196,6 +204,7 @@ async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
     match command {
         Command::Server(_) | Command::HostAgent(_) => unreachable!("handled in main"),
         Command::Hosts(cmd) => hosts(c, fmt, cmd).await,
+        Command::IdentityProviders(cmd) => identity_providers(c, fmt, cmd).await,
         Command::Users(cmd) => users(c, fmt, cmd).await,
         Command::Groups(cmd) => groups(c, fmt, cmd).await,
         Command::Skus(cmd) => skus(c, fmt, cmd).await,
@@ -310,6 +319,83 @@ async fn hosts(c: &Client, fmt: OutputFormat, cmd: HostsCmd) -> Out {
             let id = host_id(c, &host).await?;
             c.call(Method::DELETE, &format!("/cloudpc/hosts/{id}"), None).await?;
             output::done(fmt, &format!("Host {host} removed."));
+            Ok(())
+        }
+    }
+}
+
+/// A provider by id or by name (names are unique, in any case).
+async fn provider_id(c: &Client, p: &str) -> Result<String, Failure> {
+    if p.len() == 36 && p.chars().filter(|ch| *ch == '-').count() == 4 {
+        return Ok(p.to_string());
+    }
+    let all = c.list("/cloudpc/identityProviders", None).await?;
+    all.iter()
+        .find(|x| x["displayName"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(p)))
+        .and_then(|x| x["id"].as_str().map(str::to_string))
+        .ok_or_else(|| Failure::not_found(format!("no identity provider is named '{p}'")))
+}
+
+async fn identity_providers(c: &Client, fmt: OutputFormat, cmd: IdpCmd) -> Out {
+    const BASE: &str = "/cloudpc/identityProviders";
+    match cmd {
+        IdpCmd::List(a) => show_list(c, fmt, BASE, &a, IDP_COLUMNS).await,
+        IdpCmd::Get { provider } => {
+            let id = provider_id(c, &provider).await?;
+            output::entity(fmt, &c.get(&format!("{BASE}/{id}")).await?);
+            Ok(())
+        }
+        IdpCmd::Add {
+            name,
+            issuer,
+            client_id,
+            client_secret_env,
+            admin_groups,
+            reader_groups,
+            username_claim,
+            groups_claim,
+            scopes,
+        } => {
+            let secret = match client_secret_env {
+                Some(var) => Some(std::env::var(&var).map_err(|_| {
+                    Failure::usage(format!("--client-secret-env names {var}, which is not set"))
+                })?),
+                None => None,
+            };
+            let body = object(vec![
+                ("displayName", Some(json!(name))),
+                ("issuer", Some(json!(issuer))),
+                ("clientId", Some(json!(client_id))),
+                ("clientSecret", secret.map(Value::from)),
+                ("administratorGroups", Some(json!(admin_groups))),
+                ("readerGroups", Some(json!(reader_groups))),
+                ("usernameClaim", username_claim.map(Value::from)),
+                ("groupsClaim", groups_claim.map(Value::from)),
+                ("scopes", (!scopes.is_empty()).then(|| json!(scopes))),
+            ]);
+            output::entity(fmt, &c.call(Method::POST, BASE, Some(&body)).await?);
+            Ok(())
+        }
+        IdpCmd::ScimToken { provider } => {
+            let id = provider_id(c, &provider).await?;
+            let t = c.call(Method::POST, &format!("{BASE}/{id}/scimToken"), None).await?;
+            if fmt == OutputFormat::Json {
+                output::entity(fmt, &t);
+            } else {
+                eprintln!(
+                    "SCIM token for {provider} (shown only now). In the provider's provisioning settings use
+                       Tenant URL: {}
+  Secret token:",
+                    t["scimBaseUrl"].as_str().unwrap_or_default()
+                );
+                println!("{}", t["secret"].as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        IdpCmd::Delete { provider } => {
+            let id = provider_id(c, &provider).await?;
+            c.call(Method::DELETE, &format!("{BASE}/{id}"), None).await?;
+            output::done(fmt, &format!("Identity provider {provider} removed."));
             Ok(())
         }
     }

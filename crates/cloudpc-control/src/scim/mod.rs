@@ -459,10 +459,16 @@ impl App {
 
     pub async fn scim_list_users(&self, q: &ListQuery, base: &str) -> Result<Value> {
         let filter = parse_query_filter(q)?;
-        let users = match filter.as_ref().and_then(Filter::user_name_equals) {
-            Some(name) => self.store.find_user_by_upn(name).await.map(|u| vec![u]).unwrap_or_default(),
-            None => self.store.list_users().await.map_err(Error::from)?,
-        };
+        // The lookup providers make before every change is answered from the index.
+        if let Some(name) = filter.as_ref().and_then(Filter::user_name_equals) {
+            let mut matches = Vec::new();
+            if let Ok(u) = self.store.find_user_by_upn(name).await {
+                let groups = self.store.list_groups_of_user(u.id).await.map_err(Error::from)?;
+                matches.push(user_json(&u, &groups.iter().collect::<Vec<_>>(), base));
+            }
+            return Ok(page(matches, q));
+        }
+        let users = self.store.list_users().await.map_err(Error::from)?;
         let groups: HashMap<Uuid, Group> =
             self.store.list_groups().await.map_err(Error::from)?.into_iter().map(|g| (g.id, g)).collect();
         let (by_user, _) = self.scim_memberships().await?;

@@ -487,7 +487,7 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
 
     let steps = json!([
         {"page": "portal", "login": "alice", "expect": "My Cloud PCs"},
-        {"page": "console", "login": "ada", "expect": "Cloud PC Administrator"},
+        {"page": "console", "login": "ada", "expect": "Cloud PC Administrator", "identityPage": true},
         {"page": "console", "login": "rita", "expect": "Cloud PC Reader (read only)"},
         {"page": "console", "login": "alice", "expect": "none of the provider's groups", "absent": "Sign out"},
         {"page": "portal", "login": "bob", "expect": "is not a cloudpc user"},
@@ -514,6 +514,9 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
     assert!(events
         .iter()
         .any(|e| e["activity"] == "Sign in User" && e.to_string().contains("signed in through Contoso ID")));
+    let (_, p) = s.get(&format!("/cloudpc/identityProviders/{}", provider["id"].as_str().unwrap())).await;
+    assert_eq!(p["hasScimToken"], true);
+    assert_eq!(scim(&s, &scim_token, Method::GET, "/Users", None, &[]).await.0, 401, "the console issued a new SCIM token");
     let (_, tokens) = s.get("/cloudpc/tokens").await;
     assert!(
         tokens["value"]
@@ -525,6 +528,16 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
                 && !t["expirationDateTime"].is_null()),
         "{tokens}"
     );
+
+    // A callback with an unknown (or replayed) state signs no one in.
+    let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let resp = no_redirects.get(format!("{}/auth/oidc/callback?state=forged&code=abc", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 303);
+    let to = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(to.starts_with("/?signInError=") && to.contains("unknown"), "{to}");
+    assert!(resp.headers().get("set-cookie").is_none());
+    let (st, _) = s.raw(Method::GET, "/auth/oidc/00000000-0000-0000-0000-000000000000/start", None, None, None).await;
+    assert_eq!(st, 404, "an unknown provider");
 
     // The provider's JWTs on the API: the role from the groups claim.
     let admin = idp.mint(&idp.claims("ops@contoso.com", &["cpc-admins"], "cloudpc", 300));
@@ -671,4 +684,39 @@ async fn test_vm_scim_member_gets_a_cloud_pc_and_deactivation_ends_access_and_st
         assert!(t.elapsed() < Duration::from_secs(15), "not in grace period after deactivation: {pc}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The CLI connects a provider (the client secret from the environment, never on the command
+/// line), issues its SCIM token that then works, lists and removes it.
+#[tokio::test]
+async fn test_cli_connects_an_identity_provider_and_issues_its_scim_token() {
+    let s = Server::start().await;
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).env("CLOUDPC_URL", &s.url).env("CLOUDPC_TOKEN", crate::support::ADMIN_TOKEN);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(
+        &["identity-providers", "add", "--name", "Okta", "--issuer", "https://contoso.okta.example", "--client-id", "0oa1",
+          "--client-secret-env", "OKTA_SECRET", "--admin-group", "cpc-admins", "--reader-group", "helpdesk", "--output", "json"],
+        &[("OKTA_SECRET", "s3cret-value")],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((p["hasClientSecret"].clone(), p["administratorGroups"].clone()), (json!(true), json!(["cpc-admins"])));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret-value"));
+    let out = run(&["identity-providers", "add", "--name", "X", "--issuer", "https://x.example", "--client-id", "c", "--client-secret-env", "UNSET_VAR_X"], &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("UNSET_VAR_X"));
+    let out = run(&["identity-providers", "scim-token", "okta"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/scim/v2"));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(scim(&s, &token, Method::GET, "/Users", None, &[]).await.0, 200);
+    let out = run(&["identity-providers", "list"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("https://contoso.okta.example"));
+    assert!(run(&["identity-providers", "delete", "Okta"], &[]).status.success());
+    assert_eq!(scim(&s, &token, Method::GET, "/Users", None, &[]).await.0, 401, "its token went with it");
 }
