@@ -53,22 +53,35 @@ pub struct IdentityProvider {
 #[derive(Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityProviderCreate {
+    #[schema(pattern = r"^[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]{0,63}$")]
     pub display_name: String,
+    #[schema(
+        pattern = r"^(https://([a-z0-9]+\.)*[a-z][a-z0-9]*|http://(127\.0\.0\.1|localhost))(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~-]+)*$",
+        max_length = 512
+    )]
     pub issuer: String,
+    #[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,256}$")]
     pub client_id: String,
     #[serde(default)]
+    #[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,512}$")]
     pub client_secret: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = scope_list)]
     pub scopes: Option<Vec<String>>,
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9_.:/-]{1,64}$")]
     pub username_claim: Option<String>,
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9_.:/-]{1,64}$")]
     pub groups_claim: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = group_list)]
     pub administrator_groups: Option<Vec<String>>,
     #[serde(default)]
+    #[schema(schema_with = group_list)]
     pub reader_groups: Option<Vec<String>>,
     #[serde(default)]
+    #[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,256}$")]
     pub api_audience: Option<String>,
 }
 
@@ -86,15 +99,29 @@ impl std::fmt::Debug for IdentityProviderCreate {
 #[derive(Clone, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityProviderUpdate {
+    #[schema(pattern = r"^[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]{0,63}$")]
     pub display_name: Option<String>,
+    #[schema(
+        pattern = r"^(https://([a-z0-9]+\.)*[a-z][a-z0-9]*|http://(127\.0\.0\.1|localhost))(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~-]+)*$",
+        max_length = 512
+    )]
     pub issuer: Option<String>,
+    #[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,256}$")]
     pub client_id: Option<String>,
+    #[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,512}$")]
     pub client_secret: Option<String>,
+    #[schema(schema_with = scope_list)]
     pub scopes: Option<Vec<String>>,
+    #[schema(pattern = r"^[A-Za-z0-9_.:/-]{1,64}$")]
     pub username_claim: Option<String>,
+    #[schema(pattern = r"^[A-Za-z0-9_.:/-]{1,64}$")]
     pub groups_claim: Option<String>,
+    #[schema(schema_with = group_list)]
     pub administrator_groups: Option<Vec<String>>,
+    #[schema(schema_with = group_list)]
     pub reader_groups: Option<Vec<String>>,
+    /// An empty string removes it.
+    #[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{0,256}$")]
     pub api_audience: Option<String>,
 }
 
@@ -121,6 +148,37 @@ pub struct SignInOption {
 pub struct SignInOptions {
     pub local_accounts: bool,
     pub providers: Vec<SignInOption>,
+}
+
+/// Optional list fields may be sent as null (meaning: not given).
+fn nullable_array() -> utoipa::openapi::schema::SchemaType {
+    utoipa::openapi::schema::SchemaType::from_iter([utoipa::openapi::Type::Array, utoipa::openapi::Type::Null])
+}
+
+/// Scopes: at most 20 words.
+fn scope_list() -> utoipa::openapi::Array {
+    utoipa::openapi::ArrayBuilder::new()
+        .schema_type(nullable_array())
+        .items(
+            utoipa::openapi::ObjectBuilder::new()
+                .schema_type(utoipa::openapi::Type::String)
+                .pattern(Some(r"^[!-~]{1,256}$")),
+        )
+        .max_items(Some(20))
+        .build()
+}
+
+/// Group names as the provider's groups claim carries them: at most 100.
+fn group_list() -> utoipa::openapi::Array {
+    utoipa::openapi::ArrayBuilder::new()
+        .schema_type(nullable_array())
+        .items(
+            utoipa::openapi::ObjectBuilder::new()
+                .schema_type(utoipa::openapi::Type::String)
+                .pattern(Some(r"^[^\x00-\x1f\x7f-\x9f]{1,256}$")),
+        )
+        .max_items(Some(100))
+        .build()
 }
 
 fn claim_name(field: &'static str, v: &str) -> Result<(), ValidationError> {

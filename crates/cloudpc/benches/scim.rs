@@ -52,7 +52,11 @@ impl Scim {
 
     async fn user(&self, upn: &str) -> String {
         let v = self
-            .send(reqwest::Method::POST, "/Users", json!({"schemas": [USER], "userName": upn, "active": true, "displayName": upn}))
+            .send(
+                reqwest::Method::POST,
+                "/Users",
+                json!({"schemas": [USER], "userName": upn, "active": true, "displayName": upn}),
+            )
             .await;
         v["id"].as_str().unwrap().to_string()
     }
@@ -75,7 +79,8 @@ async fn bench(name: &str, s: &support::Server) {
             json!({"displayName": "Bench ID", "issuer": "https://idp.bench.example", "clientId": "cloudpc"}),
         )
         .await;
-    let (_, t) = s.post(&format!("/cloudpc/identityProviders/{}/scimToken", p["id"].as_str().unwrap()), json!(null)).await;
+    let (_, t) =
+        s.post(&format!("/cloudpc/identityProviders/{}/scimToken", p["id"].as_str().unwrap()), json!(null)).await;
     let scim = Arc::new(Scim {
         http: reqwest::Client::new(),
         base: format!("{}/scim/v2", s.url),
@@ -85,17 +90,24 @@ async fn bench(name: &str, s: &support::Server) {
     // Latency: membership change → Cloud PC stored.
     let changes = env_usize("BENCH_CHANGES", 20);
     let sku = s.sku("CPC_SCIM", (changes + 10) as u32).await;
-    let group = scim.send(reqwest::Method::POST, "/Groups", json!({"schemas": [GROUP], "displayName": "Targeted"})).await;
+    let group =
+        scim.send(reqwest::Method::POST, "/Groups", json!({"schemas": [GROUP], "displayName": "Targeted"})).await;
     let gid = group["id"].as_str().unwrap().to_string();
     let (st, v) = s
-        .post(&format!("/v1.0/groups/{gid}/assignLicense"), json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}))
+        .post(
+            &format!("/v1.0/groups/{gid}/assignLicense"),
+            json!({"addLicenses": [{"skuId": sku["skuId"]}], "removeLicenses": []}),
+        )
         .await;
     assert!(st.is_success(), "{v}");
     let image = s.ready_image("scim-bench").await;
     let policy = s.policy("SCIM bench", &image).await;
     let (st, v) = s
         .post(
-            &format!("/v1.0/deviceManagement/virtualEndpoint/provisioningPolicies/{}/assign", policy["id"].as_str().unwrap()),
+            &format!(
+                "/v1.0/deviceManagement/virtualEndpoint/provisioningPolicies/{}/assign",
+                policy["id"].as_str().unwrap()
+            ),
             json!({"assignments": [{"target": {"groupId": gid}}]}),
         )
         .await;
@@ -150,10 +162,15 @@ async fn bench(name: &str, s: &support::Server) {
     let per_group = users_n / groups_n.max(1);
     for g in 0..groups_n {
         let (scim, permit) = (scim.clone(), sem.clone().acquire_owned().await.unwrap());
-        let members: Vec<Value> = ids[g * per_group..(g + 1) * per_group].iter().map(|id| json!({"value": id})).collect();
+        let members: Vec<Value> =
+            ids[g * per_group..(g + 1) * per_group].iter().map(|id| json!({"value": id})).collect();
         set.spawn(async move {
-            scim.send(reqwest::Method::POST, "/Groups", json!({"schemas": [GROUP], "displayName": format!("Team {g}"), "members": members}))
-                .await;
+            scim.send(
+                reqwest::Method::POST,
+                "/Groups",
+                json!({"schemas": [GROUP], "displayName": format!("Team {g}"), "members": members}),
+            )
+            .await;
             drop(permit);
         });
     }
@@ -168,9 +185,19 @@ async fn bench(name: &str, s: &support::Server) {
         peak_mib(s.pid())
     );
     let t = Instant::now();
-    let list = scim.http.get(format!("{}/Users?filter=userName%20eq%20%22user5000%40contoso.com%22", scim.base)).bearer_auth(&scim.token).send().await.unwrap();
+    let list = scim
+        .http
+        .get(format!("{}/Users?filter=userName%20eq%20%22user5000%40contoso.com%22", scim.base))
+        .bearer_auth(&scim.token)
+        .send()
+        .await
+        .unwrap();
     assert!(list.status().is_success());
-    println!("{name}: a userName lookup among {} users: {:.1} ms", users_n + changes, t.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "{name}: a userName lookup among {} users: {:.1} ms",
+        users_n + changes,
+        t.elapsed().as_secs_f64() * 1000.0
+    );
 }
 
 #[tokio::main]
@@ -179,7 +206,9 @@ async fn main() {
     bench("sqlite", &s).await;
     drop(s);
     if std::env::var("CLOUDPC_TEST_DATABASE_URL").is_ok() {
-        let s = support::Server::start_in(support::postgres_data_dir(), &["--no-local-host"], Some(support::ADMIN_TOKEN)).await;
+        let s =
+            support::Server::start_in(support::postgres_data_dir(), &["--no-local-host"], Some(support::ADMIN_TOKEN))
+                .await;
         bench("postgresql", &s).await;
     }
 }

@@ -357,9 +357,10 @@ async fn identity_providers(c: &Client, fmt: OutputFormat, cmd: IdpCmd) -> Out {
             scopes,
         } => {
             let secret = match client_secret_env {
-                Some(var) => Some(std::env::var(&var).map_err(|_| {
-                    Failure::usage(format!("--client-secret-env names {var}, which is not set"))
-                })?),
+                Some(var) => Some(
+                    std::env::var(&var)
+                        .map_err(|_| Failure::usage(format!("--client-secret-env names {var}, which is not set")))?,
+                ),
                 None => None,
             };
             let body = object(vec![

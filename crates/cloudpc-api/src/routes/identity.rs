@@ -35,7 +35,7 @@ pub async fn read(State(app): State<App>, _caller: Caller, g: GraphRequest, ApiP
 }
 
 /// Connects an identity provider: its OpenID Connect client and the groups that grant roles.
-#[utoipa::path(post, path = "/cloudpc/identityProviders", tag = "identity", operation_id = "create_identity_provider", request_body = IdentityProviderCreate, responses((status = 201, body = IdentityProvider)))]
+#[utoipa::path(post, path = "/cloudpc/identityProviders", tag = "identity", operation_id = "create_identity_provider", request_body = IdentityProviderCreate, responses((status = 201, body = IdentityProvider), (status = 409, description = "a provider with that name exists")))]
 pub async fn create(
     State(app): State<App>,
     caller: Caller,
@@ -46,7 +46,7 @@ pub async fn create(
     g.entity("identityProviders", &app.create_identity_provider(&caller.0, input).await?, StatusCode::CREATED)
 }
 
-#[utoipa::path(patch, path = "/cloudpc/identityProviders/{id}", tag = "identity", operation_id = "update_identity_provider", request_body = IdentityProviderUpdate, responses((status = 200, body = IdentityProvider)))]
+#[utoipa::path(patch, path = "/cloudpc/identityProviders/{id}", tag = "identity", operation_id = "update_identity_provider", request_body = IdentityProviderUpdate, responses((status = 200, body = IdentityProvider), (status = 409, description = "a provider with that name exists, or the provider changed meanwhile")))]
 pub async fn update(
     State(app): State<App>,
     caller: Caller,

@@ -516,7 +516,11 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
         .any(|e| e["activity"] == "Sign in User" && e.to_string().contains("signed in through Contoso ID")));
     let (_, p) = s.get(&format!("/cloudpc/identityProviders/{}", provider["id"].as_str().unwrap())).await;
     assert_eq!(p["hasScimToken"], true);
-    assert_eq!(scim(&s, &scim_token, Method::GET, "/Users", None, &[]).await.0, 401, "the console issued a new SCIM token");
+    assert_eq!(
+        scim(&s, &scim_token, Method::GET, "/Users", None, &[]).await.0,
+        401,
+        "the console issued a new SCIM token"
+    );
     let (_, tokens) = s.get("/cloudpc/tokens").await;
     assert!(
         tokens["value"]
@@ -700,15 +704,45 @@ async fn test_cli_connects_an_identity_provider_and_issues_its_scim_token() {
         cmd.output().unwrap()
     };
     let out = run(
-        &["identity-providers", "add", "--name", "Okta", "--issuer", "https://contoso.okta.example", "--client-id", "0oa1",
-          "--client-secret-env", "OKTA_SECRET", "--admin-group", "cpc-admins", "--reader-group", "helpdesk", "--output", "json"],
+        &[
+            "identity-providers",
+            "add",
+            "--name",
+            "Okta",
+            "--issuer",
+            "https://contoso.okta.example",
+            "--client-id",
+            "0oa1",
+            "--client-secret-env",
+            "OKTA_SECRET",
+            "--admin-group",
+            "cpc-admins",
+            "--reader-group",
+            "helpdesk",
+            "--output",
+            "json",
+        ],
         &[("OKTA_SECRET", "s3cret-value")],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let p: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((p["hasClientSecret"].clone(), p["administratorGroups"].clone()), (json!(true), json!(["cpc-admins"])));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret-value"));
-    let out = run(&["identity-providers", "add", "--name", "X", "--issuer", "https://x.example", "--client-id", "c", "--client-secret-env", "UNSET_VAR_X"], &[]);
+    let out = run(
+        &[
+            "identity-providers",
+            "add",
+            "--name",
+            "X",
+            "--issuer",
+            "https://x.example",
+            "--client-id",
+            "c",
+            "--client-secret-env",
+            "UNSET_VAR_X",
+        ],
+        &[],
+    );
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("UNSET_VAR_X"));
     let out = run(&["identity-providers", "scim-token", "okta"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
