@@ -74,6 +74,7 @@ function form(id: string, fields: string, button: string): string {
   if (back.get("token")) {
     token = back.get("token")!;
     sessionStorage.setItem("cloudpc-token", token);
+    sessionStorage.setItem("cloudpc-token-signed-in", "1");
   }
   if (back.has("token") || back.has("signInError")) history.replaceState(null, "", location.pathname);
   (window as any).signInError = back.get("signInError") ?? "";
@@ -129,6 +130,11 @@ async function render() {
     <nav>${TABS.map(([k, t]) => `<button data-tab="${k}" class="${k === tab ? "active" : ""}">${t}</button>`).join("")}</nav>
     <main><div class="error" id="err" role="alert"></div><div id="body">Loading…</div></main>`;
   app.querySelector("#out")!.addEventListener("click", () => {
+    // A token this tab got from a provider sign-in is revoked; pasted tokens stay (they are the admin's).
+    if (sessionStorage.getItem("cloudpc-token-signed-in")) {
+      fetch("/auth/signOut", { method: "POST", headers: { Authorization: `Bearer ${token}` } }).catch(() => {});
+      sessionStorage.removeItem("cloudpc-token-signed-in");
+    }
     sessionStorage.removeItem("cloudpc-token");
     token = "";
     showSignIn();

@@ -52,6 +52,19 @@ for (const [i, step] of JSON.parse(env.STEPS).entries()) {
       await page.getByText("SCIM tenant URL").waitFor({ timeout: 10000 }).catch(() => fail(`step ${i}: no SCIM token shown`));
       console.log(`step ${i}: identity providers page lists ${env.PROVIDER} and issued a SCIM token`);
     }
+    if (step.signOut) {
+      // Sign-out revokes the token this sign-in gave the console.
+      const token = await page.evaluate(() => sessionStorage.getItem("cloudpc-token"));
+      await page.click("#out");
+      await page.locator("input[name=token]").waitFor({ timeout: 10000 }).catch(() => fail(`step ${i}: sign-out did not show the sign-in form`));
+      let status = 0;
+      for (let k = 0; k < 20 && status !== 401; k++) {
+        status = (await fetch(`${env.CLOUDPC_URL}/v1.0/users`, { headers: { authorization: `Bearer ${token}` } })).status;
+        if (status !== 401) await new Promise((r) => setTimeout(r, 100));
+      }
+      if (status !== 401) fail(`step ${i}: the signed-out token still works (${status})`);
+      console.log(`step ${i}: signed out; the console's token is revoked`);
+    }
     if (step.thenDeactivate) {
       // The provider deactivates the signed-in user through SCIM; the open portal loses access.
       const r = await fetch(step.thenDeactivate.scimUrl, {

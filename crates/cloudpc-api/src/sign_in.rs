@@ -22,6 +22,7 @@ pub fn routes() -> Router<App> {
         .route("/signInOptions", get(options))
         .route("/oidc/callback", get(callback))
         .route("/oidc/{provider}/start", get(start))
+        .route("/signOut", axum::routing::post(sign_out))
 }
 
 fn root(app: &App, headers: &HeaderMap) -> String {
@@ -49,6 +50,23 @@ fn encode(s: &str) -> String {
 
 async fn options(State(app): State<App>) -> Result<Response, ApiError> {
     Ok(Json(app.sign_in_options().await?).into_response())
+}
+
+/// Revokes the bearer token it is sent with (the console's sign-out after a provider sign-in).
+async fn sign_out(
+    State(app): State<App>,
+    headers: HeaderMap,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken", "Send the token to sign out.")
+        })?;
+    app.revoke_own_token(secret.trim(), Some(addr.ip().to_string())).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]

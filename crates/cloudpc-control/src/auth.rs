@@ -142,6 +142,25 @@ impl App {
         Ok(())
     }
 
+    /// Sign-out of a console signed in through a provider: the token it was given is revoked.
+    pub async fn revoke_own_token(&self, secret: &str, ip_address: Option<String>) -> Result<()> {
+        let actor = self.authenticate(secret, ip_address).await?;
+        let token = self.store.find_token(&hash(secret)).await?.ok_or_else(|| {
+            Error::Unauthenticated("only an API token can be signed out; provider JWTs expire by themselves".into())
+        })?;
+        let audit = Change {
+            component: "Access",
+            activity: "Sign out ApiToken".into(),
+            operation: AuditOperationType::Delete,
+            resource_type: "apiToken",
+            resource_id: token.id.to_string(),
+            resource_name: token.display_name.clone(),
+        }
+        .event(&actor, Some(&token), None);
+        self.store.revoke_token(token.id, &audit).await?;
+        Ok(())
+    }
+
     pub async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
         Ok(self.store.list_tokens().await?)
     }

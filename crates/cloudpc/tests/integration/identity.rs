@@ -488,7 +488,7 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
     let steps = json!([
         {"page": "portal", "login": "alice", "expect": "My Cloud PCs"},
         {"page": "console", "login": "ada", "expect": "Cloud PC Administrator", "identityPage": true},
-        {"page": "console", "login": "rita", "expect": "Cloud PC Reader (read only)"},
+        {"page": "console", "login": "rita", "expect": "Cloud PC Reader (read only)", "signOut": true},
         {"page": "console", "login": "alice", "expect": "none of the provider's groups", "absent": "Sign out"},
         {"page": "portal", "login": "bob", "expect": "is not a cloudpc user"},
     ]);
@@ -753,4 +753,76 @@ async fn test_cli_connects_an_identity_provider_and_issues_its_scim_token() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("https://contoso.okta.example"));
     assert!(run(&["identity-providers", "delete", "Okta"], &[]).status.success());
     assert_eq!(scim(&s, &token, Method::GET, "/Users", None, &[]).await.0, 401, "its token went with it");
+}
+
+/// Follows the provider's redirects and fills its login form as a browser would, without one;
+/// returns the callback URL the provider sends the browser back to.
+async fn provider_login(http: &reqwest::Client, idp: &Idp, start: &str, login: &str) -> String {
+    let absolute = |l: &str| if l.starts_with("http") { l.to_string() } else { format!("{}{l}", idp.issuer()) };
+    let resp = http.get(start).send().await.unwrap();
+    assert_eq!(resp.status(), 303, "start redirects to the provider");
+    let mut next = absolute(resp.headers()["location"].to_str().unwrap());
+    for _ in 0..10 {
+        if next.contains("/auth/oidc/callback") {
+            return next;
+        }
+        let resp = http.get(&next).send().await.unwrap();
+        if resp.status().is_redirection() {
+            next = absolute(resp.headers()["location"].to_str().unwrap());
+            continue;
+        }
+        // The provider's login form: post the account's login to its action.
+        let html = resp.text().await.unwrap();
+        let action =
+            html.split("action=\"").nth(1).and_then(|r| r.split('"').next()).expect("a login form").to_string();
+        let resp = http
+            .post(absolute(&action))
+            .form(&[("prompt", "login"), ("login", login), ("password", "any")])
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_redirection(), "login accepted");
+        next = absolute(resp.headers()["location"].to_str().unwrap());
+    }
+    panic!("the provider did not send the browser back to cloudpc");
+}
+
+/// A sign-in begun on one replica finishes on another (state, nonce and verifier live in the
+/// database), the session works on both, and the state cannot be used twice.
+#[tokio::test]
+async fn test_oidc_sign_in_started_on_one_replica_finishes_on_another() {
+    let a = Server::start_in(postgres_data_dir(), &[], Some(crate::support::ADMIN_TOKEN)).await;
+    let b = a.start_replica(&[]).await;
+    let idp = Idp::start(accounts(), &a.url).await;
+    let (provider, token) = connect(&a, &idp.issuer()).await;
+    assert_eq!(
+        scim(&b, &token, Method::POST, "/Users", Some(entra_user("alice@contoso.com", "e-alice")), &[]).await.0,
+        201
+    );
+    let http =
+        reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let start = format!("{}/auth/oidc/{}/start?target=portal", a.url, provider["id"].as_str().unwrap());
+    let back = provider_login(&http, &idp, &start, "alice").await;
+    assert!(back.starts_with(&a.url), "{back}");
+    let on_b = back.replacen(&a.url, &b.url, 1);
+    let resp = http.get(&on_b).send().await.unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/", "signed in on the other replica");
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    for s in [&a, &b] {
+        let me = reqwest::Client::new()
+            .get(format!("{}/portal/api/me", s.url))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(me.status(), 200);
+        assert_eq!(me.json::<Value>().await.unwrap()["userPrincipalName"], "alice@contoso.com");
+    }
+    let again = http.get(&back).send().await.unwrap();
+    let to = again.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        to.contains("signInError") && again.headers().get("set-cookie").is_none(),
+        "a used state signs no one in: {to}"
+    );
 }
