@@ -78,6 +78,7 @@ struct StartQuery {
 async fn start(
     State(app): State<App>,
     headers: HeaderMap,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
     Path(provider): Path<String>,
     Query(q): Query<StartQuery>,
 ) -> Result<Response, ApiError> {
@@ -89,7 +90,7 @@ async fn start(
         }
     };
     let redirect = format!("{}/auth/oidc/callback", root(&app, &headers));
-    Ok(see_other(&app.begin_oidc_sign_in(&provider, target, &redirect).await?))
+    Ok(see_other(&app.begin_oidc_sign_in(&provider, target, &redirect, Some(addr.ip().to_string())).await?))
 }
 
 #[derive(Deserialize)]
@@ -98,6 +99,9 @@ struct CallbackQuery {
     state: Option<String>,
     #[serde(default)]
     code: Option<String>,
+    /// The provider's own name for itself (RFC 9207), when it sends it.
+    #[serde(default)]
+    iss: Option<String>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default)]
@@ -116,7 +120,7 @@ async fn callback(
     });
     let state = q.state.unwrap_or_default();
     let ip = Some(addr.ip().to_string());
-    match app.finish_oidc_sign_in(&state, q.code.as_deref(), provider_error.as_deref(), ip).await {
+    match app.finish_oidc_sign_in(&state, q.code.as_deref(), q.iss.as_deref(), provider_error.as_deref(), ip).await {
         Ok((_, SignedIn::Portal(session))) => {
             let mut r = see_other("/");
             let cookie = crate::portal::session_set_cookie(&app, &headers, &session.secret);

@@ -259,7 +259,21 @@ impl App {
 
     /// Starts a sign-in with a provider: remembers state, nonce and PKCE verifier, and returns
     /// the provider's authorization URL to send the browser to.
-    pub async fn begin_oidc_sign_in(&self, provider: &str, target: SignInTarget, redirect_uri: &str) -> Result<String> {
+    pub async fn begin_oidc_sign_in(
+        &self,
+        provider: &str,
+        target: SignInTarget,
+        redirect_uri: &str,
+        ip: Option<String>,
+    ) -> Result<String> {
+        // Each start stores a row for 10 minutes: starts count against the sign-in limit of the
+        // client's address, so nobody fills the table.
+        if let Some(addr) = &ip {
+            self.sign_in_rate.check(addr).map_err(|retry_after| Error::RateLimited {
+                what: "too many sign-in attempts from this address".into(),
+                retry_after,
+            })?;
+        }
         let p = self.get_identity_provider(provider).await?;
         let state = self.oidc.state(&p).await?;
         let (csrf, nonce, verifier) = (random_secret(), random_secret(), random_secret());
@@ -289,6 +303,7 @@ impl App {
         &self,
         state: &str,
         code: Option<&str>,
+        issuer: Option<&str>,
         provider_error: Option<&str>,
         ip: Option<String>,
     ) -> std::result::Result<(SignInTarget, SignedIn), (Option<SignInTarget>, Error)> {
@@ -306,7 +321,18 @@ impl App {
         let Some(p) = providers.into_iter().find(|p| p.id == login.provider) else {
             return Err((target, unauthenticated("the identity provider was removed during the sign-in")));
         };
-        match self.complete_oidc(&p, &login, code, provider_error, ip.clone()).await {
+        // RFC 9207: a provider that names itself in the response must be the one the sign-in
+        // went to (a mix-up attack sends another provider's code here).
+        let mixed_up = issuer.is_some_and(|i| i.trim_end_matches('/') != p.issuer);
+        let result = if mixed_up {
+            Err((
+                "(unknown)".to_string(),
+                unauthenticated("the response comes from another identity provider than the sign-in went to"),
+            ))
+        } else {
+            self.complete_oidc(&p, &login, code, provider_error, ip.clone()).await
+        };
+        match result {
             Ok(done) => Ok((login.target, done)),
             Err((who, e)) => {
                 self.audit_sign_in_failure(&who, &p.display_name, &e.to_string(), ip).await;

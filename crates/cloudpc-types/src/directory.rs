@@ -23,16 +23,16 @@ pub struct User {
     pub mail_nickname: String,
     pub account_enabled: bool,
     pub created_date_time: DateTime<Utc>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_name: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub surname: Option<String>,
     /// The identity provider that manages this user through SCIM (a cloudpc extension); `null`
     /// for a local user.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_provider_id: Option<Uuid>,
     /// The provider's own id for the user (SCIM `externalId`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
 }
 
@@ -152,10 +152,10 @@ pub struct Group {
     pub mail_enabled: bool,
     pub created_date_time: DateTime<Utc>,
     /// The identity provider that manages this group through SCIM (a cloudpc extension).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_provider_id: Option<Uuid>,
     /// The provider's own id for the group (SCIM `externalId`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
 }
 

@@ -804,6 +804,7 @@ async fn test_oidc_sign_in_started_on_one_replica_finishes_on_another() {
     let start = format!("{}/auth/oidc/{}/start?target=portal", a.url, provider["id"].as_str().unwrap());
     let back = provider_login(&http, &idp, &start, "alice").await;
     assert!(back.starts_with(&a.url), "{back}");
+    assert!(back.contains("iss="), "the provider names itself in its response (RFC 9207): {back}");
     let on_b = back.replacen(&a.url, &b.url, 1);
     let resp = http.get(&on_b).send().await.unwrap();
     assert_eq!(resp.status(), 303);
@@ -819,6 +820,14 @@ async fn test_oidc_sign_in_started_on_one_replica_finishes_on_another() {
         assert_eq!(me.status(), 200);
         assert_eq!(me.json::<Value>().await.unwrap()["userPrincipalName"], "alice@contoso.com");
     }
+    // A response naming another issuer (a mix-up) signs no one in, even with a fresh state.
+    let back2 = provider_login(&http, &idp, &start, "alice").await;
+    let iss = format!("iss={}", url_encode(&idp.issuer()));
+    assert!(back2.contains(&iss), "{back2}");
+    let mixed = back2.replace(&iss, "iss=https%3A%2F%2Fevil.example");
+    let resp = http.get(&mixed).send().await.unwrap();
+    let to = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(to.contains("another+identity+provider") && resp.headers().get("set-cookie").is_none(), "{to}");
     let again = http.get(&back).send().await.unwrap();
     let to = again.headers()["location"].to_str().unwrap().to_string();
     assert!(
