@@ -46,16 +46,9 @@ fn resource(status: StatusCode, r: Resource) -> Response {
     resp
 }
 
-/// The base URL resources are located under: `--public-url` if set, else this request's host.
+/// The base URL resources are located under.
 fn base(app: &App, headers: &HeaderMap) -> String {
-    let root = match &app.config().public_url {
-        Some(u) => u.trim_end_matches('/').to_string(),
-        None => {
-            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-            format!("http://{host}")
-        }
-    };
-    format!("{root}/scim/v2")
+    format!("{}/scim/v2", crate::sign_in::root(app, headers))
 }
 
 async fn gate(State(app): State<App>, mut req: Request, next: Next) -> Response {

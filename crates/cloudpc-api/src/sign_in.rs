@@ -25,7 +25,8 @@ pub fn routes() -> Router<App> {
         .route("/signOut", axum::routing::post(sign_out))
 }
 
-fn root(app: &App, headers: &HeaderMap) -> String {
+/// The address this server is reached at: `--public-url` if set, else this request's host.
+pub(crate) fn root(app: &App, headers: &HeaderMap) -> String {
     match &app.config().public_url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {

@@ -24,11 +24,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::auth::{ApiTokenCreate, Role};
 use cloudpc_types::identity::IdentityProvider;
 
-use crate::audit::{property, Actor, Change};
+use crate::audit::{property, Actor};
 use crate::identity::{random_secret, role_from_groups, sha};
 use crate::portal::{Session, SESSION_LIFETIME};
 use crate::{App, Error, Result};
@@ -457,26 +456,11 @@ impl App {
     }
 
     async fn audit_sign_in_failure(&self, who: &str, provider: &str, reason: &str, ip: Option<String>) {
-        let actor = Actor { id: None, name: who.to_string(), role: Role::CloudPcUser, ip_address: ip, system: false };
-        let audit = Change {
-            component: "Portal",
-            activity: "Sign in failed User".into(),
-            operation: AuditOperationType::Other,
-            resource_type: "user",
-            resource_id: String::new(),
-            resource_name: who.to_string(),
-        }
-        .event_with(
-            &actor,
-            vec![
-                property("session", None, Some("refused".into())),
-                property("identityProvider", None, Some(provider.to_string())),
-                property("reason", None, Some(reason.to_string())),
-            ],
-        );
-        if let Err(e) = self.store.record_audit_event(&audit).await {
-            tracing::warn!(error = %e, "could not record a failed sign-in");
-        }
+        let more = vec![
+            property("identityProvider", None, Some(provider.to_string())),
+            property("reason", None, Some(reason.to_string())),
+        ];
+        self.audit_failed_sign_in(who, ip, more).await;
     }
 }
 

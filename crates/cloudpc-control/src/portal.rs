@@ -145,7 +145,7 @@ impl App {
         };
         let ok = self.hash_work(move || verify(&password, &hash)).await? && enabled;
         let Some((user, _)) = creds.filter(|_| ok) else {
-            self.audit_failed_sign_in(upn, ip).await;
+            self.audit_failed_sign_in(upn, ip, Vec::new()).await;
             return Err(Error::Unauthenticated(
                 "the user name or password is not right, or the account is disabled".into(),
             ));
@@ -176,7 +176,13 @@ impl App {
 
     /// A failed sign-in is audited under the name that was tried (bounded above, and rate-limited
     /// per address, so this cannot flood the log faster than sign-ins are allowed).
-    async fn audit_failed_sign_in(&self, upn: &str, ip: Option<String>) {
+    /// `more` adds what a sign-in through a provider knows (the provider, the reason).
+    pub(crate) async fn audit_failed_sign_in(
+        &self,
+        upn: &str,
+        ip: Option<String>,
+        more: Vec<cloudpc_types::audit::AuditProperty>,
+    ) {
         let actor = Actor { id: None, name: upn.to_string(), role: Role::CloudPcUser, ip_address: ip, system: false };
         let audit = Change {
             component: "Portal",
@@ -186,7 +192,7 @@ impl App {
             resource_id: String::new(),
             resource_name: upn.to_string(),
         }
-        .event_with(&actor, vec![property("session", None, Some("refused".into()))]);
+        .event_with(&actor, [vec![property("session", None, Some("refused".into()))], more].concat());
         if let Err(e) = self.store.record_audit_event(&audit).await {
             tracing::warn!(error = %e, "could not record a failed sign-in");
         }
