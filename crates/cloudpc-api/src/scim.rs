@@ -139,26 +139,40 @@ fn unchanged(h: &HeaderMap, r: &Resource) -> bool {
     h.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() == r.version)
 }
 
-async fn list_users(State(app): State<App>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Reply {
+async fn list_users(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    req: Request,
+) -> Reply {
+    let c = caller(req.extensions())?;
     let q = query(q)?;
-    Ok(reply(StatusCode::OK, &app.scim_list_users(&q, &base(&app, &headers)).await.map_err(Refusal)?))
+    Ok(reply(StatusCode::OK, &app.scim_list_users(&c.0, &q, &base(&app, &headers)).await.map_err(Refusal)?))
 }
 
-async fn list_groups(State(app): State<App>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Reply {
+async fn list_groups(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    req: Request,
+) -> Reply {
+    let c = caller(req.extensions())?;
     let q = query(q)?;
-    Ok(reply(StatusCode::OK, &app.scim_list_groups(&q, &base(&app, &headers)).await.map_err(Refusal)?))
+    Ok(reply(StatusCode::OK, &app.scim_list_groups(&c.0, &q, &base(&app, &headers)).await.map_err(Refusal)?))
 }
 
-async fn get_user(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
-    let r = app.scim_get_user(&id, &base(&app, &headers)).await.map_err(Refusal)?;
+async fn get_user(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, req: Request) -> Reply {
+    let c = caller(req.extensions())?;
+    let r = app.scim_get_user(&c.0, &id, &base(&app, &headers)).await.map_err(Refusal)?;
     if unchanged(&headers, &r) {
         return Ok(StatusCode::NOT_MODIFIED.into_response());
     }
     Ok(resource(StatusCode::OK, r))
 }
 
-async fn get_group(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
-    let r = app.scim_get_group(&id, &base(&app, &headers)).await.map_err(Refusal)?;
+async fn get_group(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, req: Request) -> Reply {
+    let c = caller(req.extensions())?;
+    let r = app.scim_get_group(&c.0, &id, &base(&app, &headers)).await.map_err(Refusal)?;
     if unchanged(&headers, &r) {
         return Ok(StatusCode::NOT_MODIFIED.into_response());
     }
@@ -231,13 +245,13 @@ async fn patch_group(State(app): State<App>, headers: HeaderMap, Path(id): Path<
 
 async fn delete_user(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, req: Request) -> Reply {
     let c = caller(req.extensions())?;
-    app.scim_delete_user(&c.1, &id, if_match(&headers).as_deref()).await.map_err(Refusal)?;
+    app.scim_delete_user(&c.0, &c.1, &id, if_match(&headers).as_deref()).await.map_err(Refusal)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn delete_group(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, req: Request) -> Reply {
     let c = caller(req.extensions())?;
-    app.scim_delete_group(&c.1, &id, if_match(&headers).as_deref()).await.map_err(Refusal)?;
+    app.scim_delete_group(&c.0, &c.1, &id, if_match(&headers).as_deref()).await.map_err(Refusal)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

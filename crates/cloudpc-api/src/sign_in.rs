@@ -17,6 +17,16 @@ use cloudpc_control::App;
 
 use crate::error::ApiError;
 
+/// The cookie that binds a sign-in to the browser that started it.
+const BROWSER_COOKIE: &str = "cloudpc_oidc";
+
+fn browser_cookie(headers: &HeaderMap) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == BROWSER_COOKIE).then(|| v.to_string())
+    })
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/signInOptions", get(options))
@@ -91,7 +101,15 @@ async fn start(
         }
     };
     let redirect = format!("{}/auth/oidc/callback", root(&app, &headers));
-    Ok(see_other(&app.begin_oidc_sign_in(&provider, target, &redirect, Some(addr.ip().to_string())).await?))
+    let (to, browser) = app.begin_oidc_sign_in(&provider, target, &redirect, Some(addr.ip().to_string())).await?;
+    let mut r = see_other(&to);
+    // Lax, not Strict: the callback is a top-level navigation from the provider's site.
+    let secure = if root(&app, &headers).starts_with("https://") { "; Secure" } else { "" };
+    let cookie = format!("{BROWSER_COOKIE}={browser}; HttpOnly; SameSite=Lax; Path=/auth/oidc; Max-Age=600{secure}");
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(r)
 }
 
 #[derive(Deserialize)]
@@ -121,12 +139,23 @@ async fn callback(
     });
     let state = q.state.unwrap_or_default();
     let ip = Some(addr.ip().to_string());
-    match app.finish_oidc_sign_in(&state, q.code.as_deref(), q.iss.as_deref(), provider_error.as_deref(), ip).await {
+    let browser = browser_cookie(&headers);
+    let done = app
+        .finish_oidc_sign_in(
+            &state,
+            browser.as_deref(),
+            q.code.as_deref(),
+            q.iss.as_deref(),
+            provider_error.as_deref(),
+            ip,
+        )
+        .await;
+    let mut r = match done {
         Ok((_, SignedIn::Portal(session))) => {
             let mut r = see_other("/");
             let cookie = crate::portal::session_set_cookie(&app, &headers, &session.secret);
             if let Ok(v) = HeaderValue::from_str(&cookie) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
+                r.headers_mut().append(header::SET_COOKIE, v);
             }
             r
         }
@@ -135,5 +164,11 @@ async fn callback(
             see_other(&format!("/admin.html#signInError={}", encode(&e.to_string())))
         }
         Err((_, e)) => see_other(&format!("/?signInError={}", encode(&e.to_string()))),
-    }
+    };
+    // The sign-in cookie has done its work.
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static("cloudpc_oidc=; HttpOnly; SameSite=Lax; Path=/auth/oidc; Max-Age=0"),
+    );
+    r
 }

@@ -161,8 +161,38 @@ impl App {
         Ok(p)
     }
 
+    /// Disconnects a provider. Its users and groups stay, as local ones that admins manage from
+    /// now on (each release audited), so nothing is locked to a provider that is gone.
     pub async fn delete_identity_provider(&self, actor: &Actor, id: &str) -> Result<()> {
         let p = self.get_identity_provider(id).await?;
+        for before in self.store.list_users().await?.into_iter().filter(|u| u.identity_provider_id == Some(p.id)) {
+            let mut u = before.clone();
+            u.identity_provider_id = None;
+            let audit = Change {
+                component: "Directory",
+                activity: "Release User".into(),
+                operation: AuditOperationType::Patch,
+                resource_type: "user",
+                resource_id: u.id.to_string(),
+                resource_name: u.user_principal_name.clone(),
+            }
+            .event(actor, Some(&before), Some(&u));
+            self.store.update_user(&u, None, &audit).await?;
+        }
+        for before in self.store.list_groups().await?.into_iter().filter(|g| g.identity_provider_id == Some(p.id)) {
+            let mut g = before.clone();
+            g.identity_provider_id = None;
+            let audit = Change {
+                component: "Directory",
+                activity: "Release Group".into(),
+                operation: AuditOperationType::Patch,
+                resource_type: "group",
+                resource_id: g.id.to_string(),
+                resource_name: g.display_name.clone(),
+            }
+            .event(actor, Some(&before), Some(&g));
+            self.store.update_group(&g, &audit).await?;
+        }
         let audit = change("Delete", AuditOperationType::Delete, &p).event(actor, Some(&p), None);
         self.store.delete_identity_provider(p.id, &audit).await?;
         self.forget_oidc_metadata(p.id);

@@ -79,6 +79,9 @@ struct Discovery {
     authorization_endpoint: String,
     token_endpoint: String,
     jwks_uri: String,
+    /// RFC 9207: the provider names itself in every authorization response.
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
 }
 
 struct Keys {
@@ -92,10 +95,18 @@ struct ProviderState {
     keys: tokio::sync::Mutex<Keys>,
 }
 
+/// How long a provider whose discovery failed is not asked again.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Per replica: what each provider published (a cache; nothing is decided here).
 pub struct OidcCache {
     http: reqwest::Client,
     providers: Mutex<HashMap<Uuid, Arc<ProviderState>>>,
+    /// One discovery at a time, so a burst of requests (or of forged tokens naming a provider)
+    /// makes one fetch, not one each.
+    fetching: tokio::sync::Mutex<()>,
+    /// When each provider's discovery last failed, and why.
+    failures: Mutex<HashMap<Uuid, (Instant, String)>>,
 }
 
 impl Default for OidcCache {
@@ -105,7 +116,12 @@ impl Default for OidcCache {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Self { http, providers: Mutex::new(HashMap::new()) }
+        Self {
+            http,
+            providers: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -113,6 +129,9 @@ impl Default for OidcCache {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Login {
+    /// SHA-256 of the random value in the browser's sign-in cookie: the callback must come from
+    /// the browser that started the sign-in (no one can hand a victim their own sign-in).
+    browser: String,
     provider: Uuid,
     nonce: String,
     verifier: String,
@@ -154,12 +173,40 @@ pub(crate) fn looks_like_jwt(token: &str) -> bool {
 }
 
 impl OidcCache {
+    fn cached(&self, p: &IdentityProvider) -> Option<Arc<ProviderState>> {
+        let map = self.providers.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&p.id)
+            .filter(|s| s.read.elapsed() < METADATA_LIFETIME && s.discovery.issuer.trim_end_matches('/') == p.issuer)
+            .cloned()
+    }
+
     async fn state(&self, p: &IdentityProvider) -> Result<Arc<ProviderState>> {
-        if let Some(s) = self.providers.lock().unwrap_or_else(|e| e.into_inner()).get(&p.id) {
-            if s.read.elapsed() < METADATA_LIFETIME && s.discovery.issuer.trim_end_matches('/') == p.issuer {
-                return Ok(s.clone());
+        if let Some(s) = self.cached(p) {
+            return Ok(s);
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(s) = self.cached(p) {
+            return Ok(s);
+        }
+        if let Some((at, why)) = self.failures.lock().unwrap_or_else(|e| e.into_inner()).get(&p.id) {
+            if at.elapsed() < FAILURE_BACKOFF {
+                return Err(Error::Conflict(why.clone()));
             }
         }
+        let fetched = self.discover(p).await;
+        match &fetched {
+            Ok(s) => {
+                self.providers.lock().unwrap_or_else(|e| e.into_inner()).insert(p.id, s.clone());
+                self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&p.id);
+            }
+            Err(e) => {
+                self.failures.lock().unwrap_or_else(|e| e.into_inner()).insert(p.id, (Instant::now(), e.to_string()));
+            }
+        }
+        fetched
+    }
+
+    async fn discover(&self, p: &IdentityProvider) -> Result<Arc<ProviderState>> {
         let url = format!("{}/.well-known/openid-configuration", p.issuer);
         let discovery: Discovery = self.get_json(&url, &p.display_name).await?;
         if discovery.issuer.trim_end_matches('/') != p.issuer {
@@ -168,14 +215,25 @@ impl OidcCache {
                 p.display_name, discovery.issuer, p.issuer
             )));
         }
+        // Keys and the client secret travel to these addresses: https only, as for the issuer.
+        for (name, url) in [
+            ("authorization_endpoint", &discovery.authorization_endpoint),
+            ("token_endpoint", &discovery.token_endpoint),
+            ("jwks_uri", &discovery.jwks_uri),
+        ] {
+            if !cloudpc_types::identity::secure_url(url) {
+                return Err(Error::Conflict(format!(
+                    "the identity provider '{}' publishes its {name} at {url}, which is not https",
+                    p.display_name
+                )));
+            }
+        }
         let set: JwkSet = self.get_json(&discovery.jwks_uri, &p.display_name).await?;
-        let state = Arc::new(ProviderState {
+        Ok(Arc::new(ProviderState {
             discovery,
             read: Instant::now(),
             keys: tokio::sync::Mutex::new(Keys { set, fetched: Instant::now() }),
-        });
-        self.providers.lock().unwrap_or_else(|e| e.into_inner()).insert(p.id, state.clone());
-        Ok(state)
+        }))
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str, provider: &str) -> Result<T> {
@@ -257,14 +315,15 @@ impl App {
     }
 
     /// Starts a sign-in with a provider: remembers state, nonce and PKCE verifier, and returns
-    /// the provider's authorization URL to send the browser to.
+    /// the provider's authorization URL to send the browser to, and the value the browser keeps
+    /// in a cookie until the callback.
     pub async fn begin_oidc_sign_in(
         &self,
         provider: &str,
         target: SignInTarget,
         redirect_uri: &str,
         ip: Option<String>,
-    ) -> Result<String> {
+    ) -> Result<(String, String)> {
         // Each start stores a row for 10 minutes: starts count against the sign-in limit of the
         // client's address, so nobody fills the table.
         if let Some(addr) = &ip {
@@ -275,9 +334,16 @@ impl App {
         }
         let p = self.get_identity_provider(provider).await?;
         let state = self.oidc.state(&p).await?;
-        let (csrf, nonce, verifier) = (random_secret(), random_secret(), random_secret());
+        let (csrf, nonce, verifier, browser) = (random_secret(), random_secret(), random_secret(), random_secret());
         let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
-        let login = Login { provider: p.id, nonce: nonce.clone(), verifier, target, redirect_uri: redirect_uri.into() };
+        let login = Login {
+            browser: sha(&browser),
+            provider: p.id,
+            nonce: nonce.clone(),
+            verifier,
+            target,
+            redirect_uri: redirect_uri.into(),
+        };
         let expires = Utc::now() + chrono::Duration::from_std(LOGIN_LIFETIME).unwrap_or_default();
         self.store.put_oidc_login(&sha(&csrf), &serde_json::to_value(&login).unwrap_or_default(), expires).await?;
         let mut scopes = vec!["openid".to_string()];
@@ -293,7 +359,7 @@ impl App {
             .append_pair("nonce", &nonce)
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256");
-        Ok(url.into())
+        Ok((url.into(), browser))
     }
 
     /// Finishes a sign-in: takes the state (once), exchanges the code, verifies the ID token and
@@ -301,11 +367,20 @@ impl App {
     pub async fn finish_oidc_sign_in(
         &self,
         state: &str,
+        browser: Option<&str>,
         code: Option<&str>,
         issuer: Option<&str>,
         provider_error: Option<&str>,
         ip: Option<String>,
     ) -> std::result::Result<(SignInTarget, SignedIn), (Option<SignInTarget>, Error)> {
+        // Unauthenticated, and each refusal writes an audit event: callbacks count against the
+        // address's sign-in limit.
+        if let Some(addr) = &ip {
+            if let Err(retry_after) = self.sign_in_rate.check(addr) {
+                let what = "too many sign-in attempts from this address".into();
+                return Err((None, Error::RateLimited { what, retry_after }));
+            }
+        }
         let login = match self.store.take_oidc_login(&sha(state)).await.map_err(|e| (None, e.into()))? {
             Some(v) => serde_json::from_value::<Login>(v).ok(),
             None => None,
@@ -323,7 +398,18 @@ impl App {
         // RFC 9207: a provider that names itself in the response must be the one the sign-in
         // went to (a mix-up attack sends another provider's code here).
         let mixed_up = issuer.is_some_and(|i| i.trim_end_matches('/') != p.issuer);
-        let result = if mixed_up {
+        let advertised = match self.oidc.state(&p).await {
+            Ok(s) => s.discovery.authorization_response_iss_parameter_supported,
+            Err(_) => false,
+        };
+        let result = if browser.map(sha).as_deref() != Some(login.browser.as_str()) {
+            Err((
+                "(unknown)".to_string(),
+                unauthenticated(
+                    "this browser did not start the sign-in (its sign-in cookie is missing or different); start again",
+                ),
+            ))
+        } else if mixed_up || (advertised && issuer.is_none()) {
             Err((
                 "(unknown)".to_string(),
                 unauthenticated("the response comes from another identity provider than the sign-in went to"),
@@ -401,6 +487,13 @@ impl App {
                 if !user.account_enabled {
                     return Err(fail(unauthenticated(format!("the account '{name}' is disabled"))));
                 }
+                // Local users (kept by hand) may sign in through a connected provider; a user
+                // another provider manages only through that one.
+                if user.identity_provider_id.is_some_and(|owner| owner != p.id) {
+                    return Err(fail(unauthenticated(format!(
+                        "'{name}' is managed by another identity provider; sign in through that one"
+                    ))));
+                }
                 let how = format!("signed in through {}", p.display_name);
                 self.start_session(user, ip, &how).await.map(|s| SignedIn::Portal(Box::new(s))).map_err(fail)
             }
@@ -441,6 +534,11 @@ impl App {
             .ok_or_else(|| unauthenticated("the access token's issuer is not a configured identity provider"))?;
         let audience = p.api_audience.clone().unwrap_or_else(|| p.client_id.clone());
         let claims = self.oidc.verify(&p, token, &audience).await?;
+        if claims.get("nonce").is_some() {
+            return Err(unauthenticated(
+                "an ID token is not an access token; ask the provider for an access token for cloudpc",
+            ));
+        }
         let name = claims
             .get(&p.username_claim)
             .or_else(|| claims.get("sub"))

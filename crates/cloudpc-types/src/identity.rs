@@ -228,15 +228,21 @@ impl IdentityProvider {
     }
 }
 
+/// Whether a provider's endpoint (from its discovery document) may carry codes and tokens:
 /// https anywhere; plain http only to the machine itself (a provider under test).
-fn url_like(s: &str) -> bool {
+pub fn secure_url(s: &str) -> bool {
     let Ok(u) = url::Url::parse(s) else { return false };
-    let scheme_ok = match u.scheme() {
+    match u.scheme() {
         "https" => u.host().is_some(),
         "http" => matches!(u.host_str(), Some("127.0.0.1") | Some("localhost") | Some("[::1]")),
         _ => false,
-    };
-    scheme_ok && u.query().is_none() && u.fragment().is_none() && s.len() <= 512
+    }
+}
+
+/// An issuer as admins enter it: a secure URL with no query or fragment (OIDC Discovery 1.0).
+fn url_like(s: &str) -> bool {
+    let Ok(u) = url::Url::parse(s) else { return false };
+    secure_url(s) && u.query().is_none() && u.fragment().is_none() && s.len() <= 512
 }
 
 #[cfg(test)]
@@ -250,5 +256,9 @@ mod tests {
         assert!(!url_like("http://idp.example.com"));
         assert!(!url_like("ftp://idp.example.com"));
         assert!(!url_like("https://idp.example.com/?x=1"));
+        // Endpoints from discovery: the same schemes, a query allowed.
+        assert!(secure_url("https://login.example.com/oauth2/token?p=signin"));
+        assert!(!secure_url("http://login.example.com/oauth2/token"));
+        assert!(!secure_url("javascript:alert(1)"));
     }
 }

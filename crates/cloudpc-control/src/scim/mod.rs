@@ -425,6 +425,24 @@ fn check_version(if_match: Option<&str>, row_version: u64) -> Result<()> {
 }
 
 impl App {
+    /// A user this provider manages; anyone else's (local, or another provider's) is not found,
+    /// so a SCIM token reaches only what its provider created.
+    async fn own_user(&self, p: &IdentityProvider, id: &str) -> Result<User> {
+        let uid = parse_uuid("User", id)?;
+        match self.store.get_user(uid).await {
+            Ok(u) if u.identity_provider_id == Some(p.id) => Ok(u),
+            _ => Err(ScimError::new(404, None, format!("User '{id}' does not exist"))),
+        }
+    }
+
+    async fn own_group(&self, p: &IdentityProvider, id: &str) -> Result<Group> {
+        let gid = parse_uuid("Group", id)?;
+        match self.store.get_group(gid).await {
+            Ok(g) if g.identity_provider_id == Some(p.id) => Ok(g),
+            _ => Err(ScimError::new(404, None, format!("Group '{id}' does not exist"))),
+        }
+    }
+
     async fn scim_memberships(&self) -> Result<(HashMap<Uuid, Vec<Uuid>>, HashMap<Uuid, Vec<Uuid>>)> {
         let mut by_user: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
         let mut by_group: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
@@ -449,26 +467,36 @@ impl App {
         Ok(Resource { body: group_json(&g, &refs, base), version: etag(g.row_version) })
     }
 
-    pub async fn scim_get_user(&self, id: &str, base: &str) -> Result<Resource> {
-        self.scim_user_resource(parse_uuid("User", id)?, base).await
+    pub async fn scim_get_user(&self, p: &IdentityProvider, id: &str, base: &str) -> Result<Resource> {
+        let u = self.own_user(p, id).await?;
+        self.scim_user_resource(u.id, base).await
     }
 
-    pub async fn scim_get_group(&self, id: &str, base: &str) -> Result<Resource> {
-        self.scim_group_resource(parse_uuid("Group", id)?, base).await
+    pub async fn scim_get_group(&self, p: &IdentityProvider, id: &str, base: &str) -> Result<Resource> {
+        let g = self.own_group(p, id).await?;
+        self.scim_group_resource(g.id, base).await
     }
 
-    pub async fn scim_list_users(&self, q: &ListQuery, base: &str) -> Result<Value> {
+    pub async fn scim_list_users(&self, p: &IdentityProvider, q: &ListQuery, base: &str) -> Result<Value> {
         let filter = parse_query_filter(q)?;
         // The lookup providers make before every change is answered from the index.
         if let Some(name) = filter.as_ref().and_then(Filter::user_name_equals) {
             let mut matches = Vec::new();
-            if let Ok(u) = self.store.find_user_by_upn(name).await {
+            if let Ok(u) = self
+                .store
+                .find_user_by_upn(name)
+                .await
+                .map(Some)
+                .map(|u| u.filter(|u| u.identity_provider_id == Some(p.id)))
+            {
+                let Some(u) = u else { return Ok(page(matches, q)) };
                 let groups = self.store.list_groups_of_user(u.id).await.map_err(Error::from)?;
                 matches.push(user_json(&u, &groups.iter().collect::<Vec<_>>(), base));
             }
             return Ok(page(matches, q));
         }
-        let users = self.store.list_users().await.map_err(Error::from)?;
+        let mut users = self.store.list_users().await.map_err(Error::from)?;
+        users.retain(|u| u.identity_provider_id == Some(p.id));
         let groups: HashMap<Uuid, Group> =
             self.store.list_groups().await.map_err(Error::from)?.into_iter().map(|g| (g.id, g)).collect();
         let (by_user, _) = self.scim_memberships().await?;
@@ -486,9 +514,10 @@ impl App {
         Ok(page(matches, q))
     }
 
-    pub async fn scim_list_groups(&self, q: &ListQuery, base: &str) -> Result<Value> {
+    pub async fn scim_list_groups(&self, p: &IdentityProvider, q: &ListQuery, base: &str) -> Result<Value> {
         let filter = parse_query_filter(q)?;
-        let groups = self.store.list_groups().await.map_err(Error::from)?;
+        let mut groups = self.store.list_groups().await.map_err(Error::from)?;
+        groups.retain(|g| g.identity_provider_id == Some(p.id));
         let skip_members = q
             .excluded_attributes
             .as_deref()
@@ -548,8 +577,7 @@ impl App {
         self.scim_user_resource(u.id, base).await
     }
 
-    /// Saves a user the provider changed: its own from now on, if it was local (adoption, so an
-    /// organisation can connect its provider to a directory it first kept by hand).
+    /// Saves a user the provider changed (only its own reach here: see `own_user`).
     async fn scim_save_user(&self, actor: &Actor, p: &IdentityProvider, before: User, mut u: User) -> Result<()> {
         self.check_managed(actor, before.identity_provider_id, &format!("the user '{}'", before.user_principal_name))
             .await?;
@@ -573,8 +601,8 @@ impl App {
         if_match: Option<&str>,
         base: &str,
     ) -> Result<Resource> {
-        let id = parse_uuid("User", id)?;
-        let before = self.store.get_user(id).await.map_err(Error::from)?;
+        let before = self.own_user(p, id).await?;
+        let id = before.id;
         check_version(if_match, before.row_version)?;
         let mut u = before.clone();
         user_fields(body)?.apply(&mut u);
@@ -592,8 +620,8 @@ impl App {
         base: &str,
     ) -> Result<Resource> {
         check_schemas(body, PATCH_SCHEMA)?;
-        let id = parse_uuid("User", id)?;
-        let before = self.store.get_user(id).await.map_err(Error::from)?;
+        let before = self.own_user(p, id).await?;
+        let id = before.id;
         check_version(if_match, before.row_version)?;
         let mut doc = user_json(&before, &[], base);
         patch::apply(&mut doc, body, USER_SCHEMA).map_err(|e| ScimError::new(400, Some(e.scim_type), e.detail))?;
@@ -605,11 +633,16 @@ impl App {
         self.scim_user_resource(id, base).await
     }
 
-    pub async fn scim_delete_user(&self, actor: &Actor, id: &str, if_match: Option<&str>) -> Result<()> {
-        let id = parse_uuid("User", id)?;
-        let u = self.store.get_user(id).await.map_err(Error::from)?;
+    pub async fn scim_delete_user(
+        &self,
+        p: &IdentityProvider,
+        actor: &Actor,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<()> {
+        let u = self.own_user(p, id).await?;
         check_version(if_match, u.row_version)?;
-        self.delete_user(actor, &id.to_string()).await?;
+        self.delete_user(actor, &u.id.to_string()).await?;
         Ok(())
     }
 
@@ -670,6 +703,9 @@ impl App {
                 .get_user(*id)
                 .await
                 .map_err(|_| ScimError::invalid(format!("members: '{id}' is not the id of a user here")))?;
+            if u.identity_provider_id != g.identity_provider_id {
+                return Err(ScimError::invalid(format!("members: '{id}' is not a user this provider manages")));
+            }
             users.insert(*id, u);
         }
         for id in have.difference(&want) {
@@ -721,8 +757,8 @@ impl App {
         if_match: Option<&str>,
         base: &str,
     ) -> Result<Resource> {
-        let id = parse_uuid("Group", id)?;
-        let before = self.store.get_group(id).await.map_err(Error::from)?;
+        let before = self.own_group(p, id).await?;
+        let id = before.id;
         check_version(if_match, before.row_version)?;
         let (name, external_id, members) = group_fields(body)?;
         // PUT replaces: a body without members empties the group.
@@ -740,8 +776,8 @@ impl App {
         base: &str,
     ) -> Result<Option<Resource>> {
         check_schemas(body, PATCH_SCHEMA)?;
-        let id = parse_uuid("Group", id)?;
-        let before = self.store.get_group(id).await.map_err(Error::from)?;
+        let before = self.own_group(p, id).await?;
+        let id = before.id;
         check_version(if_match, before.row_version)?;
         let members = self.store.list_members(id).await.map_err(Error::from)?;
         let refs: Vec<&User> = members.iter().collect();
@@ -755,11 +791,16 @@ impl App {
         Ok(Some(self.scim_group_resource(id, base).await?))
     }
 
-    pub async fn scim_delete_group(&self, actor: &Actor, id: &str, if_match: Option<&str>) -> Result<()> {
-        let id = parse_uuid("Group", id)?;
-        let g = self.store.get_group(id).await.map_err(Error::from)?;
+    pub async fn scim_delete_group(
+        &self,
+        p: &IdentityProvider,
+        actor: &Actor,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<()> {
+        let g = self.own_group(p, id).await?;
         check_version(if_match, g.row_version)?;
-        self.delete_group(actor, &id.to_string()).await?;
+        self.delete_group(actor, &g.id.to_string()).await?;
         Ok(())
     }
 }

@@ -28,6 +28,9 @@ enum Op {
 
 /// The most operations one PATCH may carry.
 pub const MAX_OPERATIONS: usize = 1000;
+/// The most bytes of values one PATCH may write: a filtered path copies its value into every
+/// element it matches, so a 1 MiB body could otherwise grow into gigabytes.
+pub const MAX_WRITTEN: usize = 4 << 20;
 
 /// The key of `obj` that matches `name` in any case, or `name` itself for a new member.
 fn key_ci(obj: &Map<String, Value>, name: &str) -> String {
@@ -43,6 +46,7 @@ pub fn apply(doc: &mut Value, body: &Value, core_urn: &str) -> Result<(), PatchE
     if ops.len() > MAX_OPERATIONS {
         return Err(err("tooMany", format!("a PATCH may carry at most {MAX_OPERATIONS} operations")));
     }
+    let mut budget = MAX_WRITTEN;
     for (i, o) in ops.iter().enumerate() {
         let op = match get_ci(o, "op").and_then(Value::as_str).map(str::to_ascii_lowercase).as_deref() {
             Some("add") => Op::Add,
@@ -90,7 +94,9 @@ pub fn apply(doc: &mut Value, body: &Value, core_urn: &str) -> Result<(), PatchE
                     }
                     // Entra sends dotted names (`name.givenName`) as keys of a path-less value.
                     match parse_patch_path(&k) {
-                        Ok(p) if p.attr.sub.is_some() || p.filter.is_some() => at_path(obj, op, &p, Some(v), i)?,
+                        Ok(p) if p.attr.sub.is_some() || p.filter.is_some() => {
+                            at_path(obj, op, &p, Some(v), i, &mut budget)?
+                        }
                         _ => set(obj, op, &k, v),
                     }
                 }
@@ -102,7 +108,7 @@ pub fn apply(doc: &mut Value, body: &Value, core_urn: &str) -> Result<(), PatchE
                 if op != Op::Remove && value.is_none() {
                     return Err(err("invalidValue", format!("operation {i}: {op:?} needs a 'value'")));
                 }
-                at_path(obj, op, &p, value, i)?;
+                at_path(obj, op, &p, value, i, &mut budget)?;
             }
         }
     }
@@ -146,7 +152,18 @@ fn at_path(
     p: &PatchPath,
     value: Option<Value>,
     i: usize,
+    budget: &mut usize,
 ) -> Result<(), PatchError> {
+    let size = value.as_ref().map_or(0, |v| v.to_string().len()).max(1);
+    let mut spend = |n: usize| -> Result<(), PatchError> {
+        *budget = budget.checked_sub(size.saturating_mul(n)).ok_or_else(|| {
+            err(
+                "tooMany",
+                format!("operation {i}: the PATCH would write more than {} MiB of values", MAX_WRITTEN >> 20),
+            )
+        })?;
+        Ok(())
+    };
     let key = key_ci(obj, &p.attr.attr);
     match (&p.filter, p.attr.sub.as_deref().or(p.sub.as_deref())) {
         // `attr`
@@ -185,6 +202,9 @@ fn at_path(
                 return Err(err("invalidPath", format!("operation {i}: '{}' is not multi-valued", p.attr.attr)));
             };
             let hits = items.iter().filter(|x| filter.matches(x)).count();
+            if op != Op::Remove {
+                spend(hits.max(1))?;
+            }
             match (op, sub) {
                 (Op::Remove, None) => items.retain(|x| !filter.matches(x)),
                 (Op::Remove, Some(sub)) => {
@@ -320,5 +340,12 @@ mod tests {
         assert_eq!(t(patch(&mut u, json!([{"op": "add", "path": "emails[type eq"}]), USER)), "invalidPath");
         assert_eq!(t(patch(&mut u, json!([{"op": "replace", "path": "userName"}]), USER)), "invalidValue");
         assert_eq!(t(patch(&mut u, json!([{"op": "replace", "value": "x"}]), USER)), "invalidValue");
+        // A filtered path copies its value into each match: bounded, whatever the body's size.
+        let mut g = json!({"members": (0..2000).map(|i| json!({"value": i.to_string()})).collect::<Vec<_>>()});
+        let big = "x".repeat(4096);
+        assert_eq!(
+            t(patch(&mut g, json!([{"op": "replace", "path": "members[value pr].display", "value": big}]), GROUP)),
+            "tooMany"
+        );
     }
 }

@@ -1270,14 +1270,17 @@ impl Store for TheStore {
                 let Some(row) = row else { return Err(StoreError::not_found("apiToken", &id)) };
                 let token = token_from_row(&row)?;
                 sqlx::query("DELETE FROM api_tokens WHERE id = $1").bind(&id).execute(&mut *c).await?;
-                let admins: i64 =
-                    sqlx::query("SELECT COUNT(*) AS n FROM api_tokens WHERE role = 'cloudPcAdministrator'")
-                        .fetch_one(&mut *c)
-                        .await?
-                        .get("n");
+                // Tokens that expire (a console signed in through a provider) do not keep anyone in
+                // for good, so only lasting administrator tokens count.
+                let sql = format!(
+                    "SELECT COUNT(*) AS n FROM api_tokens WHERE role = 'cloudPcAdministrator' AND {} IS NULL",
+                    json_text(1)
+                );
+                let args = [Arg::Path(json_path(&["expirationDateTime".to_string()]))];
+                let admins: i64 = bind_args(sqlx::query(&sql), &args).fetch_one(&mut *c).await?.get("n");
                 if admins == 0 {
                     return Err(StoreError::Conflict(
-                        "this is the last administrator token; create another administrator token before revoking it"
+                        "this is the last administrator token that does not expire; create another before revoking it"
                             .into(),
                     ));
                 }

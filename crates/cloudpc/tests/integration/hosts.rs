@@ -45,16 +45,44 @@ impl HostAgent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start cloudpc host-agent");
+        // Both pipes are read for the agent's whole life (a full pipe would stall its logging):
+        // stderr is passed on to the test's, and kept for the error below.
+        let (tx, rx) = std::sync::mpsc::channel();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        for line in stdout.lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("cloudpc host agent ") {
-                let url = rest.split("listening on ").nth(1).unwrap().split(' ').next().unwrap().to_string();
-                return Ok((child, url));
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let kept = said.clone();
+        let stderr_reader = std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("[host agent] {line}");
+                kept.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("cloudpc host agent ") {
+                        let url = rest.split("listening on ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+                        return Ok((child, url));
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("not listening after 60 s; it printed: {}", said.lock().unwrap()));
+                }
             }
         }
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
         let _ = child.wait();
+        let _ = stderr_reader.join();
+        let err = said.lock().unwrap().clone();
         Err(err)
     }
 
@@ -280,7 +308,10 @@ async fn console_greeting(s: &VmServer, pc: &Value) -> Vec<u8> {
     let url = format!("{}{}", s.url.replace("http://", "ws://"), ticket["url"].as_str().unwrap());
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the gateway relays the console");
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::connect_async(req))
+        .await
+        .expect("the gateway answers within 60 s")
+        .expect("the gateway relays the console");
     let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("greeting").unwrap().unwrap();
     first.into_data().to_vec()
 }

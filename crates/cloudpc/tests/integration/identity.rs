@@ -394,9 +394,23 @@ async fn test_scim_users_and_groups_follow_the_rfc_and_what_entra_and_okta_send(
     assert!(message(&e).contains("managed by the identity provider 'Contoso ID'"), "{e}");
     let (st, e) = s.add_member(&json!({"id": gid}), &json!({"id": ann_id})).await;
     assert_eq!(st, 409, "{e}");
-    let (st, e) = s.delete(&format!("/cloudpc/identityProviders/{}", provider["id"].as_str().unwrap())).await;
-    assert_eq!(st, 409);
-    assert!(message(&e).contains("still manages 4 users and 1 group"), "{e}");
+
+    // A SCIM token reaches only what its provider manages: local users are invisible to it.
+    let local = s.user("local@contoso.com").await;
+    let local_id = local["id"].as_str().unwrap();
+    let (_, found, _) = scim(&s, &token, Method::GET, &q(r#"userName eq "local@contoso.com""#), None, &[]).await;
+    assert_eq!(found["totalResults"], 0);
+    let (_, all, _) = scim(&s, &token, Method::GET, "/Users", None, &[]).await;
+    assert_eq!(all["totalResults"], 4, "only the provider's own users");
+    let off = json!({"schemas": [PATCH], "Operations": [{"op": "replace", "value": {"active": false}}]});
+    assert_eq!(scim(&s, &token, Method::PATCH, &format!("/Users/{local_id}"), Some(off), &[]).await.0, 404);
+    assert_eq!(scim(&s, &token, Method::DELETE, &format!("/Users/{local_id}"), None, &[]).await.0, 404);
+    let take =
+        json!({"schemas": [PATCH], "Operations": [{"op": "add", "path": "members", "value": [{"value": local_id}]}]});
+    let (st, e, _) = scim(&s, &token, Method::PATCH, &format!("/Groups/{gid}"), Some(take), &[]).await;
+    assert_eq!(st, 400, "{e}");
+    assert!(e["detail"].as_str().unwrap().contains("not a user this provider manages"), "{e}");
+    assert_eq!(s.get(&format!("/v1.0/users/{local_id}")).await.1["accountEnabled"], true);
 
     // Okta deactivates with a path-less replace; deletion removes.
     let okta_off = json!({"schemas": [PATCH], "Operations": [{"op": "replace", "value": {"active": false}}]});
@@ -437,6 +451,21 @@ async fn test_scim_users_and_groups_follow_the_rfc_and_what_entra_and_okta_send(
         .await;
     assert_eq!(scim(&s, &token, Method::GET, "/Users", None, &[]).await.0, 401);
     assert_eq!(scim(&s, t2["secret"].as_str().unwrap(), Method::GET, "/Users", None, &[]).await.0, 200);
+
+    // Disconnecting the provider leaves its users as local ones that admins manage from then on.
+    let (st, e) = s.delete(&format!("/cloudpc/identityProviders/{}", provider["id"].as_str().unwrap())).await;
+    assert_eq!(st, 204, "{e}");
+    let (st, e) = s.patch(&format!("/v1.0/users/{ann_id}"), json!({"displayName": "now local"})).await;
+    assert_eq!(st, 204, "{e}");
+    let (_, e) = s.get(&format!("/v1.0/users/{ann_id}")).await;
+    assert_eq!(e["displayName"], "now local");
+    assert!(e.get("identityProviderId").is_none(), "{e}");
+    assert_eq!(scim(&s, t2["secret"].as_str().unwrap(), Method::GET, "/Users", None, &[]).await.0, 401);
+}
+
+/// Whether a response starts a session: any cookie but the sign-in cookie being cleared.
+fn sets_session(resp: &reqwest::Response) -> bool {
+    resp.headers().get_all("set-cookie").iter().any(|c| !c.to_str().unwrap().starts_with("cloudpc_oidc="))
 }
 
 async fn members(s: &Server, gid: &str) -> Vec<String> {
@@ -532,6 +561,15 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
                 && !t["expirationDateTime"].is_null()),
         "{tokens}"
     );
+    // Ada's token expires, so it does not count as another administrator token for good.
+    let lasting = tokens["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["role"] == "cloudPcAdministrator" && t["expirationDateTime"].is_null())
+        .unwrap();
+    let (st, e) = s.delete(&format!("/cloudpc/tokens/{}", lasting["id"].as_str().unwrap())).await;
+    assert_eq!(st, 409, "{e}");
 
     // A callback with an unknown (or replayed) state signs no one in.
     let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
@@ -539,7 +577,7 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
     assert_eq!(resp.status(), 303);
     let to = resp.headers()["location"].to_str().unwrap().to_string();
     assert!(to.starts_with("/?signInError=") && to.contains("unknown"), "{to}");
-    assert!(resp.headers().get("set-cookie").is_none());
+    assert!(!sets_session(&resp), "no session for a forged state");
     let (st, _) = s.raw(Method::GET, "/auth/oidc/00000000-0000-0000-0000-000000000000/start", None, None, None).await;
     assert_eq!(st, 404, "an unknown provider");
 
@@ -564,6 +602,9 @@ async fn test_oidc_sign_in_in_chromium_roles_from_groups_and_provider_tokens_che
     };
     refused(idp.mint(&idp.claims("ops@contoso.com", &["cpc-admins"], "cloudpc", -600)), "expired").await;
     refused(idp.mint(&idp.claims("ops@contoso.com", &["cpc-admins"], "someone-else", 300)), "audience").await;
+    let mut id_token = idp.claims("ops@contoso.com", &["cpc-admins"], "cloudpc", 300);
+    id_token["nonce"] = json!("n-0S6_WzA2Mj");
+    refused(idp.mint(&id_token), "not an access token").await;
     // Tampered: the payload says cpc-admins, the signature was made for staff.
     let honest = idp.mint(&idp.claims("alice@contoso.com", &["staff"], "cloudpc", 300));
     let forged_payload = {
@@ -809,7 +850,13 @@ async fn test_oidc_sign_in_started_on_one_replica_finishes_on_another() {
     let resp = http.get(&on_b).send().await.unwrap();
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/", "signed in on the other replica");
-    let cookie = resp.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let cookie = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_string())
+        .find(|c| !c.starts_with("cloudpc_oidc="))
+        .expect("a session cookie");
     for s in [&a, &b] {
         let me = reqwest::Client::new()
             .get(format!("{}/portal/api/me", s.url))
@@ -827,11 +874,14 @@ async fn test_oidc_sign_in_started_on_one_replica_finishes_on_another() {
     let mixed = back2.replace(&iss, "iss=https%3A%2F%2Fevil.example");
     let resp = http.get(&mixed).send().await.unwrap();
     let to = resp.headers()["location"].to_str().unwrap().to_string();
-    assert!(to.contains("another+identity+provider") && resp.headers().get("set-cookie").is_none(), "{to}");
+    assert!(to.contains("another+identity+provider") && !sets_session(&resp), "{to}");
+    // Login CSRF: a callback opened in a browser that did not start the sign-in is refused.
+    let back3 = provider_login(&http, &idp, &start, "alice").await;
+    let victim = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let resp = victim.get(&back3).send().await.unwrap();
+    let to = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(to.contains("did+not+start") && !sets_session(&resp), "{to}");
     let again = http.get(&back).send().await.unwrap();
     let to = again.headers()["location"].to_str().unwrap().to_string();
-    assert!(
-        to.contains("signInError") && again.headers().get("set-cookie").is_none(),
-        "a used state signs no one in: {to}"
-    );
+    assert!(to.contains("signInError") && !sets_session(&again), "a used state signs no one in: {to}");
 }

@@ -54,7 +54,7 @@ impl Server {
         };
         let database = test_database(data.path());
         let (child, url, banner) = spawn_server(data.path(), &prefix, database.as_deref(), extra, admin_token).await;
-        Server { child, url, data, banner, http: reqwest::Client::new(), prefix, sweep: true, database }
+        Server { child, url, data, banner, http: test_client(), prefix, sweep: true, database }
     }
 
     /// Another replica on this server's database and data directory (PostgreSQL only). It does
@@ -69,7 +69,7 @@ impl Server {
             url,
             data,
             banner,
-            http: reqwest::Client::new(),
+            http: test_client(),
             prefix: self.prefix.clone(),
             sweep: false,
             database: Some(database),
@@ -394,6 +394,85 @@ pub fn fresh_pg_database(kept: &Path) -> String {
     url
 }
 
+/// The HTTP client of a test server: a request that gets no answer fails the test after a
+/// while instead of holding up the whole suite (CI once ran out of time on a hung test).
+fn test_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(240)).build().expect("HTTP client")
+}
+
+/// How long one run of the integration binary may take before the watchdog ends it
+/// (`CLOUDPC_TEST_SUITE_LIMIT_SECS` overrides it, to see the watchdog work).
+fn suite_limit() -> Duration {
+    let secs = std::env::var("CLOUDPC_TEST_SUITE_LIMIT_SECS").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(secs.unwrap_or(40 * 60))
+}
+
+/// Ends the test binary, with what was running, once it has run for longer than `suite_limit()`:
+/// a test that hangs (on a call with no time limit of its own) then fails the suite with a
+/// diagnosis, well within CI's time, instead of running out CI's clock with no output.
+pub fn start_watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            let limit = suite_limit();
+            std::thread::sleep(limit);
+            hung(&format!("the integration tests have run for more than {} s", limit.as_secs()));
+        });
+    });
+}
+
+/// Prints what may explain a hang (processes, VMs), kills the servers, agents and browsers this
+/// binary started (they would otherwise hold the output pipe open, and the CI job with it), and
+/// ends the test binary with a failure. Written straight to stderr: the test harness captures
+/// `eprintln!` from threads a test spawned.
+pub fn hung(why: &str) -> ! {
+    use std::io::Write;
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "\n=== WATCHDOG: {why}; ending the test run. What was running:");
+    for cmd in [
+        "ps -eo pid,ppid,etime,stat,args --sort=start_time | grep -E 'cloudpc|qemu|virsh|node|chromium' | grep -v grep",
+        "timeout 20 virsh -c qemu:///system list --all",
+    ] {
+        if let Ok(out) = Command::new("sh").arg("-c").arg(cmd).output() {
+            let _ = writeln!(
+                err,
+                "$ {cmd}\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    for pid in descendants(std::process::id()) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    std::process::exit(101)
+}
+
+/// Every process below `root`, from /proc.
+fn descendants(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // The command name may hold spaces; the fields after its closing parenthesis do not.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
 /// Starts `cloudpc server` on `data` and waits until it listens.
 async fn spawn_server(
     data: &Path,
@@ -402,6 +481,7 @@ async fn spawn_server(
     extra: &[&str],
     admin_token: Option<&str>,
 ) -> (Child, String, Vec<String>) {
+    start_watchdog();
     let mut cmd = Command::new(bin());
     cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)

@@ -13,9 +13,39 @@ use crate::support::*;
 
 static VM_TURN: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
 
+/// How long one VM test may hold the turn; the longest takes about 5 minutes here.
+const TURN_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+/// A VM test's turn; the test binary ends with a diagnosis if it is held for longer than
+/// `TURN_LIMIT` (a hung VM test would otherwise hold every later one, and CI, until time ran out).
+pub struct VmTurn {
+    _guard: tokio::sync::MutexGuard<'static, ()>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for VmTurn {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Waits for this test's turn to boot VMs.
-pub async fn vm_turn() -> tokio::sync::MutexGuard<'static, ()> {
-    VM_TURN.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+pub async fn vm_turn() -> VmTurn {
+    let guard = VM_TURN.get_or_init(|| tokio::sync::Mutex::new(())).lock().await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let test = std::thread::current().name().unwrap_or("a VM test").to_string();
+    let watched = done.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < TURN_LIMIT {
+            if watched.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        hung(&format!("{test} has held the VM turn for more than {} minutes", TURN_LIMIT.as_secs() / 60));
+    });
+    VmTurn { _guard: guard, done }
 }
 
 /// The gallery that scripts/test.sh builds the tiny image into.
@@ -49,8 +79,14 @@ pub fn newest_build(offer: &str) -> Option<PathBuf> {
     builds.pop().map(|(_, p)| p)
 }
 
+/// Runs virsh and returns its standard output. A virsh that gets no answer from libvirtd in
+/// 120 s is stopped, and says so, so that a stuck daemon fails the test rather than hanging it.
 pub fn virsh(args: &[&str]) -> String {
-    let out = Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().expect("virsh");
+    let out =
+        Command::new("timeout").args(["120", "virsh", "-c", "qemu:///system"]).args(args).output().expect("virsh");
+    if out.status.code() == Some(124) {
+        eprintln!("virsh {args:?} got no answer from libvirtd within 120 s");
+    }
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
