@@ -94,7 +94,8 @@ fi
 #   below take bodies with rules a JSON schema does not state: names that must not be blank or
 #   hold control characters, userPrincipalName and skuPartNumber shapes, references to users,
 #   groups, SKUs and images that must exist, host paths inside an import directory, a version
-#   higher than the image's newest, time zones and naming templates. They answer 400 with a
+#   higher than the image's newest, time zones and naming templates, a network connection's OU
+#   inside its domain and the fields its join type needs. They answer 400 with a
 #   message naming the field, and 400 is documented for them; only for these is 400 accepted.
 #   Every other operation (all reads, deletes and actions) must accept valid input.
 cat >"$work/schemathesis.toml" <<'EOF'
@@ -108,6 +109,7 @@ include-operation-id = [
     "create_sku", "update_sku", "assign_user_license", "assign_group_license",
     "create_device", "create_version", "upload_device", "upload_version",
     "create_policy", "update_policy", "assign_policy", "rename", "create_token",
+    "create_connection", "update_connection",
 ]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]
 EOF

@@ -23,7 +23,7 @@ use utoipa::openapi::{Content, Ref, RefOr, Required, Response, ResponseBuilder, 
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::error::ODataError;
-use crate::routes::{cloud_pcs, directory, hosts, identity, images, licensing, policies, replica, tokens};
+use crate::routes::{cloud_pcs, directory, hosts, identity, images, licensing, networks, policies, replica, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -43,6 +43,7 @@ use crate::routes::{cloud_pcs, directory, hosts, identity, images, licensing, po
         tokens::list, tokens::create, tokens::read, tokens::revoke, replica::read,
         hosts::list, hosts::read, hosts::update, hosts::remove, hosts::create_join_token, hosts::evacuate,
         identity::list, identity::read, identity::create, identity::update, identity::remove, identity::scim_token,
+        networks::list, networks::create, networks::read, networks::update, networks::remove,
     ),
     components(schemas(ODataError)),
     modifiers(&BearerAuth, &GraphConventions, &CreatedLinks),

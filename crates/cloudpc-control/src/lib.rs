@@ -20,6 +20,7 @@ pub mod images;
 pub mod licensing;
 pub mod limits;
 pub mod moves;
+pub mod networks;
 pub mod oidc;
 pub mod policies;
 pub mod portal;
@@ -117,6 +118,9 @@ pub struct AppConfig {
     /// Whether directory users may sign in with a cloudpc password (off when every sign-in goes
     /// through the organisation's identity provider).
     pub local_sign_in: bool,
+    /// The key file that seals secrets kept in the database (network connections' domain
+    /// passwords); made on first use. Replicas must share it.
+    pub secrets_key_file: PathBuf,
 }
 
 impl Default for AppConfig {
@@ -150,6 +154,7 @@ impl Default for AppConfig {
             public_url: None,
             console_ticket_ttl: Duration::from_secs(30),
             local_sign_in: true,
+            secrets_key_file: PathBuf::from("cloudpc-data/secrets.key"),
         }
     }
 }

@@ -29,6 +29,7 @@ use cloudpc_types::hosts::Host;
 use cloudpc_types::identity::IdentityProvider;
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
+use cloudpc_types::network::OnPremisesConnection;
 use cloudpc_types::policy::{ImageType, ProvisioningPolicy};
 use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot};
 
@@ -316,6 +317,26 @@ pub trait Store: Send + Sync + 'static {
     async fn disabled_users(&self) -> Result<Vec<Uuid>>;
     /// Ends every portal session of a user.
     async fn end_sessions_of_user(&self, user: Uuid) -> Result<()>;
+
+    // Network connections (the organisation's network and AD domain).
+    async fn list_network_connections(&self) -> Result<Vec<OnPremisesConnection>>;
+    /// Adds a connection under a unique name (any case), with its sealed domain password if any.
+    async fn create_network_connection(
+        &self,
+        connection: &OnPremisesConnection,
+        sealed_password: Option<&str>,
+        audit: &AuditEvent,
+    ) -> Result<()>;
+    /// Compare-and-swap on `row_version`; `sealed_password` replaces the kept one when given.
+    async fn update_network_connection(
+        &self,
+        connection: &OnPremisesConnection,
+        sealed_password: Option<&str>,
+        audit: Option<&AuditEvent>,
+    ) -> Result<()>;
+    /// Refused while a provisioning policy names the connection (checked under the rules lock).
+    async fn delete_network_connection(&self, id: Uuid, audit: &AuditEvent) -> Result<()>;
+    async fn network_connection_password(&self, id: Uuid) -> Result<Option<String>>;
 
     // Work shared between replicas.
     /// Takes or renews the named lease for `owner` if it is free, expired or already `owner`'s;

@@ -13,6 +13,7 @@ pub mod hosts;
 pub mod identity;
 pub mod images;
 pub mod licensing;
+pub mod network;
 pub mod policy;
 pub mod provisioning;
 pub mod validate;

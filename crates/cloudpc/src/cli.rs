@@ -52,6 +52,10 @@ pub enum Command {
     /// SCIM tokens.
     #[command(subcommand)]
     IdentityProviders(IdpCmd),
+    /// Network connections to the organisation's network and Active Directory domain
+    /// (onPremisesConnections).
+    #[command(subcommand)]
+    NetworkConnections(NetCmd),
     /// Directory users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -161,6 +165,11 @@ pub struct ServerArgs {
     /// identity provider (`/cloudpc/identityProviders`) (TOML: local_sign_in = false).
     #[arg(long)]
     pub no_local_sign_in: bool,
+    /// The 32-byte key file that seals secrets kept in the database (network connections'
+    /// domain passwords); made on first use [default: <data dir>/secrets.key]. Replicas must share
+    /// it; keep it out of database backups (TOML: secrets_key_file).
+    #[arg(long, env = "CLOUDPC_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     /// How many Cloud PCs may be provisioned at the same time [default: 4; more with many hosts].
     #[arg(long, env = "CLOUDPC_MAX_PARALLEL_PROVISIONING")]
     pub max_parallel_provisioning: Option<usize>,
@@ -341,6 +350,44 @@ pub enum IdpCmd {
     ScimToken { provider: String },
     /// Disconnect a provider that manages no users or groups any more.
     Delete { provider: String },
+}
+
+#[derive(Subcommand)]
+pub enum NetCmd {
+    /// List the network connections.
+    List(ListArgs),
+    /// Show one connection (by id or name).
+    Get { connection: String },
+    /// Add a connection: the host bridge that leads to the organisation's network, and (to join
+    /// an Active Directory domain) the domain, OU and joining account.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// The host bridge on the organisation's network (each host of the region has it).
+        #[arg(long)]
+        bridge: String,
+        /// The VLAN tag on that bridge.
+        #[arg(long)]
+        vlan: Option<u16>,
+        /// The region whose hosts serve the connection [default: local].
+        #[arg(long)]
+        region: Option<String>,
+        /// The Active Directory domain to join (leave out for a connection without domain join).
+        #[arg(long)]
+        domain: Option<String>,
+        /// The account that joins computers to the domain.
+        #[arg(long)]
+        username: Option<String>,
+        /// The account's password, read from this environment variable (so it stays out of the
+        /// shell's history and the process list).
+        #[arg(long)]
+        password_env: Option<String>,
+        /// The organisational unit for the Cloud PCs' computer objects (a distinguished name).
+        #[arg(long)]
+        ou: Option<String>,
+    },
+    /// Remove a connection no provisioning policy uses.
+    Delete { connection: String },
 }
 
 #[derive(Subcommand)]

@@ -85,6 +85,16 @@ const IDP_COLUMNS: &[Column] = &[
     ("ID", "/id"),
 ];
 
+const NET_COLUMNS: &[Column] = &[
+    ("NAME", "/displayName"),
+    ("TYPE", "/connectionType"),
+    ("DOMAIN", "/adDomainName"),
+    ("BRIDGE", "/bridgeName"),
+    ("HEALTH", "/healthCheckStatus"),
+    ("IN USE", "/inUse"),
+    ("ID", "/id"),
+];
+
 const HOST_COLUMNS: &[Column] = &[
     ("NAME", "/displayName"),
     ("REGION", "/region"),
@@ -205,6 +215,7 @@ async fn dispatch(c: &Client, fmt: OutputFormat, command: Command) -> Out {
         Command::Server(_) | Command::HostAgent(_) => unreachable!("handled in main"),
         Command::Hosts(cmd) => hosts(c, fmt, cmd).await,
         Command::IdentityProviders(cmd) => identity_providers(c, fmt, cmd).await,
+        Command::NetworkConnections(cmd) => network_connections(c, fmt, cmd).await,
         Command::Users(cmd) => users(c, fmt, cmd).await,
         Command::Groups(cmd) => groups(c, fmt, cmd).await,
         Command::Skus(cmd) => skus(c, fmt, cmd).await,
@@ -319,6 +330,60 @@ async fn hosts(c: &Client, fmt: OutputFormat, cmd: HostsCmd) -> Out {
             let id = host_id(c, &host).await?;
             c.call(Method::DELETE, &format!("/cloudpc/hosts/{id}"), None).await?;
             output::done(fmt, &format!("Host {host} removed."));
+            Ok(())
+        }
+    }
+}
+
+const NET_BASE: &str = "/v1.0/deviceManagement/virtualEndpoint/onPremisesConnections";
+
+/// A connection by id or by name (names are unique, in any case).
+async fn connection_id(c: &Client, name: &str) -> Result<String, Failure> {
+    if name.len() == 36 && name.chars().filter(|ch| *ch == '-').count() == 4 {
+        return Ok(name.to_string());
+    }
+    let all = c.list(NET_BASE, None).await?;
+    all.iter()
+        .find(|x| x["displayName"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .and_then(|x| x["id"].as_str().map(str::to_string))
+        .ok_or_else(|| Failure::not_found(format!("no network connection is named '{name}'")))
+}
+
+async fn network_connections(c: &Client, fmt: OutputFormat, cmd: NetCmd) -> Out {
+    match cmd {
+        NetCmd::List(a) => show_list(c, fmt, NET_BASE, &a, NET_COLUMNS).await,
+        NetCmd::Get { connection } => {
+            let id = connection_id(c, &connection).await?;
+            output::entity(fmt, &c.get(&format!("{NET_BASE}/{id}")).await?);
+            Ok(())
+        }
+        NetCmd::Add { name, bridge, vlan, region, domain, username, password_env, ou } => {
+            let password = match password_env {
+                Some(var) => Some(
+                    std::env::var(&var)
+                        .map_err(|_| Failure::usage(format!("--password-env names {var}, which is not set")))?,
+                ),
+                None => None,
+            };
+            let kind = if domain.is_some() { "hybridAzureADJoin" } else { "azureADJoin" };
+            let body = object(vec![
+                ("displayName", Some(json!(name))),
+                ("connectionType", Some(json!(kind))),
+                ("bridgeName", Some(json!(bridge))),
+                ("vlanId", vlan.map(Value::from)),
+                ("regionName", region.map(Value::from)),
+                ("adDomainName", domain.map(Value::from)),
+                ("adDomainUsername", username.map(Value::from)),
+                ("adDomainPassword", password.map(Value::from)),
+                ("organizationalUnit", ou.map(Value::from)),
+            ]);
+            output::entity(fmt, &c.call(Method::POST, NET_BASE, Some(&body)).await?);
+            Ok(())
+        }
+        NetCmd::Delete { connection } => {
+            let id = connection_id(c, &connection).await?;
+            c.call(Method::DELETE, &format!("{NET_BASE}/{id}"), None).await?;
+            output::done(fmt, &format!("Network connection {connection} removed."));
             Ok(())
         }
     }

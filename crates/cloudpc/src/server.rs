@@ -51,6 +51,7 @@ struct FileSettings {
     hosts: Option<Vec<FileHost>>,
     local_host: Option<bool>,
     local_sign_in: Option<bool>,
+    secrets_key_file: Option<PathBuf>,
     cpu_overcommit: Option<f64>,
     memory_overcommit: Option<f64>,
     evacuate_after_mins: Option<u64>,
@@ -247,6 +248,11 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 args.console_ticket_secs.or(file.console_ticket_secs).unwrap_or(30).max(1),
             ),
             local_sign_in: !args.no_local_sign_in && file.local_sign_in != Some(false),
+            secrets_key_file: args
+                .secrets_key_file
+                .clone()
+                .or(file.secrets_key_file)
+                .unwrap_or_else(|| data_dir.join("secrets.key")),
         },
         data_dir,
     })

@@ -7,6 +7,7 @@ pub mod hosts;
 pub mod identity;
 pub mod images;
 pub mod licensing;
+pub mod networks;
 pub mod policies;
 pub mod replica;
 pub mod tokens;
@@ -27,6 +28,7 @@ pub fn graph_routes() -> Router<App> {
         .merge(licensing::routes())
         .merge(images::routes())
         .merge(policies::routes())
+        .merge(networks::routes())
         .merge(cloud_pcs::routes())
 }
 

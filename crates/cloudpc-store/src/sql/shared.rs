@@ -31,6 +31,7 @@ use cloudpc_types::hosts::Host;
 use cloudpc_types::identity::IdentityProvider;
 use cloudpc_types::images::{DeviceImage, GalleryImage};
 use cloudpc_types::licensing::SubscribedSku;
+use cloudpc_types::network::OnPremisesConnection;
 use cloudpc_types::policy::ProvisioningPolicy;
 use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot, Phase, ProvisioningState};
 
@@ -59,7 +60,7 @@ trait Versioned: DeserializeOwned {
 macro_rules! versioned {
     ($($t:ty),*) => { $(impl Versioned for $t { fn set_row_version(&mut self, v: u64) { self.row_version = v; } })* };
 }
-versioned!(User, Group, SubscribedSku, ProvisioningPolicy, DeviceImage, Host, IdentityProvider);
+versioned!(User, Group, SubscribedSku, ProvisioningPolicy, DeviceImage, Host, IdentityProvider, OnPremisesConnection);
 
 impl TheStore {
     /// Runs `f` in a transaction with the audit event, on a task of its own. A caller that goes
@@ -1481,6 +1482,108 @@ impl Store for TheStore {
             .await?;
         let row = sqlx::query("SELECT value FROM secrets WHERE name = $1").bind(name).fetch_one(&self.pool).await?;
         Ok(row.get::<String, _>("value"))
+    }
+
+    async fn list_network_connections(&self) -> Result<Vec<OnPremisesConnection>> {
+        self.list_versioned("network_connections").await
+    }
+
+    async fn create_network_connection(
+        &self,
+        connection: &OnPremisesConnection,
+        sealed_password: Option<&str>,
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let (id, name, at, body) = (
+            connection.id.to_string(),
+            connection.display_name.clone(),
+            ts(connection.created_date_time),
+            encode(connection),
+        );
+        let sealed = sealed_password.map(str::to_string);
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO network_connections (id, name, created_at, body, sealed_password) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(id)
+                .bind(&name)
+                .bind(at)
+                .bind(body)
+                .bind(sealed)
+                .execute(c)
+                .await
+                .map_err(|e| unique_violation(e, || format!("a network connection named '{name}' already exists")))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_network_connection(
+        &self,
+        connection: &OnPremisesConnection,
+        sealed_password: Option<&str>,
+        audit: Option<&AuditEvent>,
+    ) -> Result<()> {
+        let (id, name, body, version) =
+            (connection.id.to_string(), connection.display_name.clone(), encode(connection), connection.row_version);
+        let sealed = sealed_password.map(str::to_string);
+        self.write(audit, move |c| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE network_connections SET name = $2, body = $3,
+                     sealed_password = COALESCE($4, sealed_password), version = version + 1
+                     WHERE id = $1 AND version = $5",
+                )
+                .bind(&id)
+                .bind(&name)
+                .bind(body)
+                .bind(sealed)
+                .bind(version as i64)
+                .execute(&mut *c)
+                .await
+                .map_err(|e| unique_violation(e, || format!("a network connection named '{name}' already exists")))?;
+                cas_outcome(c, done.rows_affected(), "network_connections", "onPremisesConnection", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn delete_network_connection(&self, id: Uuid, audit: &AuditEvent) -> Result<()> {
+        let id = id.to_string();
+        self.write(Some(audit), move |c| {
+            Box::pin(async move {
+                lock_rules(c).await?;
+                // A policy names the connection by id inside its body; ids are UUIDs, so a quoted
+                // match cannot hit anything else.
+                let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM provisioning_policies WHERE body LIKE $1")
+                    .bind(format!("%\"{id}\"%"))
+                    .fetch_one(&mut *c)
+                    .await?
+                    .get("n");
+                if n > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "the connection is used by {n} provisioning polic{}; remove it from {} first",
+                        if n == 1 { "y" } else { "ies" },
+                        if n == 1 { "that policy" } else { "those policies" }
+                    )));
+                }
+                delete_row(c, "network_connections", "onPremisesConnection", &id).await
+            })
+        })
+        .await
+    }
+
+    async fn network_connection_password(&self, id: Uuid) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT sealed_password FROM network_connections WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(r.get::<Option<String>, _>("sealed_password")),
+            None => Err(StoreError::not_found("onPremisesConnection", id.to_string())),
+        }
     }
 
     async fn list_identity_providers(&self) -> Result<Vec<IdentityProvider>> {

@@ -17,6 +17,7 @@ mod identity;
 mod image_import;
 mod images;
 mod licensing;
+mod networks;
 mod odata;
 mod openapi;
 mod policies;
