@@ -166,9 +166,9 @@ async fn callback(
         Err((_, e)) => see_other(&format!("/?signInError={}", encode(&e.to_string()))),
     };
     // The sign-in cookie has done its work.
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        HeaderValue::from_static("cloudpc_oidc=; HttpOnly; SameSite=Lax; Path=/auth/oidc; Max-Age=0"),
-    );
+    let cleared = format!("{BROWSER_COOKIE}=; HttpOnly; SameSite=Lax; Path=/auth/oidc; Max-Age=0");
+    if let Ok(v) = HeaderValue::from_str(&cleared) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
     r
 }
