@@ -175,6 +175,13 @@ setup_host() {
     if ! pgrep -x libvirtd >/dev/null && ! pgrep -f cloudpc-libvirtd-supervisor >/dev/null; then
         start_libvirtd "$hide_kvm"
     fi
+    # A libvirtd that systemd runs still gets the supervisor's probe for a daemon that stopped
+    # answering (systemd restarts one that exits).
+    if ! pgrep -f cloudpc-libvirtd-supervisor >/dev/null; then
+        as_root mkdir -p /run/cloudpc
+        as_root install -m 755 "$(dirname "${BASH_SOURCE[0]}")/libvirtd-supervisor.sh" /run/cloudpc/cloudpc-libvirtd-supervisor
+        as_root setsid /run/cloudpc/cloudpc-libvirtd-supervisor watch </dev/null >/dev/null 2>&1 &
+    fi
     for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.1; done
     echo "cloudpc: libvirtd did not come up (see /var/log/libvirt/libvirtd.log)" >&2
     return 1

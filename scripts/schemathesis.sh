@@ -46,9 +46,9 @@ stop() {
         wait "$server_pid" 2>/dev/null || true
     fi
     if command -v virsh >/dev/null; then
-        for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep "^$prefix" || true); do
-            virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
-            virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
+        for d in $(timeout 120 virsh -c qemu:///system list --all --name 2>/dev/null | grep "^$prefix" || true); do
+            timeout 120 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+            timeout 120 virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
         done
     fi
     rm -rf "$work"

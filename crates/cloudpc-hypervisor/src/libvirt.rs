@@ -5,6 +5,11 @@
 //! which notices a dead connection, opens a new one with backoff, and runs the call again. QEMU
 //! keeps running while libvirtd restarts, so the call finds what it left. Calls are idempotent,
 //! which makes running one again safe even when the first try got through before the connection died.
+//!
+//! libvirtd can also stop answering without going away (libvirt 9.0 has been seen wedged on CI
+//! hosts). A call therefore has a time limit: past it, the call fails with a sentence saying so
+//! (the step retries like any other failure) and its connection is given up, so the next call
+//! opens a new one rather than queueing behind the stuck one.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -25,9 +30,15 @@ use crate::{xml, Accelerator, HostConfig, Hypervisor, HypervisorError, NetworkSp
 const RECONNECT_LIMIT: Duration = Duration::from_secs(30);
 /// How often a call runs again after its connection was lost (libvirtd restarted in between).
 const MAX_RECONNECTS: u32 = 3;
+/// How long a call may wait for libvirtd's answer. Longer than any call takes on a slow TCG host
+/// (defining and starting a domain takes seconds); guest-agent calls add their own timeout.
+const CALL_LIMIT: Duration = Duration::from_secs(120);
+/// How long opening a connection may take before that attempt counts as failed.
+const OPEN_LIMIT: Duration = Duration::from_secs(20);
 
-/// A libvirt connection, closed when the last call that uses it is done (`Connect` has no `Drop`).
-struct Conn(Connect);
+/// A libvirt connection, closed when the last call that uses it is done (`Connect` has no `Drop`),
+/// and whether it was given up because libvirtd stopped answering on it.
+struct Conn(Connect, std::sync::atomic::AtomicBool);
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -64,7 +75,7 @@ fn is_connection_error(e: &virt::error::Error) -> bool {
 /// Whether the connection can still carry calls. The remote driver answers from its own state,
 /// without a round trip.
 fn alive(conn: &Conn) -> bool {
-    conn.0.is_alive().unwrap_or(false)
+    !conn.1.load(std::sync::atomic::Ordering::Relaxed) && conn.0.is_alive().unwrap_or(false)
 }
 
 /// What a call through [`LibvirtHost::with_conn`] failed with.
@@ -83,7 +94,7 @@ impl LibvirtHost {
             Connect::open(Some(&config.uri)).map_err(|e| libvirt_err(&format!("connecting to {}", config.uri), e))?;
         Ok(Self {
             config,
-            conn: Mutex::new(Arc::new(Conn(conn))),
+            conn: Mutex::new(Arc::new(Conn(conn, Default::default()))),
             reconnecting: tokio::sync::Mutex::new(()),
             accel,
             qemu_img: qemu_img.to_string(),
@@ -92,6 +103,11 @@ impl LibvirtHost {
 
     fn current(&self) -> Arc<Conn> {
         self.conn.lock().expect("libvirt connection").clone()
+    }
+
+    /// Marks `conn` as not to be used again: the next call opens a new connection.
+    fn give_up(&self, conn: &Arc<Conn>) {
+        conn.1.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A live connection: the current one, or a new one if the current one is dead (or is `lost`,
@@ -112,11 +128,21 @@ impl LibvirtHost {
         let mut pause = Duration::from_millis(100);
         loop {
             let uri = self.config.uri.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || Connect::open(Some(&uri))).await.map_err(|e| e.to_string())?;
+            let opening = tokio::task::spawn_blocking(move || Connect::open(Some(&uri)));
+            let opened = match tokio::time::timeout(OPEN_LIMIT, opening).await {
+                Ok(joined) => joined.map_err(|e| e.to_string())?,
+                Err(_) if started.elapsed() >= RECONNECT_LIMIT => {
+                    return Err(format!(
+                        "libvirt at {} did not answer a connection within {} s",
+                        self.config.uri,
+                        OPEN_LIMIT.as_secs()
+                    ));
+                }
+                Err(_) => continue,
+            };
             match opened {
                 Ok(c) => {
-                    let conn = Arc::new(Conn(c));
+                    let conn = Arc::new(Conn(c, Default::default()));
                     *self.conn.lock().expect("libvirt connection") = conn.clone();
                     tracing::info!(host = %self.config.name, uri = %self.config.uri, waited_ms = started.elapsed().as_millis() as u64, "reconnected to libvirt");
                     return Ok(conn);
@@ -145,15 +171,36 @@ impl LibvirtHost {
         T: Send + 'static,
         F: Fn(&Connect) -> Result<T, virt::error::Error> + Send + Sync + 'static,
     {
+        self.with_conn_within(CALL_LIMIT, f).await
+    }
+
+    /// [`Self::with_conn`] with the time limit `limit` for libvirtd's answer.
+    async fn with_conn_within<T, F>(&self, limit: Duration, f: F) -> Result<T, CallError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connect) -> Result<T, virt::error::Error> + Send + Sync + 'static,
+    {
         let f = Arc::new(f);
         let mut reconnects = 0;
         let mut lost: Option<Arc<Conn>> = None;
         loop {
             let conn = self.live_connection(lost.as_ref()).await.map_err(CallError::Unreachable)?;
             let (g, c) = (f.clone(), conn.clone());
-            let result = tokio::task::spawn_blocking(move || g(&c.0))
-                .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let call = tokio::task::spawn_blocking(move || g(&c.0));
+            let result = match tokio::time::timeout(limit, call).await {
+                Ok(joined) => joined.map_err(|e| CallError::Unreachable(e.to_string()))?,
+                Err(_) => {
+                    // The blocked thread keeps its clone of the connection until libvirtd answers
+                    // or dies; later calls use a new connection.
+                    self.give_up(&conn);
+                    tracing::warn!(host = %self.config.name, uri = %self.config.uri, limit_s = limit.as_secs(), "libvirt did not answer a call in time; the connection is given up");
+                    return Err(CallError::Unreachable(format!(
+                        "libvirt at {} did not answer within {} s",
+                        self.config.uri,
+                        limit.as_secs()
+                    )));
+                }
+            };
             match result {
                 Err(e) if reconnects < MAX_RECONNECTS && (is_connection_error(&e) || !alive(&conn)) => {
                     reconnects += 1;
@@ -454,9 +501,19 @@ impl Hypervisor for LibvirtHost {
         let _turn = filter_turn().await?;
         let name = name.to_string();
         self.call(format!("powering off {name}"), move |c| {
-            if let Some(d) = lookup(c, &name)? {
-                if d.is_active()? {
-                    d.destroy()?;
+            let Some(d) = lookup(c, &name)? else { return Ok(()) };
+            // A libvirtd that has just started takes a moment to take its running domains back;
+            // meanwhile it reports them active but refuses to destroy them as "not running".
+            for attempt in 0.. {
+                if !d.is_active()? {
+                    return Ok(());
+                }
+                match d.destroy() {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.code() == ErrorNumber::OperationInvalid && attempt < 20 => {
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             Ok(())
@@ -553,8 +610,11 @@ impl Hypervisor for LibvirtHost {
         let what = command.get("execute").and_then(|v| v.as_str()).unwrap_or("?").to_string();
         // A dead connection fails the command at once (no waiting out its timeout); it then runs
         // again on a new connection, as libvirtd reattaches to the guest's agent when it starts.
+        let limit = CALL_LIMIT + Duration::from_secs(timeout_secs.max(0) as u64);
         let answer = self
-            .with_conn(move |c| Domain::lookup_by_name(c, &name)?.qemu_agent_command(&cmd, timeout_secs, 0))
+            .with_conn_within(limit, move |c| {
+                Domain::lookup_by_name(c, &name)?.qemu_agent_command(&cmd, timeout_secs, 0)
+            })
             .await
             .map_err(|e| HypervisorError::Agent {
                 vm: vm.to_string(),

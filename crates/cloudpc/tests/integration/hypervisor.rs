@@ -112,6 +112,25 @@ async fn test_vm_libvirtd_restarts_in_core_post_and_idle_phases_cloud_pcs_end_pr
     assert_eq!(virsh(&["domstate", &domain_of(&ava, &s.prefix)]).trim(), "running");
     assert_eq!(s.action(&ben, "reboot").await.0, 204);
     println!("idle phase: powerOff, powerOn and reboot answered {:?} after the restart", t.elapsed());
+
+    // A libvirtd that stops answering without exiting (seen on CI hosts): the supervisor's probe
+    // kills it after two unanswered probes and starts it again, and the action that was waiting
+    // on it goes through on a new connection.
+    let sh = |cmd: &str| Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    let pid = |o: std::process::Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let stuck = pid(sh("pgrep -xo libvirtd"));
+    assert!(!stuck.is_empty(), "libvirtd runs");
+    sh(&format!("kill -STOP {stuck}"));
+    let t = Instant::now();
+    let (status, body) = s.action(&ava, "powerOff").await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(virsh(&["domstate", &domain_of(&ava, &s.prefix)]).trim(), "shut off");
+    println!("stuck libvirtd: powerOff answered {:?} after the daemon stopped answering", t.elapsed());
+    let now = pid(sh("pgrep -xo libvirtd"));
+    assert!(!now.is_empty() && now != stuck, "a new libvirtd runs (was {stuck}, now {now:?})");
+    let log = std::fs::read_to_string("/var/log/libvirt/cloudpc-supervisor.log").unwrap_or_default();
+    assert!(log.contains(&format!("libvirtd {stuck} left two probes unanswered")), "the supervisor says why: {log}");
+    assert_eq!(s.action(&ava, "powerOn").await.0, 204);
     for upn in ["ava@contoso.com", "ben@contoso.com"] {
         let pc = cloud_pc_of(&s, upn).await.unwrap();
         assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");

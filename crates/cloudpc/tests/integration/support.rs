@@ -342,7 +342,9 @@ impl Drop for Server {
             return;
         }
         // API tests can start provisioning too (a licensed user in a targeted group): leave no VM.
-        let virsh = |args: &[&str]| Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output();
+        // Time-limited, so a libvirtd that stopped answering fails the run rather than hangs it.
+        let virsh =
+            |args: &[&str]| Command::new("timeout").args(["120", "virsh", "-c", "qemu:///system"]).args(args).output();
         if let Ok(out) = virsh(&["list", "--all", "--name"]) {
             for d in String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|n| n.starts_with(&self.prefix))
             {
@@ -432,6 +434,9 @@ pub fn hung(why: &str) -> ! {
     for cmd in [
         "ps -eo pid,ppid,etime,stat,args --sort=start_time | grep -E 'cloudpc|qemu|virsh|node|chromium' | grep -v grep",
         "timeout 20 virsh -c qemu:///system list --all",
+        "tail -n 5 /var/log/libvirt/cloudpc-supervisor.log",
+        "tail -n 30 /var/log/libvirt/libvirtd.log",
+        "for t in /proc/$(pgrep -xo libvirtd)/task/*; do echo \"$(cat $t/comm) $(cat $t/wchan)\"; done",
     ] {
         if let Ok(out) = Command::new("sh").arg("-c").arg(cmd).output() {
             let _ = writeln!(
