@@ -7,9 +7,12 @@
 # iptables (hosted NAT networks, nwfilter), cpio and e2fsprogs (building the tiny test image),
 # syslinux, mtools, dosfstools and fdisk (its BIOS-bootable import disks), mmdebstrap (the desktop
 # gallery image). chromium runs the browser tests of the portal; python3 and python3-venv run schemathesis against the OpenAPI document.
+# The health checks of network connections run busybox (udhcpc), dig, ldapsearch, kinit and adcli
+# against the organisation's network and domain controller.
 CLOUDPC_PACKAGES="build-essential pkg-config ca-certificates curl qemu-utils qemu-system-x86 libvirt-daemon
 libvirt-daemon-driver-qemu libvirt-clients libvirt-dev dnsmasq-base iptables cpio e2fsprogs chromium
-syslinux syslinux-common mtools dosfstools fdisk mmdebstrap debian-archive-keyring python3 python3-venv"
+syslinux syslinux-common mtools dosfstools fdisk mmdebstrap debian-archive-keyring python3 python3-venv
+iproute2 busybox bind9-dnsutils ldap-utils krb5-user adcli"
 
 # Where gallery images are built (shared by the service and the tests; builds are cached there).
 CLOUDPC_GALLERY_DIR=${CLOUDPC_GALLERY_DIR:-/var/lib/cloudpc/gallery}
@@ -24,7 +27,8 @@ as_root() {
 CLOUDPC_COMMANDS="cc:build-essential pkg-config:pkg-config curl:curl qemu-img:qemu-utils
 qemu-system-x86_64:qemu-system-x86 virsh:libvirt-clients libvirtd:libvirt-daemon virtlogd:libvirt-daemon
 dnsmasq:dnsmasq-base iptables:iptables cpio:cpio mkfs.ext4:e2fsprogs syslinux:syslinux mcopy:mtools
-mkfs.vfat:dosfstools sfdisk:fdisk mmdebstrap:mmdebstrap chromium:chromium python3:python3"
+mkfs.vfat:dosfstools sfdisk:fdisk mmdebstrap:mmdebstrap chromium:chromium python3:python3
+ip:iproute2 bridge:iproute2 busybox:busybox dig:bind9-dnsutils ldapsearch:ldap-utils kinit:krb5-user adcli:adcli"
 
 # The one version the QEMU packages must share: the installed qemu-system-x86's, else the version
 # apt would install. qemu-utils from elsewhere (a backport) conflicts with Debian's QEMU, and apt
@@ -79,6 +83,39 @@ check_command_list() {
     printf '  %s\n' "${missing[@]}" >&2
     echo "cloudpc: install those packages (apt-get install ...) and run this script again" >&2
     exit 1
+}
+
+# The test domain controller's packages (scripts/test-dc.sh): Samba as an AD DC, faketime for the
+# clock-skew test. samba-ad-provision is only a Recommends of samba-ad-dc, yet provisioning needs
+# it. No service of these packages may start on the host (the DC runs in a network namespace):
+# they are installed under a policy-rc.d that refuses every start, and stopped after anyway.
+CLOUDPC_TEST_DC_PACKAGES="samba samba-ad-dc samba-ad-provision winbind ldb-tools faketime"
+CLOUDPC_TEST_DC_COMMANDS="samba:samba samba-tool:samba-common-bin ldbsearch:ldb-tools"
+ensure_test_dc_packages() {
+    local missing=() p made_policy=no
+    for p in $CLOUDPC_TEST_DC_PACKAGES; do is_installed "$p" || missing+=("$p"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "cloudpc: installing the test domain controller's packages: ${missing[*]}"
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+            as_root chmod 755 /usr/sbin/policy-rc.d
+            made_policy=yes
+        fi
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        [ "$made_policy" = yes ] && as_root rm -f /usr/sbin/policy-rc.d
+        for p in samba-ad-dc smbd nmbd winbind; do
+            if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+                as_root systemctl disable --now "$p" >/dev/null 2>&1 || true
+            elif [ -x "/etc/init.d/$p" ]; then
+                as_root "/etc/init.d/$p" stop >/dev/null 2>&1 || true
+            fi
+        done
+    fi
+    [ -d /usr/share/samba/setup/ad-schema ] || {
+        echo "cloudpc: samba-ad-provision is installed but /usr/share/samba/setup/ad-schema is missing" >&2
+        exit 1
+    }
+    check_command_list "$CLOUDPC_TEST_DC_COMMANDS"
 }
 
 # Node.js builds the portal; an existing installation (of any origin) is kept.

@@ -12,6 +12,9 @@ setup_host
 # A local PostgreSQL for the suite's PostgreSQL pass: the harness creates a fresh database per test
 # through this URL (the role cloudpc may create databases).
 ensure_postgres
+# A Samba AD domain controller on a test network for the network-connection tests (each test
+# brings it up and down through scripts/test-dc.sh).
+ensure_test_dc_packages
 export CLOUDPC_TEST_DATABASE_URL="$CLOUDPC_PG_URL"
 drop_test_databases
 build_web

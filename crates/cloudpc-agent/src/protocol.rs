@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use cloudpc_hypervisor::netcheck::NetworkCheckSpec;
 use cloudpc_hypervisor::{Capacity, NetworkSpec, NicSpec, VmSpec, VmState};
 
 /// The protocol's version; an agent refuses calls from a control plane that speaks another.
@@ -41,6 +42,8 @@ pub enum Call {
     SetNicFilter { vm: String, nic: NicSpec },
     VncPort { name: String },
     Agent { vm: String, command: serde_json::Value, timeout_secs: i32 },
+    NetworkCheck { spec: NetworkCheckSpec },
+    DisableComputer { spec: NetworkCheckSpec, name: String },
 }
 
 /// One VM the agent runs for the control plane.

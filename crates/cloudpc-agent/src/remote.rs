@@ -210,6 +210,25 @@ impl Hypervisor for RemoteHost {
         self.call(Call::Agent { vm: vm.into(), command: command.clone(), timeout_secs }, limit).await
     }
 
+    async fn network_check(
+        &self,
+        spec: &cloudpc_hypervisor::netcheck::NetworkCheckSpec,
+    ) -> Result<Vec<cloudpc_hypervisor::netcheck::CheckResult>> {
+        let v = self.call(Call::NetworkCheck { spec: spec.clone() }, Duration::from_secs(30)).await?;
+        serde_json::from_value(v)
+            .map_err(|e| HypervisorError::Io(format!("the agent's check results are unreadable: {e}")))
+    }
+
+    async fn disable_computer(
+        &self,
+        spec: &cloudpc_hypervisor::netcheck::NetworkCheckSpec,
+        name: &str,
+    ) -> Result<String> {
+        let v =
+            self.call(Call::DisableComputer { spec: spec.clone(), name: name.into() }, Duration::from_secs(30)).await?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+
     fn ships_images(&self) -> bool {
         true
     }

@@ -138,6 +138,10 @@ impl Agent {
             Call::SetNicFilter { vm, nic } => unit(hv.set_nic_filter(&self.vm(&vm), &nic).await),
             Call::VncPort { name } => json(serde_json::json!(hv.vnc_port(&self.vm(&name)).await?)),
             Call::Agent { vm, command, timeout_secs } => hv.agent(&self.vm(&vm), &command, timeout_secs).await,
+            Call::NetworkCheck { spec } => {
+                json(serde_json::to_value(hv.network_check(&spec).await?).unwrap_or_default())
+            }
+            Call::DisableComputer { spec, name } => json(serde_json::json!(hv.disable_computer(&spec, &name).await?)),
         }
     }
 

@@ -43,7 +43,7 @@ use crate::routes::{cloud_pcs, directory, hosts, identity, images, licensing, ne
         tokens::list, tokens::create, tokens::read, tokens::revoke, replica::read,
         hosts::list, hosts::read, hosts::update, hosts::remove, hosts::create_join_token, hosts::evacuate,
         identity::list, identity::read, identity::create, identity::update, identity::remove, identity::scim_token,
-        networks::list, networks::create, networks::read, networks::update, networks::remove,
+        networks::list, networks::create, networks::read, networks::update, networks::remove, networks::run_health_checks,
     ),
     components(schemas(ODataError)),
     modifiers(&BearerAuth, &GraphConventions, &CreatedLinks),

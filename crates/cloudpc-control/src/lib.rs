@@ -20,6 +20,7 @@ pub mod images;
 pub mod licensing;
 pub mod limits;
 pub mod moves;
+pub mod network_checks;
 pub mod networks;
 pub mod oidc;
 pub mod policies;
@@ -121,6 +122,8 @@ pub struct AppConfig {
     /// The key file that seals secrets kept in the database (network connections' domain
     /// passwords); made on first use. Replicas must share it.
     pub secrets_key_file: PathBuf,
+    /// How often every network connection's health checks run again.
+    pub network_check_interval: Duration,
 }
 
 impl Default for AppConfig {
@@ -155,6 +158,7 @@ impl Default for AppConfig {
             console_ticket_ttl: Duration::from_secs(30),
             local_sign_in: true,
             secrets_key_file: PathBuf::from("cloudpc-data/secrets.key"),
+            network_check_interval: Duration::from_secs(6 * 3600),
         }
     }
 }

@@ -22,7 +22,7 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use cloudpc_guest::GuestAgent;
-use cloudpc_hypervisor::{Hypervisor, NicSpec, VmSpec};
+use cloudpc_hypervisor::{Hypervisor, VmSpec};
 use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState};
 use cloudpc_types::hosts::{Host, HostState};
@@ -30,7 +30,7 @@ use cloudpc_types::provisioning::{CloudPcRecord, Phase};
 use cloudpc_types::ValidationError;
 
 use crate::audit::{property, Actor, Change};
-use crate::provisioning::steps::{host_network, hv_err};
+use crate::provisioning::steps::{cloud_pc_nic, host_network, hv_err};
 use crate::{App, Error, Result};
 
 /// How long the guest may take to flush its file systems before its VM is stopped.
@@ -169,9 +169,12 @@ impl App {
                 let _ = from.remove_file(log).await;
             }
         }
-        let net = host_network(to.config(), &spec.region);
+        let network = match spec.connection_id {
+            Some(_) => rec.state.resources.network.clone(),
+            None => Some(host_network(to.config(), &spec.region).name),
+        };
         rec.state.resources.host = Some(target.to_string());
-        rec.state.resources.network = Some(net.name);
+        rec.state.resources.network = network;
         rec.state.moving_to = None;
         rec.pc.status_detail = Some(format!(
             "Moved to another host on {} while its host '{source}' was drained; everything saved on it came along.",
@@ -212,13 +215,9 @@ impl App {
             console_log: r.console_log.clone().unwrap_or_default(),
         };
         to.define_vm(&vm).await.map_err(hv_err)?;
-        let net = host_network(to.config(), &spec.region);
-        to.ensure_network(&net).await.map_err(hv_err)?;
         // The filter the Cloud PC had: inbound remote desktop blocked unless that step failed.
         let blocked = !rec.state.warnings.iter().any(|w| w.starts_with("blockRemoteDesktop"));
-        let filter = if blocked { to.ensure_block_rdp_filter().await } else { to.ensure_isolation_filter().await }
-            .map_err(hv_err)?;
-        let nic = NicSpec { network: net.name.clone(), mac: r.mac.clone().unwrap_or_default(), filter: Some(filter) };
+        let (nic, _) = cloud_pc_nic(self, spec, to, r.mac.clone().unwrap_or_default(), blocked).await?;
         to.attach_nic(&domain, &nic).await.map_err(hv_err)?;
         if start {
             to.start(&domain).await.map_err(hv_err)?;

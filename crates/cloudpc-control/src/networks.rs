@@ -82,9 +82,7 @@ pub(crate) fn seal(key_file: &Path, id: Uuid, secret: &str) -> Result<String> {
     Ok(format!("{SEALED_PREFIX}{}", STANDARD.encode(out)))
 }
 
-/// Opens what `seal` made for the row `id`. Only the tests open it so far: the health checks and
-/// the domain join (issue 13's next steps) are its users.
-#[cfg_attr(not(test), allow(dead_code))]
+/// Opens what `seal` made for the row `id`.
 pub(crate) fn unseal(key_file: &Path, id: Uuid, sealed: &str) -> Result<String> {
     let bad = || {
         Error::HostIo("a stored secret cannot be opened: it was sealed under another secrets key, or altered".into())
@@ -167,10 +165,28 @@ impl App {
             audit.resources[0].modified_properties.push(property("adDomainPassword", None, Some("(set)".into())));
         }
         self.store.create_network_connection(&c, sealed.as_deref(), &audit).await?;
+        self.spawn_network_checks(c.id);
         Ok(c)
     }
 
     pub async fn update_network_connection(
+        &self,
+        actor: &Actor,
+        id: &str,
+        input: OnPremisesConnectionUpdate,
+    ) -> Result<OnPremisesConnection> {
+        // A health-check run writes the same row (running, then its results): an edit that
+        // loses that race reads the row again rather than failing.
+        for _ in 0..4 {
+            match self.try_update_network_connection(actor, id, input.clone()).await {
+                Err(Error::Internal(cloudpc_store::StoreError::Stale { .. })) => continue,
+                done => return done,
+            }
+        }
+        self.try_update_network_connection(actor, id, input).await
+    }
+
+    async fn try_update_network_connection(
         &self,
         actor: &Actor,
         id: &str,
@@ -233,6 +249,9 @@ impl App {
         }
         self.store.update_network_connection(&c, sealed.as_deref(), Some(&audit)).await?;
         c.row_version += 1;
+        if !only_name {
+            self.spawn_network_checks(c.id);
+        }
         Ok(c)
     }
 

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::images::{DeviceImageStatus, GalleryImageStatus};
+use cloudpc_types::network::HealthCheckStatus;
 use cloudpc_types::policy::{
     self, AssignRequest, AssignmentTarget, DomainJoinConfiguration, DomainJoinType, ImageType, PolicyAssignment,
     ProvisioningPolicy, ProvisioningPolicyCreate, ProvisioningPolicyUpdate, ProvisioningType, WindowsSetting,
@@ -35,11 +36,14 @@ fn check_join_configurations(list: &[DomainJoinConfiguration]) -> Result<()> {
     if list.is_empty() {
         return Err(Error::invalid("domainJoinConfigurations", "needs at least one entry"));
     }
+    if list.len() > 16 {
+        return Err(Error::invalid("domainJoinConfigurations", "may list at most 16 entries"));
+    }
     for (i, c) in list.iter().enumerate() {
-        if c.domain_join_type == DomainJoinType::HybridAzureAdJoin {
+        if c.domain_join_type == DomainJoinType::HybridAzureAdJoin && c.on_premises_connection_id.is_none() {
             return Err(Error::invalid(
-                format!("domainJoinConfigurations[{i}].domainJoinType"),
-                "hybridAzureADJoin needs an on-premises network connection, which cloudpc does not offer yet; use azureADJoin",
+                format!("domainJoinConfigurations[{i}].onPremisesConnectionId"),
+                "is required for hybridAzureADJoin: name the network connection of the domain to join",
             ));
         }
         let region_ok = c.region_name.len() <= 64
@@ -49,12 +53,6 @@ fn check_join_configurations(list: &[DomainJoinConfiguration]) -> Result<()> {
             return Err(Error::invalid(
                 format!("domainJoinConfigurations[{i}].regionName"),
                 "must be 'automatic' or a region name of lowercase letters, digits and hyphens",
-            ));
-        }
-        if c.on_premises_connection_id.is_some() {
-            return Err(Error::invalid(
-                format!("domainJoinConfigurations[{i}].onPremisesConnectionId"),
-                "on-premises network connections are not offered yet; leave it out",
             ));
         }
     }
@@ -110,6 +108,63 @@ fn check_all(p: &ProvisioningPolicy) -> Result<()> {
 }
 
 impl App {
+    /// Every network connection the policy names exists, has the join type the entry asks for,
+    /// serves the entry's region, and has passed its health checks (warnings allowed), as
+    /// Windows 365 requires before a policy may use a connection.
+    async fn check_connections(&self, list: &[DomainJoinConfiguration]) -> Result<()> {
+        if list.iter().all(|c| c.on_premises_connection_id.is_none()) {
+            return Ok(());
+        }
+        let connections = self.list_network_connections().await?;
+        for (i, entry) in list.iter().enumerate() {
+            let Some(id) = entry.on_premises_connection_id.as_deref() else { continue };
+            let field = format!("domainJoinConfigurations[{i}].onPremisesConnectionId");
+            let Some(c) = connections.iter().find(|c| c.id.to_string().eq_ignore_ascii_case(id)) else {
+                return Err(Error::invalid(
+                    field,
+                    format!("refers to network connection '{id}', which does not exist"),
+                ));
+            };
+            if c.connection_type != entry.domain_join_type {
+                return Err(Error::invalid(
+                    format!("domainJoinConfigurations[{i}].domainJoinType"),
+                    format!(
+                        "does not match the network connection '{}', which is {}",
+                        c.display_name,
+                        serde_json::to_value(c.connection_type)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+            if entry.region_name != "automatic" && entry.region_name != c.region_name {
+                return Err(Error::invalid(
+                    format!("domainJoinConfigurations[{i}].regionName"),
+                    format!(
+                        "must be 'automatic' or '{}', the region of the network connection '{}'",
+                        c.region_name, c.display_name
+                    ),
+                ));
+            }
+            if !matches!(c.health_check_status, HealthCheckStatus::Passed | HealthCheckStatus::Warning) {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "refers to the network connection '{}', whose health checks have not passed (they are {}); \
+                         run them (runHealthChecks) and fix what they report",
+                        c.display_name,
+                        serde_json::to_value(c.health_check_status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Returns the image's display name if it can be used by a policy right now.
     async fn usable_image(&self, image_type: ImageType, image_id: &str) -> Result<String> {
         let missing = || Error::invalid("imageId", format!("image '{image_id}' does not exist"));
@@ -213,6 +268,7 @@ impl App {
             assignments: None,
         };
         check_all(&p)?;
+        self.check_connections(&p.domain_join_configurations).await?;
         p.image_display_name = self.usable_image(p.image_type, &p.image_id).await?;
         let audit = policy_change("Create", AuditOperationType::Create, &p).event(actor, None, Some(&p));
         self.store.create_policy(&p, &audit).await?;
@@ -257,6 +313,7 @@ impl App {
         if let Some(v) = input.local_admin_enabled {
             p.local_admin_enabled = v;
         }
+        let joins_changed = input.domain_join_configurations.is_some();
         if let Some(v) = input.domain_join_configurations {
             p.domain_join_configurations = v;
         }
@@ -270,6 +327,9 @@ impl App {
             p.time_zone = (!v.is_empty()).then_some(v);
         }
         check_all(&p)?;
+        if joins_changed {
+            self.check_connections(&p.domain_join_configurations).await?;
+        }
         if image_changed {
             p.image_display_name = self.usable_image(p.image_type, &p.image_id).await?;
         }

@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod libvirt;
+pub mod netcheck;
 pub mod xml;
 
 use std::path::{Path, PathBuf};
@@ -58,7 +59,8 @@ pub struct VmSpec {
     pub console_log: PathBuf,
 }
 
-/// A virtual NIC on a hosted network.
+/// A virtual NIC on a hosted network, or (with `bridge`) on a host bridge that leads to the
+/// organisation's own network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
     pub network: String,
@@ -66,6 +68,11 @@ pub struct NicSpec {
     /// nwfilter applied to the NIC: one of cloudpc's ([`Hypervisor::ensure_isolation_filter`],
     /// [`Hypervisor::ensure_block_rdp_filter`]), whose parameters the hypervisor fills in.
     pub filter: Option<String>,
+    /// The host bridge to plug the NIC into instead of `network`. Such a NIC gets its address
+    /// from the organisation's DHCP, so the hosted network's isolation filter (which trusts only
+    /// the host's DHCP) does not apply; only [`xml::BLOCK_RDP_ORG_FILTER`] may be set on it.
+    #[serde(default)]
+    pub bridge: Option<String>,
 }
 
 /// A NAT network for one region.
@@ -205,6 +212,17 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// returns the digests removed.
     async fn retain_images(&self, _keep: &[String]) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+
+    /// Runs the health checks of a network connection from this host (see [`netcheck`]).
+    async fn network_check(&self, _spec: &netcheck::NetworkCheckSpec) -> Result<Vec<netcheck::CheckResult>> {
+        Err(HypervisorError::Io(format!("host '{}' cannot run network health checks", self.config().name)))
+    }
+
+    /// Disables a Cloud PC's computer object in the connection's domain (see
+    /// [`netcheck::disable_computer`]), from this host's bridge to the organisation's network.
+    async fn disable_computer(&self, _spec: &netcheck::NetworkCheckSpec, _name: &str) -> Result<String> {
+        Err(HypervisorError::Io(format!("host '{}' cannot reach a domain controller", self.config().name)))
     }
 
     /// Opens the VM's console. Consoles listen on their host's loopback; a host on this machine

@@ -244,7 +244,8 @@ fn filter_params(
     nic: &NicSpec,
     host_ips: &[String],
 ) -> Result<Vec<(&'static str, String)>, virt::error::Error> {
-    if nic.filter.is_none() {
+    // A NIC on a host bridge has no hosted network to read, and its filter takes no parameters.
+    if nic.filter.is_none() || nic.bridge.is_some() {
         return Ok(Vec::new());
     }
     let net = Network::lookup_by_name(c, &nic.network)?.get_xml_desc(0)?;
@@ -556,6 +557,7 @@ impl Hypervisor for LibvirtHost {
         self.call("defining the remote-desktop filter".into(), |c| {
             define_filter(c, xml::ISOLATION_FILTER, &xml::isolation_filter())?;
             define_filter(c, xml::BLOCK_RDP_FILTER, &xml::block_rdp_filter())?;
+            define_filter(c, xml::BLOCK_RDP_ORG_FILTER, &xml::block_rdp_org_filter())?;
             Ok(xml::BLOCK_RDP_FILTER.to_string())
         })
         .await
@@ -603,6 +605,31 @@ impl Hypervisor for LibvirtHost {
     async fn vnc_port(&self, name: &str) -> Result<Option<u16>> {
         let xml = self.domain_xml(name).await?;
         Ok(xml::vnc_port(&xml))
+    }
+
+    async fn network_check(
+        &self,
+        spec: &crate::netcheck::NetworkCheckSpec,
+    ) -> Result<Vec<crate::netcheck::CheckResult>> {
+        // The checks run on this machine: a host reached through a remote libvirt URI has no way
+        // to run them (hosts elsewhere run them through their agent).
+        if !crate::uri_is_local(&self.config.uri) {
+            return Err(HypervisorError::Io(format!(
+                "host '{}' ({}) is not on this machine and has no agent to run network health checks",
+                self.config.name, self.config.uri
+            )));
+        }
+        Ok(crate::netcheck::run_checks(spec).await)
+    }
+
+    async fn disable_computer(&self, spec: &crate::netcheck::NetworkCheckSpec, name: &str) -> Result<String> {
+        if !crate::uri_is_local(&self.config.uri) {
+            return Err(HypervisorError::Io(format!(
+                "host '{}' ({}) is not on this machine and has no agent to reach the domain controller",
+                self.config.name, self.config.uri
+            )));
+        }
+        crate::netcheck::disable_computer(spec, name).await.map_err(HypervisorError::Io)
     }
 
     async fn agent(&self, vm: &str, command: &serde_json::Value, timeout_secs: i32) -> Result<serde_json::Value> {

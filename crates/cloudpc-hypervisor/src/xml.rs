@@ -80,6 +80,13 @@ pub fn nic(nic: &NicSpec, params: &[(&str, String)]) -> String {
             format!("<filterref filter='{}'>{params}</filterref>", escape(f))
         })
         .unwrap_or_default();
+    if let Some(bridge) = &nic.bridge {
+        return format!(
+            "<interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/>{filter}</interface>",
+            escape(&nic.mac),
+            escape(bridge)
+        );
+    }
     format!(
         "<interface type='network'><mac address='{}'/><source network='{}'/><model type='virtio'/><port isolated='yes'/>{filter}</interface>",
         escape(&nic.mac),
@@ -189,6 +196,20 @@ pub fn block_rdp_filter() -> String {
     )
 }
 
+pub const BLOCK_RDP_ORG_FILTER: &str = "cloudpc-block-rdp-org";
+
+/// For a NIC on the organisation's network: inbound remote-desktop traffic (TCP and UDP 3389)
+/// dropped, nothing else. What else may pass there is the organisation's firewall's to decide.
+pub fn block_rdp_org_filter() -> String {
+    format!(
+        "<filter name='{BLOCK_RDP_ORG_FILTER}' chain='root'>
+  <uuid>4f0c5a8e-2c4b-4d7e-9a55-c10dbc0a3391</uuid>
+  <rule action='drop' direction='in' priority='500'><tcp dstportstart='3389'/></rule>
+  <rule action='drop' direction='in' priority='500'><udp dstportstart='3389'/></rule>
+</filter>"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,12 +242,18 @@ mod tests {
 
     #[test]
     fn test_nic_is_isolated_and_carries_filter_parameters() {
-        let spec = NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), filter: Some("f".into()) };
+        let spec =
+            NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), filter: Some("f".into()), bridge: None };
         let x = nic(&spec, &[("GATEWAY", "10.213.20.1".into()), ("HOST_IP", "192.0.2.7".into())]);
         assert!(x.contains("<port isolated='yes'/>"), "{x}");
         assert!(x.contains("<filterref filter='f'><parameter name='GATEWAY' value='10.213.20.1'/><parameter name='HOST_IP' value='192.0.2.7'/></filterref>"), "{x}");
         let gw = network_gateway("<network><ip address='10.213.20.1' netmask='255.255.255.0'><dhcp/></ip></network>");
         assert_eq!(gw.as_deref(), Some("10.213.20.1"));
+        // On the organisation's bridge: a bridge interface, not isolated (the org's DHCP serves it).
+        let org = NicSpec { bridge: Some("br-org".into()), filter: None, ..spec };
+        let x = nic(&org, &[]);
+        assert!(x.starts_with("<interface type='bridge'>") && x.contains("<source bridge='br-org'/>"), "{x}");
+        assert!(!x.contains("isolated") && !x.contains("filterref"), "{x}");
     }
 
     #[test]

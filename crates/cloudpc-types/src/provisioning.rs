@@ -33,6 +33,10 @@ pub struct BuildSpec {
     pub local_admin: bool,
     pub time_zone: Option<String>,
     pub grace_period_hours: Option<u32>,
+    /// The network connection the Cloud PC is on: the policy's first whose health checks passed
+    /// when the generation started. None: the region's hosted network.
+    #[serde(default)]
+    pub connection_id: Option<uuid::Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -188,6 +188,10 @@ pub struct ServerArgs {
     /// proxy): with https, session cookies are Secure and __Host- prefixed.
     #[arg(long, env = "CLOUDPC_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Seconds between two runs of every network connection's health checks [default: 21600,
+    /// six hours].
+    #[arg(long, env = "CLOUDPC_NETWORK_CHECK_INTERVAL_SECS")]
+    pub network_check_interval_secs: Option<u64>,
     /// Days audit events are kept; older ones are deleted every hour [default: 365].
     #[arg(long, env = "CLOUDPC_AUDIT_RETENTION_DAYS")]
     pub audit_retention_days: Option<u32>,
@@ -386,6 +390,9 @@ pub enum NetCmd {
         #[arg(long)]
         ou: Option<String>,
     },
+    /// Run the connection's health checks now and wait for the results (exit status 1 when a
+    /// check failed).
+    Check { connection: String },
     /// Remove a connection no provisioning policy uses.
     Delete { connection: String },
 }

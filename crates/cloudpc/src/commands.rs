@@ -95,6 +95,14 @@ const NET_COLUMNS: &[Column] = &[
     ("ID", "/id"),
 ];
 
+const CHECK_COLUMNS: &[Column] = &[
+    ("HOST", "/hostName"),
+    ("CHECK", "/displayName"),
+    ("RESULT", "/status"),
+    ("DETAILS", "/additionalDetails"),
+    ("WHAT TO DO", "/recommendedAction"),
+];
+
 const HOST_COLUMNS: &[Column] = &[
     ("NAME", "/displayName"),
     ("REGION", "/region"),
@@ -378,6 +386,43 @@ async fn network_connections(c: &Client, fmt: OutputFormat, cmd: NetCmd) -> Out 
                 ("organizationalUnit", ou.map(Value::from)),
             ]);
             output::entity(fmt, &c.call(Method::POST, NET_BASE, Some(&body)).await?);
+            Ok(())
+        }
+        NetCmd::Check { connection } => {
+            let id = connection_id(c, &connection).await?;
+            let path = format!("{NET_BASE}/{id}");
+            let before = c.get(&path).await?;
+            let last_start = before.pointer("/healthCheckStatusDetail/startDateTime").cloned();
+            c.call(Method::POST, &format!("{path}/runHealthChecks"), None).await?;
+            // Waits for a run that started after the request and has ended.
+            let started = std::time::Instant::now();
+            let done = loop {
+                let now = c.get(&path).await?;
+                let detail = now.get("healthCheckStatusDetail");
+                let fresh = detail.and_then(|d| d.get("startDateTime")).cloned() != last_start;
+                let ended = detail.and_then(|d| d.get("endDateTime")).is_some_and(|e| !e.is_null());
+                if fresh && ended && now["healthCheckStatus"] != "running" {
+                    break now;
+                }
+                if started.elapsed() > std::time::Duration::from_secs(120) {
+                    return Err(Failure::refused("the health checks did not finish within 120 s"));
+                }
+                if fmt != OutputFormat::Json {
+                    eprint!("\rchecking {connection}: {} s", started.elapsed().as_secs());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            };
+            if fmt == OutputFormat::Json {
+                output::entity(fmt, &done);
+            } else {
+                eprintln!();
+                let checks = done.pointer("/healthCheckStatusDetail/healthChecks").and_then(Value::as_array);
+                output::list(fmt, checks.map(Vec::as_slice).unwrap_or(&[]), CHECK_COLUMNS);
+                println!("{connection}: {}", done["healthCheckStatus"].as_str().unwrap_or("?"));
+            }
+            if done["healthCheckStatus"] == "failed" {
+                return Err(Failure { code: 1, message: format!("the health checks of {connection} failed") });
+            }
             Ok(())
         }
         NetCmd::Delete { connection } => {

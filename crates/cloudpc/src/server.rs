@@ -56,6 +56,7 @@ struct FileSettings {
     memory_overcommit: Option<f64>,
     evacuate_after_mins: Option<u64>,
     max_parallel_provisioning: Option<usize>,
+    network_check_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +194,9 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 .unwrap_or(defaults.image_free_space_reserve),
             grace_period: Duration::from_secs_f64(hours * 3600.0),
             cleanup_delay: Duration::from_secs(args.cleanup_delay_secs.or(file.cleanup_delay_secs).unwrap_or(3 * 3600)),
+            network_check_interval: Duration::from_secs(
+                args.network_check_interval_secs.or(file.network_check_interval_secs).unwrap_or(6 * 3600).max(1),
+            ),
             resync_interval: Duration::from_secs(args.resync_secs.or(file.resync_secs).unwrap_or(10).max(1)),
             domain_prefix: args.domain_prefix.clone().or(file.domain_prefix).unwrap_or(defaults.domain_prefix),
             storage_dir,
@@ -390,6 +394,7 @@ async fn serve(args: ServerArgs) -> Result<(), String> {
     tokio::spawn(app.clone().run_reconciler());
     tokio::spawn(app.clone().run_host_monitor());
     tokio::spawn(app.clone().run_drains());
+    tokio::spawn(app.clone().run_network_check_schedule());
     let pruner = app.clone();
     tokio::spawn(async move {
         loop {

@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use cloudpc_control::App;
@@ -20,6 +20,7 @@ pub fn routes() -> Router<App> {
     Router::new()
         .route("/deviceManagement/virtualEndpoint/onPremisesConnections", get(list).post(create))
         .route("/deviceManagement/virtualEndpoint/onPremisesConnections/{id}", get(read).patch(update).delete(remove))
+        .route("/deviceManagement/virtualEndpoint/onPremisesConnections/{id}/runHealthChecks", post(run_health_checks))
 }
 
 #[utoipa::path(get, path = "/v1.0/deviceManagement/virtualEndpoint/onPremisesConnections", tag = "networks", operation_id = "list_connections", responses((status = 200, body = Collection<OnPremisesConnection>)))]
@@ -58,5 +59,13 @@ pub async fn update(
 #[utoipa::path(delete, path = "/v1.0/deviceManagement/virtualEndpoint/onPremisesConnections/{id}", tag = "networks", operation_id = "delete_connection", responses((status = 204), (status = 409, description = "a provisioning policy uses the connection")))]
 pub async fn remove(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.delete_network_connection(&actor, &id).await?;
+    no_content()
+}
+
+/// Runs the connection's health checks again, from every host of its region. They run in the
+/// background: the connection shows `running`, then the results in `healthCheckStatusDetail`.
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/onPremisesConnections/{id}/runHealthChecks", tag = "networks", operation_id = "run_connection_health_checks", responses((status = 204)))]
+pub async fn run_health_checks(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
+    app.request_network_checks(&actor, &id).await?;
     no_content()
 }

@@ -214,6 +214,7 @@ impl App {
         if let Some(pause) = self.config.injected_delays.get("startGeneration") {
             tokio::time::sleep(*pause).await;
         }
+        let (region, connection_id) = self.network_of(&policy).await?;
         let template = policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());
         let name = NamingTemplate::parse(&template)?
             .expand(&user.mail_nickname, &mut || random_alnum(1).chars().next().unwrap_or('X'));
@@ -225,15 +226,12 @@ impl App {
             image_version,
             image_disk,
             kernel,
-            region: policy
-                .domain_join_configurations
-                .first()
-                .map(|d| d.region_name.clone())
-                .unwrap_or_else(|| "automatic".into()),
+            region,
             naming_template: Some(template),
             local_admin: policy.local_admin_enabled,
             time_zone: policy.time_zone.clone(),
             grace_period_hours: policy.grace_period_in_hours,
+            connection_id,
         });
         rec.state.generation += 1;
         rec.state.attempt = 1;
@@ -262,6 +260,49 @@ impl App {
         rec.pc.power_state = PowerState::Unknown;
         rec.pc.last_modified_date_time = Utc::now();
         Ok(())
+    }
+
+    /// The region and network connection of a new generation: the policy's join configurations
+    /// in order, the first one that is the hosted network or whose connection is healthy (its
+    /// checks passed, warnings allowed), as Windows 365 picks among a policy's connections.
+    async fn network_of(&self, policy: &cloudpc_types::policy::ProvisioningPolicy) -> Result<(String, Option<Uuid>)> {
+        let configs = &policy.domain_join_configurations;
+        let connections = if configs.iter().any(|c| c.on_premises_connection_id.is_some()) {
+            self.list_network_connections().await?
+        } else {
+            Vec::new()
+        };
+        let mut unhealthy = Vec::new();
+        for config in configs {
+            let Some(id) = config.on_premises_connection_id.as_deref() else {
+                return Ok((config.region_name.clone(), None));
+            };
+            match connections.iter().find(|c| c.id.to_string().eq_ignore_ascii_case(id)) {
+                Some(c)
+                    if matches!(
+                        c.health_check_status,
+                        cloudpc_types::network::HealthCheckStatus::Passed
+                            | cloudpc_types::network::HealthCheckStatus::Warning
+                    ) =>
+                {
+                    return Ok((c.region_name.clone(), Some(c.id)));
+                }
+                Some(c) => unhealthy.push(format!(
+                    "'{}' is {}",
+                    c.display_name,
+                    serde_json::to_value(c.health_check_status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                )),
+                None => unhealthy.push(format!("'{id}' no longer exists")),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "none of the policy's network connections is healthy ({}); run their health checks and fix what they \
+             report, then Retry",
+            unhealthy.join("; ")
+        )))
     }
 
     /// Ids for one attempt: the VM keeps the Cloud PC's name, each attempt gets a new NIC.
@@ -528,6 +569,7 @@ impl App {
                 local_admin: false,
                 time_zone: None,
                 grace_period_hours: None,
+                connection_id: None,
             }),
             r: rec.state.resources.clone(),
             domain: rec.state.resources.domain.clone().unwrap_or_default(),

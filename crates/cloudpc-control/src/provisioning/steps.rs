@@ -134,6 +134,47 @@ macro_rules! tri {
     };
 }
 
+/// The Cloud PC's NIC on `hv`, and what `resources.network` records for it: on its network
+/// connection's bridge on that host, or on the region's hosted network (made sure of here).
+/// `blocked`: inbound remote desktop dropped (the blockRemoteDesktop step's filter).
+pub(crate) async fn cloud_pc_nic(
+    app: &App,
+    spec: &BuildSpec,
+    hv: &dyn Hypervisor,
+    mac: String,
+    blocked: bool,
+) -> Result<(NicSpec, String)> {
+    if let Some(id) = spec.connection_id {
+        let c = app.get_network_connection(&id.to_string()).await?;
+        let host = &hv.config().name;
+        let (bridge, vlan) = match c.host_bridges.iter().find(|b| b.host_name.eq_ignore_ascii_case(host)) {
+            Some(b) => (b.bridge_name.clone(), b.vlan_id),
+            None => (c.bridge_name.clone(), c.vlan_id),
+        };
+        if let Some(v) = vlan {
+            // TODO-feature: tag the NIC's port (bridge VLAN filtering), again at every start.
+            return Err(Error::Conflict(format!(
+                "the network connection '{}' puts Cloud PCs on VLAN {v} of {bridge}, and cloudpc cannot tag a Cloud \
+                 PC's NIC yet; give the VLAN a bridge of its own on the host and name that bridge instead",
+                c.display_name
+            )));
+        }
+        let filter = if blocked {
+            hv.ensure_block_rdp_filter().await.map_err(hv_err)?;
+            Some(cloudpc_hypervisor::xml::BLOCK_RDP_ORG_FILTER.to_string())
+        } else {
+            None
+        };
+        let nic = NicSpec { network: String::new(), mac, filter, bridge: Some(bridge.clone()) };
+        return Ok((nic, format!("bridge:{bridge}")));
+    }
+    let net = host_network(hv.config(), &spec.region);
+    hv.ensure_network(&net).await.map_err(hv_err)?;
+    let filter = if blocked { hv.ensure_block_rdp_filter().await } else { hv.ensure_isolation_filter().await }
+        .map_err(hv_err)?;
+    Ok((NicSpec { network: net.name.clone(), mac, filter: Some(filter), bridge: None }, net.name))
+}
+
 /// The hosted NAT network of a Cloud PC on `host`: a host behind an agent has a subnet of its
 /// own (so hosts never overlap); hosts in the control plane's process share one per region.
 pub fn host_network(host: &cloudpc_hypervisor::HostConfig, region: &str) -> NetworkSpec {
@@ -308,18 +349,20 @@ impl ProvisioningStep for AttachNetwork {
     }
     async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
         let hv = need!(cx.hv());
-        let net = host_network(hv.config(), &cx.spec.region);
-        tri!(hv.ensure_network(&net).await);
         let mac = cx.r.mac.clone().unwrap_or_default();
-        // Isolated from the first packet: the guest boots onto the network right after.
-        let filter = tri!(hv.ensure_isolation_filter().await);
-        tri!(
-            hv.attach_nic(&cx.domain, &NicSpec { network: net.name.clone(), mac: mac.clone(), filter: Some(filter) })
-                .await
-        );
-        rec.state.resources.network = Some(net.name.clone());
+        // On a hosted network, isolated from the first packet: the guest boots onto it right after.
+        let (nic, network) = tri!(cloud_pc_nic(cx.app, &cx.spec, hv, mac.clone(), false).await);
+        tri!(hv.attach_nic(&cx.domain, &nic).await);
+        rec.state.resources.network = Some(network.clone());
         tri!(hv.start(&cx.domain).await);
-        Outcome::Done { detail: Some(format!("NIC {mac} on {} ({}.0/24); VM started", net.name, net.subnet)) }
+        let on = match network.strip_prefix("bridge:") {
+            Some(bridge) => format!("the organisation's network (host bridge {bridge})"),
+            None => {
+                let net = host_network(hv.config(), &cx.spec.region);
+                format!("{} ({}.0/24)", net.name, net.subnet)
+            }
+        };
+        Outcome::Done { detail: Some(format!("NIC {mac} on {on}; VM started")) }
     }
     async fn undo(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Result<()> {
         if let (Some(hv), Some(mac)) = (cx.hv, cx.r.mac.as_deref()) {
@@ -347,25 +390,151 @@ impl ProvisioningStep for JoinDirectory {
         rec.state.boot_ms = Some(waited.as_millis() as u64);
         let os = tri!(agent.os_info().await);
         let id = cx.r.device_id.unwrap_or_default();
+        // On a connection that joins a domain: a real Active Directory join from inside the guest.
+        let mut joined = None;
+        if let Some(conn) = cx.spec.connection_id {
+            let c = tri!(cx.app.get_network_connection(&conn.to_string()).await);
+            if c.connection_type == cloudpc_types::policy::DomainJoinType::HybridAzureAdJoin {
+                let name = computer_name(rec);
+                match join_domain(cx, &agent, &c, &name).await {
+                    Ok(detail) => joined = Some(detail),
+                    Err(reason) => return Outcome::Failed(reason),
+                }
+            }
+        }
         let device = Device {
             id,
             device_id: id,
             display_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
             operating_system: os["name"].as_str().or(os["kernel-release"].as_str()).unwrap_or("Linux").to_string(),
             operating_system_version: os["kernel-release"].as_str().map(str::to_string),
-            trust_type: "AzureAd".into(),
+            // Graph's trust types: joined to Entra ID only, or to the on-premises domain too.
+            trust_type: if joined.is_some() { "ServerAd" } else { "AzureAd" }.into(),
             account_enabled: true,
             registration_date_time: Utc::now(),
             cloud_pc_id: rec.pc.id,
         };
         tri!(cx.app.store.put_device(&device).await);
-        Outcome::Done { detail: Some(format!("guest agent answered after {} ms; device {id}", waited.as_millis())) }
+        let joined = joined.map(|j| format!("; {j}")).unwrap_or_default();
+        Outcome::Done {
+            detail: Some(format!("guest agent answered after {} ms; device {id}{joined}", waited.as_millis())),
+        }
     }
-    async fn undo(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Result<()> {
+    async fn undo(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Result<()> {
         if let Some(id) = cx.r.device_id {
             cx.app.store.delete_device(id).await?;
         }
+        // The computer object stays in the domain, disabled (as Windows 365 leaves it). Best
+        // effort: a domain controller out of reach must not keep the clean-up from finishing.
+        if let (Some(conn), Some(hv)) = (cx.spec.connection_id, cx.hv) {
+            let c = cx.app.get_network_connection(&conn.to_string()).await?;
+            if c.connection_type == cloudpc_types::policy::DomainJoinType::HybridAzureAdJoin {
+                let spec = cx.app.connection_check_spec(&c, &hv.config().name).await?;
+                let name = computer_name(rec);
+                match hv.disable_computer(&spec, &name).await {
+                    Ok(done) => tracing::info!(cloud_pc = %rec.pc.id, "{done}"),
+                    Err(e) => {
+                        tracing::warn!(cloud_pc = %rec.pc.id, computer = %name, error = %e, "the computer object could not be disabled; disable it in the domain by hand")
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+/// The Cloud PC's computer name in the domain: its device name, upper case, at most the 15
+/// characters a NetBIOS name has.
+fn computer_name(rec: &CloudPcRecord) -> String {
+    let name = rec.pc.managed_device_name.clone().unwrap_or_default().to_ascii_uppercase();
+    name.chars().take(15).collect::<String>().trim_end_matches('-').to_string()
+}
+
+/// Joins the guest to the connection's domain with `adcli` (the domain's DNS from the
+/// organisation's DHCP finds the domain controller, as for any machine on that network), then
+/// waits until the domain controller lists the computer object. The password reaches adcli on
+/// stdin only.
+async fn join_domain(
+    cx: &StepContext<'_>,
+    agent: &GuestAgent<'_>,
+    c: &cloudpc_types::network::OnPremisesConnection,
+    name: &str,
+) -> std::result::Result<String, String> {
+    let has = agent
+        .exec("/bin/sh", &["-c", "command -v adcli"], None, Duration::from_secs(20))
+        .await
+        .map_err(|e| e.to_string())?;
+    if has.code != 0 {
+        return Err(
+            "the Cloud PC's image has no adcli, which joining the Active Directory domain needs: use an image with \
+             adcli and sssd (the desktop gallery image has them)"
+                .into(),
+        );
+    }
+    let password = match cx.app.store.network_connection_password(c.id).await.map_err(|e| e.to_string())? {
+        Some(sealed) => {
+            crate::networks::unseal(&cx.app.config.secrets_key_file, c.id, &sealed).map_err(|e| e.to_string())?
+        }
+        None => return Err(format!("the network connection '{}' has no domain password", c.display_name)),
+    };
+    let domain = c.ad_domain_name.clone().unwrap_or_default();
+    let user = c.ad_domain_username.clone().unwrap_or_default();
+    let account = cloudpc_hypervisor::netcheck::account_name(&user).to_string();
+    let ou = c.organizational_unit.clone().unwrap_or_default();
+    let fqdn = format!("{}.{domain}", name.to_ascii_lowercase());
+    let join = [
+        "-c",
+        "exec adcli \"$@\"",
+        "adcli",
+        "join",
+        "--domain",
+        &domain,
+        "--domain-ou",
+        &ou,
+        "--login-user",
+        &account,
+        "--stdin-password",
+        "--computer-name",
+        name,
+        "--host-fqdn",
+        &fqdn,
+    ];
+    let out = agent
+        .exec("/bin/sh", &join, Some(password.as_bytes()), Duration::from_secs(120))
+        .await
+        .map_err(|e| e.to_string())?;
+    if out.code != 0 {
+        return Err(format!("joining {domain} failed: {}", out.stderr.trim()));
+    }
+    let show = [
+        "-c",
+        "exec adcli \"$@\"",
+        "adcli",
+        "show-computer",
+        "--domain",
+        &domain,
+        "--login-user",
+        &account,
+        "--stdin-password",
+        name,
+    ];
+    let started = std::time::Instant::now();
+    loop {
+        let out = agent
+            .exec("/bin/sh", &show, Some(password.as_bytes()), Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.code == 0 && out.stdout.contains("sAMAccountName") {
+            let dn = out.stdout.lines().find_map(|l| l.strip_prefix("dn:")).map(str::trim).unwrap_or(name);
+            return Ok(format!("joined {domain}: computer object {dn}"));
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "{domain}'s domain controller does not list {name} a minute after the join: {}",
+                out.stderr.trim()
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
@@ -557,15 +726,11 @@ impl ProvisioningStep for BlockRemoteDesktop {
     fn stage(&self) -> ProvisioningStage {
         ProvisioningStage::PostProvisioning
     }
-    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+    async fn run(&self, cx: &StepContext<'_>, _rec: &mut CloudPcRecord) -> Outcome {
         let hv = need!(cx.hv());
-        let filter = tri!(hv.ensure_block_rdp_filter().await);
-        let nic = NicSpec {
-            network: rec.state.resources.network.clone().unwrap_or_default(),
-            mac: cx.r.mac.clone().unwrap_or_default(),
-            filter: Some(filter.clone()),
-        };
+        let (nic, _) = tri!(cloud_pc_nic(cx.app, &cx.spec, hv, cx.r.mac.clone().unwrap_or_default(), true).await);
         tri!(hv.set_nic_filter(&cx.domain, &nic).await);
+        let filter = nic.filter.unwrap_or_default();
         Outcome::Done { detail: Some(format!("inbound TCP/UDP 3389 dropped by nwfilter {filter}")) }
     }
 }

@@ -1,6 +1,7 @@
 //! The integration tests: one binary; every test starts the real `cloudpc` server on port 0 with
 //! its own data directory, and talks to it over HTTP (or through the real CLI).
 
+mod ad_support;
 mod support;
 mod vm_support;
 

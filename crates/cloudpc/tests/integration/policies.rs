@@ -98,7 +98,7 @@ async fn test_policy_image_must_exist_and_be_ready() {
     }
     let (status, v) = s.post(&format!("{VE}/provisioningPolicies"), json!({"displayName": "p", "imageId": failed["id"], "imageType": "custom", "domainJoinConfigurations": [{"domainJoinType": "hybridAzureADJoin"}]})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(message(&v).contains("domainJoinConfigurations[0].domainJoinType"), "{v}");
+    assert!(message(&v).contains("domainJoinConfigurations[0].onPremisesConnectionId"), "{v}");
 }
 
 #[tokio::test]
