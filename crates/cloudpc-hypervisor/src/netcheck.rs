@@ -190,6 +190,11 @@ struct Probe {
 impl Drop for Probe {
     fn drop(&mut self) {
         // Synchronous on purpose: drop may run while the runtime is shutting down.
+        // The lease goes back to the organisation's DHCP: a run every few hours from every host
+        // must not use up its pool. Skipped when no lease was taken.
+        if self.dir.join("lease").exists() {
+            release_lease(&self.ns, &self.dir);
+        }
         let _ = std::process::Command::new("ip").args(["netns", "delete", &self.ns]).output();
         let _ = std::process::Command::new("ip").args(["link", "delete", &self.port]).output();
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.ns));
@@ -197,10 +202,44 @@ impl Drop for Probe {
     }
 }
 
+/// Gives the probe's lease back: a udhcpc asks for the same address again, and on SIGUSR2 sends
+/// the server a DHCPRELEASE (udhcpc -q -R exits without sending one). At most about 4 s.
+fn release_lease(ns: &str, dir: &Path) {
+    let log = dir.join("release.log");
+    let Ok(out) = std::fs::File::create(&log) else { return };
+    let Ok(err) = out.try_clone() else { return };
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "busybox", "udhcpc", "-i", "eth0", "-f", "-n", "-t", "2", "-T", "1"])
+        .args(["-s", "/bin/true"])
+        .stdout(out)
+        .stderr(err)
+        .spawn();
+    let Ok(mut child) = child else { return };
+    // `ip netns exec` execs udhcpc: the child's pid is udhcpc's.
+    let pid = child.id().to_string();
+    let said = |what: &str| std::fs::read_to_string(&log).is_ok_and(|t| t.contains(what));
+    let wait_for = |what: &str, limit: Duration| {
+        let start = std::time::Instant::now();
+        while !said(what) && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        said(what)
+    };
+    if wait_for("obtained", Duration::from_secs(3)) {
+        let _ = std::process::Command::new("kill").args(["-USR2", &pid]).output();
+        wait_for("released", Duration::from_secs(1));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A short random tag for names (interface names are at most 15 characters).
 fn tag() -> String {
+    // A counter too, so two probes started in the same nanosecond still differ.
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let mixed = (nanos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((std::process::id() as u64) << 20);
+    let mixed = (nanos as u64 ^ (n << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((std::process::id() as u64) << 20);
     format!("{:08x}", (mixed >> 16) as u32)
 }
 

@@ -295,6 +295,17 @@ async fn test_dc_health_checks_pass_fail_with_remedies_and_gate_policies() {
     assert!(check(&c, "DHCP")["additionalDetails"].as_str().unwrap().contains("10.77.0."), "{c}");
     assert!(check(&c, "DNS")["additionalDetails"].as_str().unwrap().contains("dc1.corp.cloudpc.test"), "{c}");
     assert!(dc.computers("CPCHC").is_empty(), "the test computer was left: {:?}", dc.computers("CPCHC"));
+    // The probe's address went back to the organisation's DHCP (dnsmasq rewrites its lease file
+    // a moment after the release).
+    let start = std::time::Instant::now();
+    loop {
+        let leases = std::fs::read_to_string(format!("{STATE}/dnsmasq.leases")).unwrap_or_default();
+        if leases.trim().is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the health checks kept their lease: {leases}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 
     // The CLI runs them again and shows every check.
     let out = std::process::Command::new(bin())
