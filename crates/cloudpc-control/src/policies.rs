@@ -131,10 +131,7 @@ impl App {
                     format!(
                         "does not match the network connection '{}', which is {}",
                         c.display_name,
-                        serde_json::to_value(c.connection_type)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default()
+                        cloudpc_types::network::wire_name(&c.connection_type)
                     ),
                 ));
             }
@@ -154,10 +151,7 @@ impl App {
                         "refers to the network connection '{}', whose health checks have not passed (they are {}); \
                          run them (runHealthChecks) and fix what they report",
                         c.display_name,
-                        serde_json::to_value(c.health_check_status)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default()
+                        cloudpc_types::network::wire_name(&c.health_check_status)
                     ),
                 ));
             }

@@ -14,6 +14,11 @@ use uuid::Uuid;
 use crate::policy::DomainJoinType;
 use crate::validate::{self, ValidationError};
 
+/// A value's name in the API's JSON (`passed`, `hybridAzureADJoin`), for messages.
+pub fn wire_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
 /// The state of a connection's health checks, as Graph names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -290,10 +290,7 @@ impl App {
                 Some(c) => unhealthy.push(format!(
                     "'{}' is {}",
                     c.display_name,
-                    serde_json::to_value(c.health_check_status)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
+                    cloudpc_types::network::wire_name(&c.health_check_status)
                 )),
                 None => unhealthy.push(format!("'{id}' no longer exists")),
             }
