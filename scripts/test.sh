@@ -19,6 +19,27 @@ export CLOUDPC_TEST_DATABASE_URL="$CLOUDPC_PG_URL"
 drop_test_databases
 build_web
 export CLOUDPC_TEST_GALLERY="$CLOUDPC_GALLERY_DIR"
+# Runs one cargo test command with its output also kept in a log; when it fails, ends the output with
+# a digest of each failed test's own output (panic messages, what it printed) without backtrace
+# frames: CI shows only the tail of a long log, and a failure's message must be in it.
+LOG_DIR=target/test-logs
+mkdir -p "$LOG_DIR"
+run_tests() {
+    local log="$LOG_DIR/$1.log" rc=0
+    shift
+    "$@" 2>&1 | tee "$log" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo
+        echo "=== FAILURE DIGEST ($log, exit $rc): each failed test's output, backtrace frames left out"
+        awk '
+            /^---- .* ----$/ { on = 1; n = 0 }
+            /^failures:$/ && on { on = 0 }
+            on && !/^ *[0-9]+: / && !/^ +at / && n++ < 60 { print }
+        ' "$log"
+        grep -E '^=== WATCHDOG' "$log" || true
+        exit "$rc"
+    fi
+}
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 # The store's shared code is included by both backends rather than being a module, so cargo fmt
@@ -29,9 +50,9 @@ cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 # Tests that boot VMs take turns inside the one integration binary; the rest run in parallel.
 # The store's own tests run on both backends; the replica tests make their own PostgreSQL database.
-cargo test --locked --workspace
+run_tests sqlite cargo test --locked --workspace
 echo "== integration tests again, every server on PostgreSQL"
 # The same suite, VM tests included, with each server on a fresh PostgreSQL database instead of
 # its SQLite file (the replica tests ran on PostgreSQL already).
-CLOUDPC_TEST_BACKEND=postgresql cargo test --locked -p cloudpc --test integration -- --skip replicas::
+CLOUDPC_TEST_BACKEND=postgresql run_tests postgresql cargo test --locked -p cloudpc --test integration -- --skip replicas::
 ./scripts/schemathesis.sh
