@@ -18,7 +18,7 @@
 #                runs `samba` (AD DC: LDAP 389, KDC 88, DNS 53, SMB 445, kpasswd 464, ...)
 #                and dnsmasq (DHCP only, --port=0) for 10.77.0.100-199.
 #   With CPC_DC_VLAN=<id>, the bridge filters VLANs and the DC's port carries only that VLAN
-#   (untagged inside the netns), so only VLAN <id> reaches the domain.
+#   (untagged inside the netns), as does the host's address, so only VLAN <id> reaches the domain.
 set -euo pipefail
 
 BASE=${CPC_DC_BASE:-/run/cloudpc-test-dc}
@@ -79,10 +79,13 @@ net_up() {
     ip link set "$VETH_H" master "$BR" up
     if [[ -n $VLAN ]]; then
         # The DC's port is an access port of VLAN $VLAN: frames of other VLANs never reach it.
+        # The host's own address is on that VLAN too (the router and the control plane, as the
+        # organisation's network sees them); the bridge's default VLAN 1 reaches neither.
         ip link set "$BR" type bridge vlan_filtering 1
         bridge vlan del dev "$VETH_H" vid 1 2>/dev/null || true
         bridge vlan add dev "$VETH_H" vid "$VLAN" pvid untagged
-        bridge vlan add dev "$BR" vid "$VLAN" self
+        bridge vlan add dev "$BR" vid "$VLAN" pvid untagged self
+        bridge vlan del dev "$BR" vid 1 self 2>/dev/null || true
     fi
     nsx ip link set lo up
     nsx ip link set eth0 up

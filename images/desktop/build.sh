@@ -28,6 +28,10 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org}
 # systemd-resolved: resolved sits before sysinit.target and cost 7 s of boot under emulation.
 # spice-vdagent moves the clipboard between X and QEMU's qemu-vdagent channel, which QEMU's VNC
 # server (the browser console) shares its clipboard with; it pulls in GTK 3 (+29 packages, 56 MB).
+# adcli, sssd-ad, libnss-sss, libpam-sss and krb5-user: joining an Active Directory domain when a
+# policy's network connection says so (cloudpc runs adcli and writes sssd.conf through the guest
+# agent), domain accounts resolved and signed in by sssd, kinit/klist to check the machine's
+# keytab. sssd starts only once cloudpc has written its configuration.
 # dbus-x11 answers GTK's need for a session bus: apt would otherwise pick dbus-user-session, and
 # with it pam_systemd, which starts a systemd user manager for every su (slow under emulation).
 packages=(
@@ -37,6 +41,7 @@ packages=(
     qemu-guest-agent iproute2 dhcpcd libnss-myhostname procps
     spice-vdagent dbus-x11 xclip
     e2fsprogs tzdata sudo passwd ca-certificates
+    adcli sssd-ad libnss-sss libpam-sss krb5-user
 )
 
 step() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

@@ -120,7 +120,7 @@ async function start() {
 
 const TABS: [string, string][] = [
   ["cloudpcs", "Cloud PCs"], ["users", "Users"], ["groups", "Groups"], ["licenses", "Licenses"],
-  ["images", "Images"], ["policies", "Provisioning policies"], ["hosts", "Hosts"], ["identity", "Identity providers"], ["audit", "Audit log"],
+  ["images", "Images"], ["policies", "Provisioning policies"], ["networks", "Network connections"], ["hosts", "Hosts"], ["identity", "Identity providers"], ["audit", "Audit log"],
   ["tokens", "API tokens"],
 ];
 
@@ -292,9 +292,13 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
     el.querySelectorAll<HTMLButtonElement>("button[data-delimg]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/deviceImages/${b.dataset.delimg}`))));
   },
   async policies(el) {
-    const [policies, groups, gallery, custom] = await Promise.all([
+    const [policies, groups, gallery, custom, conns] = await Promise.all([
       list(`${VE}/provisioningPolicies?$expand=assignments`), list("/v1.0/groups"), list(`${VE}/galleryImages`), list(`${VE}/deviceImages`),
+      list(`${VE}/onPremisesConnections`),
     ]);
+    // Only connections whose checks passed (or warned) may be used; the API says so too.
+    const healthy = conns.filter((c) => c.healthCheckStatus === "passed" || c.healthCheckStatus === "warning");
+    const connName = (id: string) => conns.find((c) => c.id === id)?.displayName ?? id;
     // Current builds first; older ones still usable; images whose files are gone cannot be picked.
     const usable = gallery.filter((i) => i.status !== "notSupported")
       .sort((a, b) => Number(a.status !== "supported") - Number(b.status !== "supported"));
@@ -303,9 +307,12 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
     const groupName = (id: string) => groups.find((g) => g.id === id)?.displayName ?? id;
     el.innerHTML = form("newpolicy", `<input name="name" placeholder="Policy name" required>
         <select name="image" required>${images.map((i) => `<option value="${esc(i.v)}">${esc(i.t)}</option>`).join("")}</select>
+        <select name="network" title="Network"><option value="">Hosted network</option>${healthy.map((c) => `<option value="${esc(c.id)}">${esc(c.displayName)} (${c.connectionType === "hybridAzureADJoin" ? "joins " + esc(c.adDomainName) : "no domain join"})</option>`).join("")}</select>
         <input name="template" placeholder="CPC-%USERNAME:4%-%RAND:5%"><label><input type="checkbox" name="admin"> Local admin</label>`, "Create policy") +
       table(policies, [
-        ["Policy", (p) => esc(p.displayName)], ["Image", (p) => esc(p.imageDisplayName)], ["Naming", (p) => esc(p.cloudPcNamingTemplate)],
+        ["Policy", (p) => esc(p.displayName)], ["Image", (p) => esc(p.imageDisplayName)],
+        ["Network", (p) => (p.domainJoinConfigurations ?? []).map((d: any) => esc(d.onPremisesConnectionId ? connName(d.onPremisesConnectionId) : "Hosted network")).join("<br>") || "Hosted network"],
+        ["Naming", (p) => esc(p.cloudPcNamingTemplate)],
         ["Assigned groups (in order)", (p) => (p.assignments ?? []).map((a: any, i: number) => `${i + 1}. ${esc(groupName(a.target.groupId))}`).join("<br>")],
         ["", (p) => `<span class="write"><span class="order" data-policy="${p.id}">${groups.map((g) => `<label><input type="checkbox" value="${g.id}"> ${esc(g.displayName)}</label>`).join(" ")}</span>
           <button class="secondary" data-assign="${p.id}">Assign checked (in click order)</button> <button class="secondary" data-editp="${p.id}">Edit</button> <button class="secondary" data-delp="${p.id}">Delete</button></span>`],
@@ -313,7 +320,9 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
     el.querySelector("#newpolicy")!.addEventListener("submit", act(() => {
       const v = values("newpolicy");
       const [imageType, imageId] = v.image.split("|");
-      return api("POST", `${VE}/provisioningPolicies`, { displayName: v.name, imageId, imageType, localAdminEnabled: v.admin === "on", ...(v.template ? { cloudPcNamingTemplate: v.template } : {}) });
+      const conn = conns.find((c) => c.id === v.network);
+      const network = conn ? { domainJoinConfigurations: [{ domainJoinType: conn.connectionType, onPremisesConnectionId: conn.id }] } : {};
+      return api("POST", `${VE}/provisioningPolicies`, { displayName: v.name, imageId, imageType, localAdminEnabled: v.admin === "on", ...network, ...(v.template ? { cloudPcNamingTemplate: v.template } : {}) });
     }));
     // The order in which boxes are ticked is the assignment order.
     const order = new Map<string, string[]>();
@@ -337,6 +346,60 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       await api("PATCH", `${VE}/provisioningPolicies/${p.id}`, { displayName, cloudPcNamingTemplate: template });
     })));
     el.querySelectorAll<HTMLButtonElement>("button[data-delp]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${VE}/provisioningPolicies/${b.dataset.delp}`))));
+  },
+  async networks(el) {
+    const conns = await list(`${VE}/onPremisesConnections`);
+    const NC = `${VE}/onPremisesConnections`;
+    el.innerHTML = form("newconn", `<input name="name" placeholder="Name" required>
+        <select name="type" title="Join type"><option value="hybridAzureADJoin">Join an Active Directory domain</option><option value="azureADJoin">No domain join</option></select>
+        <input name="bridge" placeholder="Host bridge (br-corp)" required pattern="[A-Za-z0-9_.-]+">
+        <input name="vlan" type="number" min="1" max="4094" placeholder="VLAN (optional)">
+        <input name="domain" placeholder="Domain (corp.contoso.com)"><input name="ou" placeholder="OU=CloudPCs,DC=corp,…">
+        <input name="username" placeholder="Join account"><input name="password" type="password" placeholder="Join password" autocomplete="new-password">`,
+      "Add connection") +
+      table(conns, [
+        ["Name", (c) => esc(c.displayName)],
+        ["Type", (c) => esc(c.connectionType === "hybridAzureADJoin" ? "domain join" : "no domain join")],
+        ["Network", (c) => `${esc(c.bridgeName)}${c.vlanId ? ` VLAN ${esc(c.vlanId)}` : ""} (${esc(c.regionName)})`],
+        ["Domain", (c) => c.adDomainName ? `${esc(c.adDomainName)}<br>${esc(c.organizationalUnit)}<br>as ${esc(c.adDomainUsername)}` : ""],
+        ["Health", (c) => `<span class="pill health" data-status="${esc(c.healthCheckStatus)}">${esc(c.healthCheckStatus)}</span>`],
+        ["In use", (c) => (c.inUse ? "yes" : "no")],
+        ["", (c) => `<button class="secondary" data-checks="${c.id}">Results</button> <button class="secondary write" data-run="${c.id}">Run checks</button>
+          <button class="secondary write" data-delconn="${c.id}">Delete</button>`],
+      ]) + `<div id="checks"></div>`;
+    const show = (id: string) => {
+      const c = conns.find((x) => x.id === id);
+      const d = c?.healthCheckStatusDetail;
+      el.querySelector("#checks")!.innerHTML = `<h2>Health checks of ${esc(c?.displayName)}</h2>` + (d
+        ? `<p>Run from ${esc(d.startDateTime)} to ${esc(d.endDateTime ?? "(running)")}</p>` + table(d.healthChecks ?? [], [
+          ["Check", (k) => esc(k.displayName)], ["Host", (k) => esc(k.hostName)],
+          ["Status", (k) => `<span class="pill" data-status="${esc(k.status)}">${esc(k.status)}</span>`],
+          ["ms", (k) => esc(new Date(k.endDateTime).getTime() - new Date(k.startDateTime).getTime())],
+          ["Found", (k) => esc(k.additionalDetails)], ["Remedy", (k) => esc(k.recommendedAction ?? "")],
+        ])
+        : "<p>No checks have run yet.</p>");
+    };
+    el.querySelectorAll<HTMLButtonElement>("button[data-checks]").forEach((b) => b.addEventListener("click", () => show(b.dataset.checks!)));
+    el.querySelector("#newconn")!.addEventListener("submit", act(() => {
+      const v = values("newconn");
+      const joins = v.type === "hybridAzureADJoin";
+      return api("POST", NC, {
+        displayName: v.name, connectionType: v.type, bridgeName: v.bridge, ...(v.vlan ? { vlanId: +v.vlan } : {}),
+        ...(joins ? { adDomainName: v.domain, organizationalUnit: v.ou, adDomainUsername: v.username, adDomainPassword: v.password } : {}),
+      });
+    }));
+    el.querySelectorAll<HTMLButtonElement>("button[data-run]").forEach((b) => b.addEventListener("click", act(() => api("POST", `${NC}/${b.dataset.run}/runHealthChecks`, {}))));
+    el.querySelectorAll<HTMLButtonElement>("button[data-delconn]").forEach((b) => b.addEventListener("click", act(() => api("DELETE", `${NC}/${b.dataset.delconn}`))));
+    // Checks take seconds: redraw until none is pending or running, unless the admin is typing.
+    if (conns.some((c) => c.healthCheckStatus === "pending" || c.healthCheckStatus === "running")) {
+      const redraw = () => {
+        if (tab !== "networks" || !document.body.contains(el)) return;
+        const typing = [...el.querySelectorAll<HTMLInputElement>("input")].some((x) => x.value !== "");
+        if (typing) window.setTimeout(redraw, 1000);
+        else render();
+      };
+      window.setTimeout(redraw, 1000);
+    }
   },
   async hosts(el) {
     const hosts = await list("/cloudpc/hosts");

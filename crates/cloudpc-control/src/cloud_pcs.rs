@@ -234,7 +234,8 @@ impl App {
                 (rec.state.initial_password.take(), rec.state.resources.username.clone())
             else {
                 return Err(Error::Conflict(
-                    "there is no initial password to show: it was shown already, or the account is not made yet".into(),
+                    "there is no initial password to show: it was shown already, the account is not made yet, or the user \
+                     signs in with their domain account".into(),
                 ));
             };
             let audit = pc_change("getInitialPassword CloudPc", AuditOperationType::Other, &rec).event_with(

@@ -140,6 +140,88 @@ printf '%s\n' "$u" > /etc/cloudpc/primary-user
     )
 }
 
+/// Makes a guest that has just joined an Active Directory domain sign its accounts in: Kerberos
+/// finds the domain's KDCs through DNS, and sssd resolves and authenticates domain accounts with
+/// the machine account `adcli` made. Only `allowed` (the Cloud PC's primary user) may sign in: a
+/// Cloud PC is one person's. Domain account names are used without the domain (`gina`, not
+/// `gina@corp.example`), as the desktop session and `sudo` know users by short name.
+pub async fn configure_domain_sign_in(
+    agent: &GuestAgent<'_>,
+    domain: &str,
+    host_fqdn: &str,
+    allowed: &str,
+) -> Result<()> {
+    let script = domain_sign_in_script(domain, host_fqdn, allowed);
+    run_step(agent, "joinDirectory", "configuring domain sign-in (sssd, Kerberos)", &script, STEP_TIMEOUT)
+        .await
+        .map(|_| ())
+}
+
+fn domain_sign_in_script(domain: &str, host_fqdn: &str, allowed: &str) -> String {
+    let (d, realm, host, allow) = (
+        sh_quote(&domain.to_ascii_lowercase()),
+        sh_quote(&domain.to_ascii_uppercase()),
+        sh_quote(&host_fqdn.to_ascii_lowercase()),
+        sh_quote(allowed),
+    );
+    format!(
+        r#"set -e
+d={d}; realm={realm}; host={host}; allow={allow}
+command -v sssd >/dev/null || {{ echo "the image has no sssd, which signing domain accounts in needs" >&2; exit 1; }}
+umask 022
+printf '[libdefaults]
+    default_realm = %s
+    dns_lookup_kdc = true
+    dns_lookup_realm = false
+    rdns = false
+' "$realm" > /etc/krb5.conf.new
+mv /etc/krb5.conf.new /etc/krb5.conf
+umask 077
+mkdir -p /etc/sssd
+printf '%s
+' '[sssd]' "domains = $d" 'services = nss, pam' '' "[domain/$d]" 'id_provider = ad'     'access_provider = simple' "simple_allow_users = $allow" "ad_domain = $d" "krb5_realm = $realm"     "ad_hostname = $host" 'use_fully_qualified_names = False' 'fallback_homedir = /home/%u'     'default_shell = /bin/bash' 'cache_credentials = True' 'dyndns_update = False'     'ad_gpo_access_control = disabled' > /etc/sssd/sssd.conf.new
+chmod 600 /etc/sssd/sssd.conf.new
+mv /etc/sssd/sssd.conf.new /etc/sssd/sssd.conf
+grep -q '^passwd:.*sss' /etc/nsswitch.conf || sed -i 's/^\(passwd\|group\|shadow\):.*/& sss/' /etc/nsswitch.conf
+systemctl enable sssd >/dev/null 2>&1 || true
+systemctl restart sssd
+"#
+    )
+}
+
+/// Makes the domain account `username` the Cloud PC's user (it is not created: the domain has
+/// it): waits until sssd resolves it, gives it its home directory, and names it as the primary
+/// user, whose desktop session then starts as that account.
+pub async fn use_domain_account(agent: &GuestAgent<'_>, username: &str, domain: &str) -> Result<()> {
+    let (u, d) = (sh_quote(username), sh_quote(domain));
+    let script = format!(
+        r#"set -e
+u={u}; d={d}
+waited=0
+until ent=$(getent passwd "$u"); do
+    if [ "$waited" -ge 60 ]; then
+        echo "the domain $d has no account $u (sssd has not found it in 60 s)" >&2
+        exit 1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
+uid=$(printf '%s' "$ent" | cut -d: -f3)
+gid=$(printf '%s' "$ent" | cut -d: -f4)
+home=$(printf '%s' "$ent" | cut -d: -f6)
+[ "$uid" -ge 1000 ] || {{ echo "the domain account $u has uid $uid, a system account's" >&2; exit 1; }}
+mkdir -p "$home"
+chown "$uid:$gid" "$home"
+chmod 700 "$home"
+umask 022
+mkdir -p /etc/cloudpc
+printf '%s
+' "$u" > /etc/cloudpc/primary-user
+"#
+    );
+    run_step(agent, "createUserAccount", "using the domain account", &script, Duration::from_secs(90)).await.map(|_| ())
+}
+
 /// Adds the user to the `wheel` group, the Linux convention for local administrators.
 pub async fn add_to_admin_group(agent: &GuestAgent<'_>, username: &str) -> Result<()> {
     let u = sh_quote(username);

@@ -73,6 +73,10 @@ pub struct NicSpec {
     /// the host's DHCP) does not apply; only [`xml::BLOCK_RDP_ORG_FILTER`] may be set on it.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// The VLAN of `bridge` the NIC is on: its port carries only that VLAN, untagged towards the
+    /// guest (bridge VLAN filtering). Set again at every start, as libvirt makes a new port then.
+    #[serde(default)]
+    pub vlan: Option<u16>,
 }
 
 /// A NAT network for one region.

@@ -224,6 +224,28 @@ impl LibvirtHost {
             CallError::Unreachable(message) => HypervisorError::Libvirt { action, message },
         })
     }
+
+    /// Puts the running domain's NICs that are on a VLAN on it (see [`xml::VLAN_ALIAS`]): after
+    /// every start and attach, as libvirt makes each port anew, on the bridge's default VLAN.
+    async fn tag_vlan_ports(&self, name: &str) -> Result<()> {
+        let vm = name.to_string();
+        let live = self.call(format!("reading the NICs of {vm}"), move |c| {
+            let d = Domain::lookup_by_name(c, &vm)?;
+            if d.is_active()? {
+                d.get_xml_desc(0).map(Some)
+            } else {
+                Ok(None)
+            }
+        });
+        let Some(live) = live.await? else { return Ok(()) };
+        for (port, vlan) in xml::vlan_ports(&live) {
+            crate::netcheck::tag_access_port(&port, vlan).await.map_err(|message| HypervisorError::Libvirt {
+                action: format!("putting {name}'s NIC on VLAN {vlan}"),
+                message,
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Defines a filter of cloudpc's unless it exists. Redefining makes libvirt rebuild the rules of
@@ -487,15 +509,16 @@ impl Hypervisor for LibvirtHost {
 
     async fn start(&self, name: &str) -> Result<()> {
         let _turn = filter_turn().await?;
-        let name = name.to_string();
-        self.call(format!("starting {name}"), move |c| {
-            let d = Domain::lookup_by_name(c, &name)?;
+        let vm = name.to_string();
+        self.call(format!("starting {vm}"), move |c| {
+            let d = Domain::lookup_by_name(c, &vm)?;
             if !d.is_active()? {
                 d.create()?;
             }
             Ok(())
         })
-        .await
+        .await?;
+        self.tag_vlan_ports(name).await
     }
 
     async fn power_off(&self, name: &str) -> Result<()> {
@@ -565,6 +588,7 @@ impl Hypervisor for LibvirtHost {
 
     async fn attach_nic(&self, vm: &str, nic: &NicSpec) -> Result<()> {
         let _turn = filter_turn().await?;
+        let vm_name = vm;
         let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
         self.call(format!("attaching a NIC to {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
@@ -574,7 +598,8 @@ impl Hypervisor for LibvirtHost {
             }
             Ok(())
         })
-        .await
+        .await?;
+        self.tag_vlan_ports(vm_name).await
     }
 
     async fn detach_nic(&self, vm: &str, mac: &str) -> Result<()> {

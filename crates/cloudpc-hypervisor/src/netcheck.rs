@@ -539,19 +539,38 @@ async fn prepare(probe: &Probe, spec: &NetworkCheckSpec) -> Result<(), String> {
         }
     }
     if let Some(vlan) = spec.vlan {
-        let vid = vlan.to_string();
-        let _ = run(None, &["bridge", "vlan", "del", "dev", &probe.port, "vid", "1"], &[], None, limit).await;
-        let r = run(
-            None,
-            &["bridge", "vlan", "add", "dev", &probe.port, "vid", &vid, "pvid", "untagged"],
-            &[],
-            None,
-            limit,
-        )
-        .await;
-        if !r.ok {
-            return Err(format!("bridge vlan add dev {} vid {vid}: {}", probe.port, r.said()));
-        }
+        tag_access_port(&probe.port, vlan).await?;
+    }
+    Ok(())
+}
+
+/// Makes a bridge port an access port of `vlan`: it carries that VLAN only, untagged towards
+/// what is plugged in (a Cloud PC, or the probe). The bridge's default VLAN 1 is taken off it, so
+/// nothing else reaches the port. Done with iproute2's `bridge`, which the health checks need
+/// anyway, rather than netlink messages written by hand.
+pub async fn tag_access_port(port: &str, vlan: u16) -> Result<(), String> {
+    let (vid, limit) = (vlan.to_string(), Duration::from_secs(5));
+    let sys = Path::new("/sys/class/net");
+    let bridge = std::fs::read_link(sys.join(port).join("master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .ok_or_else(|| format!("port {port} is on no bridge, so it cannot be put on VLAN {vlan}"))?;
+    let filtering = std::fs::read_to_string(sys.join(&bridge).join("bridge/vlan_filtering")).unwrap_or_default();
+    if filtering.trim() != "1" {
+        // Else the port would carry the bridge's untagged traffic: the wrong network.
+        return Err(format!(
+            "the bridge {bridge} does not filter VLANs, so port {port} cannot be kept to VLAN {vlan}: turn it on \
+             (ip link set {bridge} type bridge vlan_filtering 1)"
+        ));
+    }
+    let added =
+        run(None, &["bridge", "vlan", "add", "dev", port, "vid", &vid, "pvid", "untagged"], &[], None, limit).await;
+    if !added.ok {
+        return Err(format!("cannot put port {port} on VLAN {vlan} (bridge vlan add): {}", added.said()));
+    }
+    if vlan != 1 {
+        // Absent already when an earlier run took it off: nothing to do then.
+        let _ = run(None, &["bridge", "vlan", "del", "dev", port, "vid", "1"], &[], None, limit).await;
     }
     Ok(())
 }

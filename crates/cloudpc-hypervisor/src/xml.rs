@@ -81,8 +81,11 @@ pub fn nic(nic: &NicSpec, params: &[(&str, String)]) -> String {
         })
         .unwrap_or_default();
     if let Some(bridge) = &nic.bridge {
+        // libvirt 9 tags ports of Open vSwitch bridges only, so cloudpc tags a Linux bridge's
+        // port itself; the alias (kept in the definition) says which VLAN, at every start.
+        let vlan = nic.vlan.map(|v| format!("<alias name='{VLAN_ALIAS}{v}'/>")).unwrap_or_default();
         return format!(
-            "<interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/>{filter}</interface>",
+            "<interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/>{filter}{vlan}</interface>",
             escape(&nic.mac),
             escape(bridge)
         );
@@ -92,6 +95,23 @@ pub fn nic(nic: &NicSpec, params: &[(&str, String)]) -> String {
         escape(&nic.mac),
         escape(&nic.network)
     )
+}
+
+/// The prefix of the user alias that marks a NIC on a VLAN (`ua-cloudpc-vlan<id>`).
+pub const VLAN_ALIAS: &str = "ua-cloudpc-vlan";
+
+/// The host ports (`vnetN`) of a running domain's NICs that are on a VLAN, with the VLAN.
+pub fn vlan_ports(domain_xml: &str) -> Vec<(String, u16)> {
+    domain_xml
+        .split("<interface ")
+        .skip(1)
+        .filter_map(|rest| {
+            let iface = &rest[..rest.find("</interface>")?];
+            let vlan = iface.split(&format!("<alias name='{VLAN_ALIAS}")).nth(1)?.split('\'').next()?.parse().ok()?;
+            let port = iface.split("<target dev='").nth(1)?.split('\'').next()?.to_string();
+            Some((port, vlan))
+        })
+        .collect()
 }
 
 /// The gateway (host) address of a network, from its definition (`<ip address='…'`).
@@ -242,18 +262,31 @@ mod tests {
 
     #[test]
     fn test_nic_is_isolated_and_carries_filter_parameters() {
-        let spec =
-            NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), filter: Some("f".into()), bridge: None };
+        let spec = NicSpec {
+            network: "n".into(),
+            mac: "52:54:00:00:00:01".into(),
+            filter: Some("f".into()),
+            bridge: None,
+            vlan: None,
+        };
         let x = nic(&spec, &[("GATEWAY", "10.213.20.1".into()), ("HOST_IP", "192.0.2.7".into())]);
         assert!(x.contains("<port isolated='yes'/>"), "{x}");
         assert!(x.contains("<filterref filter='f'><parameter name='GATEWAY' value='10.213.20.1'/><parameter name='HOST_IP' value='192.0.2.7'/></filterref>"), "{x}");
         let gw = network_gateway("<network><ip address='10.213.20.1' netmask='255.255.255.0'><dhcp/></ip></network>");
         assert_eq!(gw.as_deref(), Some("10.213.20.1"));
         // On the organisation's bridge: a bridge interface, not isolated (the org's DHCP serves it).
-        let org = NicSpec { bridge: Some("br-org".into()), filter: None, ..spec };
+        let org = NicSpec { bridge: Some("br-org".into()), filter: None, ..spec.clone() };
         let x = nic(&org, &[]);
         assert!(x.starts_with("<interface type='bridge'>") && x.contains("<source bridge='br-org'/>"), "{x}");
         assert!(!x.contains("isolated") && !x.contains("filterref"), "{x}");
+        // On a VLAN: the alias says which, and the running domain's port is found by it.
+        let tagged = nic(&NicSpec { vlan: Some(42), ..org }, &[]);
+        assert!(tagged.contains("<alias name='ua-cloudpc-vlan42'/>"), "{tagged}");
+        let live = format!(
+            "<devices>{}\n<interface type='bridge'><mac address='52:54:00:00:00:02'/><target dev='vnet7'/><alias name='ua-cloudpc-vlan42'/></interface>\n<interface type='network'><target dev='vnet8'/><alias name='net1'/></interface></devices>",
+            x.replace("<model", "<target dev='vnet6'/><model")
+        );
+        assert_eq!(vlan_ports(&live), vec![("vnet7".to_string(), 42)]);
     }
 
     #[test]

@@ -151,28 +151,24 @@ pub(crate) async fn cloud_pc_nic(
             Some(b) => (b.bridge_name.clone(), b.vlan_id),
             None => (c.bridge_name.clone(), c.vlan_id),
         };
-        if let Some(v) = vlan {
-            // TODO-feature: tag the NIC's port (bridge VLAN filtering), again at every start.
-            return Err(Error::Conflict(format!(
-                "the network connection '{}' puts Cloud PCs on VLAN {v} of {bridge}, and cloudpc cannot tag a Cloud \
-                 PC's NIC yet; give the VLAN a bridge of its own on the host and name that bridge instead",
-                c.display_name
-            )));
-        }
         let filter = if blocked {
             hv.ensure_block_rdp_filter().await.map_err(hv_err)?;
             Some(cloudpc_hypervisor::xml::BLOCK_RDP_ORG_FILTER.to_string())
         } else {
             None
         };
-        let nic = NicSpec { network: String::new(), mac, filter, bridge: Some(bridge.clone()) };
-        return Ok((nic, format!("bridge:{bridge}")));
+        let nic = NicSpec { network: String::new(), mac, filter, bridge: Some(bridge.clone()), vlan };
+        let on = match vlan {
+            Some(v) => format!("bridge:{bridge} VLAN {v}"),
+            None => format!("bridge:{bridge}"),
+        };
+        return Ok((nic, on));
     }
     let net = host_network(hv.config(), &spec.region);
     hv.ensure_network(&net).await.map_err(hv_err)?;
     let filter = if blocked { hv.ensure_block_rdp_filter().await } else { hv.ensure_isolation_filter().await }
         .map_err(hv_err)?;
-    Ok((NicSpec { network: net.name.clone(), mac, filter: Some(filter), bridge: None }, net.name))
+    Ok((NicSpec { network: net.name.clone(), mac, filter: Some(filter), bridge: None, vlan: None }, net.name))
 }
 
 /// The hosted NAT network of a Cloud PC on `host`: a host behind an agent has a subnet of its
@@ -400,6 +396,12 @@ impl ProvisioningStep for JoinDirectory {
                     Ok(detail) => joined = Some(detail),
                     Err(reason) => return Outcome::Failed(reason),
                 }
+                // A joined machine is of use only once domain accounts can sign in to it.
+                let user = tri!(cx.app.store.get_user(rec.state.user_id).await);
+                let domain = c.ad_domain_name.clone().unwrap_or_default();
+                let fqdn = format!("{}.{domain}", name.to_ascii_lowercase());
+                let allowed = guest_config::linux_username(&user.user_principal_name);
+                tri!(guest_config::configure_domain_sign_in(&agent, &domain, &fqdn, &allowed).await);
             }
         }
         let device = Device {
@@ -443,6 +445,14 @@ impl ProvisioningStep for JoinDirectory {
     }
 }
 
+/// The Active Directory domain the Cloud PC joins, if its network connection joins one.
+async fn joined_domain(cx: &StepContext<'_>) -> Result<Option<String>> {
+    let Some(conn) = cx.spec.connection_id else { return Ok(None) };
+    let c = cx.app.get_network_connection(&conn.to_string()).await?;
+    Ok((c.connection_type == cloudpc_types::policy::DomainJoinType::HybridAzureAdJoin)
+        .then(|| c.ad_domain_name.unwrap_or_default()))
+}
+
 /// The Cloud PC's computer name in the domain: its device name, upper case, at most the 15
 /// characters a NetBIOS name has.
 fn computer_name(rec: &CloudPcRecord) -> String {
@@ -482,6 +492,23 @@ async fn join_domain(
     let account = cloudpc_hypervisor::netcheck::account_name(&user).to_string();
     let ou = c.organizational_unit.clone().unwrap_or_default();
     let fqdn = format!("{}.{domain}", name.to_ascii_lowercase());
+    // The guest agent answers before DHCP has set up the organisation's network (nothing at boot
+    // waits for it): wait until the guest can discover the domain's controllers.
+    let info = ["-c", "exec adcli info \"$1\"", "adcli", &domain];
+    let started = std::time::Instant::now();
+    loop {
+        let out = agent.exec("/bin/sh", &info, None, Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        if out.code == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            return Err(format!(
+                "the Cloud PC found no domain controller of {domain} in 90 s on the organisation's network: {}",
+                out.stderr.trim()
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let join = [
         "-c",
         "exec adcli \"$@\"",
@@ -498,7 +525,10 @@ async fn join_domain(
         name,
         "--host-fqdn",
         &fqdn,
+        "--show-details",
     ];
+    // An existing object of that name (an earlier Cloud PC's, left disabled by its clean-up) is
+    // taken over: adcli resets its password and enables it again.
     let out = agent
         .exec("/bin/sh", &join, Some(password.as_bytes()), Duration::from_secs(120))
         .await
@@ -506,6 +536,7 @@ async fn join_domain(
     if out.code != 0 {
         return Err(format!("joining {domain} failed: {}", out.stderr.trim()));
     }
+    let dn = out.stdout.lines().find_map(|l| l.strip_prefix("computer-dn = ")).unwrap_or(name).trim().to_string();
     let show = [
         "-c",
         "exec adcli \"$@\"",
@@ -525,7 +556,6 @@ async fn join_domain(
             .await
             .map_err(|e| e.to_string())?;
         if out.code == 0 && out.stdout.contains("sAMAccountName") {
-            let dn = out.stdout.lines().find_map(|l| l.strip_prefix("dn:")).map(str::trim).unwrap_or(name);
             return Ok(format!("joined {domain}: computer object {dn}"));
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -640,6 +670,15 @@ impl ProvisioningStep for CreateUserAccount {
         let agent = need!(cx.guest());
         let user = tri!(cx.app.store.get_user(rec.state.user_id).await);
         let username = guest_config::linux_username(&user.user_principal_name);
+        // On a domain-joined Cloud PC the user is the domain account of the same name (as an
+        // organisation syncing its directory has it), signed in by sssd: no local account and no
+        // one-time password, the domain's password is theirs.
+        if let Some(domain) = tri!(joined_domain(cx).await) {
+            tri!(guest_config::use_domain_account(&agent, &username, &domain).await);
+            rec.state.initial_password = None;
+            rec.state.resources.username = Some(username.clone());
+            return Outcome::Done { detail: Some(format!("domain account {username} of {domain}")) };
+        }
         let password = rec.state.initial_password.clone().unwrap_or_else(one_time_password);
         let hash = tri!(guest_config::hash_password(&password));
         tri!(guest_config::create_user(&agent, &username, &user.display_name, &hash).await);

@@ -38,10 +38,16 @@ pub struct TestDc {
 
 impl TestDc {
     pub async fn up() -> TestDc {
+        Self::up_with(&[]).await
+    }
+
+    /// Brings the DC up with extra settings (`CPC_DC_VLAN=42`: only VLAN 42 of the bridge
+    /// reaches it).
+    pub async fn up_with(env: &[(&str, &str)]) -> TestDc {
         let turn = vm_turn().await;
         // A DC a failed run left behind goes first: the state must be this test's.
         dc(&["down"], &[]);
-        dc(&["up"], &[]);
+        dc(&["up"], env);
         TestDc { _turn: turn }
     }
 
@@ -71,17 +77,32 @@ impl TestDc {
 impl TestDc {
     /// Adds an enabled computer object to the OU, as a join would leave it.
     pub fn create_computer(&self, name: &str) {
+        self.samba_tool(&["computer", "create", name, "--computerou=OU=CloudPCs"]);
+    }
+
+    /// Runs samba-tool on the DC's own database; panics with its output when it fails.
+    fn samba_tool(&self, args: &[&str]) {
         let out = Command::new("samba-tool")
-            .args(["computer", "create", name, "--computerou=OU=CloudPCs"])
+            .args(args)
             .args(["-H", &format!("{STATE}/dc/private/sam.ldb"), "-s", &format!("{STATE}/dc/etc/smb.conf")])
             .output()
             .expect("samba-tool");
         assert!(
             out.status.success(),
-            "{}{}",
+            "samba-tool {args:?}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Adds a domain user account.
+    pub fn create_user(&self, name: &str, password: &str) {
+        self.samba_tool(&["user", "create", name, password, "--given-name", name]);
+    }
+
+    /// Disables an account (`NAME$` for a computer), as an earlier clean-up leaves a computer.
+    pub fn disable_account(&self, sam_account_name: &str) {
+        self.samba_tool(&["user", "disable", sam_account_name]);
     }
 
     /// The computer object's userAccountControl, if it exists.

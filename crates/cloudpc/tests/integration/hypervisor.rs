@@ -22,10 +22,6 @@ async fn targeted_user(s: &VmServer, upn: &str, sku: &Value) {
     s.license(upn, sku, true).await;
 }
 
-fn domain_of(pc: &Value, prefix: &str) -> String {
-    format!("{prefix}{}", pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase())
-}
-
 async fn cloud_pc_of(s: &VmServer, upn: &str) -> Option<Value> {
     s.cloud_pcs().await.into_iter().find(|p| p["userPrincipalName"] == upn)
 }

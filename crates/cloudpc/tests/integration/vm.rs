@@ -31,10 +31,6 @@ async fn targeted_user_named(
     (user, group, policy)
 }
 
-fn domain_of(pc: &Value, prefix: &str) -> String {
-    format!("{prefix}{}", pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase())
-}
-
 #[tokio::test]
 async fn test_vm_license_group_policy_gives_a_real_cloud_pc() {
     let _turn = vm_turn().await;

@@ -20,6 +20,10 @@ const TURN_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// `TURN_LIMIT` (a hung VM test would otherwise hold every later one, and CI, until time ran out).
 pub struct VmTurn {
     _guard: tokio::sync::MutexGuard<'static, ()>,
+    /// Held (`flock`) for the turn: another test binary on the machine (a second run of the
+    /// suite, a developer's single test) waits too, as the VMs, the test DC and the cores are
+    /// the machine's, not the process's.
+    _machine: std::fs::File,
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -32,6 +36,19 @@ impl Drop for VmTurn {
 /// Waits for this test's turn to boot VMs.
 pub async fn vm_turn() -> VmTurn {
     let guard = VM_TURN.get_or_init(|| tokio::sync::Mutex::new(())).lock().await;
+    let machine = tokio::task::spawn_blocking(|| {
+        let _ = std::fs::create_dir_all("/run/cloudpc-test");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/cloudpc-test/vm-turn.lock")
+            .expect("open /run/cloudpc-test/vm-turn.lock");
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).expect("lock the machine's VM turn");
+        file
+    })
+    .await
+    .unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let test = std::thread::current().name().unwrap_or("a VM test").to_string();
     let watched = done.clone();
@@ -45,7 +62,7 @@ pub async fn vm_turn() -> VmTurn {
         }
         hung(&format!("{test} has held the VM turn for more than {} minutes", TURN_LIMIT.as_secs() / 60));
     });
-    VmTurn { _guard: guard, done }
+    VmTurn { _guard: guard, _machine: machine, done }
 }
 
 /// The gallery that scripts/test.sh builds the tiny image into.
@@ -291,6 +308,11 @@ fn uuid_like() -> String {
 pub fn agent(domain: &str, command: Value) -> Value {
     let out = virsh(&["qemu-agent-command", domain, &command.to_string()]);
     serde_json::from_str::<Value>(&out).map(|v| v["return"].clone()).unwrap_or(Value::Null)
+}
+
+/// The libvirt domain of a Cloud PC of the server whose domains start with `prefix`.
+pub fn domain_of(pc: &Value, prefix: &str) -> String {
+    format!("{prefix}{}", pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase())
 }
 
 /// Runs a program in the guest and returns its standard output.
