@@ -70,7 +70,7 @@ pub struct NicSpec {
     pub filter: Option<String>,
     /// The host bridge to plug the NIC into instead of `network`. Such a NIC gets its address
     /// from the organisation's DHCP, so the hosted network's isolation filter (which trusts only
-    /// the host's DHCP) does not apply; only [`xml::BLOCK_RDP_ORG_FILTER`] may be set on it.
+    /// the host's DHCP) does not apply; [`xml::ORG_FILTER`] or [`xml::BLOCK_RDP_ORG_FILTER`] does.
     #[serde(default)]
     pub bridge: Option<String>,
     /// The VLAN of `bridge` the NIC is on: its port carries only that VLAN, untagged towards the
@@ -157,7 +157,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Creates and starts the region's NAT network if it does not run yet.
     async fn ensure_network(&self, spec: &NetworkSpec) -> Result<()>;
     /// Defines the filter that keeps a Cloud PC from its neighbours and the host (anti-spoofing,
-    /// only DHCP and DNS to the host); returns its name.
+    /// only DHCP and DNS to the host), and the anti-spoofing filter of NICs on an organisation's
+    /// network ([`xml::ORG_FILTER`]); returns the isolation filter's name.
     async fn ensure_isolation_filter(&self) -> Result<String>;
     /// Defines the isolation filter plus a drop of inbound remote-desktop traffic; returns its name.
     async fn ensure_block_rdp_filter(&self) -> Result<String>;

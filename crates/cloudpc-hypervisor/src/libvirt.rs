@@ -248,11 +248,14 @@ impl LibvirtHost {
     }
 }
 
-/// Defines a filter of cloudpc's unless it exists. Redefining makes libvirt rebuild the rules of
-/// every NIC using it, so it is not done on every call.
+/// Defines a filter of cloudpc's unless it exists as this version of cloudpc writes it.
+/// Redefining makes libvirt rebuild the rules of every NIC using it, so it is not done on every
+/// call; but a definition an earlier version left (other rules) is replaced, or its NICs would
+/// keep the old rules.
 fn define_filter(c: &Connect, name: &str, doc: &str) -> Result<(), virt::error::Error> {
     match NWFilter::lookup_by_name(c, name) {
-        Ok(_) => Ok(()),
+        Ok(f) if xml::filter_fingerprint(&f.get_xml_desc(0)?) == xml::filter_fingerprint(doc) => Ok(()),
+        Ok(_) => NWFilter::define_xml(c, doc).map(|_| ()),
         Err(e) if is_missing(&e) => NWFilter::define_xml(c, doc).map(|_| ()),
         Err(e) => Err(e),
     }
@@ -266,9 +269,12 @@ fn filter_params(
     nic: &NicSpec,
     host_ips: &[String],
 ) -> Result<Vec<(&'static str, String)>, virt::error::Error> {
-    // A NIC on a host bridge has no hosted network to read, and its filter takes no parameters.
-    if nic.filter.is_none() || nic.bridge.is_some() {
+    if nic.filter.is_none() {
         return Ok(Vec::new());
+    }
+    // On the organisation's bridge: the address is learnt from whichever DHCP server answers.
+    if nic.bridge.is_some() {
+        return Ok(vec![("CTRL_IP_LEARNING", "dhcp".to_string())]);
     }
     let net = Network::lookup_by_name(c, &nic.network)?.get_xml_desc(0)?;
     let gateway = xml::network_gateway(&net).unwrap_or_default();
@@ -571,6 +577,7 @@ impl Hypervisor for LibvirtHost {
     async fn ensure_isolation_filter(&self) -> Result<String> {
         self.call("defining the Cloud PC isolation filter".into(), |c| {
             define_filter(c, xml::ISOLATION_FILTER, &xml::isolation_filter())?;
+            define_filter(c, xml::ORG_FILTER, &xml::org_filter())?;
             Ok(xml::ISOLATION_FILTER.to_string())
         })
         .await
@@ -579,6 +586,7 @@ impl Hypervisor for LibvirtHost {
     async fn ensure_block_rdp_filter(&self) -> Result<String> {
         self.call("defining the remote-desktop filter".into(), |c| {
             define_filter(c, xml::ISOLATION_FILTER, &xml::isolation_filter())?;
+            define_filter(c, xml::ORG_FILTER, &xml::org_filter())?;
             define_filter(c, xml::BLOCK_RDP_FILTER, &xml::block_rdp_filter())?;
             define_filter(c, xml::BLOCK_RDP_ORG_FILTER, &xml::block_rdp_org_filter())?;
             Ok(xml::BLOCK_RDP_FILTER.to_string())

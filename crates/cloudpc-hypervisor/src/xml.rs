@@ -216,14 +216,55 @@ pub fn block_rdp_filter() -> String {
     )
 }
 
+/// What makes two definitions of a filter the same, in the form libvirt gives it back (its own
+/// layout): the filters it includes and each rule's action, direction, priority and match
+/// attributes, in order.
+pub fn filter_fingerprint(doc: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    for piece in doc.split('<').skip(1) {
+        let element = piece.split('>').next().unwrap_or("").trim_end_matches('/').trim();
+        let Some(name) = element.split_whitespace().next() else { continue };
+        if name.starts_with('/') || matches!(name, "filter" | "uuid") {
+            continue;
+        }
+        let mut attrs: Vec<&str> = element.split_whitespace().skip(1).collect();
+        attrs.sort_unstable();
+        parts.push(format!("{name} {}", attrs.join(" ")));
+    }
+    parts
+}
+
+pub const ORG_FILTER: &str = "cloudpc-org";
+
+/// For a NIC on the organisation's network: the isolation filter's anti-spoofing part only. The
+/// Cloud PC sends from its own MAC and from the address the organisation's DHCP gave it (learnt
+/// from the DHCP exchange, any server: the network is the organisation's), IPv4 and ARP only.
+/// Whom it may reach there is the organisation's firewall's to decide.
+pub fn org_filter() -> String {
+    format!(
+        "<filter name='{ORG_FILTER}' chain='root'>
+  <uuid>0b6f3c1e-7d2a-4f55-8e0c-c10dbc0a1502</uuid>
+  <rule action='drop' direction='out' priority='-900'><mac match='no' srcmacaddr='$MAC'/></rule>
+  <rule action='accept' direction='out' priority='-850'><ip srcipaddr='0.0.0.0' protocol='udp' srcportstart='68' srcportend='68' dstportstart='67' dstportend='67'/></rule>
+  <rule action='drop' direction='out' priority='-800'><ip match='no' srcipaddr='$IP'/></rule>
+  <rule action='drop' direction='out' priority='-750'><arp match='no' arpsrcmacaddr='$MAC'/></rule>
+  <rule action='drop' direction='out' priority='-740'><arp match='no' arpsrcipaddr='$IP'/></rule>
+  <rule action='accept' direction='inout' priority='-500'><mac protocolid='arp'/></rule>
+  <rule action='accept' direction='inout' priority='-500'><mac protocolid='ipv4'/></rule>
+  <rule action='drop' direction='inout' priority='-400'/>
+</filter>"
+    )
+}
+
 pub const BLOCK_RDP_ORG_FILTER: &str = "cloudpc-block-rdp-org";
 
-/// For a NIC on the organisation's network: inbound remote-desktop traffic (TCP and UDP 3389)
-/// dropped, nothing else. What else may pass there is the organisation's firewall's to decide.
+/// For a NIC on the organisation's network: [`org_filter`] plus inbound remote-desktop traffic
+/// (TCP and UDP 3389) dropped.
 pub fn block_rdp_org_filter() -> String {
     format!(
         "<filter name='{BLOCK_RDP_ORG_FILTER}' chain='root'>
   <uuid>4f0c5a8e-2c4b-4d7e-9a55-c10dbc0a3391</uuid>
+  <filterref filter='{ORG_FILTER}'/>
   <rule action='drop' direction='in' priority='500'><tcp dstportstart='3389'/></rule>
   <rule action='drop' direction='in' priority='500'><udp dstportstart='3389'/></rule>
 </filter>"
@@ -250,6 +291,19 @@ mod tests {
         assert_eq!(vnc_port("<graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'>"), Some(5901));
         assert_eq!(vnc_port("<graphics type='vnc' port='-1' autoport='yes'>"), None);
         assert_eq!(vnc_port("<devices/>"), None);
+    }
+
+    #[test]
+    fn test_filter_fingerprint_ignores_layout_and_sees_rule_changes() {
+        let ours = block_rdp_org_filter();
+        let libvirts = format!(
+            "<filter name='{BLOCK_RDP_ORG_FILTER}' chain='root'>\n  <uuid>4f0c5a8e-2c4b-4d7e-9a55-c10dbc0a3391</uuid>\n  <filterref filter='{ORG_FILTER}'/>\n  <rule action='drop' direction='in' priority='500'>\n    <tcp dstportstart='3389'/>\n  </rule>\n  <rule action='drop' direction='in' priority='500'>\n    <udp dstportstart='3389'/>\n  </rule>\n</filter>\n"
+        );
+        assert_eq!(filter_fingerprint(&ours), filter_fingerprint(&libvirts));
+        // The definition before the organisation filter existed: no filterref.
+        let old = libvirts.replace(&format!("  <filterref filter='{ORG_FILTER}'/>\n"), "");
+        assert_ne!(filter_fingerprint(&ours), filter_fingerprint(&old));
+        assert_ne!(filter_fingerprint(&ours), filter_fingerprint(&libvirts.replace("3389", "3390")));
     }
 
     #[test]

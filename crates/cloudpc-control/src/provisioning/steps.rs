@@ -153,10 +153,12 @@ pub(crate) async fn cloud_pc_nic(
         };
         let filter = if blocked {
             hv.ensure_block_rdp_filter().await.map_err(hv_err)?;
-            Some(cloudpc_hypervisor::xml::BLOCK_RDP_ORG_FILTER.to_string())
+            cloudpc_hypervisor::xml::BLOCK_RDP_ORG_FILTER
         } else {
-            None
+            hv.ensure_isolation_filter().await.map_err(hv_err)?;
+            cloudpc_hypervisor::xml::ORG_FILTER
         };
+        let filter = Some(filter.to_string());
         let nic = NicSpec { network: String::new(), mac, filter, bridge: Some(bridge.clone()), vlan };
         let on = match vlan {
             Some(v) => format!("bridge:{bridge} VLAN {v}"),

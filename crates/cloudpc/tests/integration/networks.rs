@@ -480,6 +480,42 @@ async fn test_dc_vm_cloud_pcs_on_the_organisations_network_and_a_join_without_ad
         assert!(start.elapsed() < std::time::Duration::from_secs(60), "no lease for {mac}: {leases}");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+    // Anti-spoofing on the organisation's network: it reaches the DC from its own address (once
+    // libvirt has learnt it from the DHCP exchange), never from another.
+    // (cloudpc-block-rdp-org when the policy blocks remote desktop, as by default: it includes it)
+    assert!(
+        xml.contains("<filterref filter='cloudpc-org'>") || xml.contains("<filterref filter='cloudpc-block-rdp-org'>"),
+        "{xml}"
+    );
+    let sh = |cmd: String| {
+        let d = domain.clone();
+        async move { guest_output(&d, "/bin/sh", &["-c", &format!("{cmd} 2>&1")]).await }
+    };
+    let start = std::time::Instant::now();
+    while !sh("ping -c 1 -W 2 10.77.0.10; echo rc=$?".into()).await.contains("rc=0") {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the Cloud PC does not reach the DC");
+    }
+    let spoofed = sh(
+        "ip addr add 10.77.0.250/24 dev eth0; ping -c 2 -W 2 -I 10.77.0.250 10.77.0.10; echo rc=$?; ip addr del 10.77.0.250/24 dev eth0"
+            .into(),
+    )
+    .await;
+    assert!(
+        spoofed.contains("rc=1") && spoofed.contains("0 packets received"),
+        "a spoofed packet got through: {spoofed}"
+    );
+    // libvirt gives cloudpc's filters back as they were defined (else cloudpc would define them
+    // again, rebuilding every NIC's rules, at each use).
+    use cloudpc_hypervisor::xml;
+    for (name, doc) in [
+        (xml::ISOLATION_FILTER, xml::isolation_filter()),
+        (xml::ORG_FILTER, xml::org_filter()),
+        (xml::BLOCK_RDP_FILTER, xml::block_rdp_filter()),
+        (xml::BLOCK_RDP_ORG_FILTER, xml::block_rdp_org_filter()),
+    ] {
+        let defined = virsh(&["nwfilter-dumpxml", name]);
+        assert_eq!(xml::filter_fingerprint(&defined), xml::filter_fingerprint(&doc), "{defined}");
+    }
 
     // HQ healthy again: a domain join, which needs adcli in the image. The tiny image has none:
     // a core failure with that reason, after the retries.
