@@ -12,12 +12,12 @@
 //! `CLOUDPC_TEST_GALLERY=/var/lib/cloudpc/gallery cargo bench --bench network_connections`
 #![allow(dead_code)]
 
+#[path = "../tests/integration/ad_support.rs"]
+mod ad_support;
 #[path = "../tests/integration/support.rs"]
 mod support;
 #[path = "../tests/integration/vm_support.rs"]
 mod vm_support;
-#[path = "../tests/integration/ad_support.rs"]
-mod ad_support;
 
 use std::time::{Duration, Instant};
 
