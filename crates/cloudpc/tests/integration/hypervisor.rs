@@ -151,7 +151,30 @@ async fn wait_domstate(domain: &str, want: &str, limit: Duration) -> Duration {
 async fn wait_agent(domain: &str, limit: Duration) {
     let start = Instant::now();
     while agent(domain, json!({"execute": "guest-ping"})) != json!({}) {
-        assert!(start.elapsed() < limit, "the guest agent of {domain} did not answer within {limit:?}");
+        if start.elapsed() >= limit {
+            // What the guest and libvirt say, so that a failure explains itself (this has failed
+            // in full runs right after the libvirtd restart test, and passed when run alone).
+            let xml = virsh(&["dumpxml", domain]);
+            let log = xml.split("<source path='").nth(1).and_then(|r| r.split('\'').next()).unwrap_or("");
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(25).collect();
+            let ping = Command::new("virsh")
+                .args(["-c", "qemu:///system", "qemu-agent-command", domain, r#"{"execute":"guest-ping"}"#])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default();
+            if std::env::var("DEBUGHOLD").is_ok() {
+                println!("HOLD {domain}");
+                tokio::time::sleep(Duration::from_secs(900)).await;
+            }
+            panic!(
+                "the guest agent of {domain} did not answer within {limit:?}; domstate: {}; agent: {}; console log \
+                 (last lines, newest first):\n{}",
+                virsh(&["domstate", domain, "--reason"]).trim(),
+                ping.trim(),
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
