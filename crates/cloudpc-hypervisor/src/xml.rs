@@ -170,6 +170,17 @@ pub fn in_cloud_pc_networks(ip: &str) -> bool {
 
 pub const ISOLATION_FILTER: &str = "cloudpc-isolation";
 
+/// The anti-spoofing rules both NIC filters start with: only the NIC's MAC, only the address
+/// learnt for it (DHCP from 0.0.0.0 before that), IPv4 and ARP only.
+const ANTI_SPOOFING: &str = "  <rule action='drop' direction='out' priority='-900'><mac match='no' srcmacaddr='$MAC'/></rule>
+  <rule action='accept' direction='out' priority='-850'><ip srcipaddr='0.0.0.0' protocol='udp' srcportstart='68' srcportend='68' dstportstart='67' dstportend='67'/></rule>
+  <rule action='drop' direction='out' priority='-800'><ip match='no' srcipaddr='$IP'/></rule>
+  <rule action='drop' direction='out' priority='-750'><arp match='no' arpsrcmacaddr='$MAC'/></rule>
+  <rule action='drop' direction='out' priority='-740'><arp match='no' arpsrcipaddr='$IP'/></rule>
+  <rule action='accept' direction='inout' priority='-500'><mac protocolid='arp'/></rule>
+  <rule action='accept' direction='inout' priority='-500'><mac protocolid='ipv4'/></rule>
+  <rule action='drop' direction='inout' priority='-400'/>";
+
 /// What a Cloud PC may send, so that its user (who may be a local admin) cannot reach other
 /// users' Cloud PCs or the host. Parameters: `MAC` (libvirt fills it in), `IP` (learned from
 /// the network's DHCP server only: `CTRL_IP_LEARNING=dhcp`, `DHCPSERVER`), `GATEWAY` (the
@@ -185,14 +196,7 @@ pub fn isolation_filter() -> String {
     format!(
         "<filter name='{ISOLATION_FILTER}' chain='root'>
   <uuid>0b6f3c1e-7d2a-4f55-8e0c-c10dbc0a1501</uuid>
-  <rule action='drop' direction='out' priority='-900'><mac match='no' srcmacaddr='$MAC'/></rule>
-  <rule action='accept' direction='out' priority='-850'><ip srcipaddr='0.0.0.0' protocol='udp' srcportstart='68' srcportend='68' dstportstart='67' dstportend='67'/></rule>
-  <rule action='drop' direction='out' priority='-800'><ip match='no' srcipaddr='$IP'/></rule>
-  <rule action='drop' direction='out' priority='-750'><arp match='no' arpsrcmacaddr='$MAC'/></rule>
-  <rule action='drop' direction='out' priority='-740'><arp match='no' arpsrcipaddr='$IP'/></rule>
-  <rule action='accept' direction='inout' priority='-500'><mac protocolid='arp'/></rule>
-  <rule action='accept' direction='inout' priority='-500'><mac protocolid='ipv4'/></rule>
-  <rule action='drop' direction='inout' priority='-400'/>
+{ANTI_SPOOFING}
   <rule action='accept' direction='out' priority='100'><udp dstportstart='67' dstportend='67'/></rule>
   <rule action='accept' direction='out' priority='110'><udp dstipaddr='$GATEWAY' dstportstart='53' dstportend='53'/></rule>
   <rule action='accept' direction='out' priority='110'><tcp dstipaddr='$GATEWAY' dstportstart='53' dstportend='53'/></rule>
@@ -244,14 +248,7 @@ pub fn org_filter() -> String {
     format!(
         "<filter name='{ORG_FILTER}' chain='root'>
   <uuid>0b6f3c1e-7d2a-4f55-8e0c-c10dbc0a1502</uuid>
-  <rule action='drop' direction='out' priority='-900'><mac match='no' srcmacaddr='$MAC'/></rule>
-  <rule action='accept' direction='out' priority='-850'><ip srcipaddr='0.0.0.0' protocol='udp' srcportstart='68' srcportend='68' dstportstart='67' dstportend='67'/></rule>
-  <rule action='drop' direction='out' priority='-800'><ip match='no' srcipaddr='$IP'/></rule>
-  <rule action='drop' direction='out' priority='-750'><arp match='no' arpsrcmacaddr='$MAC'/></rule>
-  <rule action='drop' direction='out' priority='-740'><arp match='no' arpsrcipaddr='$IP'/></rule>
-  <rule action='accept' direction='inout' priority='-500'><mac protocolid='arp'/></rule>
-  <rule action='accept' direction='inout' priority='-500'><mac protocolid='ipv4'/></rule>
-  <rule action='drop' direction='inout' priority='-400'/>
+{ANTI_SPOOFING}
 </filter>"
     )
 }

@@ -101,17 +101,10 @@ async fn run() {
     let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let dc = TestDc::up().await;
     dc.create_user("gina", "Gina!Pass-9c1e");
-    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
-    let public_url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    let (public, public_url) = public_listener();
     let s = VmServer::start(&["--public-url", &public_url, "--cleanup-delay-secs", "1"]).await;
 
-    let hq = s
-        .create(
-            NC,
-            json!({"displayName": "HQ", "adDomainName": DOMAIN, "adDomainUsername": JOIN_USER,
-                   "adDomainPassword": JOIN_PASSWORD, "organizationalUnit": OU, "bridgeName": BRIDGE}),
-        )
-        .await;
+    let hq = s.create(NC, hq_connection()).await;
     let hq_id = hq["id"].as_str().unwrap().to_string();
     let mut runs = Vec::new();
     println!("health checks of a good connection (9 checks, one host), {n} runs:");

@@ -17,6 +17,20 @@ pub const BRIDGE: &str = "cpcorg0";
 pub const HOST_IP: &str = "10.77.0.1";
 pub const STATE: &str = "/run/cloudpc-test-dc/state";
 
+/// The body of a good connection to the test domain (joins it; the DC's bridge).
+pub fn hq_connection() -> serde_json::Value {
+    serde_json::json!({"displayName": "HQ", "adDomainName": DOMAIN, "adDomainUsername": JOIN_USER,
+                       "adDomainPassword": JOIN_PASSWORD, "organizationalUnit": OU, "bridgeName": BRIDGE})
+}
+
+/// A listener on the host's address on the organisation's network and its URL: the server's
+/// `--public-url`, which the control-plane check reaches from that network.
+pub fn public_listener() -> (std::net::TcpListener, String) {
+    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
+    let url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    (public, url)
+}
+
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-dc.sh")
 }

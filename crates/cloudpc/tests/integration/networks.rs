@@ -260,8 +260,7 @@ async fn test_dc_health_checks_pass_fail_with_remedies_and_gate_policies() {
     use crate::ad_support::*;
     let dc = TestDc::up().await;
     // The control plane's public address, as Cloud PCs on the organisation's network reach it.
-    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
-    let public_url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    let (public, public_url) = public_listener();
     let s = Server::start_with(&["--public-url", &public_url], Some(ADMIN_TOKEN)).await;
 
     let good = s
@@ -416,18 +415,11 @@ async fn test_dc_vm_cloud_pcs_on_the_organisations_network_and_a_join_without_ad
     use crate::ad_support::*;
     use crate::vm_support::*;
     let dc = TestDc::up().await;
-    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
-    let public_url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    let (public, public_url) = public_listener();
     let s = VmServer::start(&["--public-url", &public_url, "--cleanup-delay-secs", "1"]).await;
     let sku = s.tiny_sku("TINY", 1, 1, 1).await;
 
-    let hq = s
-        .create(
-            NC,
-            json!({"displayName": "HQ", "adDomainName": DOMAIN, "adDomainUsername": JOIN_USER,
-                   "adDomainPassword": JOIN_PASSWORD, "organizationalUnit": OU, "bridgeName": BRIDGE}),
-        )
-        .await;
+    let hq = s.create(NC, hq_connection()).await;
     let hq_id = hq["id"].as_str().unwrap().to_string();
     let branch =
         s.create(NC, json!({"displayName": "Branch", "connectionType": "azureADJoin", "bridgeName": BRIDGE})).await;
@@ -582,8 +574,7 @@ async fn test_dc_admin_console_network_connections_page() {
     use crate::ad_support::*;
     use crate::vm_support::*;
     let _dc = TestDc::up().await;
-    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
-    let public_url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    let (public, public_url) = public_listener();
     let web = crate::vm::web_dir();
     let s = VmServer::start(&["--public-url", &public_url, "--web-dir", web.join("dist").to_str().unwrap()]).await;
     let reader = s.reader_token().await;
@@ -677,8 +668,7 @@ async fn test_dc_vm_cloud_pcs_on_a_vlan_of_the_organisations_bridge() {
         return;
     }
     let _dc = TestDc::up_with(&[("CPC_DC_VLAN", "42")]).await;
-    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
-    let public_url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    let (public, public_url) = public_listener();
     let s = VmServer::start(&["--public-url", &public_url]).await;
     let sku = s.tiny_sku("TINY", 1, 1, 1).await;
     let conn = s
@@ -758,17 +748,10 @@ async fn test_dc_vm_desktop_joins_the_domain_and_its_session_runs_as_the_domain_
     assert!(newest_build("desktop").is_some(), "the desktop image is not built: run scripts/test.sh");
     let dc = TestDc::up().await;
     dc.create_user("gina", "Gina!Pass-9c1e");
-    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
-    let public_url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    let (public, public_url) = public_listener();
     let s = VmServer::start(&["--public-url", &public_url, "--cleanup-delay-secs", "1"]).await;
     let sku = s.tiny_sku("DESK", 2, 2, 8).await;
-    let hq = s
-        .create(
-            NC,
-            json!({"displayName": "HQ", "adDomainName": DOMAIN, "adDomainUsername": JOIN_USER,
-                   "adDomainPassword": JOIN_PASSWORD, "organizationalUnit": OU, "bridgeName": BRIDGE}),
-        )
-        .await;
+    let hq = s.create(NC, hq_connection()).await;
     let hq_id = hq["id"].as_str().unwrap().to_string();
     assert_eq!(checked(&s, &hq_id).await["healthCheckStatus"], "passed");
     let gina = s.user("gina@contoso.com").await;
@@ -869,17 +852,10 @@ async fn test_dc_vm_desktop_joins_the_domain_and_its_session_runs_as_the_domain_
 async fn test_dc_scheduled_checks_notice_the_domains_dns_going_away_and_back() {
     use crate::ad_support::*;
     let dc = TestDc::up().await;
-    let public = std::net::TcpListener::bind((HOST_IP, 0)).unwrap();
-    let public_url = format!("http://{HOST_IP}:{}", public.local_addr().unwrap().port());
+    let (public, public_url) = public_listener();
     let s = Server::start_with(&["--network-check-interval-secs", "2", "--public-url", &public_url], Some(ADMIN_TOKEN))
         .await;
-    let made = s
-        .create(
-            NC,
-            json!({"displayName": "HQ", "adDomainName": DOMAIN, "adDomainUsername": JOIN_USER,
-                   "adDomainPassword": JOIN_PASSWORD, "organizationalUnit": OU, "bridgeName": BRIDGE}),
-        )
-        .await;
+    let made = s.create(NC, hq_connection()).await;
     let id = made["id"].as_str().unwrap().to_string();
     let until = |want: &'static str| {
         let (s, id) = (&s, id.clone());
