@@ -5,6 +5,7 @@
 //! already gone, succeeds), because provisioning steps may run again after a crash.
 
 pub mod accel;
+pub mod dhcp;
 pub mod libvirt;
 pub mod netcheck;
 pub mod xml;

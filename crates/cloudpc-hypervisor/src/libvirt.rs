@@ -262,12 +262,14 @@ fn define_filter(c: &Connect, name: &str, doc: &str) -> Result<(), virt::error::
 }
 
 /// The parameters of cloudpc's NIC filters (see [`xml::isolation_filter`]): the gateway of the
-/// NIC's network, learn the NIC's address from that DHCP server only, and the host's other
-/// addresses.
+/// NIC's network, the NIC's address (reserved here, see [`crate::dhcp`]) and the host's other
+/// addresses. `local`: the host is this machine, whose DHCP leases can be read; a host behind a
+/// remote URI falls back to learning the address from the network's DHCP server.
 fn filter_params(
     c: &Connect,
     nic: &NicSpec,
     host_ips: &[String],
+    local: bool,
 ) -> Result<Vec<(&'static str, String)>, virt::error::Error> {
     if nic.filter.is_none() {
         return Ok(Vec::new());
@@ -276,10 +278,14 @@ fn filter_params(
     if nic.bridge.is_some() {
         return Ok(vec![("CTRL_IP_LEARNING", "dhcp".to_string())]);
     }
-    let net = Network::lookup_by_name(c, &nic.network)?.get_xml_desc(0)?;
+    let network = Network::lookup_by_name(c, &nic.network)?;
+    let net = network.get_xml_desc(0)?;
     let gateway = xml::network_gateway(&net).unwrap_or_default();
-    let mut params =
-        vec![("GATEWAY", gateway.clone()), ("DHCPSERVER", gateway.clone()), ("CTRL_IP_LEARNING", "dhcp".to_string())];
+    let mut params = vec![("GATEWAY", gateway.clone())];
+    match if local { reserve_address(c, &network, &net, &nic.mac)? } else { None } {
+        Some(ip) => params.push(("IP", ip.to_string())),
+        None => params.extend([("DHCPSERVER", gateway.clone()), ("CTRL_IP_LEARNING", "dhcp".to_string())]),
+    }
     let others: Vec<&String> = host_ips.iter().filter(|ip| **ip != gateway).collect();
     if others.is_empty() {
         // The filter needs at least one value; the gateway is dropped by the network rule anyway.
@@ -287,6 +293,76 @@ fn filter_params(
     }
     params.extend(others.into_iter().map(|ip| ("HOST_IP", ip.clone())));
     Ok(params)
+}
+
+/// Adds or deletes (`command`) a reservation in a network's DHCP server, live and in its
+/// definition.
+fn update_reservation(
+    network: &Network,
+    command: sys::virNetworkUpdateCommand,
+    r: &crate::dhcp::Reservation,
+) -> Result<(), virt::error::Error> {
+    let mut flags = sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG;
+    if network.is_active()? {
+        flags |= sys::VIR_NETWORK_UPDATE_AFFECT_LIVE;
+    }
+    network.update(command, sys::VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, &r.xml(), flags)
+}
+
+/// Gives `mac` a fixed address on the hosted network (see [`crate::dhcp`]) and returns it;
+/// `None` (and a warning) when the network has no free address left, and the filter then
+/// learns the address instead. Called under [`filter_turn`], so two NICs never get one address.
+fn reserve_address(
+    c: &Connect,
+    network: &Network,
+    net_xml: &str,
+    mac: &str,
+) -> Result<Option<std::net::Ipv4Addr>, virt::error::Error> {
+    let Some(range) = crate::dhcp::range(net_xml) else { return Ok(None) };
+    let reserved = crate::dhcp::reservations(net_xml);
+    let mut live = std::collections::HashSet::new();
+    if !reserved.iter().any(|r| r.mac.eq_ignore_ascii_case(mac)) {
+        for d in c.list_all_domains(0)? {
+            live.extend(crate::dhcp::domain_macs(&d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?));
+        }
+    }
+    let leases = crate::dhcp::bridge(net_xml)
+        .and_then(|b| std::fs::read_to_string(crate::dhcp::lease_file(&b)).ok())
+        .map(|text| crate::dhcp::parse_leases(&text))
+        .unwrap_or_default();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let Some(plan) = crate::dhcp::plan(mac, range, &reserved, &leases, &live, now) else {
+        tracing::warn!(network = %network.get_name()?, "the network has no address left to reserve; the NIC filter learns the address instead");
+        return Ok(None);
+    };
+    for r in &plan.stale {
+        update_reservation(network, sys::VIR_NETWORK_UPDATE_COMMAND_DELETE, r)?;
+    }
+    if plan.add {
+        let r = crate::dhcp::Reservation { mac: mac.to_ascii_lowercase(), ip: plan.ip };
+        update_reservation(network, sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, &r)?;
+    }
+    Ok(Some(plan.ip))
+}
+
+/// Frees the addresses reserved for a domain's NICs on hosted networks (before it is removed,
+/// or the NIC detached). What is missed here is freed the next time an address is chosen.
+fn release_addresses(c: &Connect, domain_xml: &str, only_mac: Option<&str>) -> Result<(), virt::error::Error> {
+    for (network_name, mac) in xml::network_nics(domain_xml) {
+        if only_mac.is_some_and(|m| !m.eq_ignore_ascii_case(&mac)) {
+            continue;
+        }
+        let network = match Network::lookup_by_name(c, &network_name) {
+            Ok(n) => n,
+            Err(e) if is_missing(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let net = network.get_xml_desc(0)?;
+        for r in crate::dhcp::reservations(&net).into_iter().filter(|r| r.mac.eq_ignore_ascii_case(&mac)) {
+            update_reservation(&network, sys::VIR_NETWORK_UPDATE_COMMAND_DELETE, &r)?;
+        }
+    }
+    Ok(())
 }
 
 /// libvirt 9.0 deadlocks when NIC filter bindings change at the same time with DHCP snooping on:
@@ -471,6 +547,7 @@ impl Hypervisor for LibvirtHost {
             if d.is_active()? {
                 d.destroy()?;
             }
+            release_addresses(c, &d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?, None)?;
             d.undefine()
         })
         .await
@@ -598,10 +675,11 @@ impl Hypervisor for LibvirtHost {
         let _turn = filter_turn().await?;
         let vm_name = vm;
         let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
+        let local = crate::uri_is_local(&self.config.uri);
         self.call(format!("attaching a NIC to {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
             if !has_mac(&d, &nic.mac)? {
-                let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips)?);
+                let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips, local)?);
                 d.attach_device_flags(&doc, config_and_live(&d)?)?;
             }
             Ok(())
@@ -616,8 +694,10 @@ impl Hypervisor for LibvirtHost {
         self.call(format!("detaching a NIC from {vm}"), move |c| {
             let Some(d) = lookup(c, &vm)? else { return Ok(()) };
             // libvirt wants the whole <interface> element back, so take it from the definition.
-            if let Some(doc) = xml::interface_with_mac(&d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?, &mac) {
+            let definition = d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?;
+            if let Some(doc) = xml::interface_with_mac(&definition, &mac) {
                 d.detach_device_flags(&doc, config_and_live(&d)?)?;
+                release_addresses(c, &definition, Some(&mac))?;
             }
             Ok(())
         })
@@ -627,9 +707,10 @@ impl Hypervisor for LibvirtHost {
     async fn set_nic_filter(&self, vm: &str, nic: &NicSpec) -> Result<()> {
         let _turn = filter_turn().await?;
         let (vm, nic, host_ips) = (vm.to_string(), nic.clone(), host_addresses().await);
+        let local = crate::uri_is_local(&self.config.uri);
         self.call(format!("updating the NIC filter of {vm}"), move |c| {
             let d = Domain::lookup_by_name(c, &vm)?;
-            let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips)?);
+            let doc = xml::nic(&nic, &filter_params(c, &nic, &host_ips, local)?);
             d.update_device_flags(&doc, config_and_live(&d)?).map(|_| ())
         })
         .await

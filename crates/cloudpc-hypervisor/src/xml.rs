@@ -114,6 +114,20 @@ pub fn vlan_ports(domain_xml: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// The NICs of a domain definition that are on a libvirt network: (network, MAC lower case).
+pub fn network_nics(domain_xml: &str) -> Vec<(String, String)> {
+    domain_xml
+        .split("<interface type='network'")
+        .skip(1)
+        .filter_map(|rest| {
+            let iface = &rest[..rest.find("</interface>")?];
+            let mac = iface.split("<mac address='").nth(1)?.split('\'').next()?.to_ascii_lowercase();
+            let network = iface.split("<source network='").nth(1)?.split('\'').next()?.to_string();
+            Some((network, mac))
+        })
+        .collect()
+}
+
 /// The gateway (host) address of a network, from its definition (`<ip address='…'`).
 pub fn network_gateway(network_xml: &str) -> Option<String> {
     let start = network_xml.find("<ip ")?;
@@ -170,8 +184,8 @@ pub fn in_cloud_pc_networks(ip: &str) -> bool {
 
 pub const ISOLATION_FILTER: &str = "cloudpc-isolation";
 
-/// The anti-spoofing rules both NIC filters start with: only the NIC's MAC, only the address
-/// learnt for it (DHCP from 0.0.0.0 before that), IPv4 and ARP only.
+/// The anti-spoofing rules both NIC filters start with: only the NIC's MAC, only its address
+/// (`$IP`: reserved or learnt; DHCP from 0.0.0.0 before it has one), IPv4 and ARP only.
 const ANTI_SPOOFING: &str = "  <rule action='drop' direction='out' priority='-900'><mac match='no' srcmacaddr='$MAC'/></rule>
   <rule action='accept' direction='out' priority='-850'><ip srcipaddr='0.0.0.0' protocol='udp' srcportstart='68' srcportend='68' dstportstart='67' dstportend='67'/></rule>
   <rule action='drop' direction='out' priority='-800'><ip match='no' srcipaddr='$IP'/></rule>
@@ -182,8 +196,9 @@ const ANTI_SPOOFING: &str = "  <rule action='drop' direction='out' priority='-90
   <rule action='drop' direction='inout' priority='-400'/>";
 
 /// What a Cloud PC may send, so that its user (who may be a local admin) cannot reach other
-/// users' Cloud PCs or the host. Parameters: `MAC` (libvirt fills it in), `IP` (learned from
-/// the network's DHCP server only: `CTRL_IP_LEARNING=dhcp`, `DHCPSERVER`), `GATEWAY` (the
+/// users' Cloud PCs or the host. Parameters: `MAC` (libvirt fills it in), `IP` (the address
+/// reserved for the NIC, see [`crate::dhcp`]; learnt from the network's DHCP server,
+/// `CTRL_IP_LEARNING=dhcp` and `DHCPSERVER`, only where it cannot be reserved), `GATEWAY` (the
 /// host on the Cloud PC's network) and `HOST_IP` (each of the host's other addresses).
 ///
 /// Layer 2 (ebtables): frames only from the NIC's own MAC, IPv4 only from its own address (or
@@ -271,6 +286,12 @@ pub fn block_rdp_org_filter() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_network_nics_are_read_from_a_domain_definition() {
+        let d = "<domain><devices><interface type='network'><mac address='52:54:00:AA:BB:01'/><source network='cloudpc-local' portid='x'/></interface><interface type='bridge'><mac address='52:54:00:aa:bb:02'/><source bridge='br0'/></interface></devices></domain>";
+        assert_eq!(network_nics(d), vec![("cloudpc-local".to_string(), "52:54:00:aa:bb:01".to_string())]);
+    }
 
     #[test]
     fn test_cloud_pc_networks_cover_region_and_host_subnets_only() {

@@ -321,12 +321,16 @@ async fn test_vm_end_grace_period_deprovisions_now() {
     assert!(String::from_utf8_lossy(&waited.stderr).contains("joinDirectory"), "progress names the steps");
     let steps = crate::cli::cli(&s, ADMIN_TOKEN, &["cloudpcs", "steps", id]);
     assert!(String::from_utf8_lossy(&steps.stdout).contains("growDisk"));
+    let nics = hosted_nics(&s.domains()[0]);
+    let (network, mac) = nics.first().expect("a NIC on the hosted network");
+    assert!(reserved_ip(network, mac).is_some(), "the NIC's address is reserved");
     s.license("diego@contoso.com", &sku, false).await;
     s.wait_all(1, &["inGracePeriod"], Duration::from_secs(10)).await;
     let ended = crate::cli::cli(&s, ADMIN_TOKEN, &["cloudpcs", "end-grace-period", id]);
     assert!(ended.status.success(), "{}", String::from_utf8_lossy(&ended.stderr));
     s.wait_all(0, DONE, Duration::from_secs(60)).await;
     assert!(s.domains().is_empty() && s.disks().is_empty());
+    assert_eq!(reserved_ip(network, mac), None, "the address is freed with the Cloud PC");
 }
 
 #[tokio::test]

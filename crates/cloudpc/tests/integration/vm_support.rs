@@ -315,6 +315,26 @@ pub fn domain_of(pc: &Value, prefix: &str) -> String {
     format!("{prefix}{}", pc["managedDeviceName"].as_str().unwrap().to_ascii_lowercase())
 }
 
+/// A domain's NICs on hosted networks: (network, MAC), from its definition.
+pub fn hosted_nics(domain: &str) -> Vec<(String, String)> {
+    cloudpc_hypervisor::xml::network_nics(&virsh(&["dumpxml", "--inactive", domain]))
+}
+
+/// The address the hosted network reserves for a MAC (its `<host>` entry), if any.
+pub fn reserved_ip(network: &str, mac: &str) -> Option<String> {
+    cloudpc_hypervisor::dhcp::reservations(&virsh(&["net-dumpxml", network]))
+        .into_iter()
+        .find(|r| r.mac.eq_ignore_ascii_case(mac))
+        .map(|r| r.ip.to_string())
+}
+
+/// The filter parameter `name` of a domain's NIC, as it runs (its live definition).
+pub fn nic_filter_param(domain: &str, name: &str) -> Option<String> {
+    let live = virsh(&["dumpxml", domain]);
+    let needle = format!("<parameter name='{name}' value='");
+    Some(live.split(&needle).nth(1)?.split('\'').next()?.to_string())
+}
+
 /// Runs a program in the guest and returns its standard output.
 pub async fn guest_output(domain: &str, path: &str, args: &[&str]) -> String {
     let started = agent(
