@@ -29,6 +29,8 @@ export interface CloudPc {
   status: string;
   statusDetail: string | null;
   powerState: string;
+  /** "saved" when hibernated: opening it resumes it where its user left it. */
+  powerStateDetail: string | null;
   currentStep: string | null;
   currentStepStatus: string | null;
 }

@@ -10,12 +10,13 @@ import { providePlainText } from "./qemu-clipboard";
 // Else the guest gets noVNC's CRLF line breaks and a trailing NUL: QEMU passes them on as they are.
 providePlainText((RFB as any).messages);
 
-export function openConsole(root: HTMLElement, id: string, name: string, onClose: () => void) {
+// `saved`: the Cloud PC is hibernated; asking for a ticket resumes it, which takes a few seconds.
+export function openConsole(root: HTMLElement, id: string, name: string, onClose: () => void, saved = false) {
   root.innerHTML = `
     <div id="console">
       <div class="bar">
         <button class="secondary" id="back">Back</button>
-        <span id="state">Connecting to ${name}…</span>
+        <span id="state"></span>
         <textarea id="clip" rows="1" placeholder="Clipboard: type or paste here, then Send, to paste into the Cloud PC; what is copied there shows here"></textarea>
         <button id="send">Send</button>
         <button class="secondary" id="cad">Ctrl+Alt+Del</button>
@@ -24,6 +25,7 @@ export function openConsole(root: HTMLElement, id: string, name: string, onClose
     </div>`;
   const screen = root.querySelector<HTMLElement>("#screen")!;
   const state = root.querySelector<HTMLElement>("#state")!;
+  state.textContent = `${saved ? "Resuming" : "Connecting to"} ${name}…`;
   const clip = root.querySelector<HTMLTextAreaElement>("#clip")!;
   let rfb: any = null;
   let closing = false;

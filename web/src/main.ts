@@ -65,6 +65,7 @@ function statusLine(pc: CloudPc): string {
   if (pc.status === "provisioning" || pc.status === "pendingProvision") {
     return `${pc.status}${pc.currentStep ? ` — step: ${pc.currentStep}` : ""}`;
   }
+  if (pc.powerStateDetail === "saved") return `${pc.status} — hibernated; opening it resumes it where you left it`;
   return pc.statusDetail ? `${pc.status} — ${pc.statusDetail}` : pc.status;
 }
 
@@ -100,7 +101,8 @@ async function showHome() {
     cards.innerHTML = pcs
       .map((pc) => {
         const ready = ["provisioned", "provisionedWithWarnings", "inGracePeriod"].includes(pc.status);
-        return `<div class="card" data-id="${pc.id}" data-status="${escape(pc.status)}">
+        const saved = pc.powerStateDetail === "saved" ? "yes" : "no";
+        return `<div class="card" data-id="${pc.id}" data-status="${escape(pc.status)}" data-saved="${saved}">
           <h2>${escape(pc.displayName)}</h2>
           <div class="status">${escape(pc.managedDeviceName ?? "")} · ${escape(statusLine(pc))}</div>
           <div class="actions">
@@ -117,7 +119,7 @@ async function showHome() {
         const name = card.querySelector("h2")!.textContent ?? "";
         if (b.dataset.act === "open") {
           clearInterval(poll);
-          openConsole(app, id, name, showHome);
+          openConsole(app, id, name, showHome, card.dataset.saved === "yes");
         } else if (b.dataset.act === "reboot") {
           await api.reboot(id).catch((e) => alert(e.message));
         } else {

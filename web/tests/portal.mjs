@@ -1,5 +1,6 @@
 // Browser test of the portal, run by the Rust integration test against a real server and VM:
 // sign in, see the Cloud PC, open it, and check that the guest's screen reached the canvas.
+// With RESUMING=1 the Cloud PC is hibernated: its card says so and opening it says "Resuming".
 // Usage: node tests/portal.mjs   (env: CLOUDPC_URL, CLOUDPC_USER, CLOUDPC_PASSWORD, SCREENSHOT)
 import { chromium } from "playwright-core";
 import { mkdtempSync } from "node:fs";
@@ -35,8 +36,16 @@ try {
   const session = cookies.find((c) => c.name === "cloudpc_session");
   if (!session || !session.httpOnly || session.sameSite !== "Strict") fail(`session cookie not HttpOnly+Strict: ${JSON.stringify(session)}`);
   if (await page.evaluate(() => document.cookie.includes("cloudpc_session"))) fail("the session cookie is visible to scripts");
+  const resuming = process.env.RESUMING === "1";
+  if (resuming) {
+    await page.waitForSelector(".card[data-saved=yes] .status:has-text('hibernated')", { timeout: 10000 })
+      .catch(() => fail("the card does not say the Cloud PC is hibernated"));
+  }
   const opened = Date.now();
   await page.click("button[data-act=open]");
+  if (resuming) {
+    await page.waitForSelector("#state:has-text('Resuming')", { timeout: 2000 }).catch(() => fail("the console does not say it is resuming"));
+  }
   await page.waitForSelector("#screen canvas", { timeout: 20000 }).catch(() => fail("no console canvas"));
   // Wait until the guest's screen has drawn lit pixels into the canvas: a few for a text console,
   // or (DESKTOP=1) a desktop: most of the screen lit (a text console never is) and not one plain

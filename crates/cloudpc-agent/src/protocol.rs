@@ -34,6 +34,8 @@ pub enum Call {
     Start { name: String },
     PowerOff { name: String },
     Reboot { name: String },
+    Save { name: String },
+    Resume { name: String },
     EnsureNetwork { spec: NetworkSpec },
     EnsureIsolationFilter,
     EnsureBlockRdpFilter,

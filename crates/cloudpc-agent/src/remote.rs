@@ -177,6 +177,14 @@ impl Hypervisor for RemoteHost {
         self.unit(Call::Reboot { name: name.into() }).await
     }
 
+    async fn save(&self, name: &str) -> Result<()> {
+        self.unit(Call::Save { name: name.into() }).await
+    }
+
+    async fn resume(&self, name: &str) -> Result<cloudpc_hypervisor::Resumed> {
+        self.typed(Call::Resume { name: name.into() }).await
+    }
+
     async fn ensure_network(&self, spec: &NetworkSpec) -> Result<()> {
         self.unit(Call::EnsureNetwork { spec: spec.clone() }).await
     }

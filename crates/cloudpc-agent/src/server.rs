@@ -130,6 +130,8 @@ impl Agent {
             Call::Start { name } => unit(hv.start(&self.vm(&name)).await),
             Call::PowerOff { name } => unit(hv.power_off(&self.vm(&name)).await),
             Call::Reboot { name } => unit(hv.reboot(&self.vm(&name)).await),
+            Call::Save { name } => unit(hv.save(&self.vm(&name)).await),
+            Call::Resume { name } => json(serde_json::to_value(hv.resume(&self.vm(&name)).await?).unwrap_or_default()),
             Call::EnsureNetwork { spec } => unit(hv.ensure_network(&spec).await),
             Call::EnsureIsolationFilter => json(serde_json::json!(hv.ensure_isolation_filter().await?)),
             Call::EnsureBlockRdpFilter => json(serde_json::json!(hv.ensure_block_rdp_filter().await?)),

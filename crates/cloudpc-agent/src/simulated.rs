@@ -22,6 +22,8 @@ struct World {
     /// VM name → (running, disk size in GiB).
     vms: HashMap<String, (bool, u64)>,
     disks: HashMap<PathBuf, u64>,
+    /// VMs saved to disk (shut off, resumed by the next start).
+    saved: std::collections::HashSet<String>,
 }
 
 pub struct SimulatedHost {
@@ -85,7 +87,9 @@ impl Hypervisor for SimulatedHost {
     }
 
     async fn state(&self, name: &str) -> Result<VmState> {
-        Ok(match self.world().vms.get(name) {
+        let w = self.world();
+        Ok(match w.vms.get(name) {
+            Some((false, _)) if w.saved.contains(name) => VmState::Saved,
             Some((true, _)) => VmState::Running,
             Some((false, _)) => VmState::ShutOff,
             None => VmState::Missing,
@@ -123,6 +127,26 @@ impl Hypervisor for SimulatedHost {
 
     async fn reboot(&self, name: &str) -> Result<()> {
         self.start(name).await
+    }
+
+    async fn save(&self, name: &str) -> Result<()> {
+        self.pause().await;
+        let mut w = self.world();
+        match w.vms.get_mut(name) {
+            Some(vm) if vm.0 => {
+                vm.0 = false;
+                w.saved.insert(name.to_string());
+                Ok(())
+            }
+            Some(_) => Ok(()),
+            None => Err(Self::missing(name)),
+        }
+    }
+
+    async fn resume(&self, name: &str) -> Result<cloudpc_hypervisor::Resumed> {
+        let saved = self.world().saved.remove(name);
+        self.start(name).await?;
+        Ok(if saved { cloudpc_hypervisor::Resumed::Restored } else { cloudpc_hypervisor::Resumed::Started })
     }
 
     async fn ensure_network(&self, _spec: &NetworkSpec) -> Result<()> {

@@ -37,7 +37,7 @@ use crate::routes::{cloud_pcs, directory, hosts, identity, images, licensing, ne
         images::list_gallery, images::get_gallery, images::delete_gallery, images::list_device, images::create_device, images::get_device, images::delete_device, images::upload_device, images::create_version, images::upload_version, images::delete_version,
         policies::list, policies::create, policies::read, policies::update, policies::remove, policies::assign, policies::assignments,
         cloud_pcs::list_cloud_pcs, cloud_pcs::get_cloud_pc, cloud_pcs::steps, cloud_pcs::reprovision, cloud_pcs::retry,
-        cloud_pcs::reboot, cloud_pcs::power_off, cloud_pcs::power_on, cloud_pcs::rename, cloud_pcs::end_grace_period,
+        cloud_pcs::reboot, cloud_pcs::power_off, cloud_pcs::power_on, cloud_pcs::hibernate, cloud_pcs::resume, cloud_pcs::rename, cloud_pcs::end_grace_period,
         cloud_pcs::initial_password, cloud_pcs::console_ticket, cloud_pcs::list_audit, cloud_pcs::get_audit, cloud_pcs::list_devices,
         cloud_pcs::list_managed_devices,
         tokens::list, tokens::create, tokens::read, tokens::revoke, replica::read,

@@ -1,5 +1,6 @@
 //! Cloud PCs as the admin sees them, and the remote actions on them: reprovision, retry, restart,
-//! power off/on, rename, end grace period, and the one-time look at the initial password.
+//! power off/on, hibernate and resume, rename, end grace period, and the one-time look at the
+//! initial password.
 //!
 //! Actions change the stored state and hand the work to the Cloud PC's workflow task, so an
 //! action survives a restart just as provisioning does.
@@ -9,7 +10,7 @@ use chrono::Utc;
 use cloudpc_hypervisor::VmState;
 use cloudpc_types::audit::{AuditEvent, AuditOperationType};
 use cloudpc_types::cloud_pc::{
-    CloudPc, CloudPcStatus, InitialPassword, PowerState, ProvisioningStepRecord, RemoteActionResult,
+    CloudPc, CloudPcStatus, InitialPassword, PowerState, PowerStateDetail, ProvisioningStepRecord, RemoteActionResult,
 };
 use cloudpc_types::provisioning::{CloudPcRecord, Phase};
 use cloudpc_types::validate;
@@ -51,6 +52,17 @@ fn action_result(name: &str, state: &str, detail: Option<String>) -> Option<Remo
         last_updated_date_time: now,
         status_detail: detail,
     })
+}
+
+/// What the action's result says about how the VM started: only a saved state that was lost.
+fn resumed_detail(resumed: cloudpc_hypervisor::Resumed) -> Option<String> {
+    match resumed {
+        cloudpc_hypervisor::Resumed::BootedCold(why) => Some(format!(
+            "The saved state could not be restored ({why}), so the Cloud PC started afresh: programs that were open \
+             and unsaved work are lost; files on its disk are kept."
+        )),
+        _ => None,
+    }
 }
 
 fn refuse(rec: &CloudPcRecord, action: &str, allowed: &str) -> Error {
@@ -164,13 +176,15 @@ impl App {
         let hv = self.host(&host).await?;
         // Asks the VM, not the stored powerState: a guest may have shut itself down since.
         let state = hv.state(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
-        if state == VmState::Running {
+        let detail = if state == VmState::Running {
             hv.reboot(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+            None
         } else {
-            hv.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
-        }
+            resumed_detail(hv.resume(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?)
+        };
         rec.pc.power_state = PowerState::Running;
-        self.save_action(actor, &mut rec, "reboot", None).await?;
+        rec.pc.power_state_detail = None;
+        self.save_action(actor, &mut rec, "reboot", detail).await?;
         Ok(rec.pc)
     }
 
@@ -185,13 +199,53 @@ impl App {
         Ok(rec.pc)
     }
 
+    /// Starts the Cloud PC; a hibernated one resumes where it was.
     pub async fn power_on(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
         let _power = crate::power::lock().await;
         let mut rec = self.record(id).await?;
-        let (host, domain) = self.running_vm(&rec, "power on")?;
-        self.host(&host).await?.start(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        self.start_vm(actor, &mut rec, "powerOn").await?;
+        Ok(rec.pc)
+    }
+
+    /// cloudpc extension: a hibernated (or powered-off) Cloud PC runs again, from its saved
+    /// memory where it has some.
+    pub async fn resume(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let _power = crate::power::lock().await;
+        let mut rec = self.record(id).await?;
+        self.start_vm(actor, &mut rec, "resume").await?;
+        Ok(rec.pc)
+    }
+
+    /// Starts or resumes the VM and records it running, under the power lock. A saved state that
+    /// could not be restored (the VM booted afresh) is said in the action's result.
+    pub(crate) async fn start_vm(&self, actor: &Actor, rec: &mut CloudPcRecord, action: &str) -> Result<()> {
+        let (host, domain) = self.running_vm(rec, action)?;
+        let hv = self.host(&host).await?;
+        crate::power::ensure_vm_network(hv.as_ref(), rec).await?;
+        let resumed = hv.resume(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         rec.pc.power_state = PowerState::Running;
-        self.save_action(actor, &mut rec, "powerOn", None).await?;
+        rec.pc.power_state_detail = None;
+        self.save_action(actor, rec, action, resumed_detail(resumed)).await
+    }
+
+    /// cloudpc extension: saves the running Cloud PC's memory to disk and stops it, freeing its
+    /// RAM (hibernation). Its consoles close; opening it again resumes it where it was.
+    pub async fn hibernate(&self, actor: &Actor, id: &str) -> Result<CloudPc> {
+        let _power = crate::power::lock().await;
+        let mut rec = self.record(id).await?;
+        let (host, domain) = self.running_vm(&rec, "hibernate")?;
+        let hv = self.host(&host).await?;
+        let state = hv.state(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        if !matches!(state, VmState::Running | VmState::Saved) {
+            return Err(Error::Conflict(
+                "hibernate needs a running Cloud PC; this one is not running (power it on first)".into(),
+            ));
+        }
+        self.close_consoles(rec.pc.id).await;
+        hv.save(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        rec.pc.power_state = PowerState::PoweredOff;
+        rec.pc.power_state_detail = Some(PowerStateDetail::Saved);
+        self.save_action(actor, &mut rec, "hibernate", None).await?;
         Ok(rec.pc)
     }
 

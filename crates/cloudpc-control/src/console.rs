@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use cloudpc_types::audit::AuditOperationType;
-use cloudpc_types::cloud_pc::{CloudPcStatus, ConsoleTicket, PowerState};
+use cloudpc_types::cloud_pc::{CloudPcStatus, ConsoleTicket, PowerState, PowerStateDetail};
 use cloudpc_types::provisioning::CloudPcRecord;
 
 use cloudpc_types::auth::Role;
@@ -102,14 +102,22 @@ fn usable(rec: &CloudPcRecord) -> bool {
 
 impl App {
     /// Issues a ticket for the Cloud PC's console: administrators may open any Cloud PC, a signed-in
-    /// user only their own.
+    /// user only their own. A hibernated Cloud PC is resumed first (the answer waits for it).
     pub async fn issue_console_ticket(&self, actor: &Actor, id: &str) -> Result<ConsoleTicket> {
-        let rec = self.store.get_cloud_pc_record(parse_id("cloudPC", id)?).await?;
+        let mut rec = self.store.get_cloud_pc_record(parse_id("cloudPC", id)?).await?;
         let own = actor.role == Role::CloudPcUser && actor.id == Some(rec.state.user_id);
         if !actor.role.can_write() && !own {
             return Err(Error::Forbidden(
                 "only a Cloud PC Administrator or the Cloud PC's user may open its console".into(),
             ));
+        }
+        if rec.pc.power_state_detail == Some(PowerStateDetail::Saved) {
+            let _power = crate::power::lock().await;
+            // Read again under the lock: another request may have resumed it meanwhile.
+            rec = self.store.get_cloud_pc_record(rec.pc.id).await?;
+            if rec.pc.power_state_detail == Some(PowerStateDetail::Saved) {
+                self.start_vm(actor, &mut rec, "resume").await?;
+            }
         }
         if !usable(&rec) {
             return Err(Error::Conflict("the Cloud PC is not running, so its console cannot be opened".into()));

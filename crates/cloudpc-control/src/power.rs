@@ -5,14 +5,15 @@
 //! Cloud PC's VM and updates `powerState` to match. A Cloud PC is a dedicated PC that its user
 //! expects to be on: one whose VM is shut off although nobody powered it off through cloudpc
 //! (`powerOff` records `poweredOff`) is started again, with an audit event by cloudpc itself.
-//! That is also what happens after a host reboot. Cloud PCs an admin powered off stay off.
+//! That is also what happens after a host reboot. Cloud PCs an admin powered off stay off, and so
+//! do hibernated ones (their VM is `Saved`: shut off with its memory on disk).
 
 use chrono::Utc;
 use uuid::Uuid;
 
 use cloudpc_hypervisor::VmState;
 use cloudpc_types::audit::AuditOperationType;
-use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState};
+use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState, PowerStateDetail};
 use cloudpc_types::provisioning::{CloudPcRecord, Phase};
 
 use crate::audit::{property, Actor, Change};
@@ -56,6 +57,28 @@ pub(crate) fn watched(rec: &CloudPcRecord) -> bool {
         )
         && rec.state.resources.host.is_some()
         && rec.state.resources.domain.is_some()
+}
+
+/// Starts the Cloud PC's hosted network if it is down: a host reboot does not start it again,
+/// and the VM cannot start without it.
+pub(crate) async fn ensure_vm_network(hv: &dyn cloudpc_hypervisor::Hypervisor, rec: &CloudPcRecord) -> Result<()> {
+    if let Some(spec) = &rec.state.spec {
+        let net = host_network(hv.config(), &spec.region);
+        if rec.state.resources.network.as_deref() == Some(net.name.as_str()) {
+            hv.ensure_network(&net).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the record already says what the VM does.
+fn in_line(observed: VmState, state: PowerState, detail: Option<PowerStateDetail>) -> bool {
+    matches!(
+        (observed, state, detail),
+        (VmState::Running, PowerState::Running, None)
+            | (VmState::ShutOff, PowerState::PoweredOff, None)
+            | (VmState::Saved, PowerState::PoweredOff, Some(PowerStateDetail::Saved))
+    )
 }
 
 impl App {
@@ -102,10 +125,7 @@ impl App {
                 let domain = rec.state.resources.domain.as_deref()?;
                 (*at > rec.pc.last_modified_date_time).then(|| vms.get(domain).copied()).flatten()
             });
-            let in_line = matches!(
-                (seen, rec.pc.power_state),
-                (Some(VmState::Running), PowerState::Running) | (Some(VmState::ShutOff), PowerState::PoweredOff)
-            );
+            let in_line = seen.is_some_and(|s| in_line(s, rec.pc.power_state, rec.pc.power_state_detail));
             if in_line {
                 continue;
             }
@@ -135,22 +155,28 @@ impl App {
         let hv = self.host(&host).await?;
         let observed = hv.state(&domain).await.map_err(|e| Unchecked::HostUnreachable(e.to_string()))?;
         let was = rec.pc.power_state;
+        if in_line(observed, was, rec.pc.power_state_detail) {
+            return Ok(());
+        }
         match observed {
-            VmState::Running if was != PowerState::Running => {
-                self.save_power(&mut rec, PowerState::Running).await?;
+            VmState::Running => {
+                self.save_power(&mut rec, PowerState::Running, None).await?;
+            }
+            // Hibernated by cloudpc (or saved on the host): it stays so until it is opened.
+            VmState::Saved => {
+                self.save_power(&mut rec, PowerState::PoweredOff, Some(PowerStateDetail::Saved)).await?;
+            }
+            // Its saved memory was discarded on the host: powered off, and still meant to be.
+            VmState::ShutOff if was == PowerState::PoweredOff => {
+                self.save_power(&mut rec, PowerState::PoweredOff, None).await?;
             }
             VmState::ShutOff if was != PowerState::PoweredOff => {
-                // The region's network is not started again by a host reboot; the VM needs it.
-                if let Some(spec) = &rec.state.spec {
-                    let net = host_network(hv.config(), &spec.region);
-                    if rec.state.resources.network.as_deref() == Some(net.name.as_str()) {
-                        hv.ensure_network(&net).await.map_err(|e| Error::Conflict(e.to_string()))?;
-                    }
-                }
+                ensure_vm_network(hv.as_ref(), &rec).await?;
                 match hv.start(&domain).await {
                     Ok(()) => {
                         tracing::info!(cloud_pc = %id, %domain, "the Cloud PC's VM was shut off without a powerOff; started it again");
                         rec.pc.power_state = PowerState::Running;
+                        rec.pc.power_state_detail = None;
                         rec.pc.last_modified_date_time = Utc::now();
                         let audit = Change {
                             component: "CloudPC",
@@ -177,7 +203,7 @@ impl App {
                         // Unknown, not poweredOff: poweredOff means "an admin wants it off", and the
                         // next pass must try again.
                         if was != PowerState::Unknown {
-                            self.save_power(&mut rec, PowerState::Unknown).await?;
+                            self.save_power(&mut rec, PowerState::Unknown, None).await?;
                         }
                         return Err(Error::Conflict(format!(
                             "the VM {domain} is shut off and could not be started again: {e}"
@@ -187,7 +213,7 @@ impl App {
                 }
             }
             VmState::Missing | VmState::Other if was != PowerState::Unknown => {
-                self.save_power(&mut rec, PowerState::Unknown).await?;
+                self.save_power(&mut rec, PowerState::Unknown, None).await?;
             }
             _ => {}
         }
@@ -195,8 +221,14 @@ impl App {
     }
 
     /// Records what libvirt reports; no audit event, since nothing was changed, only observed.
-    async fn save_power(&self, rec: &mut CloudPcRecord, state: PowerState) -> Result<()> {
+    async fn save_power(
+        &self,
+        rec: &mut CloudPcRecord,
+        state: PowerState,
+        detail: Option<PowerStateDetail>,
+    ) -> Result<()> {
         rec.pc.power_state = state;
+        rec.pc.power_state_detail = detail;
         rec.pc.last_modified_date_time = Utc::now();
         self.save_record(rec, None, None).await
     }

@@ -327,6 +327,7 @@ impl App {
                 status: CloudPcStatus::NotProvisioned,
                 status_detail: Some("No provisioning policy targets this user.".into()),
                 power_state: PowerState::Unknown,
+                power_state_detail: None,
                 grace_period_end_date_time: None,
                 provisioned_date_time: None,
                 last_modified_date_time: now,

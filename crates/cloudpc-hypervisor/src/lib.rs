@@ -80,6 +80,19 @@ pub struct NicSpec {
     pub vlan: Option<u16>,
 }
 
+/// How [`Hypervisor::resume`] started a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "outcome", content = "reason")]
+pub enum Resumed {
+    /// From its saved memory: what ran before runs on.
+    Restored,
+    /// It had no saved memory (or was running already).
+    Started,
+    /// Its saved memory could not be restored, for this reason, and was discarded; the guest
+    /// booted afresh (what was open is lost, the disk is kept).
+    BootedCold(String),
+}
+
 /// A NAT network for one region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSpec {
@@ -93,6 +106,8 @@ pub struct NetworkSpec {
 pub enum VmState {
     Running,
     ShutOff,
+    /// Shut off with its memory saved to disk ([`Hypervisor::save`]); the next start resumes it.
+    Saved,
     /// Defined but neither running nor shut off (paused, crashed, starting).
     Other,
     Missing,
@@ -154,6 +169,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Hard power off; an already stopped VM is fine.
     async fn power_off(&self, name: &str) -> Result<()>;
     async fn reboot(&self, name: &str) -> Result<()>;
+    /// Saves the running VM's memory to disk and stops it, freeing its RAM (hibernation); the
+    /// next start resumes it where it was. A VM already saved or shut off is fine.
+    async fn save(&self, name: &str) -> Result<()>;
+    /// Starts the VM, from its saved memory if it has some. A saved state that cannot be
+    /// restored (a corrupt or missing file) is discarded and the VM boots cold, which the
+    /// outcome says. A running VM is fine.
+    async fn resume(&self, name: &str) -> Result<Resumed>;
 
     /// Creates and starts the region's NAT network if it does not run yet.
     async fn ensure_network(&self, spec: &NetworkSpec) -> Result<()>;

@@ -559,6 +559,7 @@ impl Hypervisor for LibvirtHost {
             let Some(d) = lookup(c, &name)? else { return Ok(VmState::Missing) };
             Ok(match d.get_state()?.0 {
                 sys::VIR_DOMAIN_RUNNING => VmState::Running,
+                sys::VIR_DOMAIN_SHUTOFF if d.has_managed_save(0)? => VmState::Saved,
                 sys::VIR_DOMAIN_SHUTOFF => VmState::ShutOff,
                 _ => VmState::Other,
             })
@@ -591,17 +592,9 @@ impl Hypervisor for LibvirtHost {
     }
 
     async fn start(&self, name: &str) -> Result<()> {
-        let _turn = filter_turn().await?;
-        let vm = name.to_string();
-        self.call(format!("starting {vm}"), move |c| {
-            let d = Domain::lookup_by_name(c, &vm)?;
-            if !d.is_active()? {
-                d.create()?;
-            }
-            Ok(())
-        })
-        .await?;
-        self.tag_vlan_ports(name).await
+        // libvirt resumes a VM that has saved memory when it starts it; a save it cannot
+        // restore is handled as in `resume`, so a start never fails on one.
+        self.resume(name).await.map(|_| ())
     }
 
     async fn power_off(&self, name: &str) -> Result<()> {
@@ -632,6 +625,72 @@ impl Hypervisor for LibvirtHost {
         let name = name.to_string();
         // A reset needs nothing from the guest, so it works even when the guest is stuck.
         self.call(format!("restarting {name}"), move |c| Domain::lookup_by_name(c, &name)?.reset().map(|_| ())).await
+    }
+
+    async fn save(&self, name: &str) -> Result<()> {
+        let _turn = filter_turn().await?;
+        let name = name.to_string();
+        self.call(format!("saving {name} to disk"), move |c| {
+            let d = Domain::lookup_by_name(c, &name)?;
+            if !d.is_active()? {
+                return Ok(());
+            }
+            // QEMU cannot save a VM with the clipboard channel, so it is unplugged (live only; the
+            // definition keeps it) and plugged in again after the restore.
+            let channel = xml::vdagent_channel(&d.get_xml_desc(0)?);
+            if let Some(channel) = &channel {
+                d.detach_device_flags(channel, sys::VIR_DOMAIN_AFFECT_LIVE)?;
+            }
+            if let Err(e) = d.managed_save(0) {
+                if let Some(channel) = &channel {
+                    let _ = d.attach_device_flags(channel, sys::VIR_DOMAIN_AFFECT_LIVE);
+                }
+                return Err(e);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn resume(&self, name: &str) -> Result<crate::Resumed> {
+        let _turn = filter_turn().await?;
+        let vm = name.to_string();
+        let resumed = self
+            .call(format!("resuming {vm}"), move |c| {
+                let d = Domain::lookup_by_name(c, &vm)?;
+                if d.is_active()? {
+                    return Ok(crate::Resumed::Started);
+                }
+                if !d.has_managed_save(0)? {
+                    d.create()?;
+                    return Ok(crate::Resumed::Started);
+                }
+                match d.create() {
+                    // libvirt boots the disk by itself when the saved state's header is unreadable.
+                    Ok(_) if d.get_state()?.1 != sys::VIR_DOMAIN_RUNNING_RESTORED as i32 => Ok(
+                        crate::Resumed::BootedCold("libvirt could not read the saved state and booted the disk".into()),
+                    ),
+                    Ok(_) => {
+                        // The clipboard channel was unplugged for the save (see `save`).
+                        if let Some(channel) = xml::vdagent_channel(&d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?) {
+                            if xml::vdagent_channel(&d.get_xml_desc(0)?).is_none() {
+                                d.attach_device_flags(&channel, sys::VIR_DOMAIN_AFFECT_LIVE)?;
+                            }
+                        }
+                        Ok(crate::Resumed::Restored)
+                    }
+                    Err(e) => {
+                        // The saved memory is unusable; the disk is not, so boot from it.
+                        let why = e.message().to_string();
+                        tracing::warn!(vm = %vm, error = %why, "the saved state could not be restored; booting afresh");
+                        d.create_with_flags(sys::VIR_DOMAIN_START_FORCE_BOOT)?;
+                        Ok(crate::Resumed::BootedCold(why))
+                    }
+                }
+            })
+            .await?;
+        self.tag_vlan_ports(name).await?;
+        Ok(resumed)
     }
 
     async fn ensure_network(&self, spec: &NetworkSpec) -> Result<()> {

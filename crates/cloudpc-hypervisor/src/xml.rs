@@ -114,6 +114,14 @@ pub fn vlan_ports(domain_xml: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// The clipboard channel (`<channel type='qemu-vdagent'>…</channel>`) of a domain definition.
+/// QEMU cannot migrate it, nor save a VM that has it, so a save unplugs it first.
+pub fn vdagent_channel(domain_xml: &str) -> Option<String> {
+    let start = domain_xml.find("<channel type='qemu-vdagent'")?;
+    let end = start + domain_xml[start..].find("</channel>")? + "</channel>".len();
+    Some(domain_xml[start..end].to_string())
+}
+
 /// The NICs of a domain definition that are on a libvirt network: (network, MAC lower case).
 pub fn network_nics(domain_xml: &str) -> Vec<(String, String)> {
     domain_xml
@@ -286,6 +294,22 @@ pub fn block_rdp_org_filter() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_vdagent_channel_is_found_in_a_definition() {
+        let spec = VmSpec {
+            name: "n".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            disk: PathBuf::from("/d"),
+            boot: Boot::Firmware,
+            console_log: PathBuf::from("/c"),
+        };
+        let c = vdagent_channel(&domain(&spec, Accelerator::Tcg)).expect("the clipboard channel");
+        assert!(c.starts_with("<channel type='qemu-vdagent'>") && c.ends_with("</channel>"), "{c}");
+        assert!(c.contains("com.redhat.spice.0"));
+        assert_eq!(vdagent_channel("<domain><devices/></domain>"), None);
+    }
 
     #[test]
     fn test_network_nics_are_read_from_a_domain_definition() {

@@ -31,6 +31,14 @@ pub enum PowerState {
     Unknown,
 }
 
+/// cloudpc extension: more about a `poweredOff` Cloud PC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PowerStateDetail {
+    /// Hibernated: its memory is saved to disk and its RAM is free.
+    Saved,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CloudPc {
@@ -51,6 +59,10 @@ pub struct CloudPc {
     pub status: CloudPcStatus,
     pub status_detail: Option<String>,
     pub power_state: PowerState,
+    /// cloudpc extension: `saved` when the Cloud PC is hibernated, that is powered off with its
+    /// memory saved to disk; opening it (or `resume`) brings it back where it was.
+    #[serde(default)]
+    pub power_state_detail: Option<PowerStateDetail>,
     pub grace_period_end_date_time: Option<DateTime<Utc>>,
     pub provisioned_date_time: Option<DateTime<Utc>>,
     pub last_modified_date_time: DateTime<Utc>,

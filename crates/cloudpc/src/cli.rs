@@ -702,7 +702,16 @@ pub enum CloudPcsCmd {
     PowerOff {
         cloud_pc: String,
     },
+    /// Start the VM; a hibernated one resumes where it was.
     PowerOn {
+        cloud_pc: String,
+    },
+    /// Save the running VM's memory to disk and stop it, freeing its RAM.
+    Hibernate {
+        cloud_pc: String,
+    },
+    /// Start a hibernated VM from its saved memory.
+    Resume {
         cloud_pc: String,
     },
     /// Change the display name (the device name stays).

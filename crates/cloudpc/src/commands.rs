@@ -913,6 +913,8 @@ async fn cloud_pcs(c: &Client, fmt: OutputFormat, cmd: CloudPcsCmd) -> Out {
                 CloudPcsCmd::Reboot { cloud_pc } => (cloud_pc, "reboot"),
                 CloudPcsCmd::PowerOff { cloud_pc } => (cloud_pc, "powerOff"),
                 CloudPcsCmd::PowerOn { cloud_pc } => (cloud_pc, "powerOn"),
+                CloudPcsCmd::Hibernate { cloud_pc } => (cloud_pc, "hibernate"),
+                CloudPcsCmd::Resume { cloud_pc } => (cloud_pc, "resume"),
                 CloudPcsCmd::EndGracePeriod { cloud_pc } => (cloud_pc, "endGracePeriod"),
                 _ => unreachable!("handled above"),
             };

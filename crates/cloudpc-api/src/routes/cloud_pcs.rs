@@ -30,6 +30,8 @@ pub fn routes() -> Router<App> {
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/reboot", post(reboot))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOff", post(power_off))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOn", post(power_on))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/hibernate", post(hibernate))
+        .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/resume", post(resume))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/rename", post(rename))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/endGracePeriod", post(end_grace_period))
         .route("/deviceManagement/virtualEndpoint/cloudPCs/{id}/getInitialPassword", post(initial_password))
@@ -85,6 +87,21 @@ pub async fn power_off(State(app): State<App>, Caller(actor): Caller, ApiPath(id
 #[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/powerOn", tag = "cloudPCs", responses((status = 204), (status = 409, description = "The Cloud PC is not provisioned, or its VM refused the action.")))]
 pub async fn power_on(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
     app.power_on(&actor, &id).await?;
+    no_content()
+}
+
+/// cloudpc extension: saves the running Cloud PC's memory to disk and stops it (its RAM is freed);
+/// opening it, or `resume`, brings it back where it was.
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/hibernate", tag = "cloudPCs", responses((status = 204), (status = 409, description = "The Cloud PC is not provisioned or not running, or its VM refused the action.")))]
+pub async fn hibernate(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
+    app.hibernate(&actor, &id).await?;
+    no_content()
+}
+
+/// cloudpc extension: starts a hibernated Cloud PC from its saved memory (a powered-off one boots).
+#[utoipa::path(post, path = "/v1.0/deviceManagement/virtualEndpoint/cloudPCs/{id}/resume", tag = "cloudPCs", responses((status = 204), (status = 409, description = "The Cloud PC is not provisioned, or its VM refused the action.")))]
+pub async fn resume(State(app): State<App>, Caller(actor): Caller, ApiPath(id): ApiPath<String>) -> Reply {
+    app.resume(&actor, &id).await?;
     no_content()
 }
 

@@ -114,6 +114,12 @@ impl Hypervisor for FakeHost {
     async fn reboot(&self, _name: &str) -> HvResult<()> {
         Ok(())
     }
+    async fn save(&self, name: &str) -> HvResult<()> {
+        self.power_off(name).await
+    }
+    async fn resume(&self, name: &str) -> HvResult<cloudpc_hypervisor::Resumed> {
+        self.start(name).await.map(|()| cloudpc_hypervisor::Resumed::Started)
+    }
     async fn ensure_network(&self, spec: &NetworkSpec) -> HvResult<()> {
         self.held.lock().unwrap().networks.insert(spec.name.clone());
         Ok(())
@@ -223,6 +229,7 @@ async fn new_generation(app: &App) -> CloudPcRecord {
         status: CloudPcStatus::NotProvisioned,
         status_detail: None,
         power_state: PowerState::Unknown,
+        power_state_detail: None,
         grace_period_end_date_time: None,
         provisioned_date_time: None,
         last_modified_date_time: now,

@@ -477,3 +477,86 @@ async fn test_vm_cloud_pcs_are_isolated_from_each_other_and_the_host_but_reach_t
     println!("network checks took {:?}", t.elapsed());
     drop(outside);
 }
+
+/// What shows whether a guest kept running: its boot id (new at every boot), a file on a RAM
+/// file system, and whether a process started before still runs.
+async fn guest_memory(domain: &str, pid: &str) -> (String, String, bool) {
+    let boot = in_guest(domain, "cat /proc/sys/kernel/random/boot_id").await.trim().to_string();
+    let file = in_guest(domain, "cat /mnt/ram/marker").await.trim().to_string();
+    let alive = in_guest(domain, &format!("kill -0 {pid} && echo alive")).await.contains("alive");
+    (boot, file, alive)
+}
+
+/// Hibernation: `hibernate` saves the memory to disk and stops the VM (powerState `poweredOff`,
+/// detail `saved`), which neither the power resync nor a restart of cloudpc starts again; a
+/// console ticket resumes it, with a file on a RAM disk and a running process intact and the
+/// same boot; a save file that cannot be restored boots the disk afresh and says so.
+#[tokio::test]
+async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_afresh() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&[]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    targeted_user(&s, "hana@contoso.com", &sku).await;
+    let pc = wait_status(&s, "hana@contoso.com", "provisioned", BOOT).await;
+    let domain = domain_of(&pc, &s.prefix);
+    let pid = in_guest(
+        &domain,
+        "mkdir -p /mnt/ram && mount -t tmpfs tmpfs /mnt/ram && echo kept > /mnt/ram/marker; \
+         sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await
+    .trim()
+    .to_string();
+    let before = guest_memory(&domain, &pid).await;
+    assert_eq!((before.1.as_str(), before.2), ("kept", true), "{before:?}");
+
+    let t = Instant::now();
+    let (status, body) = s.action(&pc, "hibernate").await;
+    assert_eq!(status, 204, "{body}");
+    let saved_in = t.elapsed();
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off");
+    assert!(virsh(&["dominfo", &domain]).contains("Managed save:   yes"), "{}", virsh(&["dominfo", &domain]));
+    let now = cloud_pc_of(&s, "hana@contoso.com").await.unwrap();
+    assert_eq!((now["powerState"].as_str(), now["powerStateDetail"].as_str()), (Some("poweredOff"), Some("saved")));
+    // Passes of the power resync (every second here), then a restart of cloudpc: it stays saved.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = s.crash_and_restart().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off", "a hibernated Cloud PC is not started again");
+    let now = cloud_pc_of(&s, "hana@contoso.com").await.unwrap();
+    assert_eq!(now["powerStateDetail"], "saved", "{now}");
+
+    // Opening it resumes it: the ticket's answer waits for the VM.
+    let t = Instant::now();
+    let (status, ticket) = s.action(&pc, "getConsoleTicket").await;
+    assert_eq!(status, 200, "{ticket}");
+    let resumed_in = t.elapsed();
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "running");
+    wait_agent(&domain, Duration::from_secs(30)).await;
+    let agent_in = t.elapsed();
+    assert_eq!(guest_memory(&domain, &pid).await, before, "the same boot, the RAM disk's file, the process");
+    let now = cloud_pc_of(&s, "hana@contoso.com").await.unwrap();
+    assert_eq!((now["powerState"].as_str(), &now["powerStateDetail"]), (Some("running"), &Value::Null), "{now}");
+    println!("hibernate took {saved_in:?}; the ticket came {resumed_in:?} after it was asked for, the agent answered at {agent_in:?}");
+    let (_, audit) = s.get(&format!("{VE}/auditEvents?$top=999")).await;
+    let acts: Vec<&str> =
+        audit["value"].as_array().unwrap().iter().filter_map(|e| e["activityType"].as_str()).collect();
+    for a in ["hibernate CloudPc", "resume CloudPc"] {
+        assert!(acts.contains(&a), "audited {a}: {acts:?}");
+    }
+
+    // A save that cannot be restored: the disk boots afresh, and the action's result says so.
+    assert_eq!(s.action(&pc, "hibernate").await.0, 204);
+    let save = format!("/var/lib/libvirt/qemu/save/{domain}.save");
+    std::fs::write(&save, b"not a saved VM").expect("overwrite the save file");
+    let (status, body) = s.action(&pc, "resume").await;
+    assert_eq!(status, 204, "{body}");
+    wait_agent(&domain, BOOT).await;
+    let after = guest_memory(&domain, &pid).await;
+    assert_ne!(after.0, before.0, "a new boot");
+    assert!(!after.2, "the old process is gone");
+    let now = cloud_pc_of(&s, "hana@contoso.com").await.unwrap();
+    let detail = now["lastRemoteActionResult"]["statusDetail"].as_str().unwrap_or("");
+    assert!(detail.contains("could not be restored") && detail.contains("started afresh"), "{now}");
+    assert_eq!(now["powerState"], "running");
+}

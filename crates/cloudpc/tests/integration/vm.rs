@@ -637,8 +637,27 @@ async fn test_vm_quickstart_demo_gives_the_printed_user_a_desktop_in_the_browser
         "portal-desktop.png",
     )
     .await;
-    // The session in the guest belongs to the Cloud PC's user, not to root.
+    // Hibernated, the desktop says so in the portal, says "Resuming" when opened, and is drawn
+    // again (the ticket resumes it).
     let domain = domain_of(&pc, &s.prefix);
+    let (status, body) = s.action(&pc, "hibernate").await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off");
+    let resumed = browser_test(
+        "portal.mjs",
+        &[
+            ("CLOUDPC_URL", &s.url),
+            ("CLOUDPC_USER", upn),
+            ("CLOUDPC_PASSWORD", password),
+            ("DESKTOP", "1"),
+            ("RESUMING", "1"),
+        ],
+        "portal-desktop-resumed.png",
+    )
+    .await;
+    println!("portal, hibernated desktop resumed: {resumed}");
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "running");
+    // The session in the guest belongs to the Cloud PC's user, not to root.
     let procs = guest_output(&domain, "/bin/ps", &["-eo", "user:32,comm"]).await;
     let procs =
         procs.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n");
