@@ -174,8 +174,10 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       ["Policy", (p) => esc(p.provisioningPolicyName)],
       ["Image", (p) => `${esc(p.imageDisplayName)} ${esc(p.imageVersion)}`],
       ["Status", (p) => `<span class="pill" data-status="${esc(p.status)}">${esc(p.status)}</span> ${esc(p.statusDetail)}`],
+      ["Power", (p) => `<span class="power">${esc(p.powerState)}${p.powerStateDetail === "saved" ? " (hibernated)" : ""}</span>`],
       ["Actions", (p) => `<button class="secondary" data-steps="${p.id}">Steps</button>` +
-        ["reprovision", "retry", "reboot", "endGracePeriod"].map((a) => ` <button class="secondary write" data-pc="${p.id}" data-act="${a}">${a}</button>`).join("")],
+        ["reprovision", "retry", "reboot", p.powerState === "running" ? "hibernate" : "resume", "endGracePeriod"]
+          .map((a) => ` <button class="secondary write" data-pc="${p.id}" data-act="${a}">${a}</button>`).join("")],
     ]) + `<div id="steps"></div>`;
     el.querySelectorAll<HTMLButtonElement>("button[data-act]").forEach((b) =>
       b.addEventListener("click", act(() => api("POST", `${VE}/cloudPCs/${b.dataset.pc}/${b.dataset.act}`))));
@@ -308,11 +310,13 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
     el.innerHTML = form("newpolicy", `<input name="name" placeholder="Policy name" required>
         <select name="image" required>${images.map((i) => `<option value="${esc(i.v)}">${esc(i.t)}</option>`).join("")}</select>
         <select name="network" title="Network"><option value="">Hosted network</option>${healthy.map((c) => `<option value="${esc(c.id)}">${esc(c.displayName)} (${c.connectionType === "hybridAzureADJoin" ? "joins " + esc(c.adDomainName) : "no domain join"})</option>`).join("")}</select>
-        <input name="template" placeholder="CPC-%USERNAME:4%-%RAND:5%"><label><input type="checkbox" name="admin"> Local admin</label>`, "Create policy") +
+        <input name="template" placeholder="CPC-%USERNAME:4%-%RAND:5%"><label><input type="checkbox" name="admin"> Local admin</label>
+        <input name="hibernate" type="number" min="1" max="10080" placeholder="Hibernate after (minutes idle)" title="Hibernate a Cloud PC whose console has been closed this many minutes; empty: never">`, "Create policy") +
       table(policies, [
         ["Policy", (p) => esc(p.displayName)], ["Image", (p) => esc(p.imageDisplayName)],
         ["Network", (p) => (p.domainJoinConfigurations ?? []).map((d: any) => esc(d.onPremisesConnectionId ? connName(d.onPremisesConnectionId) : "Hosted network")).join("<br>") || "Hosted network"],
         ["Naming", (p) => esc(p.cloudPcNamingTemplate)],
+        ["Hibernate", (p) => (p.hibernateAfterMinutes ? `after ${esc(p.hibernateAfterMinutes)} min idle` : "never")],
         ["Assigned groups (in order)", (p) => (p.assignments ?? []).map((a: any, i: number) => `${i + 1}. ${esc(groupName(a.target.groupId))}`).join("<br>")],
         ["", (p) => `<span class="write"><span class="order" data-policy="${p.id}">${groups.map((g) => `<label><input type="checkbox" value="${g.id}"> ${esc(g.displayName)}</label>`).join(" ")}</span>
           <button class="secondary" data-assign="${p.id}">Assign checked (in click order)</button> <button class="secondary" data-editp="${p.id}">Edit</button> <button class="secondary" data-delp="${p.id}">Delete</button></span>`],
@@ -322,7 +326,10 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       const [imageType, imageId] = v.image.split("|");
       const conn = conns.find((c) => c.id === v.network);
       const network = conn ? { domainJoinConfigurations: [{ domainJoinType: conn.connectionType, onPremisesConnectionId: conn.id }] } : {};
-      return api("POST", `${VE}/provisioningPolicies`, { displayName: v.name, imageId, imageType, localAdminEnabled: v.admin === "on", ...network, ...(v.template ? { cloudPcNamingTemplate: v.template } : {}) });
+      return api("POST", `${VE}/provisioningPolicies`, {
+        displayName: v.name, imageId, imageType, localAdminEnabled: v.admin === "on", ...network,
+        ...(v.template ? { cloudPcNamingTemplate: v.template } : {}), ...(v.hibernate ? { hibernateAfterMinutes: +v.hibernate } : {}),
+      });
     }));
     // The order in which boxes are ticked is the assignment order.
     const order = new Map<string, string[]>();

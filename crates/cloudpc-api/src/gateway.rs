@@ -45,7 +45,14 @@ async fn relay(app: App, actor: Actor, rec: CloudPcRecord, ws: WebSocket, vnc: B
     closed.as_mut().enable();
     app.audit_console(&actor, &rec, true, None).await;
     let started = Instant::now();
+    let in_use = tokio::spawn({
+        let app = app.clone();
+        let id = rec.pc.id;
+        async move { app.keep_console_in_use(id).await }
+    });
     pump(closed.as_mut(), ws, vnc).await;
+    in_use.abort();
+    app.console_closed(rec.pc.id).await;
     drop(closed);
     drop(closer);
     // The relay's notifier is gone now: the registry forgets the Cloud PC if none is left open.

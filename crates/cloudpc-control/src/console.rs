@@ -89,6 +89,13 @@ impl OpenConsoles {
     }
 }
 
+/// A console relay marks its Cloud PC in use for this long, and renews the mark at half of it.
+/// The mark is a lease row (`console:<id>`, shared by every relay of the Cloud PC), so every
+/// replica sees when a Cloud PC's console was last open: its end is when the Cloud PC went idle.
+pub const CONSOLE_IN_USE: Duration = Duration::from_secs(60);
+pub(crate) const CONSOLE_MARK: &str = "console:";
+const CONSOLE_MARK_OWNER: &str = "console";
+
 fn digest(ticket: &str) -> String {
     Sha256::digest(ticket.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -194,6 +201,27 @@ impl App {
         let stream =
             hv.open_console(domain).await.map_err(|e| Error::Conflict(format!("the console did not open: {e}")))?;
         Ok((actor, rec, stream))
+    }
+
+    /// Marks the Cloud PC's console in use, then renews the mark until the task is dropped; the
+    /// relay runs it for as long as it runs. Idle hibernation counts from the mark's end.
+    pub async fn keep_console_in_use(&self, cloud_pc: Uuid) {
+        loop {
+            self.mark_console(cloud_pc, CONSOLE_IN_USE).await;
+            tokio::time::sleep(CONSOLE_IN_USE / 2).await;
+        }
+    }
+
+    /// The relay ended: the Cloud PC is idle from now (unless another relay renews the mark).
+    pub async fn console_closed(&self, cloud_pc: Uuid) {
+        self.mark_console(cloud_pc, Duration::ZERO).await;
+    }
+
+    async fn mark_console(&self, cloud_pc: Uuid, for_: Duration) {
+        let name = format!("{CONSOLE_MARK}{cloud_pc}");
+        if let Err(e) = self.store.try_lease(&name, CONSOLE_MARK_OWNER, for_).await {
+            tracing::warn!(%cloud_pc, error = %e, "could not record that the console is in use; idle hibernation may come early");
+        }
     }
 
     /// Resolves when the Cloud PC's console connections must close.

@@ -115,6 +115,7 @@ impl App {
                     windows_setting: None,
                     grace_period_in_hours: None,
                     time_zone: None,
+                    hibernate_after_minutes: None,
                 },
             )
             .await?;

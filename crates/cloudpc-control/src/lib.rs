@@ -81,6 +81,8 @@ pub struct AppConfig {
     pub grace_period: Duration,
     /// Delay between a final failure or a deprovision and the clean-up of what is left.
     pub cleanup_delay: Duration,
+    /// Testing only: how long one minute of a policy's `hibernateAfterMinutes` lasts.
+    pub idle_minute: Duration,
     /// How often the reconciler rescans everything even without a change event.
     pub resync_interval: Duration,
     /// Prefix of every libvirt domain cloudpc makes, so it can tell its own VMs apart.
@@ -140,6 +142,7 @@ impl Default for AppConfig {
             image_free_space_reserve: 2 << 30,
             grace_period: Duration::from_secs(7 * 24 * 3600),
             cleanup_delay: Duration::from_secs(3 * 3600),
+            idle_minute: Duration::from_secs(60),
             resync_interval: Duration::from_secs(10),
             domain_prefix: "cloudpc-".into(),
             storage_dir: PathBuf::from("cloudpc-data/disks"),

@@ -99,11 +99,23 @@ fn check_time_zone(zone: Option<&str>) -> Result<()> {
     }
 }
 
+/// From a minute to a week: shorter would save desktops between two clicks.
+fn check_hibernate(minutes: Option<u32>) -> Result<()> {
+    match minutes {
+        Some(m) if !(1..=10080).contains(&m) => Err(Error::invalid(
+            "hibernateAfterMinutes",
+            format!("must be between 1 and 10080 minutes (a week), not {m}; leave it out to never hibernate"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_all(p: &ProvisioningPolicy) -> Result<()> {
     policy::validate_fields(&p.display_name, &p.description, p.cloud_pc_naming_template.as_deref())?;
     check_join_configurations(&p.domain_join_configurations)?;
     check_locale(&p.windows_setting)?;
     check_grace(p.grace_period_in_hours)?;
+    check_hibernate(p.hibernate_after_minutes)?;
     check_time_zone(p.time_zone.as_deref())
 }
 
@@ -257,6 +269,7 @@ impl App {
             managed_by: "windows365".into(),
             grace_period_in_hours: input.grace_period_in_hours,
             time_zone: input.time_zone,
+            hibernate_after_minutes: input.hibernate_after_minutes,
             created_date_time: now,
             last_modified_date_time: now,
             assignments: None,
@@ -319,6 +332,9 @@ impl App {
         }
         if let Some(v) = input.time_zone {
             p.time_zone = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = input.hibernate_after_minutes {
+            p.hibernate_after_minutes = (v != 0).then_some(v);
         }
         check_all(&p)?;
         if joins_changed {

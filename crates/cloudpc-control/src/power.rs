@@ -140,6 +140,91 @@ impl App {
                 }
             }
         }
+        self.hibernate_idle(&records, &unreachable).await;
+    }
+
+    /// Hibernates the running Cloud PCs whose policy sets `hibernateAfterMinutes` and whose
+    /// console has been closed that long. Idle counts from the latest of: the console's in-use
+    /// mark ending ([`crate::console::CONSOLE_IN_USE`]), provisioning, and the last remote action.
+    async fn hibernate_idle(&self, records: &[CloudPcRecord], unreachable: &std::collections::HashSet<String>) {
+        let Ok(policies) = self.store.list_policies().await else { return };
+        let after: std::collections::HashMap<Uuid, u32> =
+            policies.iter().filter_map(|p| Some((p.id, p.hibernate_after_minutes?))).collect();
+        if after.is_empty() {
+            return;
+        }
+        let marks: std::collections::HashMap<String, chrono::DateTime<Utc>> = match self
+            .store
+            .lease_ends(crate::console::CONSOLE_MARK)
+            .await
+        {
+            Ok(m) => m.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read when consoles were last open; no Cloud PC is hibernated this pass");
+                return;
+            }
+        };
+        let now = Utc::now();
+        for rec in records.iter().filter(|r| watched(r) && r.pc.power_state == PowerState::Running) {
+            let Some(minutes) = rec.pc.provisioning_policy_id.and_then(|p| after.get(&p)) else { continue };
+            if rec.state.resources.host.as_ref().is_some_and(|h| unreachable.contains(h)) {
+                continue;
+            }
+            let idle_since = [
+                marks.get(&format!("{}{}", crate::console::CONSOLE_MARK, rec.pc.id)).copied(),
+                rec.pc.provisioned_date_time,
+                rec.pc.last_remote_action_result.as_ref().map(|a| a.last_updated_date_time),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            let limit = self.config.idle_minute * *minutes;
+            let idle = idle_since.map(|t| (now - t).to_std().unwrap_or_default()).unwrap_or_default();
+            if idle < limit {
+                continue;
+            }
+            if let Err(e) = self.hibernate_idle_one(rec.pc.id, *minutes).await {
+                tracing::warn!(cloud_pc = %rec.pc.id, error = %e, "could not hibernate the idle Cloud PC");
+            }
+        }
+    }
+
+    async fn hibernate_idle_one(&self, id: Uuid, minutes: u32) -> Result<()> {
+        let _power = lock().await;
+        // Read again under the lock: an action may have changed it since the pass began.
+        let mut rec = self.store.get_cloud_pc_record(id).await?;
+        if !watched(&rec) || rec.pc.power_state != PowerState::Running {
+            return Ok(());
+        }
+        let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {
+            return Ok(());
+        };
+        let hv = self.host(&host).await?;
+        hv.save(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        tracing::info!(cloud_pc = %id, %domain, minutes, "hibernated the Cloud PC: its console was closed that long");
+        rec.pc.power_state = PowerState::PoweredOff;
+        rec.pc.power_state_detail = Some(PowerStateDetail::Saved);
+        rec.pc.last_modified_date_time = Utc::now();
+        let audit = Change {
+            component: "CloudPC",
+            activity: "hibernate CloudPc".into(),
+            operation: AuditOperationType::Other,
+            resource_type: "cloudPC",
+            resource_id: rec.pc.id.to_string(),
+            resource_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
+        }
+        .event_with(
+            &Actor::system(),
+            vec![
+                property("powerState", Some("running".into()), Some("poweredOff (saved)".into())),
+                property(
+                    "reason",
+                    None,
+                    Some(format!("its console was closed for {minutes} minutes (hibernateAfterMinutes)")),
+                ),
+            ],
+        );
+        self.save_record(&mut rec, None, Some(&audit)).await
     }
 
     async fn resync_power_of(&self, id: Uuid) -> Result<(), Unchecked> {

@@ -345,6 +345,8 @@ pub trait Store: Send + Sync + 'static {
     async fn release_lease(&self, name: &str, owner: &str) -> Result<()>;
     /// Unexpired leases whose names start with `prefix`, as (name, owner).
     async fn live_leases(&self, prefix: &str) -> Result<Vec<(String, String)>>;
+    /// Every lease whose name starts with `prefix`, expired or not, with when it ends or ended.
+    async fn lease_ends(&self, prefix: &str) -> Result<Vec<(String, DateTime<Utc>)>>;
     /// Claims the workflow lease of one Cloud PC for `owner` (free, expired or already its own).
     async fn claim_workflow(&self, id: Uuid, owner: &str, ttl: Duration) -> Result<bool>;
     /// Claims up to `limit` Cloud PCs whose workflow has work to do and whose lease is free or

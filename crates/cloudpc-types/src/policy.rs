@@ -96,6 +96,10 @@ pub struct ProvisioningPolicy {
     /// cloudpc extension: the Cloud PC's time zone (IANA name); the guest's default when absent.
     #[serde(default)]
     pub time_zone: Option<String>,
+    /// cloudpc extension: a running Cloud PC whose console has been closed this many minutes is
+    /// hibernated (its memory saved to disk, its RAM freed); opening it resumes it. Off when absent.
+    #[serde(default)]
+    pub hibernate_after_minutes: Option<u32>,
     pub created_date_time: DateTime<Utc>,
     pub last_modified_date_time: DateTime<Utc>,
     /// Present when asked for with `$expand=assignments`.
@@ -133,6 +137,8 @@ pub struct ProvisioningPolicyCreate {
     pub grace_period_in_hours: Option<u32>,
     #[serde(default)]
     pub time_zone: Option<String>,
+    #[serde(default)]
+    pub hibernate_after_minutes: Option<u32>,
 }
 
 /// Body of `PATCH provisioningPolicies/{id}`: absent fields stay as they are.
@@ -155,6 +161,8 @@ pub struct ProvisioningPolicyUpdate {
     pub windows_setting: Option<WindowsSetting>,
     pub grace_period_in_hours: Option<u32>,
     pub time_zone: Option<String>,
+    /// 0 turns hibernation off.
+    pub hibernate_after_minutes: Option<u32>,
 }
 
 /// Graph's assignment target: a group, by id.

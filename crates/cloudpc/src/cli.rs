@@ -152,6 +152,9 @@ pub struct ServerArgs {
     /// point is `startGeneration` (after a Cloud PC has read its policy's image).
     #[arg(long = "inject-delay", hide = true)]
     pub inject_delay: Vec<String>,
+    /// Testing only: how many seconds one minute of a policy's `hibernateAfterMinutes` lasts.
+    #[arg(long, hide = true)]
+    pub idle_minute_secs: Option<u64>,
     /// Virtual disk a host may promise per GiB of disk it has: Cloud PC disks are thin overlays
     /// that grow as they are written, so licenses' sizes are counted against the host's disk times
     /// this ratio [default: 4]; 1 reserves every license's full size.
@@ -634,6 +637,9 @@ pub enum PoliciesCmd {
         region: Option<String>,
         #[arg(long)]
         locale: Option<String>,
+        /// Hibernate a Cloud PC whose console has been closed this many minutes (off if absent).
+        #[arg(long)]
+        hibernate_after_minutes: Option<u32>,
     },
     Update {
         policy: String,
@@ -651,6 +657,9 @@ pub enum PoliciesCmd {
         local_admin: Option<bool>,
         #[arg(long)]
         locale: Option<String>,
+        /// Minutes with the console closed before a Cloud PC is hibernated; 0 turns it off.
+        #[arg(long)]
+        hibernate_after_minutes: Option<u32>,
     },
     Delete {
         policy: String,

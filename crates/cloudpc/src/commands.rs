@@ -806,6 +806,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
             local_admin,
             region,
             locale,
+            hibernate_after_minutes,
         } => {
             let body = object(vec![
                 ("displayName", Some(json!(name))),
@@ -819,6 +820,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
                     region.map(|r| json!([{ "domainJoinType": "azureADJoin", "regionName": r }])),
                 ),
                 ("windowsSetting", locale.map(|l| json!({ "locale": l }))),
+                ("hibernateAfterMinutes", hibernate_after_minutes.map(Value::from)),
             ]);
             output::entity(fmt, &c.call(Method::POST, &set, Some(&body)).await?);
             Ok(())
@@ -832,6 +834,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
             naming_template,
             local_admin,
             locale,
+            hibernate_after_minutes,
         } => {
             let body = object(vec![
                 ("displayName", name.map(Value::from)),
@@ -841,6 +844,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
                 ("cloudPcNamingTemplate", naming_template.map(Value::from)),
                 ("localAdminEnabled", local_admin.map(Value::from)),
                 ("windowsSetting", locale.map(|l| json!({ "locale": l }))),
+                ("hibernateAfterMinutes", hibernate_after_minutes.map(Value::from)),
             ]);
             nonempty_patch(&body)?;
             let id = policy_id(c, &policy).await?;

@@ -194,6 +194,7 @@ fn settings(args: &ServerArgs) -> Result<Settings, String> {
                 .unwrap_or(defaults.image_free_space_reserve),
             grace_period: Duration::from_secs_f64(hours * 3600.0),
             cleanup_delay: Duration::from_secs(args.cleanup_delay_secs.or(file.cleanup_delay_secs).unwrap_or(3 * 3600)),
+            idle_minute: args.idle_minute_secs.map(|s| Duration::from_secs(s.max(1))).unwrap_or(defaults.idle_minute),
             network_check_interval: Duration::from_secs(
                 args.network_check_interval_secs.or(file.network_check_interval_secs).unwrap_or(6 * 3600).max(1),
             ),

@@ -1781,6 +1781,14 @@ impl Store for TheStore {
         Ok(rows.iter().map(|r| (r.get::<String, _>("name"), r.get::<String, _>("owner"))).collect())
     }
 
+    async fn lease_ends(&self, prefix: &str) -> Result<Vec<(String, DateTime<Utc>)>> {
+        let rows = sqlx::query("SELECT name, expires_at FROM leases WHERE substr(name, 1, length($1)) = $1")
+            .bind(prefix)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.get::<String, _>("name"), get_ts(r, "expires_at")?))).collect()
+    }
+
     async fn claim_workflow(&self, id: Uuid, owner: &str, ttl: Duration) -> Result<bool> {
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(ttl).unwrap_or_default();

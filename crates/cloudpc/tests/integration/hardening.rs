@@ -179,11 +179,17 @@ async fn test_sign_in_attempts_are_limited_per_client_address() {
     let http = reqwest::Client::new();
     let mut codes = Vec::new();
     // Different names each time: the per-account lockout never triggers, the per-address limit does.
+    let started = std::time::Instant::now();
     for i in 0..30 {
         codes.push(sign_in_status(&http, &s.url, &format!("guess{i}@contoso.com"), "Wrong-password-1").await);
     }
+    // The burst of 20 passes; after it, one attempt per 3 s refills (a loaded machine takes
+    // seconds for these 30, so a few may pass), and the rest are refused.
+    let refills = (started.elapsed().as_secs() / 3) as usize;
     assert!(codes[..20].iter().all(|c| *c == 401), "{codes:?}");
-    assert!(codes[20..].iter().all(|c| *c == 429), "{codes:?}");
+    assert!(codes[20..].iter().all(|c| *c == 401 || *c == 429), "{codes:?}");
+    let tried = codes.iter().filter(|c| **c == 401).count();
+    assert!(tried <= 20 + refills && codes[29] == 429, "{tried} tried in {:?}: {codes:?}", started.elapsed());
     let r = http
         .post(format!("{}/portal/api/signIn", s.url))
         .header("X-CloudPC-Portal", "1")
@@ -196,7 +202,7 @@ async fn test_sign_in_attempts_are_limited_per_client_address() {
     // Failed sign-ins are audited, with the name that was tried.
     let (_, v) = s.get(&format!("{VE}/auditEvents?$top=999")).await;
     let failed = v["value"].as_array().unwrap().iter().filter(|e| e["activity"] == "Sign in failed User").count();
-    assert_eq!(failed, 20, "every refused password is audited, rate-limited ones are not");
+    assert_eq!(failed, tried, "every refused password is audited, rate-limited ones are not");
 }
 
 #[tokio::test]

@@ -546,11 +546,15 @@ async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_af
     }
 
     // A save that cannot be restored: the disk boots afresh, and the action's result says so.
-    assert_eq!(s.action(&pc, "hibernate").await.0, 204);
+    // (Through the CLI this time.)
+    let id = pc["id"].as_str().unwrap();
+    let out = crate::cli::cli(&s, ADMIN_TOKEN, &["cloudpcs", "hibernate", id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("saved"), "{}", String::from_utf8_lossy(&out.stdout));
     let save = format!("/var/lib/libvirt/qemu/save/{domain}.save");
     std::fs::write(&save, b"not a saved VM").expect("overwrite the save file");
-    let (status, body) = s.action(&pc, "resume").await;
-    assert_eq!(status, 204, "{body}");
+    let out = crate::cli::cli(&s, ADMIN_TOKEN, &["cloudpcs", "resume", id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_agent(&domain, BOOT).await;
     let after = guest_memory(&domain, &pid).await;
     assert_ne!(after.0, before.0, "a new boot");
@@ -559,4 +563,64 @@ async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_af
     let detail = now["lastRemoteActionResult"]["statusDetail"].as_str().unwrap_or("");
     assert!(detail.contains("could not be restored") && detail.contains("started afresh"), "{now}");
     assert_eq!(now["powerState"], "running");
+}
+
+/// `hibernateAfterMinutes` (a minute lasts 4 s here): a Cloud PC whose console is open stays
+/// running past the limit; once the console closes it is hibernated by cloudpc itself, and the
+/// next ticket resumes it.
+#[tokio::test]
+async fn test_vm_idle_cloud_pc_is_hibernated_after_its_console_closes() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--idle-minute-secs", "4"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    let user = s.user("ida@contoso.com").await;
+    let group = s.group("idle group").await;
+    s.add_member(&group, &user).await;
+    let (status, bad) = s
+        .post(
+            &format!("{VE}/provisioningPolicies"),
+            json!({"displayName": "bad", "imageId": s.gallery_image_id().await, "imageType": "gallery", "hibernateAfterMinutes": 0}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 400, "{bad}");
+    assert!(bad.to_string().contains("hibernateAfterMinutes"), "{bad}");
+    let policy = s.tiny_policy("idle policy", json!({"hibernateAfterMinutes": 2})).await;
+    assert_eq!(policy["hibernateAfterMinutes"], 2);
+    s.assign(&policy, &[&group]).await;
+    s.license("ida@contoso.com", &sku, true).await;
+    let pc = wait_status(&s, "ida@contoso.com", "provisioned", BOOT).await;
+    let domain = domain_of(&pc, &s.prefix);
+
+    // A console open well past the limit keeps it running.
+    let (status, ticket) = s.action(&pc, "getConsoleTicket").await;
+    assert_eq!(status, 200, "{ticket}");
+    let ws = format!("{}{}", s.url.replace("http://", "ws://"), ticket["url"].as_str().unwrap());
+    let (console, _) = tokio_tungstenite::connect_async(ws).await.expect("the console opens");
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "running", "hibernated with its console open");
+
+    // Closed: hibernated within the limit (8 s) and a few resync passes.
+    drop(console);
+    let closed = Instant::now();
+    let now = loop {
+        let now = cloud_pc_of(&s, "ida@contoso.com").await.unwrap();
+        if now["powerStateDetail"] == "saved" {
+            break now;
+        }
+        assert!(closed.elapsed() < Duration::from_secs(40), "not hibernated 40 s after the console closed: {now}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let after = closed.elapsed();
+    println!("hibernated {after:?} after the console closed (limit 8 s)");
+    assert!(after >= Duration::from_secs(7), "hibernated before the limit: {after:?}");
+    assert_eq!(now["powerState"], "poweredOff");
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off");
+    let (_, audit) = s.get(&format!("{VE}/auditEvents?$filter=activity eq 'hibernate CloudPc'")).await;
+    let event = &audit["value"][0];
+    assert_eq!(event["actor"]["applicationDisplayName"], "cloudpc", "{audit}");
+    assert!(event.to_string().contains("its console was closed for 2 minutes"), "{event}");
+
+    let (status, body) = s.action(&pc, "getConsoleTicket").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "running");
 }

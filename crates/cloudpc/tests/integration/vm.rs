@@ -588,6 +588,7 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
     let p = &policies["value"][0];
     assert_eq!(p["displayName"], "Made in the browser v2");
     assert_eq!(p["cloudPcNamingTemplate"], "WEB2-%RAND:5%");
+    assert_eq!(p["hibernateAfterMinutes"], 45, "the form's hibernation setting");
     assert_eq!(p["assignments"][0]["target"]["groupId"], group["id"]);
     let (_, groups) = s.get("/v1.0/groups").await;
     assert_eq!(groups["value"].as_array().unwrap().len(), 1, "the reader's forced write changed nothing");
