@@ -71,6 +71,23 @@ pub(crate) async fn ensure_vm_network(hv: &dyn cloudpc_hypervisor::Hypervisor, r
     Ok(())
 }
 
+/// An audit event for a power change cloudpc made by itself.
+fn power_event(
+    rec: &CloudPcRecord,
+    activity: &str,
+    properties: Vec<cloudpc_types::audit::AuditProperty>,
+) -> cloudpc_types::audit::AuditEvent {
+    Change {
+        component: "CloudPC",
+        activity: activity.into(),
+        operation: AuditOperationType::Other,
+        resource_type: "cloudPC",
+        resource_id: rec.pc.id.to_string(),
+        resource_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
+    }
+    .event_with(&Actor::system(), properties)
+}
+
 /// Whether the record already says what the VM does.
 fn in_line(observed: VmState, state: PowerState, detail: Option<PowerStateDetail>) -> bool {
     matches!(
@@ -205,16 +222,9 @@ impl App {
         rec.pc.power_state = PowerState::PoweredOff;
         rec.pc.power_state_detail = Some(PowerStateDetail::Saved);
         rec.pc.last_modified_date_time = Utc::now();
-        let audit = Change {
-            component: "CloudPC",
-            activity: "hibernate CloudPc".into(),
-            operation: AuditOperationType::Other,
-            resource_type: "cloudPC",
-            resource_id: rec.pc.id.to_string(),
-            resource_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
-        }
-        .event_with(
-            &Actor::system(),
+        let audit = power_event(
+            &rec,
+            "hibernate CloudPc",
             vec![
                 property("powerState", Some("running".into()), Some("poweredOff (saved)".into())),
                 property(
@@ -263,17 +273,7 @@ impl App {
                         rec.pc.power_state = PowerState::Running;
                         rec.pc.power_state_detail = None;
                         rec.pc.last_modified_date_time = Utc::now();
-                        let audit = Change {
-                            component: "CloudPC",
-                            activity: "powerOn CloudPc".into(),
-                            operation: AuditOperationType::Other,
-                            resource_type: "cloudPC",
-                            resource_id: rec.pc.id.to_string(),
-                            resource_name: rec.pc.managed_device_name.clone().unwrap_or_default(),
-                        }
-                        .event_with(
-                            &Actor::system(),
-                            vec![
+                        let audit = power_event(&rec, "powerOn CloudPc", vec![
                                 property("powerState", Some("poweredOff".into()), Some("running".into())),
                                 property(
                                     "reason",
