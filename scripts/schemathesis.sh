@@ -48,7 +48,7 @@ stop() {
     if command -v virsh >/dev/null; then
         for d in $(timeout 120 virsh -c qemu:///system list --all --name 2>/dev/null | grep "^$prefix" || true); do
             timeout 120 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
-            timeout 120 virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
+            timeout 120 virsh -c qemu:///system undefine --managed-save "$d" >/dev/null 2>&1 || true
         done
     fi
     rm -rf "$work"

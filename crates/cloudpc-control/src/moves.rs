@@ -139,7 +139,10 @@ impl App {
         let to = self.host(target).await?;
         let spec =
             rec.state.spec.clone().ok_or_else(|| Error::Conflict("the Cloud PC has no build specification".into()))?;
-        let was_on = rec.pc.power_state != PowerState::PoweredOff;
+        // A hibernated Cloud PC's saved memory does not come along (only the disk does): it boots
+        // afresh on the new host, so that it is there when its user opens it.
+        let was_saved = rec.pc.power_state_detail == Some(cloudpc_types::cloud_pc::PowerStateDetail::Saved);
+        let was_on = rec.pc.power_state != PowerState::PoweredOff || was_saved;
         if source != target {
             let from = self.host(&source).await?;
             self.close_consoles(id).await;
@@ -177,10 +180,12 @@ impl App {
         rec.state.resources.network = network;
         rec.state.moving_to = None;
         rec.pc.status_detail = Some(format!(
-            "Moved to another host on {} while its host '{source}' was drained; everything saved on it came along.",
-            Utc::now().format("%Y-%m-%d %H:%M UTC")
+            "Moved to another host on {} while its host '{source}' was drained; everything saved on it came along{}.",
+            Utc::now().format("%Y-%m-%d %H:%M UTC"),
+            if was_saved { ", but it was hibernated and started afresh: what was open is lost" } else { "" }
         ));
         rec.pc.power_state = if was_on { PowerState::Running } else { PowerState::PoweredOff };
+        rec.pc.power_state_detail = None;
         let audit = Change {
             component: "Hosts",
             activity: "Move CloudPc".into(),

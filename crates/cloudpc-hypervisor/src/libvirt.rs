@@ -548,7 +548,8 @@ impl Hypervisor for LibvirtHost {
                 d.destroy()?;
             }
             release_addresses(c, &d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?, None)?;
-            d.undefine()
+            // A hibernated VM has a save file, which goes with it.
+            d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         })
         .await
     }

@@ -571,7 +571,7 @@ async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_af
 #[tokio::test]
 async fn test_vm_idle_cloud_pc_is_hibernated_after_its_console_closes() {
     let _turn = vm_turn().await;
-    let s = VmServer::start(&["--idle-minute-secs", "4"]).await;
+    let s = VmServer::start(&["--idle-minute-secs", "4", "--cleanup-delay-secs", "1"]).await;
     let sku = s.tiny_sku("TINY", 1, 1, 1).await;
     let user = s.user("ida@contoso.com").await;
     let group = s.group("idle group").await;
@@ -623,4 +623,15 @@ async fn test_vm_idle_cloud_pc_is_hibernated_after_its_console_closes() {
     let (status, body) = s.action(&pc, "getConsoleTicket").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(virsh(&["domstate", &domain]).trim(), "running");
+
+    // A hibernated Cloud PC that is deprovisioned goes, its save file with it.
+    assert_eq!(s.action(&pc, "hibernate").await.0, 204);
+    let save = std::path::PathBuf::from(format!("/var/lib/libvirt/qemu/save/{domain}.save"));
+    assert!(save.exists(), "{save:?}");
+    s.license("ida@contoso.com", &sku, false).await;
+    wait_status(&s, "ida@contoso.com", "inGracePeriod", Duration::from_secs(10)).await;
+    assert_eq!(s.action(&pc, "endGracePeriod").await.0, 204);
+    s.wait_all(0, &["provisioned"], Duration::from_secs(60)).await;
+    assert!(s.domains().is_empty(), "{:?}", s.domains());
+    assert!(!save.exists(), "the save file is removed with the VM");
 }

@@ -123,7 +123,7 @@ impl Drop for DomainSweeper {
     fn drop(&mut self) {
         for d in domains(&self.0) {
             virsh(&["destroy", &d]);
-            virsh(&["undefine", &d]);
+            virsh(&["undefine", "--managed-save", &d]);
         }
     }
 }
