@@ -25,9 +25,15 @@ export CLOUDPC_TEST_GALLERY="$CLOUDPC_GALLERY_DIR"
 LOG_DIR=target/test-logs
 mkdir -p "$LOG_DIR"
 run_tests() {
-    local log="$LOG_DIR/$1.log" rc=0
+    local log="$LOG_DIR/$1.log" turns="$PWD/$LOG_DIR/$1-vm-turns.tsv" rc=0
     shift
-    "$@" 2>&1 | tee "$log" || rc=$?
+    : > "$turns"
+    CLOUDPC_TEST_TURN_LOG="$turns" "$@" 2>&1 | tee "$log" || rc=$?
+    # VM tests run one at a time and take most of the time: which ones, for how long.
+    if [ -s "$turns" ]; then
+        echo "=== VM turns: $(wc -l < "$turns") tests held the VMs $(awk '{s += $1} END {printf "%.0f", s}' "$turns") s in all; the longest:"
+        sort -rn "$turns" | head -15
+    fi
     if [ "$rc" -ne 0 ]; then
         echo
         echo "=== FAILURE DIGEST ($log, exit $rc): each failed test's output, backtrace frames left out"

@@ -25,11 +25,21 @@ pub struct VmTurn {
     /// the machine's, not the process's.
     _machine: std::fs::File,
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    test: String,
+    started: Instant,
 }
 
 impl Drop for VmTurn {
     fn drop(&mut self) {
         self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        // How long each VM test held the machine, for scripts/test.sh's summary: the VM tests,
+        // one after another, are most of the suite's time.
+        if let Ok(path) = std::env::var("CLOUDPC_TEST_TURN_LOG") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = writeln!(f, "{:.1}\t{}", self.started.elapsed().as_secs_f64(), self.test);
+            }
+        }
     }
 }
 
@@ -52,7 +62,9 @@ pub async fn vm_turn() -> VmTurn {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let test = std::thread::current().name().unwrap_or("a VM test").to_string();
     let watched = done.clone();
+    let watched_test = test.clone();
     std::thread::spawn(move || {
+        let test = watched_test;
         let started = Instant::now();
         while started.elapsed() < TURN_LIMIT {
             if watched.load(std::sync::atomic::Ordering::SeqCst) {
@@ -62,7 +74,7 @@ pub async fn vm_turn() -> VmTurn {
         }
         hung(&format!("{test} has held the VM turn for more than {} minutes", TURN_LIMIT.as_secs() / 60));
     });
-    VmTurn { _guard: guard, _machine: machine, done }
+    VmTurn { _guard: guard, _machine: machine, done, test, started: Instant::now() }
 }
 
 /// The gallery that scripts/test.sh builds the tiny image into.
