@@ -311,12 +311,14 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
         <select name="image" required>${images.map((i) => `<option value="${esc(i.v)}">${esc(i.t)}</option>`).join("")}</select>
         <select name="network" title="Network"><option value="">Hosted network</option>${healthy.map((c) => `<option value="${esc(c.id)}">${esc(c.displayName)} (${c.connectionType === "hybridAzureADJoin" ? "joins " + esc(c.adDomainName) : "no domain join"})</option>`).join("")}</select>
         <input name="template" placeholder="CPC-%USERNAME:4%-%RAND:5%"><label><input type="checkbox" name="admin"> Local admin</label>
-        <input name="hibernate" type="number" min="1" max="10080" placeholder="Hibernate after (minutes idle)" title="Hibernate a Cloud PC whose console has been closed this many minutes; empty: never">`, "Create policy") +
+        <input name="hibernate" type="number" min="1" max="10080" placeholder="Hibernate after (minutes idle)" title="Hibernate a Cloud PC whose console has been closed this many minutes; empty: never">
+        <input name="pool" type="number" min="0" max="20" placeholder="Warm pool size" title="Booted, unassigned Cloud PCs kept ready per license with free seats, so new users get one in seconds">`, "Create policy") +
       table(policies, [
         ["Policy", (p) => esc(p.displayName)], ["Image", (p) => esc(p.imageDisplayName)],
         ["Network", (p) => (p.domainJoinConfigurations ?? []).map((d: any) => esc(d.onPremisesConnectionId ? connName(d.onPremisesConnectionId) : "Hosted network")).join("<br>") || "Hosted network"],
         ["Naming", (p) => esc(p.cloudPcNamingTemplate)],
         ["Hibernate", (p) => (p.hibernateAfterMinutes ? `after ${esc(p.hibernateAfterMinutes)} min idle` : "never")],
+        ["Warm pool", (p) => (p.warmPoolSize ? `${esc(p.warmPoolSize)} per license` : "none")],
         ["Assigned groups (in order)", (p) => (p.assignments ?? []).map((a: any, i: number) => `${i + 1}. ${esc(groupName(a.target.groupId))}`).join("<br>")],
         ["", (p) => `<span class="write"><span class="order" data-policy="${p.id}">${groups.map((g) => `<label><input type="checkbox" value="${g.id}"> ${esc(g.displayName)}</label>`).join(" ")}</span>
           <button class="secondary" data-assign="${p.id}">Assign checked (in click order)</button> <button class="secondary" data-editp="${p.id}">Edit</button> <button class="secondary" data-delp="${p.id}">Delete</button></span>`],
@@ -329,6 +331,7 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       return api("POST", `${VE}/provisioningPolicies`, {
         displayName: v.name, imageId, imageType, localAdminEnabled: v.admin === "on", ...network,
         ...(v.template ? { cloudPcNamingTemplate: v.template } : {}), ...(v.hibernate ? { hibernateAfterMinutes: +v.hibernate } : {}),
+        ...(v.pool ? { warmPoolSize: +v.pool } : {}),
       });
     }));
     // The order in which boxes are ticked is the assignment order.
@@ -416,7 +419,7 @@ const VIEWS: Record<string, (el: HTMLElement) => Promise<void>> = {
       table(hosts, [
         ["Name", (h) => esc(h.displayName)], ["Region", (h) => esc(h.region)],
         ["State", (h) => `<span class="state">${esc(h.state)}</span>`], ["Accelerator", (h) => esc(h.accelerator)],
-        ["Cloud PCs", (h) => esc(h.cloudPcCount)], ["Used / capacity", (h) => esc(used(h))],
+        ["Cloud PCs", (h) => esc(h.cloudPcCount) + (h.savedCloudPcCount ? ` (${esc(h.savedCloudPcCount)} hibernated)` : "")], ["Used / capacity", (h) => esc(used(h))],
         ["Last report", (h) => esc(h.lastHeartbeatDateTime ?? "never")], ["Detail", (h) => esc(h.statusDetail ?? "")],
         ["", (h) => (h.state === "unreachable"
           ? `<button class="secondary write" data-evacuate="${h.id}">Evacuate</button>`

@@ -38,10 +38,12 @@ try {
   await page.fill("#newpolicy input[name=name]", env.POLICY_NAME);
   await page.fill("#newpolicy input[name=template]", "WEB-%RAND:5%");
   await page.fill("#newpolicy input[name=hibernate]", "45");
+  await page.fill("#newpolicy input[name=pool]", "3");
   await page.click("#newpolicy button");
   const row = page.locator("tr", { hasText: env.POLICY_NAME });
   await row.waitFor({ timeout: 10000 }).catch(() => fail("the new policy is not listed"));
   await row.locator("td", { hasText: "after 45 min idle" }).waitFor({ timeout: 5000 }).catch(() => fail("the policy's hibernation is not shown"));
+  await row.locator("td", { hasText: "3 per license" }).waitFor({ timeout: 5000 }).catch(() => fail("the policy's warm pool is not shown"));
   await row.locator("label", { hasText: env.GROUP_NAME }).locator("input").check();
   await row.locator("button[data-assign]").click();
   await page.locator("tr", { hasText: `1. ${env.GROUP_NAME}` }).waitFor({ timeout: 10000 }).catch(() => fail("the group assignment is not shown"));

@@ -222,10 +222,49 @@ impl App {
         let (host, domain) = self.running_vm(rec, action)?;
         let hv = self.host(&host).await?;
         crate::power::ensure_vm_network(hv.as_ref(), rec).await?;
-        let resumed = hv.resume(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        let was_saved = rec.pc.power_state_detail == Some(PowerStateDetail::Saved);
+        if was_saved {
+            self.take_memory_back(rec, &host).await?;
+        }
+        let resumed = match hv.resume(&domain).await {
+            Ok(r) => r,
+            Err(e) => {
+                if was_saved {
+                    // Still saved: give the memory back to the host's sums.
+                    rec.pc.power_state = PowerState::PoweredOff;
+                    rec.pc.power_state_detail = Some(PowerStateDetail::Saved);
+                    self.save_record(rec, None, None).await?;
+                }
+                return Err(Error::Conflict(e.to_string()));
+            }
+        };
         rec.pc.power_state = PowerState::Running;
         rec.pc.power_state_detail = None;
         self.save_action(actor, rec, action, resumed_detail(resumed)).await
+    }
+
+    /// A hibernated Cloud PC's RAM was counted free on its host, and other desktops may have
+    /// taken it since. Under the allocation lock: if the host still has the memory (and vCPUs),
+    /// the Cloud PC is counted running again before it resumes; if not, the resume is refused
+    /// with the numbers, and the desktop stays saved (nothing is lost; it resumes once others
+    /// hibernate, or after a move).
+    async fn take_memory_back(&self, rec: &mut CloudPcRecord, host: &str) -> Result<()> {
+        let Some(spec) = rec.state.spec.clone() else { return Ok(()) };
+        let _lock = self.store.lock_allocation().await?;
+        let (capacity, used) = self.host_room(host).await?;
+        let free_mib = capacity.memory_in_mb.saturating_sub(used.memory_mib);
+        let free_vcpus = capacity.v_cpu_count.saturating_sub(used.vcpus);
+        if spec.memory_mib > free_mib || u64::from(spec.vcpus) > free_vcpus {
+            return Err(Error::Conflict(format!(
+                "the Cloud PC cannot resume now: its host {host} has {free_mib} MiB of RAM and {free_vcpus} vCPU free \
+                 for running desktops, and it needs {} MiB and {} vCPU; try again when other desktops on the host are \
+                 hibernated or powered off",
+                spec.memory_mib, spec.vcpus
+            )));
+        }
+        rec.pc.power_state = PowerState::Running;
+        rec.pc.power_state_detail = None;
+        self.save_record(rec, None, None).await
     }
 
     /// cloudpc extension: saves the running Cloud PC's memory to disk and stops it, freeing its

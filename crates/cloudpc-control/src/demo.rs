@@ -116,6 +116,7 @@ impl App {
                     grace_period_in_hours: None,
                     time_zone: None,
                     hibernate_after_minutes: None,
+                    warm_pool_size: None,
                 },
             )
             .await?;

@@ -552,6 +552,7 @@ impl App {
                 disk_in_gb: capacity.disk_in_gb.saturating_sub(used.disk_in_gb),
             },
             cloud_pc_count: usage.cloud_pcs,
+            saved_cloud_pc_count: usage.saved,
             last_heartbeat_date_time: row.heartbeat,
             status_detail,
             ..row.host.clone()
@@ -699,6 +700,17 @@ impl App {
             certificate,
             ca_certificate: ca.cert_pem.clone(),
         })
+    }
+
+    /// A host's capacity (after overcommit) and what its Cloud PCs take of it now.
+    pub(crate) async fn host_room(&self, host: &str) -> Result<(HostResources, HostUsage)> {
+        let rows = self.store.list_hosts().await?;
+        let row = rows
+            .iter()
+            .find(|r| r.host.display_name == host)
+            .ok_or_else(|| Error::NotFound { kind: "host", id: host.to_string() })?;
+        let used = self.store.host_usage().await?.get(host).copied().unwrap_or_default();
+        Ok((self.capacity_of(row), used))
     }
 
     /// Where a Cloud PC may be placed now: ready hosts of the region with their capacity (after

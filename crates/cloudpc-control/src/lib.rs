@@ -24,6 +24,7 @@ pub mod network_checks;
 pub mod networks;
 pub mod oidc;
 pub mod policies;
+pub mod pool;
 pub mod portal;
 pub mod power;
 pub mod provisioning;

@@ -110,12 +110,27 @@ fn check_hibernate(minutes: Option<u32>) -> Result<()> {
     }
 }
 
+/// Pool machines hold a host's resources while nobody uses them: a few per license is what a
+/// burst of new starters needs.
+pub const MAX_WARM_POOL: u32 = 20;
+
+fn check_warm_pool(size: u32) -> Result<()> {
+    if size > MAX_WARM_POOL {
+        return Err(Error::invalid(
+            "warmPoolSize",
+            format!("must be between 0 and {MAX_WARM_POOL} machines per license, not {size}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_all(p: &ProvisioningPolicy) -> Result<()> {
     policy::validate_fields(&p.display_name, &p.description, p.cloud_pc_naming_template.as_deref())?;
     check_join_configurations(&p.domain_join_configurations)?;
     check_locale(&p.windows_setting)?;
     check_grace(p.grace_period_in_hours)?;
     check_hibernate(p.hibernate_after_minutes)?;
+    check_warm_pool(p.warm_pool_size)?;
     check_time_zone(p.time_zone.as_deref())
 }
 
@@ -270,6 +285,7 @@ impl App {
             grace_period_in_hours: input.grace_period_in_hours,
             time_zone: input.time_zone,
             hibernate_after_minutes: input.hibernate_after_minutes,
+            warm_pool_size: input.warm_pool_size.unwrap_or(0),
             created_date_time: now,
             last_modified_date_time: now,
             assignments: None,
@@ -336,6 +352,9 @@ impl App {
         if let Some(v) = input.hibernate_after_minutes {
             p.hibernate_after_minutes = (v != 0).then_some(v);
         }
+        if let Some(v) = input.warm_pool_size {
+            p.warm_pool_size = v;
+        }
         check_all(&p)?;
         if joins_changed {
             self.check_connections(&p.domain_join_configurations).await?;
@@ -346,6 +365,8 @@ impl App {
         p.last_modified_date_time = Utc::now();
         let audit = policy_change("Update", AuditOperationType::Patch, &p).event(actor, Some(&before), Some(&p));
         self.store.update_policy(&p, &audit).await?;
+        // Its warm pool follows at once (size, or machines built from the old settings).
+        self.changed();
         Ok(p)
     }
 

@@ -53,7 +53,10 @@ pub(crate) fn watched(rec: &CloudPcRecord) -> bool {
     rec.state.phase == Phase::Idle
         && matches!(
             rec.pc.status,
-            CloudPcStatus::Provisioned | CloudPcStatus::ProvisionedWithWarnings | CloudPcStatus::InGracePeriod
+            CloudPcStatus::Provisioned
+                | CloudPcStatus::ProvisionedWithWarnings
+                | CloudPcStatus::InGracePeriod
+                | CloudPcStatus::Pooled
         )
         && rec.state.resources.host.is_some()
         && rec.state.resources.domain.is_some()

@@ -33,6 +33,26 @@ pub struct ExistingPc {
     pub phase: Phase,
     pub grace_end: Option<DateTime<Utc>>,
     pub cleanup_at: Option<DateTime<Utc>>,
+    /// Set for a warm-pool machine.
+    pub pool: Option<InPool>,
+}
+
+/// A warm-pool machine as the reconciler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InPool {
+    pub policy: Uuid,
+    /// Booted and claimable.
+    pub ready: bool,
+    /// Built from settings its policy no longer has.
+    pub stale: bool,
+}
+
+/// A warm pool that should exist: `size` machines of `policy` for `sku`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolWant {
+    pub policy: Uuid,
+    pub sku: Uuid,
+    pub size: u32,
 }
 
 /// The inputs of a decision.
@@ -44,6 +64,7 @@ pub struct World {
     /// In order of first assignment: the first that matches a user wins.
     pub assignments: Vec<StoredAssignment>,
     pub pcs: Vec<ExistingPc>,
+    pub pools: Vec<PoolWant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +101,21 @@ pub enum Action {
     Resume {
         pc: Uuid,
     },
+    /// As `Create`, but the policy's warm pool has a ready machine for the license: claim it.
+    Claim {
+        user: Uuid,
+        sku: Uuid,
+        policy: Uuid,
+    },
+    /// The policy's warm pool for the license is short of a machine.
+    FillPool {
+        policy: Uuid,
+        sku: Uuid,
+    },
+    /// A warm-pool machine that is surplus, stale, no longer wanted, or failed long enough.
+    RemovePooled {
+        pc: Uuid,
+    },
 }
 
 /// The policy that provisions a user: the first assigned one whose groups contain the user.
@@ -104,8 +140,39 @@ pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
         world.licensed.iter().map(|&(u, s)| ((u, s), winner(u))).collect();
     let mut actions = Vec::new();
     let mut has_pc = HashSet::new();
+    let wanted_pools: HashMap<(Uuid, Uuid), u32> = world.pools.iter().map(|p| ((p.policy, p.sku), p.size)).collect();
+    // Per pool: machines that count toward its size, and the ready ones (claimable).
+    let mut members: HashMap<(Uuid, Uuid), u32> = HashMap::new();
+    let mut ready: HashMap<(Uuid, Uuid), Vec<Uuid>> = HashMap::new();
+    for pc in &world.pcs {
+        let Some(pool) = pc.pool else { continue };
+        let key = (pool.policy, pc.sku);
+        let idle = pc.phase == Phase::Idle;
+        let cleanup_due = pc.cleanup_at.is_some_and(|t| t <= now);
+        match pc.status {
+            CloudPcStatus::Deprovisioning => {}
+            // A failed machine holds its place until its clean-up time, so a pool that cannot
+            // be built is retried once per clean-up delay, not in a loop.
+            CloudPcStatus::Failed if idle && cleanup_due => actions.push(Action::RemovePooled { pc: pc.id }),
+            _ if pool.stale || !wanted_pools.contains_key(&key) => {
+                // One still booting is removed once it is idle.
+                if idle {
+                    actions.push(Action::RemovePooled { pc: pc.id });
+                }
+            }
+            status => {
+                *members.entry(key).or_default() += 1;
+                if status == CloudPcStatus::Pooled && pool.ready && idle {
+                    ready.entry(key).or_default().push(pc.id);
+                }
+            }
+        }
+    }
     for pc in &world.pcs {
         has_pc.insert((pc.user, pc.sku));
+        if pc.pool.is_some() {
+            continue;
+        }
         let wanted = desired.get(&(pc.user, pc.sku));
         // Still wanted, under the same policy it was made by?
         let keep = matches!(wanted, Some(Some(p)) if Some(*p) == pc.policy);
@@ -139,10 +206,59 @@ pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
     }
     for (&(user, sku), &policy) in &desired {
         if !has_pc.contains(&(user, sku)) {
-            actions.push(Action::Create { user, sku, policy });
+            let pooled = policy.and_then(|p| ready.get_mut(&(p, sku))).and_then(Vec::pop);
+            match (pooled, policy) {
+                (Some(_), Some(policy)) => {
+                    // The claimed machine leaves the pool, which is refilled below.
+                    if let Some(n) = members.get_mut(&(policy, sku)) {
+                        *n = n.saturating_sub(1);
+                    }
+                    actions.push(Action::Claim { user, sku, policy });
+                }
+                _ => actions.push(Action::Create { user, sku, policy }),
+            }
+        }
+    }
+    // Refills come last: entitled users are served before pools are topped up.
+    for want in &world.pools {
+        let have = members.get(&(want.policy, want.sku)).copied().unwrap_or(0);
+        for _ in have..want.size {
+            actions.push(Action::FillPool { policy: want.policy, sku: want.sku });
+        }
+        // A shrunk pool gives up ready machines first-to-last (any will do).
+        let surplus = have.saturating_sub(want.size) as usize;
+        if let Some(ids) = ready.get(&(want.policy, want.sku)) {
+            actions.extend(ids.iter().take(surplus).map(|&pc| Action::RemovePooled { pc }));
         }
     }
     actions
+}
+
+/// A Cloud PC record's body before provisioning: the license's service plan, nothing else yet.
+pub(crate) fn new_cloud_pc(id: Uuid, sku: &cloudpc_types::licensing::SubscribedSku, now: DateTime<Utc>) -> CloudPc {
+    CloudPc {
+        id,
+        display_name: String::new(),
+        managed_device_name: None,
+        user_principal_name: String::new(),
+        provisioning_policy_id: None,
+        provisioning_policy_name: None,
+        service_plan_id: sku.sku_id,
+        service_plan_name: sku.service_plans.first().map(|p| p.service_plan_name.clone()).unwrap_or_default(),
+        image_display_name: None,
+        image_version: None,
+        provisioning_type: ProvisioningType::Dedicated,
+        status: CloudPcStatus::NotProvisioned,
+        status_detail: None,
+        power_state: PowerState::Unknown,
+        power_state_detail: None,
+        grace_period_end_date_time: None,
+        provisioned_date_time: None,
+        last_modified_date_time: now,
+        user_account_type: UserAccountType::StandardUser,
+        os_version: None,
+        last_remote_action_result: None,
+    }
 }
 
 impl App {
@@ -195,6 +311,7 @@ impl App {
         }
         let mut assignments = self.store.list_assignments().await?;
         assignments.sort_by_key(|a| (a.assigned_at, a.policy_id, a.position));
+        let (pools, fingerprints) = self.wanted_pools(&assignments).await?;
         let records: HashMap<Uuid, CloudPcRecord> =
             self.store.list_cloud_pc_records().await?.into_iter().map(|r| (r.pc.id, r)).collect();
         let pcs = records
@@ -208,9 +325,60 @@ impl App {
                 phase: r.state.phase,
                 grace_end: r.pc.grace_period_end_date_time,
                 cleanup_at: r.state.cleanup_at,
+                pool: r.state.pool.as_ref().map(|p| InPool {
+                    policy: p.policy_id,
+                    ready: p.ready,
+                    stale: fingerprints.get(&(p.policy_id, r.state.sku_id)).is_some_and(|f| *f != p.fingerprint),
+                }),
             })
             .collect();
-        Ok((World { licensed, memberships, assignments, pcs }, records))
+        Ok((World { licensed, memberships, assignments, pcs, pools }, records))
+    }
+
+    /// The warm pools that should exist, with the fingerprint a machine of each is built to: for
+    /// each assigned policy with a `warmPoolSize`, one per license that has free seats.
+    async fn wanted_pools(
+        &self,
+        assignments: &[StoredAssignment],
+    ) -> Result<(Vec<PoolWant>, HashMap<(Uuid, Uuid), String>)> {
+        let assigned: HashSet<Uuid> = assignments.iter().map(|a| a.policy_id).collect();
+        let policies: Vec<_> = self
+            .store
+            .list_policies()
+            .await?
+            .into_iter()
+            .filter(|p| p.warm_pool_size > 0 && assigned.contains(&p.id))
+            .collect();
+        if policies.is_empty() {
+            return Ok((Vec::new(), HashMap::new()));
+        }
+        let consumed = self.store.consumed_units().await?;
+        let skus: Vec<_> = self
+            .store
+            .list_skus()
+            .await?
+            .into_iter()
+            .filter(|s| consumed.get(&s.id).copied().unwrap_or(0) < s.prepaid_units.enabled)
+            .collect();
+        let (mut pools, mut fingerprints) = (Vec::new(), HashMap::new());
+        for p in &policies {
+            let version = match p.image_type {
+                cloudpc_types::policy::ImageType::Custom => match Uuid::parse_str(&p.image_id) {
+                    Ok(id) => self.store.get_device_image(id).await.ok().and_then(|i| {
+                        i.current()
+                            .filter(|v| v.status == cloudpc_types::images::DeviceImageStatus::Ready)
+                            .map(|v| v.version.clone())
+                    }),
+                    Err(_) => None,
+                },
+                cloudpc_types::policy::ImageType::Gallery => None,
+            };
+            for s in &skus {
+                pools.push(PoolWant { policy: p.id, sku: s.id, size: p.warm_pool_size });
+                fingerprints.insert((p.id, s.id), crate::pool::fingerprint(p, version.as_deref(), s));
+            }
+        }
+        Ok((pools, fingerprints))
     }
 
     /// Reads the world and plans without acting; returns how many actions the plan has, and how
@@ -240,7 +408,9 @@ impl App {
             let app = self.clone();
             let policy = match &action {
                 Action::Create { policy, .. } => *policy,
-                Action::Provision { policy, .. } => Some(*policy),
+                Action::Provision { policy, .. } | Action::Claim { policy, .. } | Action::FillPool { policy, .. } => {
+                    Some(*policy)
+                }
                 _ => None,
             };
             let (pc, during) = match &action {
@@ -252,6 +422,9 @@ impl App {
                 Action::Forget { pc } => (Some(*pc), "removing a Cloud PC that is no longer licensed"),
                 Action::CleanUp { pc } => (Some(*pc), "cleaning up"),
                 Action::Resume { pc } => (Some(*pc), "resuming provisioning"),
+                Action::Claim { .. } => (None, "claiming a warm-pool machine"),
+                Action::FillPool { .. } => (None, "filling a warm pool"),
+                Action::RemovePooled { pc } => (Some(*pc), "removing a warm-pool machine"),
             };
             let rec = pc.and_then(|id| records.remove(&id));
             let created = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -270,6 +443,16 @@ impl App {
                         app.store.delete_cloud_pc(pc, Some(&audit)).await.map_err(Into::into)
                     }
                     (Action::CleanUp { .. }, Some(mut rec)) => app.clean_up(&mut rec).await,
+                    (Action::Claim { user, sku, policy }, _) => {
+                        // Another replica or pass may have taken the last ready machine.
+                        if app.claim_from_pool(user, sku, policy).await? {
+                            Ok(())
+                        } else {
+                            app.create_cloud_pc(user, sku, Some(policy), &created_in_task).await
+                        }
+                    }
+                    (Action::FillPool { policy, sku }, _) => app.create_pool_machine(policy, sku).await,
+                    (Action::RemovePooled { .. }, Some(mut rec)) => app.remove_pool_machine(&mut rec).await,
                     // Workflows with work left are picked up by every replica's scan for free or
                     // expired leases (`replicas.rs`), a few at a time as slots free up; driving
                     // each one from every pass would cost one claim per waiting Cloud PC.
@@ -313,27 +496,10 @@ impl App {
         let now = Utc::now();
         let mut rec = CloudPcRecord::new(
             CloudPc {
-                id: Uuid::new_v4(),
                 display_name: format!("{} - {}", s.display_name, u.display_name).chars().take(64).collect(),
-                managed_device_name: None,
                 user_principal_name: u.user_principal_name.clone(),
-                provisioning_policy_id: None,
-                provisioning_policy_name: None,
-                service_plan_id: s.sku_id,
-                service_plan_name: s.service_plans.first().map(|p| p.service_plan_name.clone()).unwrap_or_default(),
-                image_display_name: None,
-                image_version: None,
-                provisioning_type: ProvisioningType::Dedicated,
-                status: CloudPcStatus::NotProvisioned,
                 status_detail: Some("No provisioning policy targets this user.".into()),
-                power_state: PowerState::Unknown,
-                power_state_detail: None,
-                grace_period_end_date_time: None,
-                provisioned_date_time: None,
-                last_modified_date_time: now,
-                user_account_type: UserAccountType::StandardUser,
-                os_version: None,
-                last_remote_action_result: None,
+                ..new_cloud_pc(Uuid::new_v4(), &s, now)
             },
             ProvisioningState::new(user, sku, now),
         );
@@ -434,7 +600,7 @@ mod tests {
     }
 
     fn pc(id: Uuid, user: Uuid, sku: Uuid, policy: Option<Uuid>, status: CloudPcStatus) -> ExistingPc {
-        ExistingPc { id, user, sku, policy, status, phase: Phase::Idle, grace_end: None, cleanup_at: None }
+        ExistingPc { id, user, sku, policy, status, phase: Phase::Idle, grace_end: None, cleanup_at: None, pool: None }
     }
 
     #[test]
@@ -445,6 +611,7 @@ mod tests {
             memberships: HashMap::from([(user, HashSet::from([group]))]),
             assignments: vec![assignment(policy, group, 0)],
             pcs: vec![],
+            pools: vec![],
         };
         let actions = plan(&world, Utc::now());
         assert_eq!(actions.len(), 2);
@@ -460,6 +627,7 @@ mod tests {
             memberships: HashMap::from([(user, HashSet::from([g1, g2]))]),
             assignments: vec![assignment(early, g2, 0), assignment(late, g1, 5)],
             pcs: vec![],
+            pools: vec![],
         };
         assert_eq!(plan(&world, Utc::now()), vec![Action::Create { user, sku, policy: Some(early) }]);
     }
@@ -479,6 +647,7 @@ mod tests {
             memberships: HashMap::from([(user, HashSet::from([group]))]),
             assignments: vec![assignment(policy, group, 0)],
             pcs: vec![pc(id, user, sku, Some(policy), CloudPcStatus::Provisioned)],
+            pools: vec![],
         };
         assert!(plan(&targeted, Utc::now()).is_empty(), "a provisioned, wanted Cloud PC is left alone");
 
@@ -503,6 +672,7 @@ mod tests {
             memberships: HashMap::from([(user, HashSet::from([g2]))]),
             assignments: vec![assignment(old, g1, 0), assignment(new, g2, 1)],
             pcs: vec![pc(id, user, sku, Some(old), CloudPcStatus::Provisioned)],
+            pools: vec![],
         };
         assert_eq!(plan(&world, Utc::now()), vec![Action::EnterGrace { pc: id }], "one Cloud PC per user and license");
     }
@@ -516,6 +686,7 @@ mod tests {
             memberships: HashMap::from([(user, HashSet::from([group]))]),
             assignments: vec![assignment(policy, group, 0)],
             pcs: vec![waiting.clone()],
+            pools: vec![],
         };
         assert_eq!(plan(&world, Utc::now()), vec![Action::Provision { pc: id, policy }]);
         let gone = World { pcs: vec![waiting], ..Default::default() };
@@ -533,5 +704,89 @@ mod tests {
         let actions = plan(&world, Utc::now());
         assert!(actions.contains(&Action::Resume { pc: id }));
         assert!(actions.contains(&Action::CleanUp { pc: id2 }));
+    }
+
+    fn pooled(id: Uuid, sku: Uuid, policy: Uuid, status: CloudPcStatus, ready: bool) -> ExistingPc {
+        ExistingPc {
+            id,
+            user: id,
+            sku,
+            policy: Some(policy),
+            status,
+            phase: Phase::Idle,
+            grace_end: None,
+            cleanup_at: None,
+            pool: Some(InPool { policy, ready, stale: false }),
+        }
+    }
+
+    #[test]
+    fn test_plan_warm_pool_claims_before_creating_and_refills_last() {
+        let [user, sku, group, policy, m1, m2] = ids(6).try_into().unwrap();
+        let want = PoolWant { policy, sku, size: 2 };
+        let empty = World {
+            licensed: vec![],
+            assignments: vec![assignment(policy, group, 0)],
+            pools: vec![want],
+            ..Default::default()
+        };
+        assert_eq!(plan(&empty, Utc::now()), vec![Action::FillPool { policy, sku }; 2], "an empty pool is filled");
+
+        // One ready, one booting: a new user gets the ready one, and one refill follows.
+        let mut booting = pooled(m2, sku, policy, CloudPcStatus::Provisioning, false);
+        booting.phase = Phase::Forward;
+        let world = World {
+            licensed: vec![(user, sku)],
+            memberships: HashMap::from([(user, HashSet::from([group]))]),
+            assignments: vec![assignment(policy, group, 0)],
+            pcs: vec![pooled(m1, sku, policy, CloudPcStatus::Pooled, true), booting.clone()],
+            pools: vec![want],
+        };
+        let actions = plan(&world, Utc::now());
+        assert_eq!(
+            actions.iter().filter(|a| !matches!(a, Action::Resume { .. })).cloned().collect::<Vec<_>>(),
+            vec![Action::Claim { user, sku, policy }, Action::FillPool { policy, sku }],
+            "claim first, refill last"
+        );
+
+        // Only a booting machine: the user is not made to wait for it; a Cloud PC is created.
+        let world = World { pcs: vec![booting], ..world };
+        assert!(plan(&world, Utc::now()).contains(&Action::Create { user, sku, policy: Some(policy) }));
+    }
+
+    #[test]
+    fn test_plan_warm_pool_removes_stale_surplus_unwanted_and_long_failed_machines() {
+        let [sku, policy, m1, m2, m3, m4] = ids(6).try_into().unwrap();
+        let mut stale = pooled(m1, sku, policy, CloudPcStatus::Pooled, true);
+        stale.pool = Some(InPool { policy, ready: true, stale: true });
+        let mut failed = pooled(m4, sku, policy, CloudPcStatus::Failed, false);
+        failed.cleanup_at = Some(Utc::now() + chrono::Duration::hours(1));
+        let world = World {
+            pcs: vec![
+                stale.clone(),
+                pooled(m2, sku, policy, CloudPcStatus::Pooled, true),
+                pooled(m3, sku, policy, CloudPcStatus::Pooled, true),
+                failed.clone(),
+            ],
+            pools: vec![PoolWant { policy, sku, size: 2 }],
+            ..Default::default()
+        };
+        let actions = plan(&world, Utc::now());
+        assert!(actions.contains(&Action::RemovePooled { pc: m1 }), "stale: {actions:?}");
+        // m2, m3 and the failed m4 (not due yet) make 3 for a size of 2: one ready one goes.
+        let removed: Vec<_> = actions.iter().filter(|a| matches!(a, Action::RemovePooled { .. })).collect();
+        assert_eq!(removed.len(), 2, "{actions:?}");
+        assert!(!actions.contains(&Action::RemovePooled { pc: m4 }), "a failed machine holds its place until clean-up");
+        assert!(!actions.iter().any(|a| matches!(a, Action::FillPool { .. })));
+        // Its clean-up time come, the failed one goes and is replaced.
+        let later = Utc::now() + chrono::Duration::hours(2);
+        let actions = plan(
+            &World { pcs: vec![failed], pools: vec![PoolWant { policy, sku, size: 1 }], ..Default::default() },
+            later,
+        );
+        assert_eq!(actions, vec![Action::RemovePooled { pc: m4 }, Action::FillPool { policy, sku }]);
+        // No pool wanted any more (size 0, unassigned, or no free seats): every idle machine goes.
+        let gone = World { pcs: vec![pooled(m2, sku, policy, CloudPcStatus::Pooled, true)], ..Default::default() };
+        assert_eq!(plan(&gone, Utc::now()), vec![Action::RemovePooled { pc: m2 }]);
     }
 }

@@ -92,6 +92,41 @@ pub async fn set_hostname(agent: &GuestAgent<'_>, name: &str) -> Result<()> {
     run_step(agent, "setHostname", "setting the hostname", &script, STEP_TIMEOUT).await.map(|_| ())
 }
 
+/// Gives a machine booted ahead of time (a warm-pool machine) an identity of its own before its
+/// user gets it: a new machine id, new SSH host keys where sshd is installed, and the kernel's
+/// random pool stirred with `entropy` from the host (a saved seed would otherwise be the one the
+/// image was built with). Returns the new machine id. Idempotent: a second run makes another
+/// fresh identity, which is as good.
+pub async fn refresh_identity(agent: &GuestAgent<'_>, entropy_hex: &str) -> Result<String> {
+    let seed = sh_quote(entropy_hex);
+    let script = format!(
+        r#"set -e
+printf '%s' {seed} > /dev/urandom
+rm -f /var/lib/systemd/random-seed
+if command -v systemd-machine-id-setup >/dev/null 2>&1; then
+    rm -f /etc/machine-id
+    systemd-machine-id-setup >/dev/null 2>&1
+else
+    # No systemd (busybox images): a random 128-bit id, as systemd writes it.
+    od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > /etc/machine-id
+    echo >> /etc/machine-id
+fi
+if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
+    cp /etc/machine-id /var/lib/dbus/machine-id
+fi
+# Host keys made before the claim are never kept: shared ones would let one machine pose as another.
+rm -f /etc/ssh/ssh_host_*
+if command -v ssh-keygen >/dev/null 2>&1 && [ -d /etc/ssh ]; then
+    ssh-keygen -A >/dev/null
+    if command -v systemctl >/dev/null 2>&1; then systemctl try-restart ssh.service sshd.service 2>/dev/null || true; fi
+fi
+cat /etc/machine-id
+"#
+    );
+    let out = run_step(agent, "refreshIdentity", "refreshing the machine's identity", &script, STEP_TIMEOUT).await?;
+    Ok(out.trim().to_string())
+}
+
 /// SHA-512 crypt of the password, made on the host so the guest never sees it in clear.
 pub fn hash_password(password: &str) -> Result<String> {
     let params = sha_crypt::Sha512Params::new(10_000).map_err(|e| GuestError::Protocol(format!("{e:?}")))?;

@@ -95,7 +95,12 @@ pub struct HostUsage {
     pub vcpus: u64,
     pub memory_mib: u64,
     pub storage_gib: u64,
+    /// Of `cloud_pcs`, the hibernated ones (their RAM is not in `memory_mib`).
+    pub saved: u64,
 }
+
+/// What a warm-pool claim does to the machine it got; returns the audit event of the claim.
+pub type ClaimFn = Box<dyn FnOnce(&mut CloudPcRecord) -> AuditEvent + Send>;
 
 /// Holds the capacity-allocation lock until dropped (a database lock on PostgreSQL, so replicas
 /// take turns too).
@@ -215,6 +220,13 @@ pub trait Store: Send + Sync + 'static {
         lease: Option<&str>,
     ) -> Result<()>;
     async fn delete_cloud_pc(&self, id: Uuid, audit: Option<&AuditEvent>) -> Result<()>;
+    /// Gives a ready machine of `policy`'s warm pool for `sku` to a user: the oldest one that no
+    /// other claim holds this moment (`SKIP LOCKED` on PostgreSQL, the write lock on SQLite),
+    /// changed by `assign` (which returns the audit event) and stored in the same transaction, so
+    /// two claims never get one machine and a crash leaves it either pooled or claimed. `None`
+    /// when the pool has no ready machine. Refused (Conflict) when the user already has a Cloud
+    /// PC for that license.
+    async fn claim_pooled(&self, policy: Uuid, sku: Uuid, assign: ClaimFn) -> Result<Option<CloudPcRecord>>;
     async fn list_steps(&self, cloud_pc: Uuid) -> Result<Vec<ProvisioningStepRecord>>;
 
     // Device records made by provisioning.

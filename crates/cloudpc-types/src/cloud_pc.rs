@@ -21,6 +21,9 @@ pub enum CloudPcStatus {
     PendingProvision,
     Resizing,
     Restoring,
+    /// cloudpc extension: a booted machine of a policy's warm pool, waiting for a user. Shown to
+    /// administrators only.
+    Pooled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -53,10 +53,14 @@ pub struct Host {
     pub agent_version: Option<String>,
     /// What the host gives to Cloud PCs (as reported, times the overcommit ratios).
     pub capacity: HostResources,
-    /// What its Cloud PCs were promised.
+    /// What its Cloud PCs were promised. Hibernated ones take no vCPU or RAM; their save files
+    /// count against disk.
     pub used: HostResources,
     pub free: HostResources,
     pub cloud_pc_count: u64,
+    /// cloudpc extension: of `cloudPcCount`, the hibernated ones (saved to disk, RAM free).
+    #[serde(default)]
+    pub saved_cloud_pc_count: u64,
     pub last_heartbeat_date_time: Option<DateTime<Utc>>,
     /// Why the host is in its state (unreachable since when, fenced, …).
     pub status_detail: Option<String>,
@@ -80,6 +84,7 @@ impl Host {
             used: HostResources::default(),
             free: HostResources::default(),
             cloud_pc_count: 0,
+            saved_cloud_pc_count: 0,
             last_heartbeat_date_time: None,
             status_detail: None,
             created_date_time: Utc::now(),

@@ -100,6 +100,10 @@ pub struct ProvisioningPolicy {
     /// hibernated (its memory saved to disk, its RAM freed); opening it resumes it. Off when absent.
     #[serde(default)]
     pub hibernate_after_minutes: Option<u32>,
+    /// cloudpc extension: booted, unassigned Cloud PCs kept ready for each license with free
+    /// seats, so a newly entitled user gets one in seconds. 0 (the default) keeps none.
+    #[serde(default)]
+    pub warm_pool_size: u32,
     pub created_date_time: DateTime<Utc>,
     pub last_modified_date_time: DateTime<Utc>,
     /// Present when asked for with `$expand=assignments`.
@@ -139,6 +143,8 @@ pub struct ProvisioningPolicyCreate {
     pub time_zone: Option<String>,
     #[serde(default)]
     pub hibernate_after_minutes: Option<u32>,
+    #[serde(default)]
+    pub warm_pool_size: Option<u32>,
 }
 
 /// Body of `PATCH provisioningPolicies/{id}`: absent fields stay as they are.
@@ -163,6 +169,7 @@ pub struct ProvisioningPolicyUpdate {
     pub time_zone: Option<String>,
     /// 0 turns hibernation off.
     pub hibernate_after_minutes: Option<u32>,
+    pub warm_pool_size: Option<u32>,
 }
 
 /// Graph's assignment target: a group, by id.

@@ -138,6 +138,29 @@ pub struct ProvisioningState {
     /// The host the Cloud PC is being moved to (a drain), until the move is done.
     #[serde(default)]
     pub moving_to: Option<String>,
+    /// Set while the Cloud PC is a machine of a policy's warm pool (booted, no user yet).
+    #[serde(default)]
+    pub pool: Option<PoolMember>,
+    /// This generation's VM was booted ahead of time in a warm pool and claimed for the user:
+    /// its identity is refreshed before the user-specific steps.
+    #[serde(default)]
+    pub claimed_from_pool: bool,
+    /// Steps after the claim point that a warm-pool machine ran while it waited (they are the
+    /// same for every user); the workflow passes over them after the claim.
+    #[serde(default)]
+    pub done_in_pool: Vec<String>,
+}
+
+/// A warm-pool machine: which policy it waits for, and what it was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolMember {
+    pub policy_id: Uuid,
+    /// What of the policy the machine was built from (image, its version, network); a policy
+    /// edit that changes it makes the machine stale, and it is rebuilt.
+    pub fingerprint: String,
+    /// Booted and waiting for a user (claimable).
+    pub ready: bool,
 }
 
 impl ProvisioningState {
@@ -159,6 +182,9 @@ impl ProvisioningState {
             requested_at: now,
             boot_ms: None,
             moving_to: None,
+            pool: None,
+            claimed_from_pool: false,
+            done_in_pool: Vec::new(),
         }
     }
 }

@@ -640,6 +640,9 @@ pub enum PoliciesCmd {
         /// Hibernate a Cloud PC whose console has been closed this many minutes (off if absent).
         #[arg(long)]
         hibernate_after_minutes: Option<u32>,
+        /// Booted, unassigned Cloud PCs to keep ready per license with free seats [default: 0].
+        #[arg(long)]
+        warm_pool_size: Option<u32>,
     },
     Update {
         policy: String,
@@ -660,6 +663,9 @@ pub enum PoliciesCmd {
         /// Minutes with the console closed before a Cloud PC is hibernated; 0 turns it off.
         #[arg(long)]
         hibernate_after_minutes: Option<u32>,
+        /// Booted, unassigned Cloud PCs to keep ready per license with free seats; 0 for none.
+        #[arg(long)]
+        warm_pool_size: Option<u32>,
     },
     Delete {
         policy: String,

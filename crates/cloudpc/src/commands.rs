@@ -109,6 +109,7 @@ const HOST_COLUMNS: &[Column] = &[
     ("STATE", "/state"),
     ("ACCEL", "/accelerator"),
     ("CLOUD PCS", "/cloudPcCount"),
+    ("SAVED", "/savedCloudPcCount"),
     ("VCPU USED/ALL", "/used/vCpuCount"),
     ("/", "/capacity/vCpuCount"),
     ("MB FREE", "/free/memoryInMB"),
@@ -807,6 +808,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
             region,
             locale,
             hibernate_after_minutes,
+            warm_pool_size,
         } => {
             let body = object(vec![
                 ("displayName", Some(json!(name))),
@@ -821,6 +823,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
                 ),
                 ("windowsSetting", locale.map(|l| json!({ "locale": l }))),
                 ("hibernateAfterMinutes", hibernate_after_minutes.map(Value::from)),
+                ("warmPoolSize", warm_pool_size.map(Value::from)),
             ]);
             output::entity(fmt, &c.call(Method::POST, &set, Some(&body)).await?);
             Ok(())
@@ -835,6 +838,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
             local_admin,
             locale,
             hibernate_after_minutes,
+            warm_pool_size,
         } => {
             let body = object(vec![
                 ("displayName", name.map(Value::from)),
@@ -845,6 +849,7 @@ async fn policies(c: &Client, fmt: OutputFormat, cmd: PoliciesCmd) -> Out {
                 ("localAdminEnabled", local_admin.map(Value::from)),
                 ("windowsSetting", locale.map(|l| json!({ "locale": l }))),
                 ("hibernateAfterMinutes", hibernate_after_minutes.map(Value::from)),
+                ("warmPoolSize", warm_pool_size.map(Value::from)),
             ]);
             nonempty_patch(&body)?;
             let id = policy_id(c, &policy).await?;

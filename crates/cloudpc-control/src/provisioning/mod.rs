@@ -81,6 +81,11 @@ fn random_alnum(len: usize) -> String {
     (0..len).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
 }
 
+/// The Cloud PC's device name from the policy's naming template and the user's nickname.
+pub(crate) fn device_name(template: &str, nickname: &str) -> Result<String> {
+    Ok(NamingTemplate::parse(template)?.expand(nickname, &mut || random_alnum(1).chars().next().unwrap_or('X')))
+}
+
 fn random_mac() -> String {
     let mut rng = rand::thread_rng();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", rng.gen::<u8>(), rng.gen::<u8>(), rng.gen::<u8>())
@@ -185,7 +190,11 @@ impl App {
     pub(crate) async fn start_generation(&self, rec: &mut CloudPcRecord, policy_id: Uuid) -> Result<()> {
         let policy = self.store.get_policy(policy_id).await?;
         let sku = self.store.get_sku(rec.state.sku_id).await?;
-        let user = self.store.get_user(rec.state.user_id).await?;
+        // A warm-pool machine has no user yet: its user-specific settings come with the claim.
+        let user = match rec.state.pool {
+            Some(_) => None,
+            None => Some(self.store.get_user(rec.state.user_id).await?),
+        };
         let mut image_version = None;
         let (image_disk, kernel) = match policy.image_type {
             ImageType::Gallery => {
@@ -216,8 +225,10 @@ impl App {
         }
         let (region, connection_id) = self.network_of(&policy).await?;
         let template = policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());
-        let name = NamingTemplate::parse(&template)?
-            .expand(&user.mail_nickname, &mut || random_alnum(1).chars().next().unwrap_or('X'));
+        let name = match &user {
+            Some(user) => device_name(&template, &user.mail_nickname)?,
+            None => format!("POOL-{}", random_alnum(8)),
+        };
         rec.state.spec = Some(BuildSpec {
             vcpus: sku.v_cpu_count,
             memory_mib: u64::from(sku.ram_in_gb) * 1024,
@@ -233,6 +244,13 @@ impl App {
             grace_period_hours: policy.grace_period_in_hours,
             connection_id,
         });
+        if let Some(pool) = rec.state.pool.as_mut() {
+            let spec = rec.state.spec.as_ref().expect("set above");
+            pool.fingerprint = crate::pool::fingerprint(&policy, spec.image_version.as_deref(), &sku);
+            pool.ready = false;
+        }
+        rec.state.claimed_from_pool = false;
+        rec.state.done_in_pool.clear();
         rec.state.generation += 1;
         rec.state.attempt = 1;
         rec.state.attempt_total = 1;
@@ -250,9 +268,10 @@ impl App {
         rec.pc.service_plan_id = sku.sku_id;
         rec.pc.service_plan_name = sku.service_plans.first().map(|p| p.service_plan_name.clone()).unwrap_or_default();
         rec.pc.provisioning_type = policy.provisioning_type;
-        rec.pc.user_principal_name = user.user_principal_name.clone();
+        rec.pc.user_principal_name = user.as_ref().map(|u| u.user_principal_name.clone()).unwrap_or_default();
         rec.pc.managed_device_name = Some(name.clone());
-        rec.pc.display_name = format!("{} - {}", policy.display_name, user.display_name).chars().take(64).collect();
+        let whose = user.as_ref().map_or("warm pool", |u| u.display_name.as_str());
+        rec.pc.display_name = format!("{} - {whose}", policy.display_name).chars().take(64).collect();
         rec.pc.status = CloudPcStatus::Provisioning;
         rec.pc.status_detail = None;
         rec.pc.provisioned_date_time = None;
@@ -357,7 +376,12 @@ impl App {
                 Some(h) => self.host(&h).await.ok(),
                 None => None,
             };
-            if step.applies(hv.as_deref()) {
+            // A warm-pool machine stops before the first user-specific step (which does not
+            // apply to it yet).
+            let waits_in_pool =
+                rec.state.pool.as_ref().is_some_and(|p| !p.ready) && step.name() == steps::FIRST_USER_STEP;
+            let done_in_pool = rec.state.done_in_pool.iter().any(|d| d == step.name());
+            if waits_in_pool || (!done_in_pool && step.applies(hv.as_deref(), rec)) {
                 break;
             }
             rec.state.next_step = steps::after(step.name());
@@ -365,6 +389,9 @@ impl App {
         if rec.state.next_step == steps::DONE {
             self.complete(rec).await?;
             return Ok(false);
+        }
+        if rec.state.pool.as_ref().is_some_and(|p| !p.ready) && rec.state.next_step == steps::FIRST_USER_STEP {
+            return self.pool_machine_booted(rec).await;
         }
         let Some((_, step)) = steps::step_named(&rec.state.next_step) else {
             // A step this version does not have (a downgrade): start the attempt over.

@@ -53,9 +53,9 @@ pub trait ProvisioningStep: Sync {
     /// The name stored as progress and shown in `provisioningSteps`; never reused for another step.
     fn name(&self) -> &'static str;
     fn stage(&self) -> ProvisioningStage;
-    /// Whether the step has anything to do on this host; one that has not is passed over without
-    /// a record (and without a write).
-    fn applies(&self, _hv: Option<&dyn Hypervisor>) -> bool {
+    /// Whether the step has anything to do for this Cloud PC on this host; one that has not is
+    /// passed over without a record (and without a write).
+    fn applies(&self, _hv: Option<&dyn Hypervisor>, _rec: &CloudPcRecord) -> bool {
         true
     }
     /// Does the step; running it again after it succeeded (or half ran) changes nothing more.
@@ -67,11 +67,12 @@ pub trait ProvisioningStep: Sync {
 }
 
 /// The steps in order.
-pub static STEPS: [&dyn ProvisioningStep; 14] = [
+pub static STEPS: [&dyn ProvisioningStep; 15] = [
     &AllocateCapacity,
     &TransferImage,
     &CreateVm,
     &AttachNetwork,
+    &RefreshIdentity,
     &JoinDirectory,
     &EnrollManagement,
     &SetPrimaryUser,
@@ -105,7 +106,7 @@ pub(crate) fn hv_err(e: HypervisorError) -> Error {
 }
 
 /// Longest wait for a freshly started guest's agent (TCG boots are slow).
-const BOOT_LIMIT: Duration = Duration::from_secs(180);
+pub(crate) const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
 fn hv_failed(e: HypervisorError) -> Outcome {
     Outcome::Failed(e.to_string())
@@ -252,7 +253,7 @@ impl ProvisioningStep for TransferImage {
         ProvisioningStage::Core
     }
     /// Hosts in the control plane's process read images where cloudpc keeps them.
-    fn applies(&self, hv: Option<&dyn Hypervisor>) -> bool {
+    fn applies(&self, hv: Option<&dyn Hypervisor>, _rec: &CloudPcRecord) -> bool {
         hv.is_none_or(|h| h.ships_images())
     }
     async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
@@ -370,6 +371,48 @@ impl ProvisioningStep for AttachNetwork {
         }
         Ok(())
     }
+}
+
+/// The first step that makes a Cloud PC its user's: a warm-pool machine is booted through the
+/// steps before it and waits there for a claim.
+pub const FIRST_USER_STEP: &str = "refreshIdentity";
+
+/// A warm-pool machine was booted before anyone owned it: before it becomes a user's, it gets an
+/// identity of its own (machine id, SSH host keys, random state). Its NIC needs no change: each
+/// pool machine is booted cold with a MAC (and so a hosted-network address) of its own, never
+/// cloned from another.
+struct RefreshIdentity;
+
+#[async_trait]
+impl ProvisioningStep for RefreshIdentity {
+    fn name(&self) -> &'static str {
+        FIRST_USER_STEP
+    }
+    fn stage(&self) -> ProvisioningStage {
+        ProvisioningStage::Core
+    }
+    fn applies(&self, _hv: Option<&dyn Hypervisor>, rec: &CloudPcRecord) -> bool {
+        rec.state.claimed_from_pool
+    }
+    async fn run(&self, cx: &StepContext<'_>, rec: &mut CloudPcRecord) -> Outcome {
+        if !rec.state.claimed_from_pool {
+            return Outcome::Done { detail: Some("a VM made for this user: nothing to refresh".into()) };
+        }
+        let agent = need!(cx.guest());
+        tri!(agent.wait_ready(BOOT_LIMIT).await);
+        let mut entropy = [0u8; 64];
+        rand::thread_rng().fill(&mut entropy[..]);
+        let hex: String = entropy.iter().map(|b| format!("{b:02x}")).collect();
+        let id = tri!(guest_config::refresh_identity(&agent, &hex).await);
+        Outcome::Done {
+            detail: Some(format!(
+                "claimed from the warm pool; new machine-id {id}, SSH host keys regenerated where sshd is installed, \
+                 random state reseeded; NIC {}",
+                cx.r.mac.clone().unwrap_or_default()
+            )),
+        }
+    }
+    // Inside the guest: gone with the VM.
 }
 
 struct JoinDirectory;

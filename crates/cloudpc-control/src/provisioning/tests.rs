@@ -17,8 +17,7 @@ use cloudpc_hypervisor::{
     VmState,
 };
 use cloudpc_store::{SqliteStore, Store};
-use cloudpc_types::cloud_pc::{CloudPc, CloudPcStatus, PowerState, UserAccountType};
-use cloudpc_types::policy::ProvisioningType;
+use cloudpc_types::cloud_pc::CloudPc;
 use cloudpc_types::provisioning::{CloudPcRecord, ProvisioningState};
 
 use super::{Outcome, STEPS};
@@ -215,27 +214,9 @@ async fn new_generation(app: &App) -> CloudPcRecord {
     }
     let now = Utc::now();
     let pc = CloudPc {
-        id: Uuid::new_v4(),
         display_name: "test".into(),
-        managed_device_name: None,
         user_principal_name: user.user_principal_name.clone(),
-        provisioning_policy_id: None,
-        provisioning_policy_name: None,
-        service_plan_id: sku.sku_id,
-        service_plan_name: String::new(),
-        image_display_name: None,
-        image_version: None,
-        provisioning_type: ProvisioningType::Dedicated,
-        status: CloudPcStatus::NotProvisioned,
-        status_detail: None,
-        power_state: PowerState::Unknown,
-        power_state_detail: None,
-        grace_period_end_date_time: None,
-        provisioned_date_time: None,
-        last_modified_date_time: now,
-        user_account_type: UserAccountType::StandardUser,
-        os_version: None,
-        last_remote_action_result: None,
+        ..crate::reconciler::new_cloud_pc(Uuid::new_v4(), &sku, now)
     };
     let mut rec = CloudPcRecord::new(pc, ProvisioningState::new(user.id, sku.id, now));
     app.store.insert_cloud_pc(&mut rec, None).await.unwrap();
@@ -267,6 +248,8 @@ async fn run(f: &Fixture, i: usize, rec: &mut CloudPcRecord) {
 async fn test_every_step_run_twice_leaves_what_running_it_once_does() {
     let f = fixture().await;
     let mut rec = new_generation(&f.app).await;
+    // As a claimed warm-pool machine, so refreshIdentity does its work too.
+    rec.state.claimed_from_pool = true;
     let mut names = Vec::new();
     for (i, step) in STEPS.iter().enumerate() {
         run(&f, i, &mut rec).await;

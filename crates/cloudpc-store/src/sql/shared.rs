@@ -36,8 +36,8 @@ use cloudpc_types::policy::ProvisioningPolicy;
 use cloudpc_types::provisioning::{CloudPcRecord, KernelBoot, Phase, ProvisioningState};
 
 use crate::{
-    image_table, AllocationGuard, FieldEquals, HostRow, HostUsage, LicenseGrant, Listing, LockoutRule, Result, Store,
-    StoreError, StoredAssignment,
+    image_table, AllocationGuard, ClaimFn, FieldEquals, HostRow, HostUsage, LicenseGrant, Listing, LockoutRule, Result,
+    Store, StoreError, StoredAssignment,
 };
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -381,9 +381,23 @@ fn quoted(names: &[String]) -> String {
     names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
 }
 
-/// What a Cloud PC takes of its host (vCPUs, MiB, GiB), for the per-host sums.
+/// What a Cloud PC takes of its host (vCPUs, MiB, GiB), for the per-host sums. A hibernated one
+/// takes no vCPU or RAM; its save file (at most its RAM) takes disk next to its own.
 fn size(r: &CloudPcRecord) -> (i64, i64, i64) {
-    r.state.spec.as_ref().map_or((0, 0, 0), |s| (i64::from(s.vcpus), s.memory_mib as i64, s.storage_gib as i64))
+    let Some(s) = r.state.spec.as_ref() else { return (0, 0, 0) };
+    if saved(r) {
+        return (0, 0, (s.storage_gib + s.memory_mib.div_ceil(1024)) as i64);
+    }
+    (i64::from(s.vcpus), s.memory_mib as i64, s.storage_gib as i64)
+}
+
+fn saved(r: &CloudPcRecord) -> bool {
+    r.pc.power_state_detail == Some(cloudpc_types::cloud_pc::PowerStateDetail::Saved)
+}
+
+/// The policy whose warm pool the Cloud PC waits in, while it is ready and unclaimed.
+fn pool_ready_for(r: &CloudPcRecord) -> Option<String> {
+    r.state.pool.as_ref().filter(|p| p.ready).map(|p| p.policy_id.to_string())
 }
 
 fn record_from_row(row: &DbRow) -> Result<CloudPcRecord> {
@@ -1063,8 +1077,8 @@ impl Store for TheStore {
             Box::pin(async move {
                 sqlx::query(
                     "INSERT INTO cloud_pcs (id, user_id, sku_id, policy_id, created_at, body, state, image_id, phase, version,
-                                            host, vcpus, memory_mib, storage_gib)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13)",
+                                            host, vcpus, memory_mib, storage_gib, saved, pool_ready_for)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, $14, $15)",
                 )
                 .bind(r.pc.id.to_string())
                 .bind(r.state.user_id.to_string())
@@ -1079,6 +1093,8 @@ impl Store for TheStore {
                 .bind(size(&r).0)
                 .bind(size(&r).1)
                 .bind(size(&r).2)
+                .bind(i64::from(saved(&r)))
+                .bind(pool_ready_for(&r))
                 .execute(c)
                 .await
                 .map_err(|e| unique_violation(e, || "the user already has a Cloud PC for this license".into()))?;
@@ -1089,6 +1105,43 @@ impl Store for TheStore {
         record.version = 1;
         record.base = Some(std::sync::Arc::new((record.pc.clone(), record.state.clone())));
         Ok(())
+    }
+
+    async fn claim_pooled(&self, policy: Uuid, sku: Uuid, assign: ClaimFn) -> Result<Option<CloudPcRecord>> {
+        let (policy, sku) = (policy.to_string(), sku.to_string());
+        self.write(None, move |c| {
+            Box::pin(async move {
+                let sql = format!(
+                    "SELECT id, body, state, version FROM cloud_pcs WHERE pool_ready_for = $1 AND sku_id = $2
+                     ORDER BY created_at, id LIMIT 1{SKIP_LOCKED}"
+                );
+                let Some(row) = sqlx::query(&sql).bind(&policy).bind(&sku).fetch_optional(&mut *c).await? else {
+                    return Ok(None);
+                };
+                let mut r = record_from_row(&row)?;
+                let audit = assign(&mut r);
+                sqlx::query(
+                    "UPDATE cloud_pcs SET user_id = $2, policy_id = $3, body = $4, state = $5, phase = $6,
+                                          pool_ready_for = $7, version = version + 1
+                     WHERE id = $1",
+                )
+                .bind(r.pc.id.to_string())
+                .bind(r.state.user_id.to_string())
+                .bind(r.pc.provisioning_policy_id.map(|p| p.to_string()))
+                .bind(encode(&r.pc))
+                .bind(encode(&r.state))
+                .bind(phase_name(r.state.phase))
+                .bind(pool_ready_for(&r))
+                .execute(&mut *c)
+                .await
+                .map_err(|e| unique_violation(e, || "the user already has a Cloud PC for this license".into()))?;
+                insert_audit(&mut *c, &audit).await?;
+                r.version += 1;
+                r.base = Some(std::sync::Arc::new((r.pc.clone(), r.state.clone())));
+                Ok(Some(r))
+            })
+        })
+        .await
     }
 
     async fn save_cloud_pc(
@@ -1106,7 +1159,8 @@ impl Store for TheStore {
                 let id = r.pc.id.to_string();
                 let done = sqlx::query(
                     "UPDATE cloud_pcs SET policy_id = $2, body = $3, state = $4, image_id = $5, phase = $6, version = version + 1,
-                                          host = $10, vcpus = $11, memory_mib = $12, storage_gib = $13
+                                          host = $10, vcpus = $11, memory_mib = $12, storage_gib = $13, saved = $14,
+                                          pool_ready_for = $15
                      WHERE id = $1 AND version = $7 AND ($8 IS NULL OR (lease_owner = $8 AND lease_expires_at > $9))",
                 )
                 .bind(&id)
@@ -1122,6 +1176,8 @@ impl Store for TheStore {
                 .bind(size(&r).0)
                 .bind(size(&r).1)
                 .bind(size(&r).2)
+                .bind(i64::from(saved(&r)))
+                .bind(pool_ready_for(&r))
                 .execute(&mut *c)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -1425,7 +1481,7 @@ impl Store for TheStore {
     async fn host_usage(&self) -> Result<HashMap<String, HostUsage>> {
         let rows = sqlx::query(
             "SELECT host, COUNT(*) AS n, CAST(SUM(vcpus) AS BIGINT) AS vcpus, CAST(SUM(memory_mib) AS BIGINT) AS memory_mib,
-                    CAST(SUM(storage_gib) AS BIGINT) AS storage_gib
+                    CAST(SUM(storage_gib) AS BIGINT) AS storage_gib, CAST(SUM(saved) AS BIGINT) AS saved
              FROM cloud_pcs WHERE host IS NOT NULL GROUP BY host",
         )
         .fetch_all(&self.pool)
@@ -1442,6 +1498,7 @@ impl Store for TheStore {
                         vcpus: num(r, "vcpus")? as u64,
                         memory_mib: num(r, "memory_mib")? as u64,
                         storage_gib: num(r, "storage_gib")? as u64,
+                        saved: num(r, "saved")? as u64,
                     },
                 ))
             })

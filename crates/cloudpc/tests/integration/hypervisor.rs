@@ -494,7 +494,15 @@ async fn guest_memory(domain: &str, pid: &str) -> (String, String, bool) {
 #[tokio::test]
 async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_afresh() {
     let _turn = vm_turn().await;
-    let s = VmServer::start(&[]).await;
+    // A host with RAM for one running 1 GiB desktop (and vCPUs for two).
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("cloudpc.toml");
+    std::fs::write(
+        &config,
+        "[[hosts]]\nname = \"local\"\nuri = \"qemu:///system\"\nregion = \"local\"\nvcpus = 2\nmemory_mib = 1536\ndisk_gib = 100\n",
+    )
+    .unwrap();
+    let s = VmServer::start_in(data, &["--config", config.to_str().unwrap()]).await;
     let sku = s.tiny_sku("TINY", 1, 1, 1).await;
     targeted_user(&s, "hana@contoso.com", &sku).await;
     let pc = wait_status(&s, "hana@contoso.com", "provisioned", BOOT).await;
@@ -525,6 +533,28 @@ async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_af
     assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off", "a hibernated Cloud PC is not started again");
     let now = cloud_pc_of(&s, "hana@contoso.com").await.unwrap();
     assert_eq!(now["powerStateDetail"], "saved", "{now}");
+
+    // Capacity: the saved desktop's RAM is free on its host (its save file counts against disk),
+    // so a second desktop is placed there; then the first cannot come back until the second
+    // gives the RAM back, and the refusal says why.
+    let h = crate::hosts::host(&s, "local").await;
+    assert_eq!((h["cloudPcCount"].as_u64(), h["savedCloudPcCount"].as_u64()), (Some(1), Some(1)), "{h}");
+    assert_eq!((h["used"]["memoryInMB"].as_u64(), h["used"]["vCpuCount"].as_u64()), (Some(0), Some(0)), "{h}");
+    assert_eq!(h["used"]["diskInGB"], 2, "disk and save file: {h}");
+    targeted_user(&s, "ivan@contoso.com", &sku).await;
+    let second = wait_status(&s, "ivan@contoso.com", "provisioned", BOOT).await;
+    let h = crate::hosts::host(&s, "local").await;
+    assert_eq!((h["used"]["memoryInMB"].as_u64(), h["savedCloudPcCount"].as_u64()), (Some(1024), Some(1)), "{h}");
+    let (status, refused) = s.action(&pc, "resume").await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused.to_string().contains("512 MiB of RAM") && refused.to_string().contains("needs 1024 MiB"),
+        "{refused}"
+    );
+    assert_eq!(virsh(&["domstate", &domain]).trim(), "shut off");
+    assert_eq!(cloud_pc_of(&s, "hana@contoso.com").await.unwrap()["powerStateDetail"], "saved");
+    let (status, body) = s.action(&second, "hibernate").await;
+    assert_eq!(status, 204, "{body}");
 
     // Opening it resumes it: the ticket's answer waits for the VM.
     let t = Instant::now();
@@ -634,4 +664,194 @@ async fn test_vm_idle_cloud_pc_is_hibernated_after_its_console_closes() {
     s.wait_all(0, &["provisioned"], Duration::from_secs(60)).await;
     assert!(s.domains().is_empty(), "{:?}", s.domains());
     assert!(!save.exists(), "the save file is removed with the VM");
+}
+
+/// The libvirt domain of a claimed warm-pool machine: it keeps the name it was booted with, so it
+/// is found by the hostname its user's device name gave it.
+async fn domain_by_hostname(s: &VmServer, name: &str) -> String {
+    for d in s.domains() {
+        if virsh(&["domstate", &d]).trim() == "running"
+            && in_guest(&d, "cat /etc/hostname").await.trim().eq_ignore_ascii_case(name)
+        {
+            return d;
+        }
+    }
+    panic!("no running domain has the hostname {name}: {:?}", s.domains());
+}
+
+/// Cloud PCs of the server's warm pools (any status), by id.
+async fn pool_machines(s: &VmServer) -> Vec<Value> {
+    s.cloud_pcs().await.into_iter().filter(|p| p["userPrincipalName"] == "").collect()
+}
+
+/// Waits until the pools hold exactly `n` machines, all `pooled`; returns their ids.
+async fn wait_pooled(s: &VmServer, n: usize) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let pool = pool_machines(s).await;
+        if pool.len() == n && pool.iter().all(|p| p["status"] == "pooled") {
+            let mut ids: Vec<String> = pool.iter().map(|p| p["id"].as_str().unwrap().to_string()).collect();
+            ids.sort();
+            return ids;
+        }
+        assert!(start.elapsed() < BOOT * 2, "the pool never held {n} ready machines: {}", summary(&pool));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Warm pool, on real VMs of the tiny image: the pool fills with booted, unassigned machines
+/// (shown to admins, never to users); two users entitled at the same moment get two different
+/// ones, each with an identity of its own; the pool refills; a claim cut short by `kill -9`
+/// converges without a duplicate; shrinking removes machines; a policy edit rebuilds the pool
+/// and leaves assigned Cloud PCs alone.
+#[tokio::test]
+async fn test_vm_warm_pool_fills_is_claimed_once_each_refills_and_follows_its_policy() {
+    let _turn = vm_turn().await;
+    let s = VmServer::start(&["--cleanup-delay-secs", "1"]).await;
+    let sku = s.tiny_sku("TINY", 1, 1, 1).await;
+    let group = s.group("pool users").await;
+    let policy = s.tiny_policy("pooled policy", json!({"warmPoolSize": 2})).await;
+    assert_eq!(policy["warmPoolSize"], 2);
+    s.assign(&policy, &[&group]).await;
+    let first_pool = wait_pooled(&s, 2).await;
+    let pool = pool_machines(&s).await;
+    assert!(pool.iter().all(|p| p["powerState"] == "running"), "{pool:?}");
+    // As a cloned image would: both pool machines share a machine id and SSH host keys.
+    let pool_domains: Vec<String> = s.domains();
+    assert_eq!(pool_domains.len(), 2, "{pool_domains:?}");
+    for d in &pool_domains {
+        in_guest(
+            d,
+            "echo 0123456789abcdef0123456789abcdef > /etc/machine-id; mkdir -p /etc/ssh; \
+             echo shared-key > /etc/ssh/ssh_host_ed25519_key",
+        )
+        .await;
+    }
+    let macs: Vec<String> = pool_domains.iter().map(|d| hosted_nics(d)[0].1.clone()).collect();
+    assert_ne!(macs[0], macs[1], "each pool machine has its own MAC");
+
+    // Two users entitled at the same moment.
+    let mut users = Vec::new();
+    for upn in ["pia@contoso.com", "quin@contoso.com"] {
+        let u = s
+            .create(
+                "/v1.0/users",
+                json!({"userPrincipalName": upn, "displayName": upn, "passwordProfile": {"password": "Pool-Pass-42"}}),
+            )
+            .await;
+        s.add_member(&group, &u).await;
+        users.push(u);
+    }
+    let licensed = Instant::now();
+    tokio::join!(s.license("pia@contoso.com", &sku, true), s.license("quin@contoso.com", &sku, true));
+    let pia = wait_status(&s, "pia@contoso.com", "provisioned", BOOT).await;
+    let quin = wait_status(&s, "quin@contoso.com", "provisioned", BOOT).await;
+    let claimed_in = licensed.elapsed();
+    let mut got = vec![pia["id"].as_str().unwrap().to_string(), quin["id"].as_str().unwrap().to_string()];
+    got.sort();
+    assert_eq!(got, first_pool, "each user got one of the pooled machines, and not the same one");
+    let steps = s.steps(&pia).await;
+    let took: Vec<String> =
+        steps.iter().map(|st| format!("{} {}ms", st["name"].as_str().unwrap(), st["durationInMilliseconds"])).collect();
+    println!("claimed machine's steps: {}", took.join(", "));
+    let refresh = steps.iter().find(|st| st["name"] == "refreshIdentity").expect("a refreshIdentity step");
+    assert_eq!(refresh["status"], "succeeded", "{refresh}");
+    // What is the same for every user was done while the machine waited in the pool.
+    let names: Vec<&str> = steps.iter().map(|st| st["name"].as_str().unwrap()).collect();
+    let at = |n: &str| names.iter().position(|x| *x == n).unwrap_or_else(|| panic!("no {n}: {names:?}"));
+    assert!(at("blockRemoteDesktop") < at("refreshIdentity") && at("growDisk") < at("refreshIdentity"), "{names:?}");
+    assert_eq!(names.iter().filter(|n| **n == "growDisk").count(), 1, "{names:?}");
+    assert!(!steps.iter().any(|st| st["name"] == "createVm" && st["attempt"] != steps[0]["attempt"]), "{steps:?}");
+    let mut ids = Vec::new();
+    for pc in [&pia, &quin] {
+        let d = domain_by_hostname(&s, pc["managedDeviceName"].as_str().unwrap()).await;
+        let machine_id = in_guest(&d, "cat /etc/machine-id").await.trim().to_string();
+        assert_eq!(machine_id.len(), 32, "{machine_id}");
+        assert_ne!(machine_id, "0123456789abcdef0123456789abcdef", "a new machine id");
+        assert_eq!(in_guest(&d, "ls /etc/ssh").await.trim(), "", "the shared host key is gone");
+        assert!(virsh(&["dumpxml", &d]).contains("cloudpc-block-rdp"), "inbound RDP filter on the NIC");
+        ids.push((machine_id, hosted_nics(&d)[0].1.clone()));
+    }
+    assert_ne!(ids[0], ids[1], "machine ids and MACs differ: {ids:?}");
+    // Users see their own Cloud PC only, never the pool.
+    for (upn, pc) in [("pia@contoso.com", &pia)] {
+        let http = reqwest::Client::builder().cookie_store(true).build().unwrap();
+        let signed = http
+            .post(format!("{}/portal/api/signIn", s.url))
+            .header("X-CloudPC-Portal", "1")
+            .json(&json!({"userPrincipalName": upn, "password": "Pool-Pass-42"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(signed.status().is_success());
+        let mine: Value = http
+            .get(format!("{}/portal/api/cloudPCs", s.url))
+            .header("X-CloudPC-Portal", "1")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let listed: Vec<&str> = mine["value"].as_array().unwrap().iter().filter_map(|p| p["id"].as_str()).collect();
+        assert_eq!(listed, vec![pc["id"].as_str().unwrap()], "{mine}");
+    }
+
+    // The pool refills: two new machines.
+    let second_pool = wait_pooled(&s, 2).await;
+    assert!(second_pool.iter().all(|id| !first_pool.contains(id)), "new machines: {second_pool:?}");
+
+    // kill -9 right after a third user is entitled: one Cloud PC for them, no VM twice.
+    let rex = s.user("rex@contoso.com").await;
+    s.add_member(&group, &rex).await;
+    s.license("rex@contoso.com", &sku, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = s.crash_and_restart().await;
+    let rex_pc = wait_status(&s, "rex@contoso.com", "provisioned", BOOT).await;
+    assert!(second_pool.contains(&rex_pc["id"].as_str().unwrap().to_string()), "rex got a pooled machine: {rex_pc}");
+    let all = s.cloud_pcs().await;
+    assert_eq!(all.iter().filter(|p| p["userPrincipalName"] == "rex@contoso.com").count(), 1, "{}", summary(&all));
+
+    // Shrinking the pool (through the CLI) removes machines and their VMs.
+    wait_pooled(&s, 2).await;
+    let id = policy["id"].as_str().unwrap();
+    let out = crate::cli::cli(&s, ADMIN_TOKEN, &["policies", "update", id, "--warm-pool-size", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kept = wait_pooled(&s, 1).await;
+    let start = Instant::now();
+    while s.domains().len() != 4 {
+        assert!(start.elapsed() < BOOT, "the removed machine's VM is still there: {:?}", s.domains());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Editing what pool machines are built from (the policy's network settings) rebuilds the pool;
+    // the users' Cloud PCs stay as they are.
+    let pia_domain = domain_by_hostname(&s, pia["managedDeviceName"].as_str().unwrap()).await;
+    let boot_id = in_guest(&pia_domain, "cat /proc/sys/kernel/random/boot_id").await;
+    let (status, v) = s
+        .patch(
+            &format!("{VE}/provisioningPolicies/{id}"),
+            json!({"domainJoinConfigurations": [{"domainJoinType": "azureADJoin", "regionName": "local"}]}),
+        )
+        .await;
+    assert!(status.is_success(), "{v}");
+    let start = Instant::now();
+    let rebuilt = loop {
+        let now = wait_pooled(&s, 1).await;
+        if now != kept {
+            break now;
+        }
+        assert!(start.elapsed() < BOOT, "the stale machine {kept:?} was not replaced");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_ne!(rebuilt, kept);
+    for upn in ["pia@contoso.com", "quin@contoso.com", "rex@contoso.com"] {
+        assert_eq!(cloud_pc_of(&s, upn).await.unwrap()["status"], "provisioned", "{upn}");
+    }
+    assert_eq!(in_guest(&pia_domain, "cat /proc/sys/kernel/random/boot_id").await, boot_id, "untouched");
+    let acts = s.audit_activities().await;
+    for a in ["Create pooled CloudPc", "Claim pooled CloudPc"] {
+        assert!(acts.iter().any(|x| x == a), "{a} audited: {acts:?}");
+    }
+    println!("warm pool (tiny image): two users licensed at once were both provisioned {claimed_in:?} later");
 }

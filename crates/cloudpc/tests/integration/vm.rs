@@ -565,7 +565,8 @@ async fn test_vm_user_signs_in_and_opens_their_cloud_pc_in_chromium() {
 
 #[tokio::test]
 async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
-    // No VM boots here (nobody holds a license), so this test does not wait for a VM turn.
+    // No VM boots here (no license exists, so neither a Cloud PC nor a warm pool), so this test
+    // does not wait for a VM turn.
     let web = web_dir();
     let s = VmServer::start(&["--web-dir", web.join("dist").to_str().unwrap()]).await;
     let group = s.group("Engineering").await;
@@ -589,6 +590,7 @@ async fn test_admin_console_creates_and_assigns_a_policy_and_readers_cannot() {
     assert_eq!(p["displayName"], "Made in the browser v2");
     assert_eq!(p["cloudPcNamingTemplate"], "WEB2-%RAND:5%");
     assert_eq!(p["hibernateAfterMinutes"], 45, "the form's hibernation setting");
+    assert_eq!(p["warmPoolSize"], 3, "the form's warm pool size (no license exists here, so nothing boots)");
     assert_eq!(p["assignments"][0]["target"]["groupId"], group["id"]);
     let (_, groups) = s.get("/v1.0/groups").await;
     assert_eq!(groups["value"].as_array().unwrap().len(), 1, "the reader's forced write changed nothing");
