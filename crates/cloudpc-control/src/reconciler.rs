@@ -144,6 +144,7 @@ pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
     // Per pool: machines that count toward its size, and the ready ones (claimable).
     let mut members: HashMap<(Uuid, Uuid), u32> = HashMap::new();
     let mut ready: HashMap<(Uuid, Uuid), Vec<Uuid>> = HashMap::new();
+    let mut unwanted: HashSet<Uuid> = HashSet::new();
     for pc in &world.pcs {
         let Some(pool) = pc.pool else { continue };
         let key = (pool.policy, pc.sku);
@@ -154,9 +155,19 @@ pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
             // A failed machine holds its place until its clean-up time, so a pool that cannot
             // be built is retried once per clean-up delay, not in a loop.
             CloudPcStatus::Failed if idle && cleanup_due => actions.push(Action::RemovePooled { pc: pc.id }),
-            _ if pool.stale || !wanted_pools.contains_key(&key) => {
-                // One still booting is removed once it is idle.
+            // One still booting is removed once it is idle.
+            _ if pool.stale => {
                 if idle {
+                    actions.push(Action::RemovePooled { pc: pc.id });
+                }
+            }
+            // No longer wanted (the last free seat was just taken, say): a ready one can still
+            // serve the user who took it, and is removed only if no claim does.
+            status if !wanted_pools.contains_key(&key) => {
+                if status == CloudPcStatus::Pooled && pool.ready && idle {
+                    ready.entry(key).or_default().push(pc.id);
+                    unwanted.insert(pc.id);
+                } else if idle {
                     actions.push(Action::RemovePooled { pc: pc.id });
                 }
             }
@@ -219,6 +230,10 @@ pub fn plan(world: &World, now: DateTime<Utc>) -> Vec<Action> {
             }
         }
     }
+    // Unwanted machines that no claim took go.
+    let mut left: Vec<Uuid> = ready.values().flatten().copied().filter(|id| unwanted.contains(id)).collect();
+    left.sort();
+    actions.extend(left.into_iter().map(|pc| Action::RemovePooled { pc }));
     // Refills come last: entitled users are served before pools are topped up.
     for want in &world.pools {
         let have = members.get(&(want.policy, want.sku)).copied().unwrap_or(0);
@@ -353,13 +368,7 @@ impl App {
             return Ok((Vec::new(), HashMap::new()));
         }
         let consumed = self.store.consumed_units().await?;
-        let skus: Vec<_> = self
-            .store
-            .list_skus()
-            .await?
-            .into_iter()
-            .filter(|s| consumed.get(&s.id).copied().unwrap_or(0) < s.prepaid_units.enabled)
-            .collect();
+        let skus = self.store.list_skus().await?;
         let (mut pools, mut fingerprints) = (Vec::new(), HashMap::new());
         for p in &policies {
             let version = match p.image_type {
@@ -374,8 +383,12 @@ impl App {
                 cloudpc_types::policy::ImageType::Gallery => None,
             };
             for s in &skus {
-                pools.push(PoolWant { policy: p.id, sku: s.id, size: p.warm_pool_size });
+                // Fingerprints for every license: a machine whose license just ran out of free
+                // seats may still be claimed, and must not be stale.
                 fingerprints.insert((p.id, s.id), crate::pool::fingerprint(p, version.as_deref(), s));
+                if consumed.get(&s.id).copied().unwrap_or(0) < s.prepaid_units.enabled {
+                    pools.push(PoolWant { policy: p.id, sku: s.id, size: p.warm_pool_size });
+                }
             }
         }
         Ok((pools, fingerprints))
@@ -747,6 +760,32 @@ mod tests {
             actions.iter().filter(|a| !matches!(a, Action::Resume { .. })).cloned().collect::<Vec<_>>(),
             vec![Action::Claim { user, sku, policy }, Action::FillPool { policy, sku }],
             "claim first, refill last"
+        );
+
+        // The user took the last free seat, so no pool is wanted any more: the ready machine
+        // still serves them, and nothing is refilled or removed.
+        let last_seat = World {
+            licensed: world.licensed.clone(),
+            memberships: world.memberships.clone(),
+            assignments: world.assignments.clone(),
+            pcs: world.pcs.clone(),
+            pools: vec![],
+        };
+        assert_eq!(
+            plan(&last_seat, Utc::now())
+                .into_iter()
+                .filter(|a| !matches!(a, Action::Resume { .. }))
+                .collect::<Vec<_>>(),
+            vec![Action::Claim { user, sku, policy }]
+        );
+        // Without a user to claim it, an unwanted ready machine goes.
+        let unclaimed = World { licensed: vec![], ..last_seat };
+        assert_eq!(
+            plan(&unclaimed, Utc::now())
+                .into_iter()
+                .filter(|a| !matches!(a, Action::Resume { .. }))
+                .collect::<Vec<_>>(),
+            vec![Action::RemovePooled { pc: m1 }]
         );
 
         // Only a booting machine: the user is not made to wait for it; a Cloud PC is created.

@@ -658,12 +658,31 @@ async fn test_vm_idle_cloud_pc_is_hibernated_after_its_console_closes() {
     assert_eq!(s.action(&pc, "hibernate").await.0, 204);
     let save = std::path::PathBuf::from(format!("/var/lib/libvirt/qemu/save/{domain}.save"));
     assert!(save.exists(), "{save:?}");
+    let mark = format!("console:{}", pc["id"].as_str().unwrap());
+    assert!(lease_names(&s).await.contains(&mark), "the console's in-use mark");
     s.license("ida@contoso.com", &sku, false).await;
     wait_status(&s, "ida@contoso.com", "inGracePeriod", Duration::from_secs(10)).await;
     assert_eq!(s.action(&pc, "endGracePeriod").await.0, 204);
     s.wait_all(0, &["provisioned"], Duration::from_secs(60)).await;
     assert!(s.domains().is_empty(), "{:?}", s.domains());
     assert!(!save.exists(), "the save file is removed with the VM");
+    assert!(!lease_names(&s).await.contains(&mark), "the in-use mark is removed with the Cloud PC");
+}
+
+/// The names of the named leases in the server's database.
+async fn lease_names(s: &Server) -> Vec<String> {
+    let rows: Vec<(String,)> = match s.database_url() {
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query_as("SELECT name FROM leases").fetch_all(&pool).await.unwrap()
+        }
+        None => {
+            let url = format!("sqlite://{}", s.data_dir().join("cloudpc.db").display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::query_as("SELECT name FROM leases").fetch_all(&pool).await.unwrap()
+        }
+    };
+    rows.into_iter().map(|(n,)| n).collect()
 }
 
 /// The libvirt domain of a claimed warm-pool machine: it keeps the name it was booted with, so it

@@ -412,3 +412,31 @@ pub fn restart_libvirtd() -> Duration {
     }
     panic!("libvirtd did not answer after its restart (see /var/log/libvirt/libvirtd.log)");
 }
+
+/// The built portal and its npm packages (scripts/test.sh builds them).
+pub fn web_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
+    assert!(
+        dir.join("dist/index.html").exists() && dir.join("node_modules/playwright-core").exists(),
+        "run scripts/test.sh: it builds web/ with npm"
+    );
+    dir
+}
+
+/// Runs one of web/tests/*.mjs in headless Chromium with `env`, saving a screenshot under
+/// target/test-artifacts/; fails the test with the script's output if it fails.
+pub async fn browser_test(script: &str, env: &[(&str, &str)], screenshot: &str) -> String {
+    let web = web_dir();
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts").join(screenshot);
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(web.join("tests").join(script)).env("SCREENSHOT", &shot).current_dir(&web);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "browser test {script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "screenshot saved");
+    stdout
+}
