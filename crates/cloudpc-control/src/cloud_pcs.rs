@@ -176,15 +176,15 @@ impl App {
         let hv = self.host(&host).await?;
         // Asks the VM, not the stored powerState: a guest may have shut itself down since.
         let state = hv.state(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
-        let detail = if state == VmState::Running {
-            hv.reboot(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
-            None
-        } else {
-            resumed_detail(hv.resume(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?)
-        };
+        if state != VmState::Running {
+            // Started as powerOn starts it: its network first, a hibernated one's RAM taken back.
+            self.start_vm(actor, &mut rec, "reboot").await?;
+            return Ok(rec.pc);
+        }
+        hv.reboot(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         rec.pc.power_state = PowerState::Running;
         rec.pc.power_state_detail = None;
-        self.save_action(actor, &mut rec, "reboot", detail).await?;
+        self.save_action(actor, &mut rec, "reboot", None).await?;
         Ok(rec.pc)
     }
 

@@ -219,6 +219,12 @@ impl App {
         let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {
             return Ok(());
         };
+        // A console may have opened (on any replica) since the pass read the marks: read again.
+        let mark = format!("{}{}", crate::console::CONSOLE_MARK, rec.pc.id);
+        let marks = self.store.lease_ends(crate::console::CONSOLE_MARK).await?;
+        if marks.iter().any(|(name, ends)| *name == mark && *ends > Utc::now()) {
+            return Ok(());
+        }
         let hv = self.host(&host).await?;
         hv.save(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
         tracing::info!(cloud_pc = %id, %domain, minutes, "hibernated the Cloud PC: its console was closed that long");

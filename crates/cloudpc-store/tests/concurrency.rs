@@ -1,6 +1,7 @@
 //! What two replicas (two stores on one database) may do at the same moment, on both backends:
 //! seats are never oversold, a stale write never wins, a cancelled write leaves nothing behind,
-//! leases and console tickets have one holder, and sign-in failures count across replicas.
+//! leases and console tickets have one holder, sign-in failures count across replicas, and a
+//! warm-pool machine goes to one user only.
 
 mod common;
 
@@ -255,5 +256,71 @@ async fn test_replicas_starting_together_migrate_once_and_an_older_binary_refuse
         }
         Err(e) => panic!("unexpected error {e:?}"),
         Ok(_) => panic!("an older binary opened a newer schema"),
+    }
+}
+
+/// Many users claiming from one warm pool at once, half on each replica: every machine goes to
+/// one user, and the users without one get `None`.
+#[tokio::test]
+async fn test_warm_pool_claims_across_replicas_never_give_one_machine_twice() {
+    for db in backends().await {
+        let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+        let (policy, sku) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut machines = Vec::new();
+        for _ in 0..3 {
+            let id = Uuid::new_v4();
+            let mut rec = cloud_pc(id, sku);
+            rec.pc.id = id;
+            rec.state.pool = Some(cloudpc_types::provisioning::PoolMember {
+                policy_id: policy,
+                fingerprint: "f".into(),
+                ready: true,
+            });
+            a.insert_cloud_pc(&mut rec, None).await.unwrap();
+            machines.push(id);
+        }
+        // A machine of another policy, and one still booting: neither is claimable here.
+        let mut other = cloud_pc(Uuid::new_v4(), sku);
+        other.state.pool = Some(cloudpc_types::provisioning::PoolMember {
+            policy_id: Uuid::new_v4(),
+            fingerprint: "f".into(),
+            ready: true,
+        });
+        a.insert_cloud_pc(&mut other, None).await.unwrap();
+        let mut booting = cloud_pc(Uuid::new_v4(), sku);
+        booting.state.pool =
+            Some(cloudpc_types::provisioning::PoolMember { policy_id: policy, fingerprint: "f".into(), ready: false });
+        a.insert_cloud_pc(&mut booting, None).await.unwrap();
+
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let user = Uuid::new_v4();
+            tasks.push(tokio::spawn(async move {
+                let claim = Box::new(move |rec: &mut cloudpc_types::provisioning::CloudPcRecord| {
+                    rec.state.user_id = user;
+                    rec.state.pool = None;
+                    audit("Claim pooled CloudPc")
+                });
+                store.claim_pooled(policy, sku, claim).await.unwrap().map(|r| (r.pc.id, r.state.user_id, user))
+            }));
+        }
+        let mut got = Vec::new();
+        for t in tasks {
+            if let Some(claimed) = t.await.unwrap() {
+                got.push(claimed);
+            }
+        }
+        let mut ids: Vec<Uuid> = got.iter().map(|(id, _, _)| *id).collect();
+        ids.sort();
+        machines.sort();
+        assert_eq!(ids, machines, "{}: each ready machine once", db.name);
+        for (id, stored_user, claimer) in got {
+            assert_eq!(stored_user, claimer, "{}", db.name);
+            let rec = b.get_cloud_pc_record(id).await.unwrap();
+            assert_eq!((rec.state.user_id, rec.state.pool.clone()), (claimer, None), "{}: stored", db.name);
+        }
+        let none = Box::new(|_: &mut cloudpc_types::provisioning::CloudPcRecord| audit("Claim pooled CloudPc"));
+        assert!(a.claim_pooled(policy, sku, none).await.unwrap().is_none(), "{}: the pool is empty", db.name);
     }
 }

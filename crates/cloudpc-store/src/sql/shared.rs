@@ -1224,7 +1224,10 @@ impl Store for TheStore {
                 sqlx::query("DELETE FROM console_tickets WHERE cloud_pc_id = $1").bind(&id).execute(&mut *c).await?;
                 // Its console's in-use mark (a named lease, `console:<id>`; see cloudpc-control's
                 // console.rs) goes with it.
-                sqlx::query("DELETE FROM leases WHERE name = $1").bind(format!("console:{id}")).execute(&mut *c).await?;
+                sqlx::query("DELETE FROM leases WHERE name = $1")
+                    .bind(format!("console:{id}"))
+                    .execute(&mut *c)
+                    .await?;
                 delete_row(c, "cloud_pcs", "cloudPC", &id).await
             })
         })

@@ -541,6 +541,12 @@ async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_af
     assert_eq!((h["cloudPcCount"].as_u64(), h["savedCloudPcCount"].as_u64()), (Some(1), Some(1)), "{h}");
     assert_eq!((h["used"]["memoryInMB"].as_u64(), h["used"]["vCpuCount"].as_u64()), (Some(0), Some(0)), "{h}");
     assert_eq!(h["used"]["diskInGB"], 2, "disk and save file: {h}");
+    let out = crate::cli::cli(&s, ADMIN_TOKEN, &["hosts", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    // The columns are aligned: the value under the SAVED header.
+    let saved_at = table.lines().find_map(|l| l.find("SAVED")).expect("a SAVED column");
+    let row = table.lines().find(|l| l.contains(" local ") && !l.contains("SAVED")).unwrap_or("");
+    assert_eq!(row.get(saved_at..).and_then(|v| v.split_whitespace().next()), Some("1"), "{table}");
     targeted_user(&s, "ivan@contoso.com", &sku).await;
     let second = wait_status(&s, "ivan@contoso.com", "provisioned", BOOT).await;
     let h = crate::hosts::host(&s, "local").await;
@@ -729,6 +735,14 @@ async fn test_vm_warm_pool_fills_is_claimed_once_each_refills_and_follows_its_po
     let s = VmServer::start(&["--cleanup-delay-secs", "1"]).await;
     let sku = s.tiny_sku("TINY", 1, 1, 1).await;
     let group = s.group("pool users").await;
+    let (status, refused) = s
+        .post(
+            &format!("{VE}/provisioningPolicies"),
+            json!({"displayName": "too big", "imageId": s.gallery_image_id().await, "imageType": "gallery", "warmPoolSize": 21}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 400, "{refused}");
+    assert!(refused.to_string().contains("warmPoolSize"), "{refused}");
     let policy = s.tiny_policy("pooled policy", json!({"warmPoolSize": 2})).await;
     assert_eq!(policy["warmPoolSize"], 2);
     s.assign(&policy, &[&group]).await;
