@@ -581,6 +581,38 @@ async fn test_vm_hibernate_keeps_memory_a_ticket_resumes_and_a_bad_save_boots_af
         assert!(acts.contains(&a), "audited {a}: {acts:?}");
     }
 
+    // kill -9 of cloudpc while a resume is under way: afterwards the record and the VM agree,
+    // no VM is made twice, and the desktop is not lost (a ticket finds the same boot).
+    let (status, body) = s.action(&pc, "hibernate").await;
+    assert_eq!(status, 204, "{body}");
+    let resume_url = format!("{}{VE}/cloudPCs/{}/resume", s.url, pc["id"].as_str().unwrap());
+    let resuming = tokio::spawn(async move {
+        let _ = reqwest::Client::new().post(resume_url).bearer_auth(ADMIN_TOKEN).send().await;
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let s = s.crash_and_restart().await;
+    resuming.abort();
+    let start = Instant::now();
+    loop {
+        let state = virsh(&["domstate", &domain]).trim().to_string();
+        let now = cloud_pc_of(&s, "hana@contoso.com").await.unwrap();
+        let agree = match state.as_str() {
+            "running" => now["powerState"] == "running" && now["powerStateDetail"].is_null(),
+            "shut off" => now["powerState"] == "poweredOff" && now["powerStateDetail"] == "saved",
+            _ => false,
+        };
+        if agree {
+            println!("after kill -9 mid-resume: the VM is {state}, and so says its Cloud PC");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "record and VM disagree after the crash: {state}; {now}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(s.domains().len(), 2, "{:?}", s.domains());
+    let (status, ticket) = s.action(&pc, "getConsoleTicket").await;
+    assert_eq!(status, 200, "{ticket}");
+    assert_eq!(guest_memory(&domain, &pid).await, before, "the same boot after the interrupted resume");
+
     // A save that cannot be restored: the disk boots afresh, and the action's result says so.
     // (Through the CLI this time.)
     let id = pc["id"].as_str().unwrap();

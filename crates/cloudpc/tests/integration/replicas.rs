@@ -181,7 +181,11 @@ async fn test_run_replicas_script_starts_two_replicas_and_stops_them() {
     let url = crate::support::fresh_pg_database(&data.path().join(".test-database-url"));
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let base = 18_080u16;
-    let mut script = std::process::Command::new("bash")
+    // SIGINT back to its default for the script: a suite started in the background (`cmd &` in a
+    // non-interactive shell) passes SIGINT on ignored, and bash cannot trap a signal that was
+    // ignored when it started, so the Ctrl-C below would do nothing.
+    let mut script = std::process::Command::new("env")
+        .args(["--default-signal=INT", "bash"])
         .arg(root.join("scripts/run-replicas.sh"))
         .args(["--replicas", "2", "--domain-prefix", "cpctrr-", "--skip-image-test-boot"])
         .env("CLOUDPC_PREPARED", "1")
