@@ -27,7 +27,7 @@ use cloudpc_types::policy::ProvisioningPolicy;
 use cloudpc_types::provisioning::{CloudPcRecord, Phase, PoolMember, ProvisioningState};
 
 use crate::provisioning::steps::FIRST_USER_STEP;
-use crate::provisioning::{step_record, MAX_ATTEMPTS};
+use crate::provisioning::{finish, step_record, Outcome, MAX_ATTEMPTS};
 use crate::{App, Result};
 
 /// What of a policy and license a pool machine is built from. A machine whose fingerprint differs
@@ -64,7 +64,6 @@ impl App {
                 display_name: "warm pool".into(),
                 provisioning_policy_id: Some(policy),
                 status: CloudPcStatus::Provisioning,
-                status_detail: Some("Booting for the policy's warm pool.".into()),
                 ..crate::reconciler::new_cloud_pc(id, &s, now)
             },
             state,
@@ -75,6 +74,7 @@ impl App {
             tracing::warn!(policy = %policy, error = %e, "cannot fill the warm pool");
             return Ok(());
         }
+        // After start_generation, which clears it.
         rec.pc.status_detail = Some("Booting for the policy's warm pool.".into());
         let audit = crate::cloud_pcs::system_event("Create pooled CloudPc", &rec);
         self.store.insert_cloud_pc(&mut rec, Some(&audit)).await?;
@@ -98,15 +98,12 @@ impl App {
             Some(hv) => GuestAgent::new(hv, &domain).wait_ready(crate::provisioning::steps::BOOT_LIMIT).await,
             None => Err(cloudpc_guest::GuestError::Protocol("no host was allocated".into())),
         };
-        record.end_date_time = Some(Utc::now());
-        record.duration_in_milliseconds = Some(started.elapsed().as_millis() as u64);
         match waited {
             Ok(boot) => {
+                finish(&mut record, StepStatus::Succeeded, started);
                 // Saved first, so the steps below are recorded after it.
-                record.status = StepStatus::Succeeded;
                 self.save_workflow(rec, Some(&record)).await?;
                 self.run_pool_steps(rec).await?;
-                record.status = StepStatus::Succeeded;
                 record.detail = Some(format!("guest agent answered after {} ms; ready for a user", boot.as_millis()));
                 rec.state.boot_ms = Some(boot.as_millis() as u64);
                 if let Some(pool) = rec.state.pool.as_mut() {
@@ -123,7 +120,7 @@ impl App {
                 Ok(false)
             }
             Err(e) => {
-                record.status = StepStatus::Failed;
+                finish(&mut record, StepStatus::Failed, started);
                 record.error = Some(e.to_string());
                 if rec.state.attempt < MAX_ATTEMPTS {
                     rec.state.phase = Phase::UndoThenRetry;
@@ -153,17 +150,14 @@ impl App {
             let started = Instant::now();
             let mut record = step_record(rec, name, step.stage(), Utc::now());
             self.save_workflow(rec, Some(&record)).await?;
-            let outcome = self.run_step(step, rec).await;
-            record.end_date_time = Some(Utc::now());
-            record.duration_in_milliseconds = Some(started.elapsed().as_millis() as u64);
-            match outcome {
-                crate::provisioning::Outcome::Done { detail } => {
-                    record.status = StepStatus::Succeeded;
+            match self.run_step(step, rec).await {
+                Outcome::Done { detail } => {
+                    finish(&mut record, StepStatus::Succeeded, started);
                     record.detail = detail;
                     rec.state.done_in_pool.push(name.to_string());
                 }
-                crate::provisioning::Outcome::Wait(reason) | crate::provisioning::Outcome::Failed(reason) => {
-                    record.status = StepStatus::Failed;
+                Outcome::Wait(reason) | Outcome::Failed(reason) => {
+                    finish(&mut record, StepStatus::Failed, started);
                     record.error = Some(format!("{reason}; it runs again once the machine is claimed"));
                 }
             }
@@ -177,7 +171,7 @@ impl App {
     pub(crate) async fn claim_from_pool(&self, user: Uuid, sku: Uuid, policy: Uuid) -> Result<bool> {
         let u = self.store.get_user(user).await?;
         let p = self.store.get_policy(policy).await?;
-        let template = p.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());
+        let template = crate::provisioning::naming_template(&p);
         let name = crate::provisioning::device_name(&template, &u.mail_nickname)?;
         let assign = Box::new(move |rec: &mut CloudPcRecord| {
             let now = Utc::now();

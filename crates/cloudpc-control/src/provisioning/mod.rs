@@ -81,6 +81,11 @@ fn random_alnum(len: usize) -> String {
     (0..len).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
 }
 
+/// The policy's naming template, or Windows 365's default one.
+pub(crate) fn naming_template(policy: &cloudpc_types::policy::ProvisioningPolicy) -> String {
+    policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into())
+}
+
 /// The Cloud PC's device name from the policy's naming template and the user's nickname.
 pub(crate) fn device_name(template: &str, nickname: &str) -> Result<String> {
     Ok(NamingTemplate::parse(template)?.expand(nickname, &mut || random_alnum(1).chars().next().unwrap_or('X')))
@@ -113,7 +118,7 @@ pub fn step_record(
     }
 }
 
-fn finish(step: &mut ProvisioningStepRecord, status: StepStatus, started: Instant) {
+pub(crate) fn finish(step: &mut ProvisioningStepRecord, status: StepStatus, started: Instant) {
     step.status = status;
     step.end_date_time = Some(Utc::now());
     step.duration_in_milliseconds = Some(started.elapsed().as_millis() as u64);
@@ -224,7 +229,7 @@ impl App {
             tokio::time::sleep(*pause).await;
         }
         let (region, connection_id) = self.network_of(&policy).await?;
-        let template = policy.cloud_pc_naming_template.clone().unwrap_or_else(|| "CPC-%USERNAME:4%-%RAND:5%".into());
+        let template = naming_template(&policy);
         let name = match &user {
             Some(user) => device_name(&template, &user.mail_nickname)?,
             None => format!("POOL-{}", random_alnum(8)),
