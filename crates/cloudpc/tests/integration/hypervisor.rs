@@ -148,6 +148,11 @@ async fn wait_domstate(domain: &str, want: &str, limit: Duration) -> Duration {
     }
 }
 
+/// The libvirt id of a running domain (a new one at each start); `None` while it is shut off.
+fn domain_id(domain: &str) -> Option<u32> {
+    virsh(&["domid", domain]).trim().parse().ok()
+}
+
 async fn wait_agent(domain: &str, limit: Duration) {
     let start = Instant::now();
     while agent(domain, json!({"execute": "guest-ping"})) != json!({}) {
@@ -206,10 +211,21 @@ async fn test_vm_power_state_follows_libvirt_and_stopped_cloud_pcs_start_again()
     // The guest shuts itself down: cloudpc starts it again, as cloudpc. (poweroff through
     // guest-exec rather than guest-shutdown, which leaves an agent command waiting while the
     // agent goes away: libvirtd 9.0 crashed here, twice, soon after an agent command failed so.)
-    agent(&domain, json!({"execute": "guest-exec", "arguments": {"path": "/bin/busybox", "arg": ["poweroff"]}}));
-    let off = wait_domstate(&domain, "shut off", Duration::from_secs(30)).await;
-    let back = wait_domstate(&domain, "running", Duration::from_secs(15)).await;
-    println!("guest shutdown: shut off after {off:?}, running again {back:?} later");
+    // The VM's libvirt id changes with every start: a sticky sign of the restart. Polling for
+    // "shut off" is not: cloudpc may start the VM again between two polls (CI saw that once).
+    let first_id = domain_id(&domain).expect("the VM runs");
+    let t = Instant::now();
+    let exec =
+        agent(&domain, json!({"execute": "guest-exec", "arguments": {"path": "/bin/busybox", "arg": ["poweroff"]}}));
+    assert!(exec["pid"].is_i64(), "the guest agent ran poweroff: {exec}");
+    loop {
+        if domain_id(&domain).is_some_and(|id| id != first_id) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(45), "{domain} was not shut off and started again within 45 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("guest shutdown: running again (a new QEMU process) {:?} after poweroff", t.elapsed());
     wait_agent(&domain, BOOT).await;
     assert_eq!(system_power_ons(&s).await, 1, "an audit event by cloudpc itself");
     assert_eq!(cloud_pc_of(&s, "cleo@contoso.com").await.unwrap()["powerState"], "running");
