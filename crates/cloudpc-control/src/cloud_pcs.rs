@@ -163,6 +163,14 @@ impl App {
             rec.pc.status,
             CloudPcStatus::Provisioned | CloudPcStatus::ProvisionedWithWarnings | CloudPcStatus::InGracePeriod
         );
+        // A Cloud PC being moved off a draining host has its disk copied: starting (or resuming)
+        // the old VM now would write to it mid-copy.
+        if let Some(target) = &rec.state.moving_to {
+            return Err(Error::Conflict(format!(
+                "the Cloud PC is moving to another host ({target}) while its host is drained; {action} is possible \
+                 again in a few minutes"
+            )));
+        }
         match (&rec.state.resources.host, &rec.state.resources.domain) {
             (Some(h), Some(d)) if ok => Ok((h.clone(), d.clone())),
             _ => Err(refuse(rec, action, "provisioned")),
@@ -281,7 +289,7 @@ impl App {
             ));
         }
         self.close_consoles(rec.pc.id).await;
-        hv.save(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        crate::power::save_to_disk(hv.as_ref(), &domain).await?;
         rec.pc.power_state = PowerState::PoweredOff;
         rec.pc.power_state_detail = Some(PowerStateDetail::Saved);
         self.save_action(actor, &mut rec, "hibernate", None).await?;

@@ -22,7 +22,7 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use cloudpc_guest::GuestAgent;
-use cloudpc_hypervisor::{Hypervisor, VmSpec};
+use cloudpc_hypervisor::{Hypervisor, VmSpec, VmState};
 use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState};
 use cloudpc_types::hosts::{Host, HostState};
@@ -151,11 +151,20 @@ impl App {
             if let Err(e) = guest.exec("/bin/sync", &[], None, SYNC_LIMIT).await {
                 tracing::info!(cloud_pc = %id, error = %e, "could not sync the guest before the move (it may be off)");
             }
-            from.power_off(&domain).await.map_err(hv_err)?;
+            {
+                // Under the power lock: a power action or console ticket that starts after this
+                // reads `moving_to` and is refused, and one already under way has finished (its VM
+                // is stopped here, after the sync above).
+                let _power = crate::power::lock().await;
+                from.power_off(&domain).await.map_err(hv_err)?;
+            }
             // Hosts in this process share the file system: the disk stays where it is.
             let shared = self.local_hosts().iter().any(|h| h.config().name == source)
                 && self.local_hosts().iter().any(|h| h.config().name == target);
-            if !shared {
+            // A VM already defined on the target means an earlier run of this move copied the
+            // disk and may have started it there: copying again would replace the disk under it.
+            let copied = !matches!(to.state(&domain).await.map_err(hv_err)?, VmState::Missing);
+            if !shared && !copied {
                 if let Some((data, _)) = from.export_file(&disk).await.map_err(hv_err)? {
                     to.import_file(&disk, data).await.map_err(hv_err)?;
                 }
@@ -275,6 +284,10 @@ impl App {
             }
             rec.pc.status = CloudPcStatus::Provisioning;
             rec.pc.power_state = PowerState::Unknown;
+            rec.pc.power_state_detail = None;
+            if let Some(pool) = rec.state.pool.as_mut() {
+                pool.ready = false;
+            }
             rec.pc.status_detail = Some(format!(
                 "Recreated on another host: its host '{}' was lost. What was saved on it is gone.",
                 host.display_name

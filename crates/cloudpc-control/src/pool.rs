@@ -52,6 +52,19 @@ pub fn fingerprint(policy: &ProvisioningPolicy, image_version: Option<&str>, sku
 const POOL_STEPS: [&str; 2] = ["growDisk", "blockRemoteDesktop"];
 
 impl App {
+    /// The image version a new machine of the policy's pool is built from (custom images only).
+    pub(crate) async fn pool_image_version(&self, policy: &ProvisioningPolicy) -> Option<String> {
+        match policy.image_type {
+            cloudpc_types::policy::ImageType::Custom => {
+                let id = Uuid::parse_str(&policy.image_id).ok()?;
+                let image = self.store.get_device_image(id).await.ok()?;
+                let ready = image.current().filter(|v| v.status == cloudpc_types::images::DeviceImageStatus::Ready)?;
+                Some(ready.version.clone())
+            }
+            cloudpc_types::policy::ImageType::Gallery => None,
+        }
+    }
+
     /// Starts building one more machine of `policy`'s pool for `sku`.
     pub(crate) async fn create_pool_machine(&self, policy: Uuid, sku: Uuid) -> Result<()> {
         let s = self.store.get_sku(sku).await?;
@@ -171,6 +184,10 @@ impl App {
     pub(crate) async fn claim_from_pool(&self, user: Uuid, sku: Uuid, policy: Uuid) -> Result<bool> {
         let u = self.store.get_user(user).await?;
         let p = self.store.get_policy(policy).await?;
+        // Only a machine built to the policy's current settings: a stale one is on its way out.
+        let fingerprint =
+            fingerprint(&p, self.pool_image_version(&p).await.as_deref(), &self.store.get_sku(sku).await?);
+        let key = PoolMember::claim_key(policy, &fingerprint);
         let template = crate::provisioning::naming_template(&p);
         let name = crate::provisioning::device_name(&template, &u.mail_nickname)?;
         let assign = Box::new(move |rec: &mut CloudPcRecord| {
@@ -198,7 +215,7 @@ impl App {
             rec.pc.last_modified_date_time = now;
             crate::cloud_pcs::system_event("Claim pooled CloudPc", rec)
         });
-        match self.store.claim_pooled(policy, sku, assign).await? {
+        match self.store.claim_pooled(&key, sku, assign).await? {
             Some(rec) => {
                 tracing::info!(cloud_pc = %rec.pc.id, user = %user, "warm-pool machine claimed");
                 self.drive(rec.pc.id);
@@ -206,6 +223,16 @@ impl App {
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+
+    /// A warm-pool machine that failed outside its own workflow (provisioning could not start
+    /// after an evacuation, an internal error): no longer claimable, and removed after the
+    /// clean-up delay like one whose boot failed. Nobody retries it: it has no user.
+    pub(crate) fn retire_failed_pool_machine(&self, rec: &mut CloudPcRecord) {
+        if let Some(pool) = rec.state.pool.as_mut() {
+            pool.ready = false;
+            rec.state.cleanup_at = Some(Utc::now() + self.cleanup_delay());
         }
     }
 

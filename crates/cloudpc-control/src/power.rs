@@ -35,6 +35,22 @@ pub(crate) async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
     POWER.lock().await
 }
 
+/// How long a hibernation waits for the guest to flush its files before saving it anyway.
+const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hibernates the VM: the guest flushes its files first, so the disk alone is whole should the
+/// saved memory ever be dropped (a drain moves only the disk; a corrupt save file boots afresh).
+/// A guest whose agent does not answer is saved anyway: its memory still holds everything.
+pub(crate) async fn save_to_disk(hv: &dyn cloudpc_hypervisor::Hypervisor, domain: &str) -> Result<()> {
+    // Only a running guest has an agent to ask (one already saved has nothing to flush).
+    if matches!(hv.state(domain).await, Ok(VmState::Running)) {
+        if let Err(e) = cloudpc_guest::GuestAgent::new(hv, domain).exec("/bin/sync", &[], None, FLUSH_LIMIT).await {
+            tracing::info!(%domain, error = %e, "could not flush the guest's files before hibernating it");
+        }
+    }
+    hv.save(domain).await.map_err(|e| Error::Conflict(e.to_string()))
+}
+
 /// Why one Cloud PC's power state was not brought in line.
 enum Unchecked {
     /// Its host did not tell the VM's state; its other Cloud PCs wait for the next pass.
@@ -213,7 +229,7 @@ impl App {
         let _power = lock().await;
         // Read again under the lock: an action may have changed it since the pass began.
         let mut rec = self.store.get_cloud_pc_record(id).await?;
-        if !watched(&rec) || rec.pc.power_state != PowerState::Running {
+        if !watched(&rec) || rec.pc.power_state != PowerState::Running || rec.state.moving_to.is_some() {
             return Ok(());
         }
         let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {
@@ -226,7 +242,7 @@ impl App {
             return Ok(());
         }
         let hv = self.host(&host).await?;
-        hv.save(&domain).await.map_err(|e| Error::Conflict(e.to_string()))?;
+        save_to_disk(hv.as_ref(), &domain).await?;
         tracing::info!(cloud_pc = %id, %domain, minutes, "hibernated the Cloud PC: its console was closed that long");
         rec.pc.power_state = PowerState::PoweredOff;
         rec.pc.power_state_detail = Some(PowerStateDetail::Saved);
@@ -250,7 +266,8 @@ impl App {
         let _power = lock().await;
         // Read under the lock: a power action that finished before holds what it saved.
         let mut rec = self.store.get_cloud_pc_record(id).await?;
-        if !watched(&rec) {
+        // A move powers the VM off on purpose; the VM on the new host is the one to keep.
+        if !watched(&rec) || rec.state.moving_to.is_some() {
             return Ok(());
         }
         let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {

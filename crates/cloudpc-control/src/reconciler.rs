@@ -371,17 +371,7 @@ impl App {
         let skus = self.store.list_skus().await?;
         let (mut pools, mut fingerprints) = (Vec::new(), HashMap::new());
         for p in &policies {
-            let version = match p.image_type {
-                cloudpc_types::policy::ImageType::Custom => match Uuid::parse_str(&p.image_id) {
-                    Ok(id) => self.store.get_device_image(id).await.ok().and_then(|i| {
-                        i.current()
-                            .filter(|v| v.status == cloudpc_types::images::DeviceImageStatus::Ready)
-                            .map(|v| v.version.clone())
-                    }),
-                    Err(_) => None,
-                },
-                cloudpc_types::policy::ImageType::Gallery => None,
-            };
+            let version = self.pool_image_version(p).await;
             for s in &skus {
                 // Fingerprints for every license: a machine whose license just ran out of free
                 // seats may still be claimed, and must not be stale.

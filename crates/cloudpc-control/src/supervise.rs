@@ -73,6 +73,7 @@ impl App {
         };
         rec.state.phase = Phase::Idle;
         rec.pc.status = CloudPcStatus::Failed;
+        self.retire_failed_pool_machine(&mut rec);
         if let Some(policy) = policy {
             rec.pc.provisioning_policy_id = Some(policy);
             if let Ok(p) = self.store.get_policy(policy).await {

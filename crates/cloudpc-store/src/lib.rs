@@ -220,13 +220,15 @@ pub trait Store: Send + Sync + 'static {
         lease: Option<&str>,
     ) -> Result<()>;
     async fn delete_cloud_pc(&self, id: Uuid, audit: Option<&AuditEvent>) -> Result<()>;
-    /// Gives a ready machine of `policy`'s warm pool for `sku` to a user: the oldest one that no
+    /// Gives a claimable machine of a warm pool for `sku` to a user (`pool` is
+    /// [`cloudpc_types::provisioning::PoolMember::claim_key`]: the policy and the fingerprint it
+    /// is built to, so a stale machine is never given): the oldest one that no
     /// other claim holds this moment (`SKIP LOCKED` on PostgreSQL, the write lock on SQLite),
     /// changed by `assign` (which returns the audit event) and stored in the same transaction, so
     /// two claims never get one machine and a crash leaves it either pooled or claimed. `None`
     /// when the pool has no ready machine. Refused (Conflict) when the user already has a Cloud
     /// PC for that license.
-    async fn claim_pooled(&self, policy: Uuid, sku: Uuid, assign: ClaimFn) -> Result<Option<CloudPcRecord>>;
+    async fn claim_pooled(&self, pool: &str, sku: Uuid, assign: ClaimFn) -> Result<Option<CloudPcRecord>>;
     async fn list_steps(&self, cloud_pc: Uuid) -> Result<Vec<ProvisioningStepRecord>>;
 
     // Device records made by provisioning.

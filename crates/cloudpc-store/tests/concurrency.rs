@@ -260,49 +260,52 @@ async fn test_replicas_starting_together_migrate_once_and_an_older_binary_refuse
 }
 
 /// Many users claiming from one warm pool at once, half on each replica: every machine goes to
-/// one user, and the users without one get `None`.
+/// one user, and the users without one get `None`. Only machines that are claimable are taken:
+/// booted, idle, of the policy, and built to its current fingerprint.
 #[tokio::test]
 async fn test_warm_pool_claims_across_replicas_never_give_one_machine_twice() {
+    use cloudpc_types::cloud_pc::CloudPcStatus;
+    use cloudpc_types::provisioning::{Phase, PoolMember};
     for db in backends().await {
         let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
         let (policy, sku) = (Uuid::new_v4(), Uuid::new_v4());
+        let key = PoolMember::claim_key(policy, "f");
+        let pooled = |policy: Uuid, fingerprint: &str, ready: bool| {
+            let mut rec = cloud_pc(Uuid::new_v4(), sku);
+            rec.state.user_id = rec.pc.id;
+            rec.pc.status = if ready { CloudPcStatus::Pooled } else { CloudPcStatus::Provisioning };
+            rec.state.pool = Some(PoolMember { policy_id: policy, fingerprint: fingerprint.into(), ready });
+            rec
+        };
         let mut machines = Vec::new();
         for _ in 0..3 {
-            let id = Uuid::new_v4();
-            let mut rec = cloud_pc(id, sku);
-            rec.pc.id = id;
-            rec.state.pool = Some(cloudpc_types::provisioning::PoolMember {
-                policy_id: policy,
-                fingerprint: "f".into(),
-                ready: true,
-            });
+            let mut rec = pooled(policy, "f", true);
             a.insert_cloud_pc(&mut rec, None).await.unwrap();
-            machines.push(id);
+            assert_eq!(rec.claimable_as().as_deref(), Some(key.as_str()));
+            machines.push(rec.pc.id);
         }
-        // A machine of another policy, and one still booting: neither is claimable here.
-        let mut other = cloud_pc(Uuid::new_v4(), sku);
-        other.state.pool = Some(cloudpc_types::provisioning::PoolMember {
-            policy_id: Uuid::new_v4(),
-            fingerprint: "f".into(),
-            ready: true,
-        });
-        a.insert_cloud_pc(&mut other, None).await.unwrap();
-        let mut booting = cloud_pc(Uuid::new_v4(), sku);
-        booting.state.pool =
-            Some(cloudpc_types::provisioning::PoolMember { policy_id: policy, fingerprint: "f".into(), ready: false });
-        a.insert_cloud_pc(&mut booting, None).await.unwrap();
+        // None of these is claimable here: another policy's, one still booting, a stale one (built
+        // to settings the policy no longer has), and one whose workflow runs (being rebuilt).
+        let mut others =
+            vec![pooled(Uuid::new_v4(), "f", true), pooled(policy, "f", false), pooled(policy, "old", true)];
+        let mut rebuilding = pooled(policy, "f", true);
+        rebuilding.state.phase = Phase::UndoThenRestart;
+        others.push(rebuilding);
+        for rec in &mut others {
+            a.insert_cloud_pc(rec, None).await.unwrap();
+        }
 
         let mut tasks = Vec::new();
         for i in 0..8 {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let user = Uuid::new_v4();
+            let (user, key) = (Uuid::new_v4(), key.clone());
             tasks.push(tokio::spawn(async move {
                 let claim = Box::new(move |rec: &mut cloudpc_types::provisioning::CloudPcRecord| {
                     rec.state.user_id = user;
                     rec.state.pool = None;
                     audit("Claim pooled CloudPc")
                 });
-                store.claim_pooled(policy, sku, claim).await.unwrap().map(|r| (r.pc.id, r.state.user_id, user))
+                store.claim_pooled(&key, sku, claim).await.unwrap().map(|r| (r.pc.id, r.state.user_id, user))
             }));
         }
         let mut got = Vec::new();
@@ -321,6 +324,6 @@ async fn test_warm_pool_claims_across_replicas_never_give_one_machine_twice() {
             assert_eq!((rec.state.user_id, rec.state.pool.clone()), (claimer, None), "{}: stored", db.name);
         }
         let none = Box::new(|_: &mut cloudpc_types::provisioning::CloudPcRecord| audit("Claim pooled CloudPc"));
-        assert!(a.claim_pooled(policy, sku, none).await.unwrap().is_none(), "{}: the pool is empty", db.name);
+        assert!(a.claim_pooled(&key, sku, none).await.unwrap().is_none(), "{}: the pool is empty", db.name);
     }
 }

@@ -163,6 +163,27 @@ pub struct PoolMember {
     pub ready: bool,
 }
 
+impl PoolMember {
+    /// What a claim looks for: a machine of this policy built to its current fingerprint, so a
+    /// stale machine (one the reconciler is about to remove) is never given to a user.
+    pub fn claim_key(policy_id: Uuid, fingerprint: &str) -> String {
+        format!("{policy_id} {fingerprint}")
+    }
+}
+
+impl CloudPcRecord {
+    /// The claim key while the Cloud PC is a booted, idle, unclaimed warm-pool machine; `None`
+    /// otherwise (booting, failed, being moved, rebuilt or removed, or a user's).
+    pub fn claimable_as(&self) -> Option<String> {
+        let pool = self.state.pool.as_ref()?;
+        let claimable = pool.ready
+            && self.state.phase == Phase::Idle
+            && self.pc.status == CloudPcStatus::Pooled
+            && self.state.moving_to.is_none();
+        claimable.then(|| PoolMember::claim_key(pool.policy_id, &pool.fingerprint))
+    }
+}
+
 impl ProvisioningState {
     pub fn new(user_id: Uuid, sku_id: Uuid, now: DateTime<Utc>) -> Self {
         Self {

@@ -182,6 +182,7 @@ impl App {
     /// (and leaves it be) and Retry can start it once the cause is fixed.
     pub(crate) async fn could_not_start(&self, rec: &mut CloudPcRecord, policy: Uuid, e: &Error) {
         rec.state.phase = Phase::Idle;
+        self.retire_failed_pool_machine(rec);
         rec.pc.status = CloudPcStatus::Failed;
         rec.pc.status_detail = Some(format!("Provisioning could not start: {e}"));
         rec.pc.provisioning_policy_id = Some(policy);
@@ -282,6 +283,8 @@ impl App {
         rec.pc.provisioned_date_time = None;
         rec.pc.grace_period_end_date_time = None;
         rec.pc.power_state = PowerState::Unknown;
+        // A new VM is never hibernated: left saved, its RAM would not be counted on its host.
+        rec.pc.power_state_detail = None;
         rec.pc.last_modified_date_time = Utc::now();
         Ok(())
     }

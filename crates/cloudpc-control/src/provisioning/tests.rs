@@ -300,3 +300,84 @@ fn test_step_names_are_unique_and_progress_moves_by_name() {
     }
     assert_eq!(super::steps::after("assignUser"), super::steps::DONE);
 }
+
+/// A hibernated Cloud PC being moved off a draining host is not started on its old host (power
+/// actions and console tickets are refused with the reason), and a new generation of a
+/// hibernated Cloud PC (reprovision, evacuation) counts its RAM on its host again.
+#[tokio::test]
+async fn test_a_moving_cloud_pc_is_not_started_and_a_new_generation_is_not_left_hibernated() {
+    use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState, PowerStateDetail};
+    use cloudpc_types::provisioning::Phase;
+    let f = fixture().await;
+    let actor = crate::audit::Actor::system();
+    let mut rec = new_generation(&f.app).await;
+    for i in 0..STEPS.len() {
+        run(&f, i, &mut rec).await;
+    }
+    rec.pc.status = CloudPcStatus::Provisioned;
+    rec.pc.power_state = PowerState::Running;
+    rec.state.phase = Phase::Idle;
+    f.app.store.save_cloud_pc(&mut rec, None, None, None).await.unwrap();
+    f.app.store.release_workflow(rec.pc.id, f.app.replica()).await.unwrap();
+    let id = rec.pc.id.to_string();
+    let memory = rec.state.spec.as_ref().unwrap().memory_mib;
+    let used = |app: &App| {
+        let app = app.clone();
+        async move { app.host_room("local").await.unwrap().1.memory_mib }
+    };
+    assert_eq!(used(&f.app).await, memory, "a running Cloud PC's RAM is counted");
+
+    let pc = f.app.hibernate(&actor, &id).await.unwrap();
+    assert_eq!(pc.power_state_detail, Some(PowerStateDetail::Saved));
+    assert_eq!(used(&f.app).await, 0, "a hibernated one's is not");
+
+    let mut rec = f.app.store.get_cloud_pc_record(rec.pc.id).await.unwrap();
+    rec.state.moving_to = Some("other".into());
+    f.app.store.save_cloud_pc(&mut rec, None, None, None).await.unwrap();
+    for refused in [
+        f.app.power_on(&actor, &id).await.map(|_| ()),
+        f.app.resume(&actor, &id).await.map(|_| ()),
+        f.app.reboot(&actor, &id).await.map(|_| ()),
+        f.app.issue_console_ticket(&actor, &id).await.map(|_| ()),
+    ] {
+        let e = refused.expect_err("refused while moving");
+        assert!(e.to_string().contains("moving to another host"), "{e}");
+    }
+    let domain = rec.state.resources.domain.clone().unwrap();
+    assert_eq!(f.host.state(&domain).await.unwrap(), VmState::ShutOff, "the old VM stayed stopped");
+
+    // A new generation (as reprovision and evacuation start one) builds a VM that runs.
+    rec.state.moving_to = None;
+    assert!(f.app.store.claim_workflow(rec.pc.id, f.app.replica(), std::time::Duration::from_secs(60)).await.unwrap());
+    let policy = rec.pc.provisioning_policy_id.unwrap();
+    f.app.start_generation(&mut rec, policy).await.unwrap();
+    f.app.store.save_cloud_pc(&mut rec, None, None, None).await.unwrap();
+    assert_eq!(rec.pc.power_state_detail, None);
+    run(&f, 0, &mut rec).await;
+    assert_eq!(rec.state.resources.host.as_deref(), Some("local"), "{} placed it", STEPS[0].name());
+    assert_eq!(used(&f.app).await, memory, "the new generation's RAM is counted");
+}
+
+/// A warm-pool machine that fails outside its own workflow (an internal error here) leaves the
+/// claimable set and gets a clean-up time, so the reconciler removes it rather than keeping a
+/// failed machine in the pool's place for ever (nobody retries a machine without a user).
+#[tokio::test]
+async fn test_a_pool_machine_failed_by_an_internal_error_is_retired() {
+    use cloudpc_types::cloud_pc::CloudPcStatus;
+    use cloudpc_types::provisioning::{Phase, PoolMember};
+    let f = fixture().await;
+    let mut rec = new_generation(&f.app).await;
+    let policy = rec.pc.provisioning_policy_id.unwrap();
+    rec.state.user_id = rec.pc.id;
+    rec.state.pool = Some(PoolMember { policy_id: policy, fingerprint: "f".into(), ready: true });
+    rec.state.phase = Phase::Idle;
+    rec.pc.status = CloudPcStatus::Pooled;
+    f.app.store.save_cloud_pc(&mut rec, None, None, None).await.unwrap();
+    assert!(rec.claimable_as().is_some());
+
+    f.app.report_internal_error(rec.pc.id, Some(policy), "testing", "injected").await;
+    let rec = f.app.store.get_cloud_pc_record(rec.pc.id).await.unwrap();
+    assert_eq!(rec.pc.status, CloudPcStatus::Failed);
+    assert_eq!(rec.claimable_as(), None);
+    assert!(rec.state.cleanup_at.is_some(), "removed after the clean-up delay");
+}

@@ -395,9 +395,9 @@ fn saved(r: &CloudPcRecord) -> bool {
     r.pc.power_state_detail == Some(cloudpc_types::cloud_pc::PowerStateDetail::Saved)
 }
 
-/// The policy whose warm pool the Cloud PC waits in, while it is ready and unclaimed.
+/// The warm pool (policy and fingerprint) the Cloud PC waits in, while it is claimable.
 fn pool_ready_for(r: &CloudPcRecord) -> Option<String> {
-    r.state.pool.as_ref().filter(|p| p.ready).map(|p| p.policy_id.to_string())
+    r.claimable_as()
 }
 
 fn record_from_row(row: &DbRow) -> Result<CloudPcRecord> {
@@ -1107,15 +1107,15 @@ impl Store for TheStore {
         Ok(())
     }
 
-    async fn claim_pooled(&self, policy: Uuid, sku: Uuid, assign: ClaimFn) -> Result<Option<CloudPcRecord>> {
-        let (policy, sku) = (policy.to_string(), sku.to_string());
+    async fn claim_pooled(&self, pool: &str, sku: Uuid, assign: ClaimFn) -> Result<Option<CloudPcRecord>> {
+        let (pool, sku) = (pool.to_string(), sku.to_string());
         self.write(None, move |c| {
             Box::pin(async move {
                 let sql = format!(
                     "SELECT id, body, state, version FROM cloud_pcs WHERE pool_ready_for = $1 AND sku_id = $2
                      ORDER BY created_at, id LIMIT 1{SKIP_LOCKED}"
                 );
-                let Some(row) = sqlx::query(&sql).bind(&policy).bind(&sku).fetch_optional(&mut *c).await? else {
+                let Some(row) = sqlx::query(&sql).bind(&pool).bind(&sku).fetch_optional(&mut *c).await? else {
                     return Ok(None);
                 };
                 let mut r = record_from_row(&row)?;

@@ -399,7 +399,8 @@ async fn test_vm_agents_place_by_region_relay_consoles_drain_evacuate_and_fence(
     s.wait_all(4, &["provisioned"], Duration::from_secs(180)).await;
     assert_eq!(host(&s, "hv-east-1").await["cloudPcCount"], 2);
 
-    // Drain: the Cloud PC on hv-west-1 moves to hv-west-2, powered, with what its user saved.
+    // Drain of a hibernated Cloud PC: it moves to the other west host with what its user saved
+    // (flushed to its disk when it was hibernated: only the disk moves) and boots there afresh.
     let w1 = pc_of(&s, "w1@contoso.com").await;
     let (from, to, from_prefix, to_prefix) = if domains(&p1).contains(&domain_on(&p1, &s.prefix, &w1)) {
         ("hv-west-1", "hv-west-2", p1.clone(), p2.clone())
@@ -407,7 +408,11 @@ async fn test_vm_agents_place_by_region_relay_consoles_drain_evacuate_and_fence(
         ("hv-west-2", "hv-west-1", p2.clone(), p1.clone())
     };
     let old_domain = domain_on(&from_prefix, &s.prefix, &w1);
-    guest_output(&old_domain, "/bin/sh", &["-c", "echo kept-across-the-move > /root/keep.txt; sync"]).await;
+    // No sync here: written a moment before the hibernation, it is in the guest's page cache only.
+    guest_output(&old_domain, "/bin/sh", &["-c", "echo kept-across-the-move > /root/keep.txt"]).await;
+    let (status, v) = s.action(&w1, "hibernate").await;
+    assert_eq!(status, 204, "{v}");
+    assert_eq!(virsh(&["domstate", &old_domain]).trim(), "shut off");
     let from_id = host(&s, from).await["id"].as_str().unwrap().to_string();
     let (status, v) = s.patch(&format!("/cloudpc/hosts/{from_id}"), json!({"state": "draining"})).await;
     assert_eq!(status.as_u16(), 200, "{v}");
@@ -422,10 +427,12 @@ async fn test_vm_agents_place_by_region_relay_consoles_drain_evacuate_and_fence(
     }
     let moved = pc_of(&s, "w1@contoso.com").await;
     assert_eq!(moved["status"], "provisioned", "{moved}");
+    let detail = moved["statusDetail"].as_str().unwrap_or("");
     assert!(
-        moved["statusDetail"].as_str().unwrap_or("").contains("Moved to another host"),
+        detail.contains("Moved to another host") && detail.contains("hibernated and started afresh"),
         "the user is told: {moved}"
     );
+    assert_eq!((moved["powerState"].as_str(), moved["powerStateDetail"].as_str()), (Some("running"), None), "{moved}");
     assert_eq!(host(&s, to).await["cloudPcCount"], 2);
     assert!(domains(&from_prefix).is_empty(), "nothing left on the drained host");
     let new_domain = domain_on(&to_prefix, &s.prefix, &w1);
