@@ -154,33 +154,60 @@ fn domain_id(domain: &str) -> Option<u32> {
 }
 
 async fn wait_agent(domain: &str, limit: Duration) {
+    if let Err(why) = agent_answers(domain, limit).await {
+        if std::env::var("DEBUGHOLD").is_ok() {
+            println!("HOLD {domain}");
+            tokio::time::sleep(Duration::from_secs(900)).await;
+        }
+        panic!("{why}");
+    }
+}
+
+/// Waits for the guest agent; on time-out, what the guest and libvirt say, so that a failure
+/// explains itself (this has failed in full runs right after the libvirtd restart test, and
+/// passed when run alone).
+async fn agent_answers(domain: &str, limit: Duration) -> Result<(), String> {
     let start = Instant::now();
     while agent(domain, json!({"execute": "guest-ping"})) != json!({}) {
         if start.elapsed() >= limit {
-            // What the guest and libvirt say, so that a failure explains itself (this has failed
-            // in full runs right after the libvirtd restart test, and passed when run alone).
             let xml = virsh(&["dumpxml", domain]);
             let log = xml.split("<source path='").nth(1).and_then(|r| r.split('\'').next()).unwrap_or("");
-            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            // Lossy: a console log may hold bytes that are not UTF-8.
+            let tail = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
             let tail: Vec<&str> = tail.lines().rev().take(25).collect();
+            let channel: Vec<&str> = xml.lines().filter(|l| l.contains("org.qemu.guest_agent.0")).collect();
             let ping = Command::new("virsh")
                 .args(["-c", "qemu:///system", "qemu-agent-command", domain, r#"{"execute":"guest-ping"}"#])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
                 .unwrap_or_default();
-            if std::env::var("DEBUGHOLD").is_ok() {
-                println!("HOLD {domain}");
-                tokio::time::sleep(Duration::from_secs(900)).await;
-            }
-            panic!(
-                "the guest agent of {domain} did not answer within {limit:?}; domstate: {}; agent: {}; console log \
-                 (last lines, newest first):\n{}",
+            return Err(format!(
+                "the guest agent of {domain} did not answer within {limit:?}; domstate: {}; agent: {}; channel: {}; \
+                 console log {log} (last lines, newest first):\n{}",
                 virsh(&["domstate", domain, "--reason"]).trim(),
                 ping.trim(),
+                channel.join(" ").trim(),
                 tail.join("\n")
-            );
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// The guest agent of a VM that was destroyed under its running guest and then started again.
+// TODO-correctness: on libvirt 9.0 here, such a VM has now and then (about one full run in three,
+// always some time after the libvirtd restart test killed a stuck daemon) run with libvirt
+// saying its agent is not connected. Until that is understood, the test says so on stderr with
+// what libvirt and the console show, and restarts libvirtd once: a daemon that starts reads the
+// agent channel's state from QEMU afresh, so if the agent answers then, the guest was fine and
+// libvirt had missed the channel opening.
+async fn wait_agent_after_destroy(domain: &str) {
+    if let Err(why) = agent_answers(domain, Duration::from_secs(60)).await {
+        eprintln!("KNOWN ISSUE (libvirt agent after destroy): {why}; restarting libvirtd once");
+        restart_libvirtd();
+        wait_agent(domain, BOOT).await;
+        eprintln!("KNOWN ISSUE (libvirt agent after destroy): the agent answered after libvirtd restarted");
     }
 }
 
@@ -234,7 +261,7 @@ async fn test_vm_power_state_follows_libvirt_and_stopped_cloud_pcs_start_again()
     virsh(&["destroy", &domain]);
     assert_eq!(s.action(&pc, "reboot").await.0, 204, "Restart of a shut-off Cloud PC starts it");
     wait_domstate(&domain, "running", Duration::from_secs(15)).await;
-    wait_agent(&domain, BOOT).await;
+    wait_agent_after_destroy(&domain).await;
 
     // An admin's power off is respected; powerState says so.
     assert_eq!(s.action(&pc, "powerOff").await.0, 204);
@@ -252,7 +279,7 @@ async fn test_vm_power_state_follows_libvirt_and_stopped_cloud_pcs_start_again()
     let s = s.crash_and_restart().await;
     let back = wait_domstate(&domain, "running", Duration::from_secs(20)).await;
     println!("host reboot: running {back:?} after the server started");
-    wait_agent(&domain, BOOT).await;
+    wait_agent_after_destroy(&domain).await;
     assert_eq!(system_power_ons(&s).await, ons + 1);
     // powerState is brought in line by each reconciler pass, so it may trail the VM by one pass.
     let start = Instant::now();
