@@ -21,7 +21,6 @@ use std::time::Duration;
 use chrono::Utc;
 use uuid::Uuid;
 
-use cloudpc_guest::GuestAgent;
 use cloudpc_hypervisor::{Hypervisor, VmSpec, VmState};
 use cloudpc_types::audit::AuditOperationType;
 use cloudpc_types::cloud_pc::{CloudPcStatus, PowerState};
@@ -147,10 +146,7 @@ impl App {
             let from = self.host(&source).await?;
             self.close_consoles(id).await;
             // Flush what the user saved: the VM is stopped hard next.
-            let guest = GuestAgent::new(from.as_ref(), &domain);
-            if let Err(e) = guest.exec("/bin/sync", &[], None, SYNC_LIMIT).await {
-                tracing::info!(cloud_pc = %id, error = %e, "could not sync the guest before the move (it may be off)");
-            }
+            crate::power::flush_guest(from.as_ref(), &domain, SYNC_LIMIT, "moving it").await;
             {
                 // Under the power lock: a power action or console ticket that starts after this
                 // reads `moving_to` and is refused, and one already under way has finished (its VM
@@ -285,9 +281,6 @@ impl App {
             rec.pc.status = CloudPcStatus::Provisioning;
             rec.pc.power_state = PowerState::Unknown;
             rec.pc.power_state_detail = None;
-            if let Some(pool) = rec.state.pool.as_mut() {
-                pool.ready = false;
-            }
             rec.pc.status_detail = Some(format!(
                 "Recreated on another host: its host '{}' was lost. What was saved on it is gone.",
                 host.display_name

@@ -227,11 +227,10 @@ impl App {
     }
 
     /// A warm-pool machine that failed outside its own workflow (provisioning could not start
-    /// after an evacuation, an internal error): no longer claimable, and removed after the
-    /// clean-up delay like one whose boot failed. Nobody retries it: it has no user.
+    /// after an evacuation, an internal error) is removed after the clean-up delay like one whose
+    /// boot failed (being failed, it is not claimable meanwhile). Nobody retries it: it has no user.
     pub(crate) fn retire_failed_pool_machine(&self, rec: &mut CloudPcRecord) {
-        if let Some(pool) = rec.state.pool.as_mut() {
-            pool.ready = false;
+        if rec.state.pool.is_some() {
             rec.state.cleanup_at = Some(Utc::now() + self.cleanup_delay());
         }
     }

@@ -44,11 +44,23 @@ const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) async fn save_to_disk(hv: &dyn cloudpc_hypervisor::Hypervisor, domain: &str) -> Result<()> {
     // Only a running guest has an agent to ask (one already saved has nothing to flush).
     if matches!(hv.state(domain).await, Ok(VmState::Running)) {
-        if let Err(e) = cloudpc_guest::GuestAgent::new(hv, domain).exec("/bin/sync", &[], None, FLUSH_LIMIT).await {
-            tracing::info!(%domain, error = %e, "could not flush the guest's files before hibernating it");
-        }
+        flush_guest(hv, domain, FLUSH_LIMIT, "hibernating it").await;
     }
     hv.save(domain).await.map_err(|e| Error::Conflict(e.to_string()))
+}
+
+/// Has the guest write what it holds in memory to its disk (`sync` through the guest agent)
+/// before its VM is stopped or saved. Best effort: a guest that is off or has no agent is
+/// logged, and the caller goes on.
+pub(crate) async fn flush_guest(
+    hv: &dyn cloudpc_hypervisor::Hypervisor,
+    domain: &str,
+    limit: std::time::Duration,
+    before: &str,
+) {
+    if let Err(e) = cloudpc_guest::GuestAgent::new(hv, domain).exec("/bin/sync", &[], None, limit).await {
+        tracing::info!(%domain, error = %e, "could not flush the guest's files before {before} (it may be off)");
+    }
 }
 
 /// Why one Cloud PC's power state was not brought in line.
@@ -64,9 +76,11 @@ impl<E: Into<Error>> From<E> for Unchecked {
     }
 }
 
-/// Whether the Cloud PC has a VM whose power the user expects cloudpc to keep.
+/// Whether the Cloud PC has a VM whose power the user expects cloudpc to keep. Not while a drain
+/// moves it: the move stops the old VM on purpose, and the VM on the new host is the one to keep.
 pub(crate) fn watched(rec: &CloudPcRecord) -> bool {
     rec.state.phase == Phase::Idle
+        && rec.state.moving_to.is_none()
         && matches!(
             rec.pc.status,
             CloudPcStatus::Provisioned
@@ -229,7 +243,7 @@ impl App {
         let _power = lock().await;
         // Read again under the lock: an action may have changed it since the pass began.
         let mut rec = self.store.get_cloud_pc_record(id).await?;
-        if !watched(&rec) || rec.pc.power_state != PowerState::Running || rec.state.moving_to.is_some() {
+        if !watched(&rec) || rec.pc.power_state != PowerState::Running {
             return Ok(());
         }
         let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {
@@ -266,8 +280,7 @@ impl App {
         let _power = lock().await;
         // Read under the lock: a power action that finished before holds what it saved.
         let mut rec = self.store.get_cloud_pc_record(id).await?;
-        // A move powers the VM off on purpose; the VM on the new host is the one to keep.
-        if !watched(&rec) || rec.state.moving_to.is_some() {
+        if !watched(&rec) {
             return Ok(());
         }
         let (Some(host), Some(domain)) = (rec.state.resources.host.clone(), rec.state.resources.domain.clone()) else {
